@@ -1,0 +1,60 @@
+"""The `llm` command: a thin Typer app; every subcommand lives in its own module and imports the
+heavy machinery (torch, the model code) only when it runs, so `llm --help` is instant."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+from llmkit.cli import models as models_cmd
+from llmkit.cli import run as run_cmd
+from llmkit.cli import tokenize as tokenize_cmd
+
+app = typer.Typer(
+    name="llm",
+    help="Run GGUF models like llama.cpp, from Python.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("run", help=run_cmd.__doc__)(run_cmd.run)
+app.command("tokenize", help=tokenize_cmd.__doc__)(tokenize_cmd.tokenize)
+app.command("models", help=models_cmd.__doc__)(models_cmd.models)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback
+    (set LLMKIT_DEBUG=1 to see one)."""
+    from llmkit.core.errors import LlmkitError
+
+    debug = os.environ.get("LLMKIT_DEBUG") == "1"
+    try:
+        rc = app(standalone_mode=False)
+    except click.exceptions.Abort:
+        rc = 130
+    except click.ClickException as e:  # bad flags / values
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        rc = e.exit_code
+    except LlmkitError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        rc = 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        rc = 130
+    except BrokenPipeError:
+        rc = 0
+    except Exception as e:  # an internal bug: still one line, with how to get the traceback
+        if debug:
+            raise
+        print(f"error: {type(e).__name__}: {e} (LLMKIT_DEBUG=1 for a traceback)", file=sys.stderr)
+        rc = 1
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

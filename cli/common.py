@@ -1,0 +1,34 @@
+"""Small helpers shared by subcommands (argument reading, stderr output)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from llmkit.core.errors import LlmkitError
+
+
+def read_prompt(prompt: str | None, file: Path | None, required: bool = False) -> str | None:
+    if prompt is not None and file is not None:
+        raise LlmkitError("give either -p or -f, not both")
+    if file is not None:
+        try:
+            return Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlmkitError(f"cannot read prompt file {file}: {e}") from None
+    if prompt is None and required:
+        raise LlmkitError("no text given: use -p TEXT or -f FILE")
+    return prompt
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = threads if threads and threads > 0 else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)

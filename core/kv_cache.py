@@ -1,0 +1,174 @@
+"""Preallocated per-layer KV buffers, written by index; sliding-window layers keep a ring.
+
+Layers are grouped by slot geometry (the model declares it): a *full* group has one slot per
+position of the context; a *sliding* group (window W) has a ring of W + margin slots, slot = pos mod
+capacity. Every group remembers which position each slot holds (`slot_pos`, -1 = empty), so the
+attention mask is computed from positions, never from slot order, and a rollback (`truncate`) only
+has to forget positions. The margin is what lets a batch of up to `margin` new tokens (a prefill chunk
+or a speculative verify batch) be written before attention reads it, and what keeps positions that
+are still needed after a rollback from being overwritten (llama.cpp sizes its SWA cache n_swa +
+n_ubatch for the same reasons).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from llmkit.core.errors import LlmkitError
+
+KV_DTYPES = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LayerKV:
+    """What one attention layer needs from the cache (the model's declared layout)."""
+
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    window: int | None = None  # sliding window in tokens (None = full attention)
+
+
+@dataclass
+class _Group:
+    name: str
+    window: int | None
+    capacity: int
+    layers: list[int]
+    slot_pos: torch.Tensor  # [capacity] int64, -1 = empty
+    k: dict[int, torch.Tensor] = field(default_factory=dict)  # il -> [Hkv, capacity, Dk]
+    v: dict[int, torch.Tensor] = field(default_factory=dict)  # il -> [Hkv, capacity, Dv]
+    # per batch, set by begin():
+    slots: torch.Tensor | None = None
+    n_read: int = 0
+    mask: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+
+
+class KVCache:
+    def __init__(
+        self,
+        layers: dict[int, LayerKV],
+        n_ctx: int,
+        margin: int = 512,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        device: torch.device | str = "cpu",
+    ):
+        for name, t in (("K", type_k), ("V", type_v)):
+            if t not in KV_DTYPES:
+                raise LlmkitError(
+                    f"unsupported {name} cache type {t} (supported: {', '.join(KV_DTYPES)})"
+                )
+        self.n_ctx, self.margin = n_ctx, margin
+        self.type_k, self.type_v = type_k, type_v
+        self.groups: dict[str, _Group] = {}
+        self.group_of: dict[int, _Group] = {}
+        for il, spec in sorted(layers.items()):
+            if spec.window is None:
+                gname, cap = "full", n_ctx
+            else:
+                gname, cap = f"swa{spec.window}", min(n_ctx, spec.window + margin)
+            g = self.groups.get(gname)
+            if g is None:
+                pos = torch.full((cap,), -1, dtype=torch.int64, device=device)
+                g = self.groups[gname] = _Group(gname, spec.window, cap, [], pos)
+            g.layers.append(il)
+            g.k[il] = torch.zeros(
+                spec.n_head_kv, cap, spec.head_dim_k, dtype=KV_DTYPES[type_k], device=device
+            )
+            g.v[il] = torch.zeros(
+                spec.n_head_kv, cap, spec.head_dim_v, dtype=KV_DTYPES[type_v], device=device
+            )
+            self.group_of[il] = g
+        self.n_past = 0  # positions 0..n_past-1 are cached
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.group_of)
+
+    def begin(self, pos: torch.Tensor) -> None:
+        """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past) and
+        build each group's attention mask [T, S]."""
+        T = pos.numel()
+        p0, p1 = int(pos[0]), int(pos[-1]) + 1
+        if p0 != self.n_past or p1 - p0 != T:
+            raise LlmkitError(f"KV cache expects positions {self.n_past}.., got {p0}..{p1 - 1}")
+        if p1 > self.n_ctx:
+            raise LlmkitError(f"context is full: {p1} tokens exceed the context size {self.n_ctx}")
+        for g in self.groups.values():
+            if g.window is None:
+                g.slots = pos
+                g.slot_pos[p0:p1] = pos
+                g.n_read = p1
+                kp = g.slot_pos[:p1]
+                g.mask = (kp[None, :] <= pos[:, None]) & (kp[None, :] >= 0)
+            else:
+                # a ring smaller than the context wraps: the batch and the window before it must fit
+                if g.capacity < self.n_ctx and T + g.window - 1 > g.capacity:
+                    raise LlmkitError(
+                        f"batch of {T} tokens does not fit the sliding-window ring "
+                        f"({g.capacity} slots, window {g.window}); use smaller batches"
+                    )
+                g.slots = pos % g.capacity
+                g.slot_pos[g.slots] = pos
+                g.n_read = g.capacity
+                kp = g.slot_pos
+                dist = pos[:, None] - kp[None, :]
+                g.mask = (kp[None, :] >= 0) & (dist >= 0) & (dist < g.window)
+        self.n_past = p1
+
+    def update(self, il: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this batch's k/v [T, Hkv, D] for layer il; return (K [Hkv,S,D], V, mask [T,S])."""
+        g = self.group_of[il]
+        K, V = g.k[il], g.v[il]
+        K[:, g.slots] = k.transpose(0, 1).to(K.dtype)
+        V[:, g.slots] = v.transpose(0, 1).to(V.dtype)
+        return K[:, : g.n_read], V[:, : g.n_read], g.mask
+
+    def truncate(self, p: int) -> None:
+        """Forget positions >= p (rollback). Sliding rings must still hold the window before p."""
+        if p >= self.n_past:
+            return
+        if p < 0:
+            raise LlmkitError(f"cannot truncate the KV cache to {p}")
+        for g in self.groups.values():
+            g.slot_pos[g.slot_pos >= p] = -1
+            if g.window is not None and p > 0:
+                need = min(p, g.window)
+                have = int(((g.slot_pos >= p - need) & (g.slot_pos < p)).sum())
+                if have != need:
+                    raise LlmkitError(
+                        f"cannot roll back to position {p}: the {g.name} ring already overwrote "
+                        f"{need - have} positions still inside the window"
+                    )
+        self.n_past = p
+
+    def clear(self) -> None:
+        for g in self.groups.values():
+            g.slot_pos.fill_(-1)
+        self.n_past = 0
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for g in self.groups.values())
+
+    def plan(self) -> dict:
+        """Memory report: per group (layer type) its layers, cells and bytes."""
+        return {
+            "layers": self.layers,
+            "bytes": self.nbytes(),
+            "type_k": self.type_k,
+            "type_v": self.type_v,
+            "groups": {
+                g.name: {
+                    "layers": g.layers,
+                    "cells": g.capacity,
+                    "window": g.window,
+                    "bytes": g.nbytes(),
+                }
+                for g in self.groups.values()
+            },
+        }

@@ -1,0 +1,126 @@
+"""Open a GGUF file and build its architecture: one module per `general.architecture`.
+
+lm = load_model("model.gguf")
+cache = lm.new_cache(n_ctx=4096)
+logits = lm.model.forward(torch.tensor(ids), cache)
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from llmkit.core.config import read_config
+from llmkit.core.errors import LlmkitError
+from llmkit.core.gguf_file import GGUFFile
+from llmkit.core.kv_cache import KVCache
+from llmkit.core.weights import QTensor, load_tensors, weights_by_type
+from llmkit.kernels.dispatch import Backend
+
+# general.architecture -> module under llmkit.core.models (aliases map several names to one file)
+ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3"}
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    gguf: GGUFFile
+    arch: str
+    config: object
+    model: object
+    tensors: dict[str, QTensor]
+    backend: Backend
+    load_seconds: float
+
+    @property
+    def metadata(self) -> dict:
+        return self.gguf.metadata
+
+    def new_cache(
+        self, n_ctx: int, margin: int = 512, type_k: str = "f16", type_v: str = "f16"
+    ) -> KVCache:
+        return KVCache(
+            self.model.kv_layout(), n_ctx, margin, type_k, type_v, device=self.backend.device
+        )
+
+    def weights_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def n_params(self) -> int:
+        return sum(int(torch.Size(t.shape).numel()) for t in self.tensors.values())
+
+    def describe(self) -> str:
+        """llama.cpp-style "<arch> <size label> <file type>" line."""
+        size = self.metadata.get("general.size_label", "?")
+        return f"{self.arch} {size} {file_type_name(self.metadata.get('general.file_type'))}"
+
+    def memory_plan(self, cache: KVCache | None = None) -> dict:
+        plan = {
+            "weights_bytes": self.weights_bytes(),
+            "weights_by_type": weights_by_type(self.tensors),
+            "backend_extra_bytes": self.backend.extra_bytes,
+            "backend_weight_dtype": str(self.backend.weight_dtype).removeprefix("torch."),
+        }
+        if cache is not None:
+            plan["kv"] = {"main": cache.plan()}
+        return plan
+
+
+_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    25: "IQ4_NL",
+    30: "IQ4_XS",
+    32: "BF16",
+}
+
+
+def file_type_name(ft) -> str:
+    return _FILE_TYPES.get(ft, f"ftype{ft}" if ft is not None else "?")
+
+
+def arch_module(arch: str):
+    name = ARCHITECTURES.get(arch)
+    if name is None:
+        raise LlmkitError(
+            f"unknown architecture {arch!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return importlib.import_module(f"llmkit.core.models.{name}")
+
+
+def load_model(
+    path: str | Path, device: str = "cpu", weight_dtype: torch.dtype = torch.bfloat16
+) -> LoadedModel:
+    t0 = time.perf_counter()
+    gf = GGUFFile(path)
+    arch = gf.architecture
+    mod = arch_module(arch)
+    emb = gf.tensors.get("token_embd.weight")
+    if emb is None:
+        raise LlmkitError(f"{path}: missing tensor token_embd.weight")
+    cfg = read_config(mod.Config, gf.metadata, arch, n_vocab=emb.shape[0])
+    tensors = load_tensors(gf, mod.tensor_specs(cfg))
+    if device not in ("cpu", "cuda"):
+        raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LlmkitError("--device cuda requested but no CUDA device is available")
+    backend = Backend(torch.device(device), weight_dtype)
+    model = mod.Model(cfg, tensors, backend)
+    return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)

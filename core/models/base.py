@@ -1,0 +1,38 @@
+"""What every architecture file provides, and the two pieces they all share (embedding, LM head).
+
+An architecture module defines `Config` (a dataclass read from GGUF metadata), `tensor_specs(cfg)`
+(the tensor contract as data) and `Model` with:
+  * `kv_layout() -> {layer: LayerKV}`: the cache geometry it needs (full or sliding, per layer);
+  * `forward(tokens [T], cache, logits="last"|"all") -> [n, n_vocab]` logits in fp32.
+Single sequence per cache; positions continue from `cache.n_past`.
+"""
+
+from __future__ import annotations
+
+import torch
+from llmkit.core.weights import QTensor
+from llmkit.kernels.dispatch import Backend, make_linear
+
+
+class Embedding:
+    """Token lookup that dequantizes only the rows it needs, straight from the GGUF blocks."""
+
+    def __init__(self, weight: QTensor, scale: float | None = None):
+        self.weight, self.scale = weight, scale
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.weight.rows(tokens)  # [T, n_embd] fp32
+        return x * self.scale if self.scale is not None else x
+
+
+def lm_head(backend: Backend, tensors: dict[str, QTensor]):
+    """`output.weight`, or the token embedding when the head is tied (no output tensor)."""
+    return make_linear(backend, tensors.get("output.weight") or tensors["token_embd.weight"])
+
+
+def select_rows(x: torch.Tensor, logits: str) -> torch.Tensor:
+    if logits == "last":
+        return x[-1:]
+    if logits == "all":
+        return x
+    raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")

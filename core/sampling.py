@@ -1,0 +1,83 @@
+"""Token samplers in llama.cpp's default chain order, built once as a closure.
+
+Order (llama.cpp `common_sampler` defaults): repetition penalty -> top-k -> top-p -> min-p ->
+temperature -> draw. `temp <= 0` is greedy (argmax of the raw logits, penalties applied).
+The draw uses a seeded `torch.Generator`: the same seed gives the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from llmkit.core.errors import LlmkitError
+
+
+@dataclass
+class SamplerParams:
+    temp: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int = -1  # -1: random
+
+    def validate(self) -> None:
+        if self.top_k < 0:
+            raise LlmkitError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LlmkitError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise LlmkitError(f"--min-p must be in [0, 1], got {self.min_p}")
+        if self.repeat_penalty <= 0:
+            raise LlmkitError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+
+
+def apply_repeat_penalty(
+    logits: torch.Tensor, recent: Sequence[int], penalty: float
+) -> torch.Tensor:
+    """llama.cpp's rule: positive logits are divided by the penalty, negative ones multiplied."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long)
+    vals = logits[ids]
+    logits = logits.clone()
+    logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplerParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate ids, their probabilities) after top-k, top-p, min-p and temperature."""
+    logits = logits.float()
+    k = logits.numel() if p.top_k <= 0 else min(p.top_k, logits.numel())
+    vals, ids = torch.topk(logits, k)  # sorted descending
+    if p.top_p < 1.0:
+        probs = torch.softmax(vals, -1)
+        cum = torch.cumsum(probs, -1)
+        # keep the smallest prefix whose mass reaches top_p (at least one token)
+        keep = int((cum < p.top_p).sum()) + 1
+        vals, ids = vals[:keep], ids[:keep]
+    if p.min_p > 0.0 and vals.numel() > 1:
+        probs = torch.softmax(vals, -1)
+        keep = probs >= p.min_p * probs[0]
+        vals, ids = vals[keep], ids[keep]
+    return ids, torch.softmax(vals / p.temp, -1)
+
+
+def make_sampler(p: SamplerParams) -> Callable[[torch.Tensor, Sequence[int]], int]:
+    """Returns sample(logits [n_vocab], history) -> token id."""
+    p.validate()
+    gen = torch.Generator()
+    gen.manual_seed(p.seed if p.seed >= 0 else torch.seed())
+
+    def sample(logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        recent = history[-p.repeat_last_n :] if p.repeat_last_n > 0 else history
+        logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
+        if p.temp <= 0:
+            return int(torch.argmax(logits))
+        ids, probs = filtered_probs(logits, p)
+        return int(ids[torch.multinomial(probs, 1, generator=gen)])
+
+    return sample

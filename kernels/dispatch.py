@@ -1,0 +1,57 @@
+"""The one visible place that decides how a GGUF weight is multiplied: by device, type and regime.
+
+Today's CPU path (PyTorch): every supported GGUF type is dequantized once, at load time, into a dense
+`[out, in]` matrix in the backend's weight dtype (bf16 by default: oneDNN's bf16 GEMV/GEMM reads half
+the bytes of fp32 and is the fastest dense path on this CPU; fp32 for exactness checks), and
+`F.linear` runs it for both regimes (GEMV at decode, GEMM at prefill). Several weights that consume
+the same input (q/k/v, gate/up) are concatenated into one matrix so a decode step makes one call
+instead of three. The dequantized copy is reported as the backend's extra memory.
+
+Regime/type-specific kernels (Triton GEMV/GEMM on GPU, packed int4/int8 on CPU) plug in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from llmkit.core.errors import LlmkitError
+from llmkit.core.weights import QTensor
+from llmkit.quant.dequant import SUPPORTED_TYPES
+
+GEMV_MAX_ROWS = 16  # M <= this is the GEMV regime (decode, MTP verify); larger M is GEMM (prefill)
+
+
+@dataclass
+class Backend:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    weight_dtype: torch.dtype = torch.bfloat16
+    extra_bytes: int = 0  # bytes of prepared (dequantized/repacked) weights this backend holds
+
+
+class DenseLinear:
+    """y[T, out] = x[T, in] @ W^T with W dequantized once into the backend dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # [out, in]
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).float()
+
+
+def make_linear(backend: Backend, *weights: QTensor):
+    """A matmul over one weight, or over several fused along the output dim (same input width)."""
+    in_features = {w.shape[-1] for w in weights}
+    if len(in_features) != 1:
+        raise LlmkitError(f"cannot fuse {[w.name for w in weights]}: different input widths")
+    for w in weights:
+        if w.qtype not in SUPPORTED_TYPES:
+            raise LlmkitError(f"no matmul kernel for {w.qtype.name} (tensor {w.name})")
+    if backend.device.type != "cpu":
+        raise LlmkitError(f"device {backend.device.type} is not supported yet (use --device cpu)")
+    parts = [w.dequantize(torch.float32).to(backend.weight_dtype) for w in weights]
+    dense = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    backend.extra_bytes += dense.numel() * dense.element_size()
+    return DenseLinear(dense.to(backend.device))

@@ -1,0 +1,79 @@
+"""KV cache: slot geometry, masks from positions, sliding rings that wrap, rollback."""
+
+import pytest
+import torch
+from llmkit.core.errors import LlmkitError
+from llmkit.core.kv_cache import KVCache, LayerKV
+
+
+def _cache(window=4, margin=3, n_ctx=32):
+    return KVCache({0: LayerKV(1, 2, 2), 1: LayerKV(1, 2, 2, window=window)}, n_ctx, margin)
+
+
+def _step(c, n):
+    pos = torch.arange(c.n_past, c.n_past + n)
+    c.begin(pos)
+    kv = pos.float()[:, None, None].expand(n, 1, 2)  # store the position as the key value
+    return pos, c.update(0, kv, kv), c.update(1, kv, kv)
+
+
+def test_full_layer_sees_all_past_positions():
+    c = _cache()
+    _step(c, 4)
+    pos, (K, V, mask), _ = _step(c, 2)
+    assert K.shape[1] == 6 and mask.shape == (2, 6)
+    assert mask[0].tolist() == [True] * 5 + [False]
+    assert mask[1].all()
+
+
+def test_sliding_ring_wraps_and_masks_by_window():
+    c = _cache(window=4, margin=3)  # ring of 7 slots
+    for _ in range(12):
+        pos, _, (K, V, mask) = _step(c, 1)
+    assert K.shape[1] == 7
+    visible = sorted(K[0, mask[0], 0].tolist())
+    assert visible == [8.0, 9.0, 10.0, 11.0]  # the current token and the 3 before it
+
+
+def test_batch_wider_than_ring_margin_is_rejected():
+    c = _cache(window=4, margin=3)
+    with pytest.raises(LlmkitError, match="does not fit the sliding-window ring"):
+        _step(c, 5)
+
+
+def test_truncate_rolls_back_both_layer_kinds():
+    c = _cache(window=4, margin=3)
+    for _ in range(10):
+        _step(c, 1)
+    c.truncate(8)  # drop positions 8, 9
+    assert c.n_past == 8
+    pos, (K, _, m_full), (Ks, _, m_swa) = _step(c, 1)
+    assert pos.tolist() == [8]
+    assert sorted(Ks[0, m_swa[0], 0].tolist()) == [5.0, 6.0, 7.0, 8.0]
+    assert K[0, m_full[0], 0].tolist() == [float(i) for i in range(9)]
+
+
+def test_truncate_beyond_ring_margin_is_an_error():
+    c = _cache(window=4, margin=3)
+    for _ in range(12):
+        _step(c, 1)
+    with pytest.raises(LlmkitError, match="cannot roll back"):
+        c.truncate(5)
+
+
+def test_positions_must_continue_and_fit():
+    c = _cache(n_ctx=6)
+    _step(c, 3)
+    with pytest.raises(LlmkitError, match="expects positions 3"):
+        c.begin(torch.tensor([5]))
+    with pytest.raises(LlmkitError, match="context is full"):
+        _step(c, 4)
+
+
+def test_plan_reports_bytes_per_group():
+    c = _cache(window=4, margin=3, n_ctx=32)
+    plan = c.plan()
+    assert plan["groups"]["full"]["cells"] == 32 and plan["groups"]["swa4"]["cells"] == 7
+    assert plan["bytes"] == (32 + 7) * 2 * 2 * 2  # cells x (K+V) x head_dim x f16
+    with pytest.raises(LlmkitError, match="unsupported K cache type q3"):
+        KVCache({0: LayerKV(1, 2, 2)}, 8, type_k="q3")

@@ -1,0 +1,49 @@
+"""Norm, RoPE and attention building blocks against naive references."""
+
+import math
+
+import torch
+from llmkit.core.layers import ROPE_NEOX, ROPE_NORM, apply_rope, attention, rms_norm, rope_cache
+
+
+def test_rms_norm():
+    x, w = torch.randn(3, 10), torch.randn(10)
+    ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), ref)
+
+
+def _naive_rope(x, pos, n_rot, base, neox):
+    out = x.clone()
+    for t in range(x.shape[0]):
+        for i in range(n_rot // 2):
+            th = pos[t] * base ** (-2 * i / n_rot)
+            a, b = (i, i + n_rot // 2) if neox else (2 * i, 2 * i + 1)
+            x0, x1 = x[t, :, a], x[t, :, b]
+            out[t, :, a] = x0 * math.cos(th) - x1 * math.sin(th)
+            out[t, :, b] = x0 * math.sin(th) + x1 * math.cos(th)
+    return out
+
+
+def test_rope_norm_and_neox_with_partial_rotation():
+    x, pos = torch.randn(5, 3, 12), torch.tensor([0, 1, 7, 100, 513])
+    for n_rot in (12, 8):
+        cos, sin = rope_cache(pos, n_rot, 10000.0)
+        for mode, neox in ((ROPE_NORM, False), (ROPE_NEOX, True)):
+            got = apply_rope(x, cos, sin, mode)
+            torch.testing.assert_close(
+                got, _naive_rope(x, pos.tolist(), n_rot, 10000.0, neox), rtol=1e-5, atol=1e-5
+            )
+
+
+def test_attention_gqa_with_mask():
+    T, Hq, Hkv, S, D = 3, 6, 2, 7, 8
+    q, k, v = torch.randn(T, Hq, D), torch.randn(Hkv, S, D), torch.randn(Hkv, S, D)
+    mask = torch.rand(T, S) > 0.3
+    mask[:, 0] = True
+    out = attention(q, k, v, mask, 0.5).view(T, Hq, D)
+    for t in range(T):
+        for h in range(Hq):
+            kh = h // (Hq // Hkv)
+            s = (k[kh] @ q[t, h]) * 0.5
+            s[~mask[t]] = -math.inf
+            torch.testing.assert_close(out[t, h], torch.softmax(s, 0) @ v[kh], rtol=1e-5, atol=1e-5)
