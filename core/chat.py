@@ -16,11 +16,11 @@ CHATML = (
 )
 # Gemma: no system role; a system message is prepended to the first user turn.
 GEMMA = (
-    "{{ bos_token }}{% set sys = '' %}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{% set sys = m['content'] + '\n\n' %}"
+    "{{ bos_token }}{% set ns = namespace(sys='', first=true) %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.sys = m['content'] + '\n\n' %}"
     "{% else %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + (sys if loop.index0 <= 1 else '') + m['content'] | trim"
-    " + '<end_of_turn>\n' }}{% endif %}{% endfor %}"
+    "{{ '<start_of_turn>' + role + '\n' + (ns.sys if ns.first else '') + m['content'] | trim"
+    " + '<end_of_turn>\n' }}{% set ns.first = false %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 

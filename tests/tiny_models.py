@@ -121,7 +121,10 @@ def write_tiny_llama(
         t[b + "ffn_gate.weight"] = encode_tensor(_w(rng, n_ff, n_embd), q)
         t[b + "ffn_up.weight"] = encode_tensor(_w(rng, n_ff, n_embd), q)
         t[b + "ffn_down.weight"] = encode_tensor(_w(rng, n_embd, n_ff), q)
-    return write_gguf(path, "llama", md, t)
+    arch = "llama"
+    if edit is not None:
+        arch = edit(md, t) or arch
+    return write_gguf(path, arch, md, t)
 
 
 def write_tiny_gemma3(

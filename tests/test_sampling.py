@@ -1,0 +1,60 @@
+"""Samplers: greedy, filters in llama.cpp's order, repeat penalty, seeded reproducibility."""
+
+import pytest
+import torch
+
+from llmkit.core.errors import LlmkitError
+from llmkit.core.sampling import SamplerParams, apply_repeat_penalty, filtered_probs, make_sampler
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 3.0, -1.0, 0.0])
+
+
+def test_greedy_is_argmax():
+    assert make_sampler(SamplerParams(temp=0))(LOGITS, []) == 3
+
+
+def test_top_k_top_p_min_p():
+    ids, probs = filtered_probs(LOGITS, SamplerParams(temp=1.0, top_k=3, top_p=1.0, min_p=0.0))
+    assert ids.tolist() == [3, 0, 1] and probs.sum().item() == pytest.approx(1.0)
+    # top-p keeps the smallest prefix reaching the mass: p(3) ~ 0.61, p(3)+p(0) ~ 0.84
+    ids, _ = filtered_probs(LOGITS, SamplerParams(temp=1.0, top_k=0, top_p=0.7, min_p=0.0))
+    assert ids.tolist() == [3, 0]
+    ids, _ = filtered_probs(LOGITS, SamplerParams(temp=1.0, top_k=0, top_p=1.0, min_p=0.3))
+    assert ids.tolist() == [3, 0]  # p >= 0.3 * p_max
+
+
+def test_temperature_sharpens():
+    _, hot = filtered_probs(LOGITS, SamplerParams(temp=2.0, top_k=0, top_p=1.0, min_p=0.0))
+    _, cold = filtered_probs(LOGITS, SamplerParams(temp=0.5, top_k=0, top_p=1.0, min_p=0.0))
+    assert cold[0] > hot[0]
+
+
+def test_repeat_penalty_rule():
+    out = apply_repeat_penalty(LOGITS, [3, 4, 3], 2.0)
+    assert out[3].item() == 1.5 and out[4].item() == -2.0 and out[0].item() == 2.0
+
+
+def test_same_seed_same_tokens():
+    p = SamplerParams(temp=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=123)
+    s1, s2 = make_sampler(p), make_sampler(p)
+    a = [s1(LOGITS, []) for _ in range(50)]
+    b = [s2(LOGITS, []) for _ in range(50)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_sampling_follows_distribution():
+    s = make_sampler(SamplerParams(temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=7))
+    counts = torch.bincount(
+        torch.tensor([s(LOGITS, []) for _ in range(4000)]), minlength=6
+    ).double()
+    expected = torch.softmax(LOGITS.double(), 0) * 4000
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 25  # 5 degrees of freedom: p ~ 1e-4
+
+
+@pytest.mark.parametrize(
+    "kw", [{"top_k": -1}, {"top_p": 0.0}, {"min_p": 1.5}, {"repeat_penalty": 0}]
+)
+def test_bad_params(kw):
+    with pytest.raises(LlmkitError):
+        make_sampler(SamplerParams(**kw))
