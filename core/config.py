@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, TypeVar
 
 import numpy as np
+
 from llmkit.core.errors import LlmkitError
 
 T = TypeVar("T")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from llmkit.core.errors import LlmkitError
 
 GGUF_MAGIC = b"GGUF"

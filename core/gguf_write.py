@@ -16,6 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
 from gguf import quants as gq
+
 from llmkit.core.errors import LlmkitError
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from llmkit.core.config import read_config
 from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from gguf import GGMLQuantizationType as QT
+
 from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.quant.dequant import SUPPORTED_TYPES, dequantize

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 from llmkit.cli.app import main
 from llmkit.core.gguf_write import RawTensor
+from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 
 def llm(capsys, monkeypatch, *args):

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from tiny_models import write_tiny_gemma3
 
 from llmkit.core.chat import CHATML, GEMMA, chat_template, render_chat
 from llmkit.core.errors import LlmkitError
 from llmkit.core.generate import GenStats, generate, prefill
 from llmkit.core.model import load_model
 from llmkit.core.model_cache import resolve_model
+from tiny_models import write_tiny_gemma3
 
 
 @pytest.fixture(scope="module")

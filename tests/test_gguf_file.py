@@ -5,6 +5,7 @@ import struct
 import numpy as np
 import pytest
 from gguf import GGUFReader
+
 from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile
 from tiny_models import write_tiny_llama

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
 

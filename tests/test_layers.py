@@ -3,6 +3,7 @@
 import math
 
 import torch
+
 from llmkit.core.layers import ROPE_NEOX, ROPE_NORM, apply_rope, attention, rms_norm, rope_cache
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+
 from llmkit.core.gguf_write import encode_tensor, write_gguf
 
 PIECES = [
@@ -87,7 +88,9 @@ def write_tiny_llama(
     n_head_kv: int = 2,
     n_ff: int = 96,
     tied: bool = True,
+    edit=None,
 ) -> Path:
+    """`edit(metadata, tensors)` may change either before writing and return a new arch name."""
     rng = np.random.default_rng(seed)
     hd = n_embd // n_head
     md = {
