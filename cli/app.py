@@ -8,6 +8,7 @@ import sys
 
 import click
 import typer
+
 from llmkit.cli import models as models_cmd
 from llmkit.cli import run as run_cmd
 from llmkit.cli import tokenize as tokenize_cmd

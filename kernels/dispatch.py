@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from llmkit.core.errors import LlmkitError
 from llmkit.core.weights import QTensor
 from llmkit.quant.dequant import SUPPORTED_TYPES

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
+
 from llmkit.core.errors import LlmkitError
 
 # Blocks decoded per step: big enough to amortize Python overhead, small enough that the

@@ -10,6 +10,7 @@ Single sequence per cache; positions continue from `cache.n_past`.
 from __future__ import annotations
 
 import torch
+
 from llmkit.core.weights import QTensor
 from llmkit.kernels.dispatch import Backend, make_linear
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from llmkit.core.config import gguf
 from llmkit.core.kv_cache import KVCache, LayerKV
 from llmkit.core.layers import ROPE_NEOX, apply_rope, attention, gelu_tanh, rms_norm, rope_cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from llmkit.core.config import gguf
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
