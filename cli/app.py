@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from llmkit.cli import models as models_cmd
@@ -25,6 +24,9 @@ app.command("run", help=run_cmd.__doc__)(run_cmd.run)
 app.command("tokenize", help=tokenize_cmd.__doc__)(tokenize_cmd.tokenize)
 app.command("models", help=models_cmd.__doc__)(models_cmd.models)
 
+# Typer ships its own copy of click; its usage errors derive from that copy's ClickException.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback
@@ -34,9 +36,9 @@ def main() -> None:
     debug = os.environ.get("LLMKIT_DEBUG") == "1"
     try:
         rc = app(standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         rc = 130
-    except click.ClickException as e:  # bad flags / values
+    except _USAGE_ERROR as e:  # bad flags / values
         print(f"error: {e.format_message()}", file=sys.stderr)
         rc = e.exit_code
     except LlmkitError as e:

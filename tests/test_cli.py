@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.cli.app import main
@@ -26,6 +27,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     return {
         "llama": write_tiny_llama(d / "llama.gguf"),
+        "untied": write_tiny_llama(d / "untied.gguf", tied=False),  # flatter logits, for sampling
         "gemma3": write_tiny_gemma3(d / "gemma3.gguf"),
         "dir": d,
     }
@@ -86,7 +88,7 @@ def test_seeded_sampling_is_reproducible(tiny, capsys, monkeypatch):
     args = [
         "run",
         "-m",
-        tiny["llama"],
+        tiny["untied"],
         "-p",
         "hello",
         "-n",
@@ -95,6 +97,10 @@ def test_seeded_sampling_is_reproducible(tiny, capsys, monkeypatch):
         1.5,
         "--top-k",
         0,
+        "--top-p",
+        1.0,
+        "--min-p",
+        0.0,
         "--ignore-eos",
         "-s",
         42,
@@ -126,11 +132,12 @@ def _unknown_arch(md, t):
     return "foo"
 
 
-def _q8k_tensor(md, t):
-    # a Q8_K tensor (llama.cpp's activation-only type): the loader must refuse it by name
+def _q8_1_tensor(md, t):
+    # a Q8_1 tensor (llama.cpp's activation-only type): the loader must refuse it by name
     rows, cols = t["blk.0.attn_q.weight"].shape
-    data = np.zeros((rows, cols // 256 * 292), dtype=np.uint8)
-    t["blk.0.attn_q.weight"] = RawTensor(data, QT.Q8_K, (rows, cols))
+    block, type_size = GGML_QUANT_SIZES[QT.Q8_1]
+    data = np.zeros((rows, cols // block * type_size), dtype=np.uint8)
+    t["blk.0.attn_q.weight"] = RawTensor(data, QT.Q8_1, (rows, cols))
 
 
 def test_bad_inputs_give_one_line(tiny, capsys, monkeypatch):
@@ -150,7 +157,10 @@ def test_bad_inputs_give_one_line(tiny, capsys, monkeypatch):
             ["-m", _write_variant(tiny, "miss.gguf", _drop_tensor), "-p", "x"],
             "missing tensor blk.1.ffn_up.weight",
         ),
-        (["-m", _write_variant(tiny, "q8k.gguf", _q8k_tensor), "-p", "x"], "unsupported type Q8_K"),
+        (
+            ["-m", _write_variant(tiny, "q81.gguf", _q8_1_tensor), "-p", "x"],
+            "unsupported type Q8_1",
+        ),
         (
             ["-m", tiny["llama"], "-p", "the cat sat on the mat " * 20, "-c", 32],
             "prompt is too long",

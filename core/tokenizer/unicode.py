@@ -24,18 +24,18 @@ WHITESPACE = frozenset(
 )
 
 # Category letter -> collapsed representative (llama.cpp `k_ucat_cpt`); others collapse to 0xD0.
-_COLLAPSED = {"N": "\xd1", "L": "\xd2", "P": "\xd3", "M": "\xd4", "S": "\xd5"}
+COLLAPSED = {"N": "\xd1", "L": "\xd2", "P": "\xd3", "M": "\xd4", "S": "\xd5"}
 COLLAPSED_FALLBACK = "\xd0"
 COLLAPSED_WHITESPACE = "\x0b"  # std::regex `\s` only knows ASCII whitespace
 
-# ASCII members of each category inside a collapsed character class (llama.cpp `k_ucat_map`).
-# The symbol set lacks '~' exactly as llama.cpp's does.
+# ASCII members of each category inside a collapsed character class (llama.cpp `k_ucat_map`;
+# newer llama.cpp, which our references come from, counts '~' as a symbol too).
 CATEGORY_ASCII = {
     "N": "0-9",
     "L": "A-Za-z",
     "P": "!-#%-*,-/:-;?-@\\[-\\]_\\{\\}",
     "M": "",
-    "S": "\\$\\+<->\\^`\\|",
+    "S": "\\$\\+<->\\^`\\|~",
 }
 
 if _regex is not None:
@@ -59,7 +59,7 @@ class _CollapseTable(dict):
         if cp in WHITESPACE:
             value = COLLAPSED_WHITESPACE
         else:
-            value = _COLLAPSED.get(category(chr(cp)), COLLAPSED_FALLBACK)
+            value = COLLAPSED.get(category(chr(cp)), COLLAPSED_FALLBACK)
         self[cp] = value
         return value
 
