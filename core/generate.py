@@ -24,7 +24,7 @@ class GenStats:
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
-    decode_seconds: float = 0.0  # time to produce tokens 2..n (llama.cpp's "eval time")
+    decode_seconds: float = 0.0  # time of the single-token forward passes (llama.cpp's "eval time")
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""
 
@@ -32,9 +32,11 @@ class GenStats:
     def prompt_tok_per_s(self) -> float:
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
+    decode_steps: int = 0  # forward passes of single sampled tokens (llama.cpp's "runs")
+
     @property
     def decode_tok_per_s(self) -> float:
-        n = self.generated_tokens - 1  # the first token comes from the prompt's logits
+        n = self.decode_steps
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
@@ -75,8 +77,8 @@ def generate(
         logits = prefill(model, cache, prompt, n_ubatch)
         stats.prompt_tokens += len(prompt)
         stats.prompt_seconds += time.perf_counter() - t0
-        t_dec = time.perf_counter()
-        while n_predict < 0 or stats.generated_tokens < n_predict:
+        n_gen = 0  # this call's tokens (stats may accumulate over several calls, e.g. chat turns)
+        while n_predict < 0 or n_gen < n_predict:
             tok = sample(logits, history)
             if is_eog(tok) and not ignore_eos:
                 stats.stop_reason = "eog"
@@ -84,16 +86,15 @@ def generate(
             history.append(tok)
             stats.tokens.append(tok)
             stats.generated_tokens += 1
-            if stats.generated_tokens == 1:
-                t_dec = (
-                    time.perf_counter()
-                )  # eval time counts the decode steps after the first token
+            n_gen += 1
             yield tok
-            if n_predict >= 0 and stats.generated_tokens >= n_predict:
+            if n_predict >= 0 and n_gen >= n_predict:
                 stats.stop_reason = "limit"
                 break
             if cache.n_past >= n_ctx:
                 stats.stop_reason = "context full"
                 break
+            t0 = time.perf_counter()  # eval time: the forward passes only, as llama.cpp counts it
             logits = model.forward(torch.tensor([tok]), cache, logits="last")[0]
-            stats.decode_seconds = time.perf_counter() - t_dec
+            stats.decode_steps += 1
+            stats.decode_seconds += time.perf_counter() - t0

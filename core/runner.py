@@ -103,7 +103,11 @@ class Runner:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # always evaluate at least one token for fresh logits
-        self.cache.truncate(common)
+        try:
+            self.cache.truncate(common)
+        except LlmkitError:  # a sliding ring already overwrote what the shorter prefix needs
+            self.cache.clear()
+            common = 0
         self.history = self.history[:common]
         sample = make_sampler(params)
         out = []
@@ -216,7 +220,7 @@ class Runner:
     def print_timings(self) -> None:
         s = self.stats
         pe_ms, ev_ms = s.prompt_seconds * 1e3, s.decode_seconds * 1e3
-        n_ev = max(0, s.generated_tokens - 1)
+        n_ev = s.decode_steps
         _eprint()
         _eprint(f"llmkit: load time = {self.lm.load_seconds * 1e3:10.2f} ms")
         _eprint(

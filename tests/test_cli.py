@@ -189,3 +189,48 @@ def test_console_script_help_and_error():
         [*exe, "run", "-m", "/nonexistent.gguf", "-p", "hi"], capture_output=True, text=True
     )
     assert r.returncode == 1 and r.stderr.strip().startswith("error: model file not found")
+
+
+def test_chat_mode_reuses_the_cached_prefix(tiny, capsys, monkeypatch, tmp_path):
+    import io
+
+    stats = tmp_path / "chat.json"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\nthe dog\n"))
+    rc, out, err = llm(
+        capsys,
+        monkeypatch,
+        "run",
+        "-m",
+        tiny["llama"],
+        "-cnv",
+        "-sys",
+        "be brief",
+        "-n",
+        5,
+        "--temp",
+        0,
+        "--ignore-eos",
+        "-c",
+        256,
+        "--stats-json",
+        stats,
+    )
+    assert rc == 0, err
+    s = json.loads(stats.read_text())
+    assert s["generated_tokens"] == 10  # -n applies per turn
+    # turn 2 only evaluates what follows the cached conversation, not the whole transcript again
+    from llmkit.core.chat import CHATML, render_chat
+    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(GGUFFile(tiny["llama"]).metadata)
+    sys_msg, u1, u2 = (
+        {"role": r, "content": c}
+        for r, c in (("system", "be brief"), ("user", "the cat"), ("user", "the dog"))
+    )
+    turn1 = len(tok.encode(render_chat(CHATML, [sys_msg, u1])))
+    turn2_min = len(
+        tok.encode(render_chat(CHATML, [sys_msg, u1, {"role": "assistant", "content": ""}, u2]))
+    )
+    # without reuse turn 2 would evaluate its whole transcript (>= turn2_min tokens) again
+    assert turn1 < s["prompt_tokens"] < turn1 + turn2_min

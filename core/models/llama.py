@@ -123,10 +123,11 @@ class Model:
         x = self.embed(tokens)  # [T, H]
         for i, L in enumerate(self.layers):
             a = rms_norm(x, L.attn_norm, c.eps)
-            q, k, v = L.wqkv(a).split((nq, nkv, nkv), dim=-1)
-            q = apply_rope(q.view(T, c.n_head, c.head_dim), cos, sin, ROPE_NORM)
-            k = apply_rope(k.view(T, c.n_head_kv, c.head_dim), cos, sin, ROPE_NORM)
-            K, V, mask = cache.update(i, k, v.view(T, c.n_head_kv, c.head_dim))
+            qkv = L.wqkv(a)  # [T, (Hq + 2 Hkv) * D]
+            # rotate q and k heads in one call: [T, Hq + Hkv, D]
+            qk = apply_rope(qkv[:, : nq + nkv].view(T, -1, c.head_dim), cos, sin, ROPE_NORM)
+            q, k = qk[:, : c.n_head], qk[:, c.n_head :]
+            K, V, mask = cache.update(i, k, qkv[:, nq + nkv :].view(T, c.n_head_kv, c.head_dim))
             x = x + L.wo(attention(q, K, V, mask, c.scale))
             f = rms_norm(x, L.ffn_norm, c.eps)
             gate, up = L.w_gate_up(f).chunk(2, dim=-1)
