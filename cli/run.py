@@ -56,6 +56,33 @@ def run(
     stats_json: Path = typer.Option(
         None, "--stats-json", help="Write run statistics as JSON to this file."
     ),
+    cache_type_k: str = typer.Option(
+        "f16", "-ctk", "--cache-type-k", help="K cache type: f16, f32, bf16, q8_0, q4_0."
+    ),
+    cache_type_v: str = typer.Option(
+        "f16", "-ctv", "--cache-type-v", help="V cache type: f16, f32, bf16, q8_0, q4_0."
+    ),
+    mtp: bool = typer.Option(
+        False, "--mtp", help="Speculative decoding with the model's NextN (MTP) blocks."
+    ),
+    model_draft: str = typer.Option(
+        None, "-md", "--model-draft", help="MTP-only sidecar GGUF (with --mtp)."
+    ),
+    draft: int = typer.Option(
+        3, "--draft", help="Max draft tokens per round (chained NextN blocks: at most their count)."
+    ),
+    draft_p_min: float = typer.Option(
+        0.0, "--draft-p-min", help="Stop drafting below this draft probability."
+    ),
+    cache_type_k_draft: str = typer.Option(
+        "f16", "-ctkd", "--cache-type-k-draft", help="K cache type of the MTP context."
+    ),
+    cache_type_v_draft: str = typer.Option(
+        "f16", "-ctvd", "--cache-type-v-draft", help="V cache type of the MTP context."
+    ),
+    moe_n_expert: int = typer.Option(
+        None, "--moe-n-expert", help="Routed experts per token (MoE models; default: the file's)."
+    ),
 ) -> None:
     """Generate text with a GGUF model; streams tokens, prints llama.cpp-style timings to stderr."""
     from llmkit.cli.common import read_prompt, set_threads
@@ -75,6 +102,8 @@ def run(
     n_threads = set_threads(threads)
     params = SamplerParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
     params.validate()
+    if not 0.0 <= draft_p_min <= 1.0:
+        raise LlmkitError(f"--draft-p-min must be in [0, 1], got {draft_p_min}")
     opts = RunOptions(
         model=model,
         n_ctx=ctx_size,
@@ -82,6 +111,15 @@ def run(
         device=device,
         threads=n_threads,
         verbose=verbose,
+        type_k=cache_type_k,
+        type_v=cache_type_v,
+        mtp=mtp,
+        model_draft=model_draft,
+        draft=draft,
+        draft_p_min=draft_p_min,
+        type_k_draft=cache_type_k_draft,
+        type_v_draft=cache_type_v_draft,
+        moe_n_expert=moe_n_expert,
     )
     runner = Runner.open(opts)
     if verbose:

@@ -32,11 +32,12 @@ class GenStats:
     def prompt_tok_per_s(self) -> float:
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
 
-    decode_steps: int = 0  # forward passes of single sampled tokens (llama.cpp's "runs")
+    decode_steps: int = 0  # decode forward passes (llama.cpp's "runs"; one per speculative round)
+    decode_tokens: int = 0  # tokens those passes produced (more than one per speculative round)
 
     @property
     def decode_tok_per_s(self) -> float:
-        n = self.decode_steps
+        n = self.decode_tokens
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
@@ -97,4 +98,5 @@ def generate(
             t0 = time.perf_counter()  # eval time: the forward passes only, as llama.cpp counts it
             logits = model.forward(torch.tensor([tok]), cache, logits="last")[0]
             stats.decode_steps += 1
+            stats.decode_tokens += 1
             stats.decode_seconds += time.perf_counter() - t0

@@ -15,10 +15,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.errors import LlmkitError
+from llmkit.quant.dequant import dequantize, row_bytes
+from llmkit.quant.quantize import quantize
 
-KV_DTYPES = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}
+# Cache element types: float dtypes are stored as is; ggml block types are quantized on write (ggml's
+# reference formulas, per head vector) and dequantized to fp32 for attention.
+KV_TYPES = {
+    "f16": torch.float16,
+    "f32": torch.float32,
+    "bf16": torch.bfloat16,
+    "q8_0": QT.Q8_0,
+    "q4_0": QT.Q4_0,
+}
+
+
+def _alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
+    t = KV_TYPES[kind]
+    if isinstance(t, torch.dtype):
+        return torch.zeros(n_head, cap, dim, dtype=t, device=device)
+    if dim % 32:
+        raise LlmkitError(
+            f"{kind} KV cache needs a head dimension that is a multiple of 32 (got {dim})"
+        )
+    return torch.zeros(n_head, cap, row_bytes(t, dim), dtype=torch.uint8, device=device)
+
+
+def _store(buf: torch.Tensor, kind: str, slots: torch.Tensor, x: torch.Tensor) -> None:
+    # x: [T, H, D] -> buf[:, slots]
+    t = KV_TYPES[kind]
+    x = x.transpose(0, 1)
+    buf[:, slots] = x.to(t) if isinstance(t, torch.dtype) else quantize(x, t)
+
+
+def _load(buf: torch.Tensor, kind: str, n: int) -> torch.Tensor:
+    t = KV_TYPES[kind]
+    return buf[:, :n] if isinstance(t, torch.dtype) else dequantize(buf[:, :n], t)
 
 
 @dataclass(frozen=True)
@@ -60,9 +94,9 @@ class KVCache:
         device: torch.device | str = "cpu",
     ):
         for name, t in (("K", type_k), ("V", type_v)):
-            if t not in KV_DTYPES:
+            if t not in KV_TYPES:
                 raise LlmkitError(
-                    f"unsupported {name} cache type {t} (supported: {', '.join(KV_DTYPES)})"
+                    f"unsupported {name} cache type {t} (supported: {', '.join(KV_TYPES)})"
                 )
         self.n_ctx, self.margin = n_ctx, margin
         self.type_k, self.type_v = type_k, type_v
@@ -78,12 +112,8 @@ class KVCache:
                 pos = torch.full((cap,), -1, dtype=torch.int64, device=device)
                 g = self.groups[gname] = _Group(gname, spec.window, cap, [], pos)
             g.layers.append(il)
-            g.k[il] = torch.zeros(
-                spec.n_head_kv, cap, spec.head_dim_k, dtype=KV_DTYPES[type_k], device=device
-            )
-            g.v[il] = torch.zeros(
-                spec.n_head_kv, cap, spec.head_dim_v, dtype=KV_DTYPES[type_v], device=device
-            )
+            g.k[il] = _alloc(type_k, spec.n_head_kv, cap, spec.head_dim_k, device)
+            g.v[il] = _alloc(type_v, spec.n_head_kv, cap, spec.head_dim_v, device)
             self.group_of[il] = g
         self.n_past = 0  # positions 0..n_past-1 are cached
 
@@ -125,10 +155,9 @@ class KVCache:
     def update(self, il: int, k: torch.Tensor, v: torch.Tensor):
         """Write this batch's k/v [T, Hkv, D] for layer il; return (K [Hkv,S,D], V, mask [T,S])."""
         g = self.group_of[il]
-        K, V = g.k[il], g.v[il]
-        K[:, g.slots] = k.transpose(0, 1).to(K.dtype)
-        V[:, g.slots] = v.transpose(0, 1).to(V.dtype)
-        return K[:, : g.n_read], V[:, : g.n_read], g.mask
+        _store(g.k[il], self.type_k, g.slots, k)
+        _store(g.v[il], self.type_v, g.slots, v)
+        return _load(g.k[il], self.type_k, g.n_read), _load(g.v[il], self.type_v, g.n_read), g.mask
 
     def truncate(self, p: int) -> None:
         """Forget positions >= p (rollback). Sliding rings must still hold the window before p."""

@@ -7,6 +7,7 @@ logits = lm.model.forward(torch.tensor(ids), cache)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from llmkit.core.weights import QTensor, load_tensors, weights_by_type
 from llmkit.kernels.dispatch import Backend
 
 # general.architecture -> module under llmkit.core.models (aliases map several names to one file)
-ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3"}
+ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3", "step35": "step35"}
 
 
 @dataclass
@@ -106,9 +107,41 @@ def arch_module(arch: str):
     return importlib.import_module(f"llmkit.core.models.{name}")
 
 
+def _supports_mtp(mod) -> bool:
+    return getattr(mod.Model, "mtp_hidden", None) is not None
+
+
+def _load_weights(mod, cfg, gf: GGUFFile, gd: GGUFFile | None, mtp: bool) -> dict[str, QTensor]:
+    """Trunk tensors from the model file; with `mtp`, the NextN blocks from the sidecar (if given)
+    or from the model file. Without `mtp` no NextN tensor is mapped (nothing of them is read)."""
+    if not _supports_mtp(mod):
+        return load_tensors(gf, mod.tensor_specs(cfg))
+    tensors = load_tensors(
+        gf,
+        mod.tensor_specs(cfg, "trunk", gf.tensors),
+        ignore_prefixes=mod.ignore_prefixes(cfg, "trunk"),
+    )
+    if mtp:
+        src = gd or gf
+        specs = [s for s in mod.tensor_specs(cfg, "mtp", src.tensors) if s.name.startswith("blk.")]
+        # the sidecar repeats the embedding/head; the model file's copies are the ones used
+        shared = ("token_embd.", "output.", "output_norm.", "rope_freqs.")
+        tensors.update(
+            load_tensors(src, specs, ignore_prefixes=mod.ignore_prefixes(cfg, "mtp") + shared)
+        )
+    return tensors
+
+
 def load_model(
-    path: str | Path, device: str = "cpu", weight_dtype: torch.dtype = torch.bfloat16
+    path: str | Path,
+    device: str = "cpu",
+    weight_dtype: torch.dtype = torch.bfloat16,
+    mtp: bool = False,
+    draft_path: str | Path | None = None,
+    moe_n_expert: int | None = None,
 ) -> LoadedModel:
+    """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
+    sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models."""
     t0 = time.perf_counter()
     gf = GGUFFile(path)
     arch = gf.architecture
@@ -116,12 +149,38 @@ def load_model(
     emb = gf.tensors.get("token_embd.weight")
     if emb is None:
         raise LlmkitError(f"{path}: missing tensor token_embd.weight")
-    cfg = read_config(mod.Config, gf.metadata, arch, n_vocab=emb.shape[0])
-    tensors = load_tensors(gf, mod.tensor_specs(cfg))
+    if mtp and not _supports_mtp(mod):
+        raise LlmkitError(f"--mtp: architecture {arch} has no NextN (MTP) blocks")
+    gd = GGUFFile(draft_path) if draft_path else None
+    if gd is not None:
+        d_emb = gd.tensors.get("token_embd.weight")
+        if gd.architecture != arch or d_emb is None or d_emb.shape != emb.shape:
+            got = f"{gd.architecture} {list(d_emb.shape) if d_emb else '?'}"
+            raise LlmkitError(
+                f"MTP sidecar {draft_path} does not belong to this model "
+                f"(sidecar: {got}, model: {arch} {list(emb.shape)})"
+            )
+    overrides = {"n_vocab": emb.shape[0]}
+    if moe_n_expert is not None:
+        if "n_expert_used_override" not in {f.name for f in dataclasses.fields(mod.Config)}:
+            raise LlmkitError(f"--moe-n-expert: architecture {arch} has no experts")
+        overrides["n_expert_used_override"] = moe_n_expert
+    # the sidecar declares the NextN blocks (block_count, per-layer arrays) for both files
+    cfg = read_config(mod.Config, (gd or gf).metadata, arch, **overrides)
+    if mtp and getattr(cfg, "n_nextn", 0) == 0:
+        raise LlmkitError(
+            f"--mtp: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0); "
+            "give an MTP sidecar with -md"
+        )
     if device not in ("cpu", "cuda"):
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise LlmkitError("--device cuda requested but no CUDA device is available")
+    tensors = _load_weights(mod, cfg, gf, gd, mtp)
     backend = Backend(torch.device(device), weight_dtype)
-    model = mod.Model(cfg, tensors, backend)
+    model = (
+        mod.Model(cfg, tensors, backend, mtp=mtp)
+        if _supports_mtp(mod)
+        else mod.Model(cfg, tensors, backend)
+    )
     return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)

@@ -29,6 +29,14 @@ class RunOptions:
     verbose: bool = False
     type_k: str = "f16"
     type_v: str = "f16"
+    # speculative decoding with the model's NextN (MTP) blocks
+    mtp: bool = False
+    model_draft: str | None = None  # MTP-only sidecar GGUF
+    draft: int = 3
+    draft_p_min: float = 0.0
+    type_k_draft: str = "f16"
+    type_v_draft: str = "f16"
+    moe_n_expert: int | None = None
 
 
 def _eprint(*args) -> None:
@@ -67,6 +75,8 @@ class Runner:
     opts: RunOptions
     stats: GenStats = field(default_factory=GenStats)
     history: list[int] = field(default_factory=list)  # tokens whose K/V the cache holds
+    mtp: object | None = None  # MTPContext when speculative decoding is on
+    spec: object | None = None  # SpecStats
 
     @classmethod
     def open(cls, opts: RunOptions) -> Runner:
@@ -75,17 +85,51 @@ class Runner:
         from llmkit.core.tokenizer import load_tokenizer
 
         path = resolve_model(opts.model)
-        lm = load_model(path, device=opts.device)
+        draft_path = resolve_model(opts.model_draft) if opts.model_draft else None
+        if draft_path and not opts.mtp:
+            raise LlmkitError("-md/--model-draft is the MTP sidecar: it needs --mtp")
+        lm = load_model(
+            path,
+            device=opts.device,
+            mtp=opts.mtp,
+            draft_path=draft_path,
+            moe_n_expert=opts.moe_n_expert,
+        )
         tok = load_tokenizer(lm.metadata)
         n_ctx = opts.n_ctx or lm.config.n_ctx_train
         if n_ctx > lm.config.n_ctx_train:
             _eprint(
                 f"warning: -c {n_ctx} exceeds the model's training context {lm.config.n_ctx_train}"
             )
-        cache = lm.new_cache(
-            n_ctx, margin=max(opts.n_ubatch, 64), type_k=opts.type_k, type_v=opts.type_v
-        )
-        return cls(lm, tok, cache, opts)
+        # the ring margin must hold a prompt chunk and a whole verify batch (rollback safety)
+        margin = max(opts.n_ubatch, 64, opts.draft + 1)
+        cache = lm.new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
+        runner = cls(lm, tok, cache, opts)
+        if opts.mtp:
+            from llmkit.core.mtp import MTPContext
+            from llmkit.core.speculative import SpecStats
+
+            heads = lm.model.n_mtp_heads
+            limit = heads if heads > 1 else 16
+            if not 1 <= opts.draft <= limit:
+                why = (
+                    f"the model's {heads} chained NextN blocks"
+                    if heads > 1
+                    else "16 (verify batch limit)"
+                )
+                raise LlmkitError(
+                    f"--draft must be between 1 and {limit} ({why}), got {opts.draft}"
+                )
+            runner.mtp = MTPContext(
+                lm.model,
+                n_ctx,
+                margin,
+                opts.type_k_draft,
+                opts.type_v_draft,
+                device=lm.backend.device,
+            )
+            runner.spec = SpecStats(draft_max=opts.draft)
+        return runner
 
     # -- generation -------------------------------------------------------------------------
     def _generate(
@@ -103,25 +147,49 @@ class Runner:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # always evaluate at least one token for fresh logits
+        # with MTP, re-evaluate one more token: its hidden state pairs with the first new MTP row
+        start = max(0, common - 1) if self.mtp else common
         try:
-            self.cache.truncate(common)
+            self.cache.truncate(start)
+            if self.mtp:
+                self.mtp.truncate(common)
         except LlmkitError:  # a sliding ring already overwrote what the shorter prefix needs
             self.cache.clear()
-            common = 0
-        self.history = self.history[:common]
-        sample = make_sampler(params)
+            if self.mtp:
+                self.mtp.truncate(0)
+            start = 0
+        self.history = self.history[:start]
+        m, o = self.lm.model, self.opts
+        if self.mtp:
+            from llmkit.core.speculative import speculative_generate
+
+            gen = speculative_generate(
+                m,
+                self.cache,
+                self.mtp,
+                ids[start:],
+                params,
+                self.spec,
+                n_predict,
+                self.tokenizer.is_eog,
+                ignore_eos,
+                self.stats,
+                o.draft_p_min,
+                o.n_ubatch,
+            )
+        else:
+            gen = generate(
+                m,
+                self.cache,
+                ids[start:],
+                make_sampler(params),
+                n_predict,
+                self.tokenizer.is_eog,
+                ignore_eos,
+                self.stats,
+                o.n_ubatch,
+            )
         out = []
-        gen = generate(
-            self.lm.model,
-            self.cache,
-            ids[common:],
-            sample,
-            n_predict,
-            self.tokenizer.is_eog,
-            ignore_eos,
-            self.stats,
-            self.opts.n_ubatch,
-        )
         for t in gen:
             out.append(t)
             stream.put(t)
@@ -192,8 +260,14 @@ class Runner:
             sys.stdout.flush()
 
     # -- reporting --------------------------------------------------------------------------
+    def memory_plan(self) -> dict:
+        plan = self.lm.memory_plan(self.cache)
+        if self.mtp is not None:
+            plan["kv"]["mtp"] = self.mtp.plan()
+        return plan
+
     def print_plan(self) -> None:
-        lm, plan = self.lm, self.lm.memory_plan(self.cache)
+        lm, plan = self.lm, self.memory_plan()
         _eprint(
             f"model: {lm.path} ({lm.describe()}, {lm.n_params() / 1e6:.2f} M params, "
             f"loaded in {lm.load_seconds:.2f} s)"
@@ -205,17 +279,17 @@ class Runner:
             f"backend: {lm.backend.device.type}, weights prepared as {plan['backend_weight_dtype']}: "
             f"{plan['backend_extra_bytes'] / 2**20:.2f} MiB"
         )
-        kv = plan["kv"]["main"]
-        _eprint(
-            f"kv cache (main): {kv['bytes'] / 2**20:.2f} MiB, K {kv['type_k']}, V {kv['type_v']}, "
-            f"n_ctx {self.cache.n_ctx}"
-        )
-        for name, g in kv["groups"].items():
-            kind = "full attention" if g["window"] is None else f"sliding window {g['window']}"
+        for ctx, kv in plan["kv"].items():
             _eprint(
-                f"  {name:<8} {len(g['layers']):3d} layers x {g['cells']} cells ({kind}): "
-                f"{g['bytes'] / 2**20:.2f} MiB"
+                f"kv cache ({ctx}): {kv['bytes'] / 2**20:.2f} MiB, layers {kv['layers']}, "
+                f"K {kv['type_k']}, V {kv['type_v']}, n_ctx {self.cache.n_ctx}"
             )
+            for name, g in kv["groups"].items():
+                kind = "full attention" if g["window"] is None else f"sliding window {g['window']}"
+                _eprint(
+                    f"  {name:<12} {len(g['layers']):3d} layers x {g['cells']} cells ({kind}): "
+                    f"{g['bytes'] / 2**20:.2f} MiB"
+                )
 
     def print_timings(self) -> None:
         s = self.stats
@@ -229,13 +303,27 @@ class Runner:
         )
         _eprint(
             f"llmkit:        eval time = {ev_ms:10.2f} ms / {n_ev:5d} runs   "
-            f"({ev_ms / max(1, n_ev):8.2f} ms per token, {s.decode_tok_per_s:8.2f} tokens per second)"
+            f"({ev_ms / max(1, s.decode_tokens):8.2f} ms per token, {s.decode_tok_per_s:8.2f} tokens per second)"
         )
         if s.stop_reason:
             _eprint(f"llmkit: stop: {s.stop_reason}")
+        if self.spec is not None:
+            d = self.spec.to_dict(s)
+            per_pos = ", ".join(f"{a:.2f}" for a in d["acceptance_per_position"])
+            _eprint(
+                f"llmkit: speculative (mtp, draft {d['draft_max']}): {d['drafts']} drafts, "
+                f"{d['accepted_tokens']}/{d['draft_tokens']} draft tokens accepted "
+                f"({d['acceptance_rate']:.3f}), per position [{per_pos}], "
+                f"mean accepted length {d['mean_accepted_length']:.2f}"
+            )
+            _eprint(
+                f"llmkit: speculative decode {d['decode_tok_per_s']:.2f} tok/s "
+                f"({d['decode_tok_per_s_without_drafting']:.2f} tok/s without drafting time, "
+                f"drafting {d['draft_seconds'] * 1e3:.1f} ms)"
+            )
 
     def stats_dict(self) -> dict:
-        s, plan = self.stats, self.lm.memory_plan(self.cache)
+        s, plan = self.stats, self.memory_plan()
         return {
             "model": str(self.lm.path),
             "arch": self.lm.arch,
@@ -253,6 +341,8 @@ class Runner:
                 "backend_extra_bytes": plan["backend_extra_bytes"],
                 "kv": plan["kv"],
             },
+            **({"speculative": self.spec.to_dict(s)} if self.spec is not None else {}),
+            **({"moe_n_expert": self.opts.moe_n_expert} if self.opts.moe_n_expert else {}),
         }
 
     def write_stats(self, path: Path) -> None:

@@ -78,3 +78,20 @@ def test_plan_reports_bytes_per_group():
     assert plan["bytes"] == (32 + 7) * 2 * 2 * 2  # cells x (K+V) x head_dim x f16
     with pytest.raises(LlmkitError, match="unsupported K cache type q3"):
         KVCache({0: LayerKV(1, 2, 2)}, 8, type_k="q3")
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_quantized_cache_round_trips_with_ggml_error(kind):
+    from gguf import quants as gq
+
+    from llmkit.core.kv_cache import KV_TYPES
+
+    c = KVCache({0: LayerKV(2, 64, 64)}, 16, 4, type_k=kind, type_v=kind)
+    k = torch.randn(3, 2, 64)
+    c.begin(torch.arange(3))
+    K, V, _ = c.update(0, k, -k)
+    ref = gq.dequantize(gq.quantize(k.transpose(0, 1).numpy(), KV_TYPES[kind]), KV_TYPES[kind])
+    assert torch.equal(K, torch.from_numpy(ref)) and torch.equal(V, -K)
+    assert c.nbytes() == 2 * 2 * 16 * (64 // 32) * (34 if kind == "q8_0" else 18)
+    with pytest.raises(LlmkitError, match="multiple of 32"):
+        KVCache({0: LayerKV(1, 40, 40)}, 8, type_k=kind)

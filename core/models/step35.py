@@ -1,0 +1,385 @@
+"""Step-3.5 / Step-3.7 Flash (`step35`): GQA decoder with interleaved sliding-window attention,
+head-wise attention gates, routed MoE + shared expert, and NextN (MTP) draft blocks, as llama.cpp.
+
+x = embd[tok]; per trunk layer il < n_main: a = rms(x); q/k/v = W a; per-head rms(q), rms(k); NEOX
+rope (full layers: the first rope.dimension_count/2 dims, rope.freq_base, rope_freqs factors; sliding
+layers: all rope.dimension_count dims, rope.freq_base_swa, window sliding_window); o = attn(q,k,v)
+* sigmoid(Wg a) per head; x += Wo o; f = rms(x); x += swiglu(f) (dense) or moe(f) + swiglu_sh(f)
+(SwiGLU clamped where swiglu_clamp_* > 0); h = x (pre-norm, fed to NextN); logits = output(rms(h)).
+NextN block il = n_main + k: x0 = eh_proj [rms(embd[tok], enorm) | rms(h_prev, hnorm)]; one decoder
+block il (its own kind); h_out = block output (pre-norm); logits = head(rms(h_out, shared_head_norm)).
+A layer is MoE iff its router `blk.N.ffn_gate_inp.weight` is in the file (as llama.cpp decides).
+Per-layer hparam arrays have block_count entries (trunk + NextN). GGUF norms include the +1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.core.config import gguf, per_layer
+from llmkit.core.errors import LlmkitError
+from llmkit.core.kv_cache import KVCache, LayerKV
+from llmkit.core.layers import ROPE_NEOX, apply_rope, attention, rms_norm, rope_cache
+from llmkit.core.models.base import Embedding, lm_head, select_rows
+from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
+from llmkit.core.weights import QTensor, TensorSpec
+from llmkit.kernels.dispatch import Backend, make_expert_linear, make_linear
+
+PARTS = ("trunk", "mtp")
+
+
+@dataclass
+class Config:
+    n_vocab: int
+    n_embd: int = gguf("embedding_length")
+    n_layer: int = gguf("block_count")  # trunk + NextN blocks
+    n_ff: int = gguf("feed_forward_length")
+    n_head: int | list[int] = gguf("attention.head_count")  # per-layer array or scalar
+    n_head_kv: int | list[int] = gguf("attention.head_count_kv")
+    head_dim: int = gguf("attention.key_length")
+    head_dim_v: int | None = gguf("attention.value_length", None)
+    eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-5)
+    sliding_window: int = gguf("attention.sliding_window", 0)
+    swa_pattern: bool | list[bool] = gguf("attention.sliding_window_pattern", False)
+    rope_base: float = gguf("rope.freq_base", 10000.0)
+    rope_base_swa: float | None = gguf("rope.freq_base_swa", None)
+    n_rot: int | None = gguf("rope.dimension_count", None)
+    rope_scaling: str | None = gguf("rope.scaling.type", None)
+    rope_factor: float | None = gguf("rope.scaling.factor", None)
+    n_expert: int = gguf("expert_count", 0)
+    n_expert_used: int = gguf("expert_used_count", 0)
+    n_ff_exp: int = gguf("expert_feed_forward_length", 0)
+    n_ff_shexp: int = gguf("expert_shared_feed_forward_length", 0)
+    expert_weights_norm: bool = gguf("expert_weights_norm", False)
+    expert_weights_scale: float = gguf("expert_weights_scale", 0.0)
+    expert_gating_func: int = gguf("expert_gating_func", GATING_SIGMOID)
+    swiglu_clamp_exp: float | list[float] = gguf("swiglu_clamp_exp", 0.0)
+    swiglu_clamp_shexp: float | list[float] = gguf("swiglu_clamp_shexp", 0.0)
+    n_nextn: int = gguf("nextn_predict_layers", 0)
+    n_ctx_train: int = gguf("context_length", 262144)
+    n_expert_used_override: int | None = None  # --moe-n-expert (set by the loader, not in GGUF)
+
+    def __post_init__(self):
+        n = self.n_layer
+        if not 0 <= self.n_nextn < n:
+            raise LlmkitError(
+                f"step35: nextn_predict_layers {self.n_nextn} must be below block_count {n}"
+            )
+        self.n_main = n - self.n_nextn
+        self.n_head = [int(v) for v in per_layer(self.n_head, n, "step35.attention.head_count")]
+        self.n_head_kv = [
+            int(v) for v in per_layer(self.n_head_kv, n, "step35.attention.head_count_kv")
+        ]
+        for il, (hq, hkv) in enumerate(zip(self.n_head, self.n_head_kv, strict=True)):
+            if hkv <= 0 or hq % hkv:
+                raise LlmkitError(f"step35: layer {il} has {hq} query heads for {hkv} kv heads")
+        self.head_dim_v = self.head_dim_v or self.head_dim
+        self.swa = [
+            bool(v) for v in per_layer(self.swa_pattern, n, "step35.sliding_window_pattern")
+        ]
+        if any(self.swa) and self.sliding_window <= 0:
+            raise LlmkitError("step35: sliding layers declared but attention.sliding_window is 0")
+        # llama.cpp halves n_rot for full-attention layers (partial rotary 0.5); sliding rotate all
+        self.n_rot = self.n_rot or self.head_dim
+        if self.n_rot > self.head_dim or self.n_rot % 4:
+            raise LlmkitError(
+                f"step35: rope.dimension_count {self.n_rot} must be a multiple of 4 "
+                f"and at most the head dim {self.head_dim}"
+            )
+        self.n_rot_full = self.n_rot // 2
+        self.rope_base_swa = self.rope_base_swa or self.rope_base
+        if self.rope_scaling not in (None, "none", "linear"):
+            raise LlmkitError(f"step35: rope scaling type {self.rope_scaling} is not supported")
+        self.freq_scale = 1.0 / self.rope_factor if self.rope_factor else 1.0  # full layers only
+        self.swiglu_clamp_exp = [
+            float(v) for v in per_layer(self.swiglu_clamp_exp, n, "step35.swiglu_clamp_exp")
+        ]
+        self.swiglu_clamp_shexp = [
+            float(v) for v in per_layer(self.swiglu_clamp_shexp, n, "step35.swiglu_clamp_shexp")
+        ]
+        if self.expert_gating_func not in (GATING_SOFTMAX, GATING_SIGMOID):
+            raise LlmkitError(
+                f"step35: expert_gating_func {self.expert_gating_func} is not supported "
+                "(1 softmax, 2 sigmoid)"
+            )
+        if self.n_expert_used_override is not None:
+            self.top_k()
+
+    def top_k(self) -> int:
+        """Experts used per token: --moe-n-expert when given, else expert_used_count."""
+        k = self.n_expert_used_override
+        if k is None:
+            return self.n_expert_used
+        if not 1 <= k <= self.n_expert:
+            raise LlmkitError(f"--moe-n-expert {k} must be between 1 and {self.n_expert}")
+        return k
+
+    def layer_kv(self, il: int) -> LayerKV:
+        window = self.sliding_window if self.swa[il] else None
+        return LayerKV(self.n_head_kv[il], self.head_dim, self.head_dim_v, window)
+
+
+def moe_layers(names: Iterable[str]) -> set[int]:
+    """Block indices whose router `blk.N.ffn_gate_inp.weight` is among `names` (a file's tensors)."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] == "ffn_gate_inp":
+            out.add(int(parts[1]))
+    return out
+
+
+def part_layers(c: Config, part: str) -> range:
+    if part == "trunk":
+        return range(c.n_main)
+    if part == "mtp":
+        return range(c.n_main, c.n_layer)
+    raise ValueError(f"part must be one of {PARTS}, not {part!r}")
+
+
+def ignore_prefixes(c: Config, part: str) -> tuple[str, ...]:
+    """`blk.N.` prefixes of the blocks outside `part`, for load_tensors(ignore_prefixes=...)."""
+    mine = part_layers(c, part)
+    return tuple(f"blk.{il}." for il in range(c.n_layer) if il not in mine)
+
+
+def tensor_specs(c: Config, part: str = "trunk", names: Iterable[str] = ()) -> list[TensorSpec]:
+    """The tensors of `part` ("trunk": embedding, head and blocks < n_main; "mtp": embedding, head
+    and the NextN blocks). `names` = the file's tensor names: they decide which layers are MoE."""
+    moe = moe_layers(names)
+    H, V = c.n_embd, c.n_vocab
+    specs = [
+        TensorSpec("token_embd.weight", (V, H)),
+        TensorSpec("output_norm.weight", (H,)),
+        TensorSpec("output.weight", (V, H), optional=True),  # tied to token_embd when absent
+        TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),
+    ]
+    for il in part_layers(c, part):
+        specs += _block_specs(c, il, il in moe)
+        if part == "mtp":
+            b = f"blk.{il}.nextn."
+            specs += [
+                TensorSpec(b + "eh_proj.weight", (H, 2 * H)),
+                TensorSpec(b + "enorm.weight", (H,)),
+                TensorSpec(b + "hnorm.weight", (H,)),
+                TensorSpec(b + "shared_head_norm.weight", (H,), optional=True),
+                TensorSpec(b + "shared_head_head.weight", (V, H), optional=True),
+                TensorSpec(b + "embed_tokens.weight", (V, H), optional=True),
+            ]
+    return specs
+
+
+def _block_specs(c: Config, il: int, moe: bool) -> list[TensorSpec]:
+    H, D, Dv = c.n_embd, c.head_dim, c.head_dim_v
+    hq, hkv = c.n_head[il], c.n_head_kv[il]
+    b = f"blk.{il}."
+    specs = [
+        TensorSpec(b + "attn_norm.weight", (H,)),
+        TensorSpec(b + "attn_q.weight", (hq * D, H)),
+        TensorSpec(b + "attn_k.weight", (hkv * D, H)),
+        TensorSpec(b + "attn_v.weight", (hkv * Dv, H)),
+        TensorSpec(b + "attn_q_norm.weight", (D,)),
+        TensorSpec(b + "attn_k_norm.weight", (D,)),
+        TensorSpec(b + "attn_gate.weight", (hq, H), optional=True),
+        TensorSpec(b + "attn_output.weight", (H, hq * Dv)),
+        TensorSpec(b + "ffn_norm.weight", (H,)),
+    ]
+    if not moe:
+        return specs + [
+            TensorSpec(b + "ffn_gate.weight", (c.n_ff, H)),
+            TensorSpec(b + "ffn_up.weight", (c.n_ff, H)),
+            TensorSpec(b + "ffn_down.weight", (H, c.n_ff)),
+        ]
+    if c.n_expert <= 0 or not 0 < c.n_expert_used <= c.n_expert:
+        raise LlmkitError(
+            f"step35: blk.{il} is MoE but expert_count {c.n_expert} / "
+            f"expert_used_count {c.n_expert_used} are not set"
+        )
+    E, Fe, Fs = c.n_expert, c.n_ff_exp, c.n_ff_shexp
+    return specs + [
+        TensorSpec(b + "ffn_gate_inp.weight", (E, H)),
+        TensorSpec(b + "exp_probs_b.bias", (E,), optional=True),
+        TensorSpec(b + "ffn_gate_exps.weight", (E, Fe, H)),
+        TensorSpec(b + "ffn_up_exps.weight", (E, Fe, H)),
+        TensorSpec(b + "ffn_down_exps.weight", (E, H, Fe)),
+        TensorSpec(b + "ffn_gate_shexp.weight", (Fs, H)),
+        TensorSpec(b + "ffn_up_shexp.weight", (Fs, H)),
+        TensorSpec(b + "ffn_down_shexp.weight", (H, Fs)),
+    ]
+
+
+class Block:
+    """One step35 decoder block: a trunk layer, or the body of a NextN block."""
+
+    def __init__(self, c: Config, t: dict[str, QTensor], il: int, backend: Backend):
+        b = f"blk.{il}."
+        self.c, self.il, self.swa = c, il, c.swa[il]
+        self.n_head, self.n_head_kv = c.n_head[il], c.n_head_kv[il]
+        self.attn_norm = t[b + "attn_norm.weight"].dequantize()
+        self.q_norm = t[b + "attn_q_norm.weight"].dequantize()
+        self.k_norm = t[b + "attn_k_norm.weight"].dequantize()
+        self.ffn_norm = t[b + "ffn_norm.weight"].dequantize()
+        # q, k, v and the head gate all read the same normed input: one fused matmul
+        gate = t.get(b + "attn_gate.weight")
+        qkv = [t[b + n + ".weight"] for n in ("attn_q", "attn_k", "attn_v")]
+        self.w_in = make_linear(backend, *qkv, *([gate] if gate is not None else []))
+        D, Dv = c.head_dim, c.head_dim_v
+        self.split = [self.n_head * D, self.n_head_kv * D, self.n_head_kv * Dv]
+        self.split += [self.n_head] if gate is not None else []
+        self.wo = make_linear(backend, t[b + "attn_output.weight"])
+        self.limit_sh = c.swiglu_clamp_shexp[il]  # dense FFN and shared expert
+        self.moe = None
+        if b + "ffn_gate_inp.weight" in t:
+            self.moe = _routed_experts(c, t, il, backend)
+            ffn = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
+        else:
+            ffn = ("ffn_gate", "ffn_up", "ffn_down")
+        self.w_gate_up = make_linear(backend, t[b + ffn[0] + ".weight"], t[b + ffn[1] + ".weight"])
+        self.w_down = make_linear(backend, t[b + ffn[2] + ".weight"])
+
+    def __call__(self, x: torch.Tensor, cache: KVCache, rope) -> torch.Tensor:
+        c, T = self.c, x.shape[0]
+        D, Dv = c.head_dim, c.head_dim_v
+        a = rms_norm(x, self.attn_norm, c.eps)  # [T, H]
+        q, k, v, *g = self.w_in(a).split(self.split, dim=-1)
+        q = rms_norm(q.view(T, self.n_head, D), self.q_norm, c.eps)  # per-head norm before rope
+        k = rms_norm(k.view(T, self.n_head_kv, D), self.k_norm, c.eps)
+        qk = apply_rope(torch.cat((q, k), dim=1), *rope, ROPE_NEOX)  # [T, Hq + Hkv, D]
+        q, k = qk[:, : self.n_head], qk[:, self.n_head :]
+        K, V, mask = cache.update(self.il, k, v.view(T, self.n_head_kv, Dv))
+        o = attention(q, K, V, mask, D**-0.5)  # [T, Hq * Dv]
+        if g:  # head-wise sigmoid gate: one scalar per head and token
+            o = (o.view(T, self.n_head, Dv) * g[0].sigmoid()[..., None]).view(T, -1)
+        x = x + self.wo(o)
+        f = rms_norm(x, self.ffn_norm, c.eps)
+        gate, up = self.w_gate_up(f).chunk(2, dim=-1)
+        y = self.w_down(swiglu(gate, up, self.limit_sh))  # dense FFN or shared expert
+        if self.moe is not None:
+            y = y + self.moe(f, c.top_k())
+        return x + y
+
+
+def _routed_experts(c: Config, t: dict[str, QTensor], il: int, backend: Backend):
+    b = f"blk.{il}."
+    router = t[b + "ffn_gate_inp.weight"].dequantize()  # [E, H] fp32: routing stays exact
+    backend.extra_bytes += router.numel() * router.element_size()
+    bias = t.get(b + "exp_probs_b.bias")
+    return RoutedExperts(
+        router.to(backend.device),
+        bias.dequantize().to(backend.device) if bias is not None else None,
+        *(
+            make_expert_linear(backend, t[b + n + ".weight"])
+            for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+        ),
+        gating=c.expert_gating_func,
+        norm_weights=c.expert_weights_norm,
+        scale=c.expert_weights_scale,
+        limit=c.swiglu_clamp_exp[il],
+    )
+
+
+class NextN:
+    """A NextN (MTP) block: input projection of [embedding | trunk hidden], a decoder block, and
+    its shared head (falling back to the trunk's embedding, output norm and head)."""
+
+    def __init__(self, c: Config, t: dict[str, QTensor], il: int, backend: Backend, trunk: Model):
+        b = f"blk.{il}.nextn."
+        self.block = Block(c, t, il, backend)
+        self.eh_proj = make_linear(backend, t[b + "eh_proj.weight"])  # [H, 2H]
+        self.enorm = t[b + "enorm.weight"].dequantize()
+        self.hnorm = t[b + "hnorm.weight"].dequantize()
+        norm, head, emb = (
+            t.get(b + n + ".weight")
+            for n in ("shared_head_norm", "shared_head_head", "embed_tokens")
+        )
+        self.head_norm = norm.dequantize() if norm is not None else trunk.output_norm
+        self.head = make_linear(backend, head) if head is not None else trunk.output
+        self.embed = Embedding(emb) if emb is not None else trunk.embed
+
+
+class Model:
+    # The trunk hidden fed to NextN is the residual after the last trunk layer, before output_norm;
+    # a NextN block exports its output before shared_head_norm (llama.cpp's Step3.5 contract).
+    mtp_hidden = "pre_norm"
+
+    def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend, mtp: bool = False):
+        self.config, self.tensors, self.backend = c, tensors, backend
+        c.top_k()  # validates --moe-n-expert before any weight is prepared
+        if mtp and c.n_nextn == 0:
+            raise LlmkitError("step35: this model declares no NextN (MTP) blocks")
+        self.embed = Embedding(tensors["token_embd.weight"])
+        self.blocks = [Block(c, tensors, il, backend) for il in range(c.n_main)]
+        self.output_norm = tensors["output_norm.weight"].dequantize()
+        self.output = lm_head(backend, tensors)
+        rf = tensors.get("rope_freqs.weight")
+        self.rope_factors = rf.dequantize() if rf is not None else None
+        self.heads = (
+            [NextN(c, tensors, il, backend, self) for il in range(c.n_main, c.n_layer)]
+            if mtp
+            else []
+        )
+
+    @property
+    def n_mtp_heads(self) -> int:
+        return len(self.heads)
+
+    def kv_layout(self) -> dict[int, LayerKV]:
+        return {il: self.config.layer_kv(il) for il in range(self.config.n_main)}
+
+    def mtp_kv_layout(self) -> dict[int, LayerKV]:
+        """The loaded NextN blocks' cache geometry (empty without MTP); head k is layer n_main + k."""
+        return {h.block.il: self.config.layer_kv(h.block.il) for h in self.heads}
+
+    def _rope(self, pos: torch.Tensor, swa: bool, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        # two kinds of layer: full (half the dims, factors) and sliding (all dims); once per batch
+        if swa not in memo:
+            c = self.config
+            memo[swa] = (
+                rope_cache(pos, c.n_rot, c.rope_base_swa)
+                if swa
+                else rope_cache(pos, c.n_rot_full, c.rope_base, c.freq_scale, self.rope_factors)
+            )
+        return memo[swa]
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
+    ):
+        """tokens [T] -> logits [n, V] fp32 (n = 1 or T); with hidden=True also the pre-norm
+        trunk hidden h [T, H] for every row (what the NextN blocks take)."""
+        c = self.config
+        T = tokens.numel()
+        pos = torch.arange(cache.n_past, cache.n_past + T)
+        cache.begin(pos)
+        memo: dict = {}
+        x = self.embed(tokens)  # [T, H]
+        for blk in self.blocks:
+            x = blk(x, cache, self._rope(pos, blk.swa, memo))
+        out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
+        return (out, x) if hidden else out
+
+    def mtp_forward(
+        self,
+        head: int,
+        tokens: torch.Tensor,
+        h: torch.Tensor,
+        cache: KVCache,
+        logits: str = "last",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NextN block `head` on rows (token at p, hidden of p-1): -> (logits [n, V], h_out [n, H]),
+        h_out pre-norm (feeds the next chained head). `cache` holds layer n_main + head."""
+        if not 0 <= head < self.n_mtp_heads:
+            raise LlmkitError(f"MTP head {head} is not loaded ({self.n_mtp_heads} heads)")
+        c, n = self.config, self.heads[head]
+        T = tokens.numel()
+        if tuple(h.shape) != (T, c.n_embd):
+            raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
+        pos = torch.arange(cache.n_past, cache.n_past + T)
+        cache.begin(pos)
+        e = rms_norm(n.embed(tokens), n.enorm, c.eps)
+        u = torch.cat((e, rms_norm(h.float(), n.hnorm, c.eps)), dim=-1)  # [T, 2H], embedding first
+        x = n.block(n.eh_proj(u), cache, self._rope(pos, n.block.swa, {}))
+        x = select_rows(x, logits)
+        return n.head(rms_norm(x, n.head_norm, c.eps)), x
