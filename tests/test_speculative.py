@@ -258,3 +258,51 @@ def test_cli_mtp_stats_and_bad_input(files, capsys, monkeypatch, tmp_path):
     trunk_only = write_tiny_step35(tmp_path / "t.gguf", seed=4, n_nextn=0)
     rc, out, err = llm("run", "-m", trunk_only, "-p", "x", "--mtp")
     assert rc == 1 and "no NextN (MTP) blocks" in err
+
+
+def test_draft_p_min_stops_drafting(files):
+    lm = load_model(files["full"], mtp=True)
+    cache, mtp, spec = lm.new_cache(N_CTX, MARGIN), None, SpecStats(3)
+    mtp = MTPContext(lm.model, N_CTX, MARGIN)
+    out = list(
+        speculative_generate(
+            lm.model, cache, mtp, PROMPTS[0], SamplerParams(temp=0), spec, 30, p_min=1.0
+        )
+    )
+    assert out == _plain(lm, PROMPTS[0], 30) and spec.draft_tokens == 0
+
+
+def test_chat_turns_with_mtp_match_plain_chat(files, capsys, monkeypatch):
+    import io
+    import sys
+
+    from llmkit.cli.app import main
+
+    outs = []
+    for extra in ([], ["--mtp"]):
+        monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\nthe dog sat\n"))
+        monkeypatch.setattr(
+            sys,
+            "argv",
+            [
+                "llm",
+                "run",
+                "-m",
+                str(files["full"]),
+                "-cnv",
+                "-n",
+                "12",
+                "--temp",
+                "0",
+                "--ignore-eos",
+                "-c",
+                "160",
+                *extra,
+            ],
+        )
+        with pytest.raises(SystemExit) as e:
+            main()
+        out = capsys.readouterr()
+        assert e.value.code == 0, out.err
+        outs.append(out.out)
+    assert outs[0] == outs[1]
