@@ -9,6 +9,7 @@ import sys
 import typer
 
 from llmkit.cli import models as models_cmd
+from llmkit.cli import perplexity as perplexity_cmd
 from llmkit.cli import run as run_cmd
 from llmkit.cli import tokenize as tokenize_cmd
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.command("run", help=run_cmd.__doc__)(run_cmd.run)
 app.command("tokenize", help=tokenize_cmd.__doc__)(tokenize_cmd.tokenize)
 app.command("models", help=models_cmd.__doc__)(models_cmd.models)
+app.command("perplexity", help=perplexity_cmd.__doc__)(perplexity_cmd.perplexity)
 
 # Typer ships its own copy of click; its usage errors derive from that copy's ClickException.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -31,9 +31,12 @@ def lm_head(backend: Backend, tensors: dict[str, QTensor]):
     return make_linear(backend, tensors.get("output.weight") or tensors["token_embd.weight"])
 
 
-def select_rows(x: torch.Tensor, logits: str) -> torch.Tensor:
+def select_rows(x: torch.Tensor, logits) -> torch.Tensor:
+    """Rows that get logits: "last", "all", or a slice (perplexity scores only part of a chunk)."""
     if logits == "last":
         return x[-1:]
     if logits == "all":
         return x
-    raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
+    if isinstance(logits, slice):
+        return x[logits]
+    raise ValueError(f"logits must be 'last', 'all' or a slice, not {logits!r}")
