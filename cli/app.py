@@ -8,7 +8,9 @@ import sys
 
 import typer
 
+from llmkit.cli import convert as convert_cmd
 from llmkit.cli import models as models_cmd
+from llmkit.cli import quantize as quantize_cmd
 from llmkit.cli import perplexity as perplexity_cmd
 from llmkit.cli import run as run_cmd
 from llmkit.cli import tokenize as tokenize_cmd
@@ -24,7 +26,9 @@ app = typer.Typer(
 app.command("run", help=run_cmd.__doc__)(run_cmd.run)
 app.command("tokenize", help=tokenize_cmd.__doc__)(tokenize_cmd.tokenize)
 app.command("models", help=models_cmd.__doc__)(models_cmd.models)
+app.command("quantize", help=quantize_cmd.__doc__)(quantize_cmd.quantize)
 app.command("perplexity", help=perplexity_cmd.__doc__)(perplexity_cmd.perplexity)
+app.command("convert", help=convert_cmd.__doc__)(convert_cmd.convert)
 
 # Typer ships its own copy of click; its usage errors derive from that copy's ClickException.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

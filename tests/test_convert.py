@@ -1,0 +1,100 @@
+"""`llm convert`: tiny transformers checkpoints -> GGUF -> our forward equals transformers' forward."""
+
+import sys
+
+import pytest
+import torch
+from hf_checkpoints import write_hf_gemma3, write_hf_llama
+
+from llmkit.cli.app import main
+from llmkit.core.convert import convert
+from llmkit.core.errors import LlmkitError
+from llmkit.core.gguf_file import GGUFFile
+from llmkit.core.model import load_model
+
+pytest.importorskip("transformers")
+
+IDS = [0, 57, 23, 120, 5, 88, 201, 14, 99, 150, 7, 33, 260, 12, 18, 75]
+
+
+def _rel_rms(a, b):
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+
+def _ours(path, n):
+    lm = load_model(path, weight_dtype=torch.float32)
+    with torch.inference_mode():
+        return lm.model.forward(
+            torch.tensor(IDS[:n]), lm.new_cache(64, 64, "f32", "f32"), logits="all"
+        )
+
+
+@pytest.mark.parametrize(
+    "writer, tied", [(write_hf_llama, False), (write_hf_llama, True), (write_hf_gemma3, None)]
+)
+def test_round_trip_matches_transformers(tmp_path, writer, tied):
+    hf = writer(tmp_path / "hf", tied=tied) if tied is not None else writer(tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    convert(tmp_path / "hf", out, "f32")
+    with torch.no_grad():
+        ref = hf(torch.tensor([IDS])).logits[0].float()
+    got = _ours(out, len(IDS))
+    assert _rel_rms(got, ref) < 1e-4
+
+
+def test_tokenizer_and_metadata(tmp_path):
+    write_hf_llama(tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    convert(tmp_path / "hf", out, "f16")
+    md = GGUFFile(out).metadata
+    assert md["tokenizer.ggml.model"] == "gpt2" and md["tokenizer.ggml.pre"] == "gpt-2"
+    assert md["tokenizer.ggml.bos_token_id"] == 0 and md["tokenizer.ggml.add_bos_token"] is True
+    assert md["general.file_type"] == 1 and "tokenizer.chat_template" in md
+    from tokenizers import Tokenizer
+
+    from llmkit.core.tokenizer import load_tokenizer
+
+    ref = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    text = "The river that runs through the old town, 1,200 people!"
+    assert load_tokenizer(md).encode(text, add_special=False) == ref.encode(text).ids
+
+
+def test_q8_0_and_bf16_outtypes(tmp_path):
+    write_hf_gemma3(tmp_path / "hf")
+    for outtype, qt in (("q8_0", "Q8_0"), ("bf16", "BF16")):
+        out = tmp_path / f"{outtype}.gguf"
+        convert(tmp_path / "hf", out, outtype)
+        g = GGUFFile(out)
+        assert g.tensors["blk.0.attn_q.weight"].type_name == qt
+        assert g.tensors["blk.0.attn_norm.weight"].type_name == "F32"
+        load_model(out)
+
+
+def test_bad_input(tmp_path, capsys, monkeypatch):
+    write_hf_llama(tmp_path / "hf")
+    with pytest.raises(LlmkitError, match="no config.json"):
+        convert(tmp_path, tmp_path / "x.gguf")
+    with pytest.raises(LlmkitError, match="unknown --outtype"):
+        convert(tmp_path / "hf", tmp_path / "x.gguf", "q3")
+    with pytest.raises(LlmkitError, match="is a directory"):
+        convert(tmp_path / "hf", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "gone.safetensors")
+    with pytest.raises(LlmkitError, match="no \\*.safetensors"):
+        convert(tmp_path / "hf", tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".x.gguf*"))
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "llm",
+            "convert",
+            str(tmp_path / "hf"),
+            "-o",
+            str(tmp_path / "y.gguf"),
+            "--no-mtp",
+            "--mtp-only",
+        ],
+    )
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 1 and "exclude each other" in capsys.readouterr().err
