@@ -120,3 +120,104 @@ def write_hf_gemma3(d: Path):
                 p.normal_(0, 0.2)
     model.save_pretrained(d)
     return model
+
+
+# GGUF name -> Step3.5 hub name (the inverse of llama.cpp's mapping), "+1" marks the norms
+_STEP35_INV = [
+    ("token_embd.weight", "model.embed_tokens.weight", False),
+    ("output_norm.weight", "model.norm.weight", True),
+    ("output.weight", "lm_head.weight", False),
+    ("attn_norm.weight", "input_layernorm.weight", True),
+    ("attn_q.weight", "self_attn.q_proj.weight", False),
+    ("attn_k.weight", "self_attn.k_proj.weight", False),
+    ("attn_v.weight", "self_attn.v_proj.weight", False),
+    ("attn_output.weight", "self_attn.o_proj.weight", False),
+    ("attn_q_norm.weight", "self_attn.q_norm.weight", True),
+    ("attn_k_norm.weight", "self_attn.k_norm.weight", True),
+    ("attn_gate.weight", "self_attn.g_proj.weight", False),
+    ("ffn_norm.weight", "post_attention_layernorm.weight", True),
+    ("ffn_gate.weight", "mlp.gate_proj.weight", False),
+    ("ffn_up.weight", "mlp.up_proj.weight", False),
+    ("ffn_down.weight", "mlp.down_proj.weight", False),
+    ("ffn_gate_inp.weight", "moe.gate.weight", False),
+    ("exp_probs_b.bias", "moe.router_bias", False),
+    ("ffn_gate_exps.weight", "moe.gate_proj.weight", False),
+    ("ffn_up_exps.weight", "moe.up_proj.weight", False),
+    ("ffn_down_exps.weight", "moe.down_proj.weight", False),
+    ("ffn_gate_shexp.weight", "share_expert.gate_proj.weight", False),
+    ("ffn_up_shexp.weight", "share_expert.up_proj.weight", False),
+    ("ffn_down_shexp.weight", "share_expert.down_proj.weight", False),
+    ("nextn.eh_proj.weight", "eh_proj.weight", False),
+    ("nextn.enorm.weight", "enorm.weight", True),
+    ("nextn.hnorm.weight", "hnorm.weight", True),
+    ("nextn.shared_head_norm.weight", "transformer.shared_head.norm.weight", True),
+    ("nextn.shared_head_head.weight", "transformer.shared_head.output.weight", False),
+    ("nextn.embed_tokens.weight", "transformer.embed_tokens.weight", False),
+]
+
+
+def write_hf_step35(d: Path, gguf_path: Path) -> dict:
+    """A Step3.5 hub-layout checkpoint holding the (dequantized) weights of a tiny step35 GGUF."""
+    from safetensors.torch import save_file
+
+    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.quant.dequant import dequantize
+
+    d.mkdir(parents=True, exist_ok=True)
+    g = GGUFFile(gguf_path)
+    md, sd = g.metadata, {}
+    for name, info in g.tensors.items():
+        if name == "rope_freqs.weight":
+            continue  # llama3-style factors come from config rope_scaling, not from the checkpoint
+        w = dequantize(g.torch_raw(name), info.qtype, info.shape)
+        for gg, hf, plus1 in _STEP35_INV:
+            if name == gg or name.endswith("." + gg):
+                prefix = f"model.layers.{name.split('.')[1]}." if name.startswith("blk.") else ""
+                sd[prefix + hf] = (w - 1.0 if plus1 else w).contiguous()
+                break
+        else:
+            raise KeyError(name)
+    save_file(sd, str(d / "model.safetensors"))
+    a = "step35."
+    n_all, nextn = md[a + "block_count"], md[a + "nextn_predict_layers"]
+    swa = [bool(x) for x in md[a + "attention.sliding_window_pattern"]]
+    heads, kv = md[a + "attention.head_count"].tolist(), md[a + "attention.head_count_kv"].tolist()
+    full = swa.index(False)
+    sl = swa.index(True)
+    cfg = {
+        "architectures": ["Step3p5ForCausalLM"],
+        "model_type": "step3p5",
+        "hidden_size": md[a + "embedding_length"],
+        "num_hidden_layers": n_all - nextn,
+        "num_nextn_predict_layers": nextn,
+        "vocab_size": g.tensors["token_embd.weight"].shape[0],
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in swa],
+        "num_attention_heads": heads[full],
+        "num_attention_groups": kv[full],
+        "attention_other_setting": {
+            "num_attention_heads": heads[sl],
+            "num_attention_groups": kv[sl],
+        },
+        "head_dim": md[a + "attention.key_length"],
+        "intermediate_size": md[a + "feed_forward_length"],
+        "moe_intermediate_size": md[a + "expert_feed_forward_length"],
+        "share_expert_dim": md[a + "expert_shared_feed_forward_length"],
+        "moe_num_experts": md[a + "expert_count"],
+        "moe_top_k": md[a + "expert_used_count"],
+        "moe_router_scaling_factor": md.get(a + "expert_weights_scale", 1.0),
+        "norm_expert_weight": bool(md.get(a + "expert_weights_norm", True)),
+        "rope_theta": [
+            md[a + "rope.freq_base_swa"] if s else md[a + "rope.freq_base"] for s in swa
+        ],
+        "partial_rotary_factors": [1.0 if s else 0.5 for s in swa],
+        "sliding_window": md[a + "attention.sliding_window"],
+        "rms_norm_eps": md[a + "attention.layer_norm_rms_epsilon"],
+        "max_position_embeddings": md[a + "context_length"],
+        "swiglu_limits": [float(x) or None for x in md.get(a + "swiglu_clamp_exp", [0.0] * n_all)],
+        "swiglu_limits_shared": [
+            float(x) or None for x in md.get(a + "swiglu_clamp_shexp", [0.0] * n_all)
+        ],
+    }
+    (d / "config.json").write_text(json.dumps(cfg, default=float))
+    _bpe_tokenizer(d)
+    return cfg

@@ -98,3 +98,54 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 1 and "exclude each other" in capsys.readouterr().err
+
+
+def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
+    from hf_checkpoints import write_hf_step35
+    from tiny_step35 import write_tiny_step35
+
+    from llmkit.core.mtp import MTPContext
+    from llmkit.core.sampling import SamplerParams
+    from llmkit.core.speculative import SpecStats, speculative_generate
+    from llmkit.quant.dequant import dequantize
+
+    ref = write_tiny_step35(tmp_path / "ref.gguf", seed=4, layout="full", draft_noise=0.2)
+    write_hf_step35(tmp_path / "hf", ref)
+    full, trunk, side = tmp_path / "full.gguf", tmp_path / "trunk.gguf", tmp_path / "mtp.gguf"
+    convert(tmp_path / "hf", full, "f32")
+    convert(tmp_path / "hf", trunk, "f32", "drop")
+    convert(tmp_path / "hf", side, "f32", "only")
+    g, r = GGUFFile(full), GGUFFile(ref)
+    assert g.metadata["step35.nextn_predict_layers"] == 3 and g.metadata["step35.block_count"] == 7
+    assert set(g.tensors) == set(r.tensors) - {"rope_freqs.weight"}
+    for name, info in g.tensors.items():  # every tensor, NextN ones included, survives exactly
+        ri = r.tensors[name]
+        a = dequantize(g.torch_raw(name), info.qtype, info.shape)
+        b = dequantize(r.torch_raw(name), ri.qtype, ri.shape)
+        assert torch.allclose(a, b, rtol=0, atol=2e-7), name
+    t = GGUFFile(trunk)
+    assert "step35.nextn_predict_layers" not in t.metadata and t.metadata["step35.block_count"] == 4
+    assert not any(
+        ".nextn." in n or n.startswith(("blk.4.", "blk.5.", "blk.6.")) for n in t.tensors
+    )
+    s = GGUFFile(side)
+    assert {n.split(".")[1] for n in s.tensors if n.startswith("blk.")} == {"4", "5", "6"}
+
+    def run(lm):
+        spec = SpecStats(3)
+        mtp = MTPContext(lm.model, 128, 16)
+        out = list(
+            speculative_generate(
+                lm.model,
+                lm.new_cache(128, 16),
+                mtp,
+                [1, 5, 9, 40, 77],
+                SamplerParams(temp=0),
+                spec,
+                30,
+            )
+        )
+        return out, spec.accepted_per_position
+
+    assert run(load_model(full, mtp=True)) == run(load_model(trunk, mtp=True, draft_path=side))
+    assert load_model(trunk).config.n_nextn == 0
