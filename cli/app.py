@@ -10,8 +10,8 @@ import typer
 
 from llmkit.cli import convert as convert_cmd
 from llmkit.cli import models as models_cmd
-from llmkit.cli import quantize as quantize_cmd
 from llmkit.cli import perplexity as perplexity_cmd
+from llmkit.cli import quantize as quantize_cmd
 from llmkit.cli import run as run_cmd
 from llmkit.cli import tokenize as tokenize_cmd
 

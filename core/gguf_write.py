@@ -96,3 +96,69 @@ def write_gguf(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _add_kv_any(w: GGUFWriter, key: str, value: Any) -> None:
+    """Like `_add_kv`, but keeps numpy array element types `_add_kv` does not know (copying
+    metadata read by `GGUFFile`)."""
+    if isinstance(value, np.ndarray) and value.dtype.type not in (
+        np.float32,
+        np.int32,
+        np.bool_,
+        np.uint32,
+    ):
+        sub = {
+            np.uint8: GGUFValueType.UINT8,
+            np.int8: GGUFValueType.INT8,
+            np.uint16: GGUFValueType.UINT16,
+            np.int16: GGUFValueType.INT16,
+            np.uint64: GGUFValueType.UINT64,
+            np.int64: GGUFValueType.INT64,
+            np.float64: GGUFValueType.FLOAT64,
+        }.get(value.dtype.type)
+        if sub is None:
+            raise LlmkitError(f"cannot write metadata {key} of dtype {value.dtype}")
+        w.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=sub)
+    else:
+        _add_kv(w, key, value)
+
+
+def write_gguf_streaming(
+    path: str | Path,
+    arch: str,
+    metadata: dict[str, Any],
+    infos: list[tuple[str, tuple[int, ...], QT]],
+    produce,
+    alignment: int | None = None,
+) -> Path:
+    """Write a GGUF whose tensors are produced one at a time, so peak memory is one tensor.
+
+    infos: (name, numpy shape, type) in file order; `produce(name)` returns that tensor's encoded
+    bytes (any numpy array of the right byte size), called in the same order. The file is written
+    to a temp file next to `path` and renamed at the end: on any error or Ctrl-C nothing is left.
+    `metadata` values are typed like `write_gguf`'s (uint32 ints, float32 floats, numpy arrays)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        w = GGUFWriter(tmp, arch)
+        if alignment is not None and alignment != 32:
+            w.data_alignment = alignment
+        for k, v in metadata.items():
+            if k != "general.architecture":
+                _add_kv_any(w, k, v)
+        for name, shape, qtype in infos:
+            block, type_size = gq.GGML_QUANT_SIZES[qtype]
+            nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
+            w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, _, _ in infos:
+            w.write_tensor_data(np.ascontiguousarray(produce(name)).view(np.uint8).reshape(-1))
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-from hf_checkpoints import write_hf_gemma3, write_hf_llama
 
+from hf_checkpoints import write_hf_gemma3, write_hf_llama
 from llmkit.cli.app import main
 from llmkit.core.convert import convert
 from llmkit.core.errors import LlmkitError
@@ -102,12 +102,11 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
 
 def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
     from hf_checkpoints import write_hf_step35
-    from tiny_step35 import write_tiny_step35
-
     from llmkit.core.mtp import MTPContext
     from llmkit.core.sampling import SamplerParams
     from llmkit.core.speculative import SpecStats, speculative_generate
     from llmkit.quant.dequant import dequantize
+    from tiny_step35 import write_tiny_step35
 
     ref = write_tiny_step35(tmp_path / "ref.gguf", seed=4, layout="full", draft_noise=0.2)
     write_hf_step35(tmp_path / "hf", ref)

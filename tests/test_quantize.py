@@ -30,5 +30,5 @@ def test_leading_dims_and_errors():
     assert quantize(x, QT.Q8_0).shape == (2, 3, 68)
     with pytest.raises(LlmkitError, match="multiple of 32"):
         quantize(torch.randn(3, 40), QT.Q8_0)
-    with pytest.raises(LlmkitError, match="no quantizer for Q5_K"):
-        quantize(x, QT.Q5_K)
+    with pytest.raises(LlmkitError, match="no quantizer for IQ2_XXS"):
+        quantize(x, QT.IQ2_XXS)

@@ -43,13 +43,12 @@ def test_rejection_sampling_reproduces_the_target_distribution():
 
 
 # -- end to end on tiny step35 models ---------------------------------------------------------
-from tiny_step35 import write_tiny_step35  # noqa: E402
-
 from llmkit.core.generate import GenStats, generate  # noqa: E402
 from llmkit.core.model import load_model  # noqa: E402
 from llmkit.core.mtp import MTPContext  # noqa: E402
 from llmkit.core.sampling import make_sampler  # noqa: E402
 from llmkit.core.speculative import SpecStats, speculative_generate  # noqa: E402
+from tiny_step35 import write_tiny_step35  # noqa: E402
 
 N_CTX, MARGIN = 160, 8  # rings of window + 8 slots: they wrap many times in these runs
 PROMPTS = [

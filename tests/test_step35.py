@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
-from tiny_step35 import write_tiny_step35
 
 from llmkit.core.config import read_config
 from llmkit.core.errors import LlmkitError
@@ -18,6 +17,7 @@ from llmkit.core.kv_cache import KVCache
 from llmkit.core.models import step35
 from llmkit.core.weights import QTensor, load_tensors
 from llmkit.kernels.dispatch import Backend, make_expert_linear
+from tiny_step35 import write_tiny_step35
 
 TOKENS = torch.tensor([1, 17, 300, 5, 260, 261, 44, 9, 270, 120, 3, 77, 265, 290, 8, 263])
 T = len(TOKENS)

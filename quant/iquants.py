@@ -1,0 +1,104 @@
+"""IQ4_NL and IQ4_XS quantizers in vectorized torch, byte-identical to ggml's `quantize_iq4_nl` /
+`quantize_iq4_xs` (`quantize_row_iq4_nl_impl` with ntry = 7), with or without importance weights.
+
+Both map each value to the nearest entry of a fixed non-linear 16-level code book (KVALUES):
+
+    IQ4_NL  32 values, 18 B: d:f16 @0 | qs[16] @2                  x = d * KVALUES[q]
+    IQ4_XS 256 values, 136 B: d:f16 @0 | scales_h:u16 @2 | scales_l[4] @4 | qs[128] @8
+            x = d * (ls - 32) * KVALUES[q], ls = 6-bit scale of the 32-value sub-block
+            (low nibble in scales_l[ib/2], high 2 bits at bit 2*ib of scales_h)
+
+In both, element j < 16 of a 32-value block is the low nibble of qs[j], element 16 + j its high
+nibble. The search for each block's scale tries 15 candidate scales; sums run element by element
+in fp32 (C's order) so the chosen scale, and thus every byte, matches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmkit.quant.kquants import GROUP_MAX_EPS, _first_absmax, _fp16, _seq
+
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_KV = torch.tensor(KVALUES, dtype=torch.float32)
+# x picks level i once 2x reaches val[i-1] + val[i] (best_index_int8: exact midpoints, ties go up)
+_MID2 = torch.tensor([KVALUES[i - 1] + KVALUES[i] for i in range(1, 16)], dtype=torch.float32)
+
+
+def best_index(v: torch.Tensor) -> torch.Tensor:
+    """best_index_int8(16, kvalues, v) elementwise -> int64 indices 0..15."""
+    v2 = v + v
+    return torch.searchsorted(_MID2, v2.contiguous(), right=True)
+
+
+def _block_scales(xe: torch.Tensor, we: torch.Tensor, ntry: int = 7) -> torch.Tensor:
+    """Per-block scale search. xe, we: element-major [32, M] -> d [M] (0 for near-zero blocks)."""
+    amax, mx = _first_absmax(xe)
+    zero = amax < GROUP_MAX_EPS
+    mx = torch.where(zero, torch.ones_like(mx), mx)
+    wx = we * xe
+
+    def sums(idv):
+        q = _KV[best_index(idv * xe)]
+        wq = we * q
+        return _seq(wq * xe), _seq(wq * q)
+
+    d = -mx / KVALUES[0]
+    sumqx, sumq2 = sums(1 / d)
+    del wx
+    d = sumqx / sumq2
+    best = d * sumqx
+    for itry in range(-ntry, ntry + 1):
+        idv = float(itry + KVALUES[0]) / mx
+        sqx, sq2 = sums(idv)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = torch.where(better, sqx / sq2, d)
+        best = torch.where(better, d * sqx, best)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _pack_nibbles(L: torch.Tensor) -> torch.Tensor:
+    """L [..., 32k] indices -> bytes [..., 16k]: per 32 values, byte j = L[j] | L[16 + j] << 4."""
+    q = L.to(torch.uint8).reshape(*L.shape[:-1], -1, 2, 16)
+    return (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(*L.shape[:-1], -1)
+
+
+def _weights(xb: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
+    """xb: [B, n] super-blocks -> weights [B, n] (x^2, or qw * sqrt(sigma2 + x^2))."""
+    if qw is None:
+        return xb * xb
+    sigma2 = _seq((xb * xb).t()) * (2.0 / xb.shape[1])
+    return qw.float().reshape(xb.shape) * torch.sqrt(sigma2[:, None] + xb * xb)
+
+
+def quantize_iq4_nl(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    xb = x.float().reshape(-1, 32)  # [B, 32]
+    w = _weights(xb, qw)
+    d = _block_scales(xb.t().contiguous(), w.t().contiguous())  # [B]
+    idv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    L = best_index(idv[:, None] * xb)
+    dh = _fp16(d).view(torch.uint8).reshape(-1, 2)
+    return torch.cat((dh, _pack_nibbles(L)), 1)
+
+
+def quantize_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+    xb = x.float().reshape(-1, 256)  # [B, 256]
+    B = xb.shape[0]
+    w = _weights(xb, qw)
+    sc = _block_scales(xb.reshape(-1, 32).t().contiguous(), w.reshape(-1, 32).t().contiguous())
+    sc = sc.reshape(B, 8)
+    amax = sc.abs().amax(1)
+    _, picked = _first_absmax(sc.t())
+    max_scale = torch.where(amax > 0, picked, torch.zeros_like(picked))
+    d = -max_scale / 32  # -0.0 for an all-zero super-block, stored as 0x8000 like C
+    idv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    lv = torch.nan_to_num(torch.round(idv[:, None] * sc), nan=-32.0).clamp(-32, 31)  # [B, 8]
+    dl = d[:, None] * lv
+    idl = torch.where(dl != 0, 1 / dl, torch.zeros_like(dl))
+    L = best_index(idl[..., None] * xb.reshape(B, 8, 32)).reshape(B, 256)
+    ls = (lv + 32).to(torch.int32)  # [B, 8] in 0..63
+    scales_l = ((ls[:, 0::2] & 0xF) | ((ls[:, 1::2] & 0xF) << 4)).to(torch.uint8)  # [B, 4]
+    sh = ((ls >> 4) << (2 * torch.arange(8, dtype=torch.int32))).sum(1)  # [B] u16
+    scales_h = torch.stack((sh & 0xFF, sh >> 8), 1).to(torch.uint8)
+    dh = _fp16(d).view(torch.uint8).reshape(-1, 2)
+    return torch.cat((dh, scales_h, scales_l, _pack_nibbles(L)), 1)
