@@ -148,3 +148,22 @@ def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
 
     assert run(load_model(full, mtp=True)) == run(load_model(trunk, mtp=True, draft_path=side))
     assert load_model(trunk).config.n_nextn == 0
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import llmkit.core.convert as conv
+
+    write_hf_llama(tmp_path / "hf")
+    calls = {"n": 0}
+    real = conv._encode
+
+    def failing(t, q):
+        calls["n"] += 1
+        if calls["n"] > 30:  # after the header and a few tensors: like a full disk
+            raise OSError(28, "No space left on device")
+        return real(t, q)
+
+    monkeypatch.setattr(conv, "_encode", failing)
+    with pytest.raises(OSError):
+        convert(tmp_path / "hf", tmp_path / "out.gguf")
+    assert not list(tmp_path.glob("*out.gguf*"))
