@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from llmkit.cli import bench as bench_cmd
 from llmkit.cli import convert as convert_cmd
 from llmkit.cli import models as models_cmd
 from llmkit.cli import perplexity as perplexity_cmd
@@ -27,6 +28,7 @@ app.command("run", help=run_cmd.__doc__)(run_cmd.run)
 app.command("tokenize", help=tokenize_cmd.__doc__)(tokenize_cmd.tokenize)
 app.command("models", help=models_cmd.__doc__)(models_cmd.models)
 app.command("quantize", help=quantize_cmd.__doc__)(quantize_cmd.quantize)
+app.command("bench", help=bench_cmd.__doc__)(bench_cmd.bench)
 app.command("perplexity", help=perplexity_cmd.__doc__)(perplexity_cmd.perplexity)
 app.command("convert", help=convert_cmd.__doc__)(convert_cmd.convert)
 

@@ -1,0 +1,182 @@
+"""Measure prompt processing and generation speed like llama-bench (comma lists sweep)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+
+def _ints(flag: str, value: str) -> list[int]:
+    """A comma list of integers, duplicates dropped (order kept)."""
+    from llmkit.core.errors import LlmkitError
+
+    out = []
+    for part in value.split(","):
+        try:
+            out.append(int(part.strip()))
+        except ValueError:
+            raise LlmkitError(f"{flag}: {part.strip()!r} is not an integer") from None
+    return list(dict.fromkeys(out))
+
+
+def _words(value: str) -> list[str]:
+    return list(dict.fromkeys(w.strip() for w in value.split(",")))
+
+
+class _StderrProgress:
+    """A rich progress bar on a terminal (results printed above it); plain result lines on
+    stderr otherwise (logs, CI)."""
+
+    def __init__(self):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.live = self.console.is_terminal
+        self.bar, self.task, self.n = None, None, 0
+
+    def begin(self, total_runs: int) -> None:
+        if not self.live:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.task = self.bar.add_task("bench", total=total_runs)
+        self.bar.start()
+
+    def status(self, desc: str) -> None:
+        if self.bar is not None:  # logs get results only: an error stays the last line
+            self.bar.update(self.task, description=desc)
+
+    def run(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, description=desc, completed=self.n)
+        self.n += 1
+
+    def finished(self, r: dict) -> None:
+        line = f"{r['model_type']} {r['test']}"
+        if r["mtp"]:
+            line += f" mtp draft {r['n_draft']}"
+        line += f": {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} t/s"
+        if r["acceptance_rate"] is not None:
+            line += f", acceptance {r['acceptance_rate']:.3f}"
+        if self.bar is not None:
+            self.bar.console.print(line, highlight=False)
+        else:
+            print(f"bench: {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def bench(
+    model: list[str] = typer.Option(
+        None,
+        "-m",
+        "--model",
+        help="GGUF file or known model name; repeat for several (default: gemma3-270m).",
+    ),
+    n_prompt: str = typer.Option(
+        "512", "-p", "--n-prompt", help="Prompt lengths of pp tests (comma list; 0: none)."
+    ),
+    n_gen: str = typer.Option(
+        "128", "-n", "--n-gen", help="Generated tokens of tg tests (comma list; 0: none)."
+    ),
+    n_depth: str = typer.Option(
+        "0", "-d", "--n-depth", help="Context tokens evaluated before each test (comma list)."
+    ),
+    repetitions: int = typer.Option(5, "-r", "--repetitions", help="Timed runs per test."),
+    threads: str = typer.Option(
+        None, "-t", "--threads", help="CPU threads (comma list; default: all cores)."
+    ),
+    n_ubatch: str = typer.Option(
+        "512", "-ub", "--ubatch-size", help="Prompt tokens per forward pass (comma list)."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    cache_type_k: str = typer.Option(
+        "f16",
+        "-ctk",
+        "--cache-type-k",
+        help="K cache types (comma list): f16, f32, bf16, q8_0, q4_0.",
+    ),
+    cache_type_v: str = typer.Option(
+        "f16", "-ctv", "--cache-type-v", help="V cache types (comma list), as -ctk."
+    ),
+    mtp: str = typer.Option(
+        "0", "--mtp", help="MTP speculative decoding in tg tests: 0, 1 or 0,1 (needs NextN blocks)."
+    ),
+    draft: str = typer.Option(
+        None, "--draft", help="Draft tokens per MTP round (comma list; default 3; needs --mtp 1)."
+    ),
+    output: str = typer.Option("md", "-o", "--output", help="md, json, jsonl or csv (stdout)."),
+    no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip each test's warm-up run."),
+    prompt_file: Path = typer.Option(
+        None,
+        "--prompt-file",
+        help="Real-text tg prompts, one per paragraph (default with --mtp 1: a built-in set).",
+    ),
+) -> None:
+    """Benchmark models like llama-bench: pp/tg tests, sweeps over comma lists, MTP acceptance."""
+    import torch
+
+    from llmkit.core.bench import BenchParams, check_mtp, read_prompt_file, run_bench
+    from llmkit.core.bench_report import FORMATS, environment, render
+    from llmkit.core.errors import LlmkitError
+    from llmkit.core.model_cache import DEFAULT_MODEL, resolve_model
+
+    if output not in FORMATS:
+        raise LlmkitError(f"-o: unknown output format {output!r} (use {', '.join(FORMATS)})")
+    mtp_values = _ints("--mtp", mtp)
+    if draft is not None and 1 not in mtp_values:
+        raise LlmkitError("--draft sets the MTP draft length: it needs --mtp 1")
+    default_threads = os.cpu_count() or 1
+    p = BenchParams(
+        models=model or [DEFAULT_MODEL],
+        n_prompt=_ints("-p", n_prompt),
+        n_gen=_ints("-n", n_gen),
+        n_depth=_ints("-d", n_depth),
+        reps=repetitions,
+        threads=_ints("-t", threads) if threads else [default_threads],
+        n_ubatch=_ints("-ub", n_ubatch),
+        type_k=_words(cache_type_k),
+        type_v=_words(cache_type_v),
+        mtp=mtp_values,
+        draft=_ints("--draft", draft or "3"),
+        device=device,
+        warmup=not no_warmup,
+        prompt_file=str(prompt_file) if prompt_file else None,
+    )
+    p.validate()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LlmkitError("--device cuda requested but no CUDA device is available")
+    if prompt_file:
+        p.prompts = read_prompt_file(prompt_file)
+    # every check that can fail runs before the first (possibly long) measurement
+    paths = [resolve_model(m) for m in p.models]
+    if 1 in p.mtp:
+        for path in paths:
+            check_mtp(path, p.draft)
+    progress = _StderrProgress()
+    try:
+        records = run_bench(p, paths, environment(device), progress)
+    finally:
+        progress.close()
+    sys.stdout.write(render(records, output, p, default_threads))
+    sys.stdout.flush()

@@ -1,0 +1,388 @@
+"""`llm bench`: llama-bench style measurements of prompt processing (pp) and generation (tg), with
+thread, ubatch, depth, KV-type and MTP sweeps. Formatting lives in `core/bench_report.py`.
+
+Protocol (llama-bench's, ARCH_SPEC §8.1): every (model, settings, test) instance runs one untimed
+warm-up (unless disabled), then `reps` repetitions, each on a new KV cache; the `depth` context is
+evaluated before the clock starts, and the device is synchronised before every clock read.
+  * pp<N>: one prompt of N random tokens (BOS first) evaluated in n_ubatch chunks.
+  * tg<N>: N single-token decode steps on random tokens, as llama-bench does.
+  * tg<N> on real text: MTP acceptance on random tokens means nothing, so when the sweep holds an
+    MTP run (or a prompt file is given) every tg row, the no-MTP baselines included, generates N
+    tokens greedily after a real-text prompt: repetition r uses prompt r mod P of the built-in set
+    (or of --prompt-file's paragraphs), preceded by `depth` tokens of the same text. The clock covers
+    the decode loop after the prompt's first token: forward passes, the greedy pick and, with MTP,
+    drafting and verification. pp rows always use random tokens and never MTP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmkit.core.errors import LlmkitError
+from llmkit.core.kv_cache import KV_TYPES
+
+# A few short English prose and chat-style prompts: greedy continuations of real text give the
+# draft something to predict (acceptance on random tokens is meaningless).
+BUILTIN_PROMPTS = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, "
+    "a goldsmith from Mainz, combined movable metal type with an oil-based ink and",
+    "Once upon a time, in a small village by the sea, there lived an old lighthouse keeper who "
+    "every evening climbed the stairs to light the lamp. One stormy night,",
+    "User: Can you explain why the sky is blue, in simple words?\nAssistant: Sure! Sunlight is "
+    "made of many colours. When it passes through the air,",
+    "User: Write a short, friendly email asking a colleague to move our meeting to Friday.\n"
+    "Assistant: Hi Sam,\n\nI hope your week is going well. Would it be possible",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
+    "to make their own food. It takes place mainly in the leaves, where",
+)
+KV_TYPE_NAMES = tuple(KV_TYPES)
+MAX_DRAFT_SINGLE_HEAD = 16  # one reused NextN block: the same verify-batch limit as `llm run`
+WARMUP_TG_TOKENS = 8  # enough decode steps to touch every kernel once
+BANDWIDTH_BASIS = (
+    "backend.extra_bytes (prepared weights read per token) x t/s, as gpt-fast prints it"
+)
+
+
+@dataclass
+class BenchParams:
+    """Every swept value list of one `llm bench` call (comma lists parsed by the CLI)."""
+
+    models: list[str]
+    n_prompt: list[int] = field(default_factory=lambda: [512])
+    n_gen: list[int] = field(default_factory=lambda: [128])
+    n_depth: list[int] = field(default_factory=lambda: [0])
+    reps: int = 5
+    threads: list[int] = field(default_factory=lambda: [os.cpu_count() or 1])
+    n_ubatch: list[int] = field(default_factory=lambda: [512])
+    type_k: list[str] = field(default_factory=lambda: ["f16"])
+    type_v: list[str] = field(default_factory=lambda: ["f16"])
+    mtp: list[int] = field(default_factory=lambda: [0])
+    draft: list[int] = field(default_factory=lambda: [3])
+    device: str = "cpu"
+    warmup: bool = True
+    prompts: list[str] | None = None  # real-text prompts (None: the built-in set)
+    prompt_file: str | None = None
+
+    @property
+    def text_gen(self) -> bool:
+        """tg rows generate from real text (an MTP sweep or an explicit prompt file)."""
+        return 1 in self.mtp or self.prompt_file is not None
+
+    @property
+    def gen_input(self) -> str:
+        if not self.text_gen:
+            return "random"
+        return "file" if self.prompt_file else "builtin"
+
+    def validate(self) -> None:
+        def check(flag: str, values: list[int], low: int) -> None:
+            if not values:
+                raise LlmkitError(f"{flag}: no value given")
+            bad = [v for v in values if v < low]
+            if bad:
+                raise LlmkitError(f"{flag} values must be >= {low}, got {bad[0]}")
+
+        if not self.models:
+            raise LlmkitError("no model given (-m)")
+        for flag, values, low in (
+            ("-p", self.n_prompt, 0),
+            ("-n", self.n_gen, 0),
+            ("-d", self.n_depth, 0),
+            ("-t", self.threads, 1),
+            ("-ub", self.n_ubatch, 1),
+            ("--draft", self.draft, 1),
+        ):
+            check(flag, values, low)
+        if self.reps < 1:
+            raise LlmkitError(f"-r must be >= 1, got {self.reps}")
+        if not any(self.n_prompt) and not any(self.n_gen):
+            raise LlmkitError("nothing to measure: every -p and -n value is 0")
+        for flag, kinds in (("-ctk", self.type_k), ("-ctv", self.type_v)):
+            for k in kinds:
+                if k not in KV_TYPE_NAMES:
+                    raise LlmkitError(
+                        f"{flag}: unknown cache type {k!r} (use {', '.join(KV_TYPE_NAMES)})"
+                    )
+        if any(m not in (0, 1) for m in self.mtp):
+            raise LlmkitError(f"--mtp values must be 0 or 1, got {self.mtp}")
+        if self.device not in ("cpu", "cuda"):
+            raise LlmkitError(f"unknown device {self.device!r} (use cpu or cuda)")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One table row: a model, its settings and one test."""
+
+    model_idx: int
+    threads: int
+    n_ubatch: int
+    type_k: str
+    type_v: str
+    depth: int
+    kind: str  # "pp" | "tg"
+    n: int
+    mtp: int = 0
+    draft: int | None = None  # draft tokens per round (MTP rows only)
+
+    @property
+    def test(self) -> str:
+        return f"{self.kind}{self.n}" + (f" @ d{self.depth}" if self.depth else "")
+
+    def baseline_key(self) -> tuple:
+        """What an MTP row and its no-MTP baseline share."""
+        return (self.model_idx, self.threads, self.n_ubatch, self.type_k, self.type_v, self.depth,
+                self.kind, self.n)  # fmt: skip
+
+
+def rows(p: BenchParams) -> list[Instance]:
+    """Every instance in table order: per model and settings (in the order given), the pp tests,
+    then each tg test without MTP followed by its MTP runs (one per draft length)."""
+    out = []
+    for mi in range(len(p.models)):
+        for t, ub, tk, tv, d in itertools.product(
+            p.threads, p.n_ubatch, p.type_k, p.type_v, p.n_depth
+        ):
+            base = dict(model_idx=mi, threads=t, n_ubatch=ub, type_k=tk, type_v=tv, depth=d)
+            out += [Instance(**base, kind="pp", n=n) for n in p.n_prompt if n]
+            for n in filter(None, p.n_gen):
+                if 0 in p.mtp:
+                    out.append(Instance(**base, kind="tg", n=n))
+                if 1 in p.mtp:
+                    out += [Instance(**base, kind="tg", n=n, mtp=1, draft=k) for k in p.draft]
+    return out
+
+
+def plan(p: BenchParams) -> list[Instance]:
+    """`rows(p)` in measuring order: grouped by (model, MTP off/on) so each model is loaded once
+    per group (no-MTP rows run on a load without NextN blocks, exactly like `llm run`)."""
+    return sorted(rows(p), key=lambda i: (i.model_idx, i.mtp))  # stable: keeps the table order
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """--prompt-file: one prompt per paragraph (blocks of text separated by blank lines)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmkitError(f"cannot read --prompt-file {path}: {e}") from None
+    prompts = [b.strip() for b in re.split(r"\n\s*\n", text) if b.strip()]
+    if not prompts:
+        raise LlmkitError(f"--prompt-file {path}: no text in it")
+    return prompts
+
+
+def check_mtp(path: Path, drafts: list[int]) -> None:
+    """Fail before any measurement when the model has no NextN blocks or a draft is too long."""
+    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.model import arch_module
+
+    gf = GGUFFile(path)
+    arch = gf.architecture
+    if getattr(arch_module(arch).Model, "mtp_hidden", None) is None:
+        raise LlmkitError(f"--mtp 1: {path}: architecture {arch} has no NextN (MTP) blocks")
+    heads = int(gf.metadata.get(f"{arch}.nextn_predict_layers", 0))
+    if heads == 0:
+        raise LlmkitError(f"--mtp 1: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0)")
+    limit = heads if heads > 1 else MAX_DRAFT_SINGLE_HEAD
+    if max(drafts) > limit:
+        why = f"its {heads} chained NextN blocks" if heads > 1 else "the verify batch limit"
+        raise LlmkitError(f"--draft must be between 1 and {limit} for {path} ({why})")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait before reading the clock
+        torch.cuda.synchronize(device)
+
+
+class Session:
+    """One loaded model (with or without its NextN blocks): runs its tests."""
+
+    def __init__(self, lm, tokenizer, prompts: list[str]):
+        self.lm, self.model, self.device = lm, lm.model, lm.backend.device
+        self.bos = tokenizer.bos_id if tokenizer.add_bos else None
+        self.n_vocab = lm.config.n_vocab
+        self.texts = [tokenizer.encode(t, add_special=False, parse_special=False) for t in prompts]
+        self.filler = [t for ids in self.texts for t in ids]  # depth context for real-text runs
+
+    def check_kv(self, type_k: str, type_v: str) -> None:
+        """A cache type the model cannot store (q-types need head dims divisible by 32) fails
+        here, before its group measures anything."""
+        self.lm.new_cache(1, margin=1, type_k=type_k, type_v=type_v)
+
+    def _cache(self, inst: Instance, n_ctx: int):
+        # ring margin: a prompt chunk and a whole verify batch (the rule of `llm run`)
+        margin = max(inst.n_ubatch, 64, (inst.draft or 0) + 1)
+        return self.lm.new_cache(n_ctx + 1, margin, inst.type_k, inst.type_v), margin
+
+    def _random(self, n: int, seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.n_vocab, (n,), generator=g).tolist()
+        if self.bos is not None and ids:
+            ids[0] = self.bos  # llama-bench: BOS first when the model adds one
+        return ids
+
+    def _fill(self, cache, inst: Instance, seed: int) -> None:
+        from llmkit.core.generate import prefill
+
+        if inst.depth:
+            prefill(self.model, cache, self._random(inst.depth, seed), inst.n_ubatch)
+
+    def _pp(self, inst: Instance, n: int, seed: int) -> int:
+        from llmkit.core.generate import prefill
+
+        cache, _ = self._cache(inst, inst.depth + n)
+        self._fill(cache, inst, seed + 1)
+        ids = self._random(n, seed)
+        _sync(self.device)
+        t0 = time.perf_counter_ns()
+        prefill(self.model, cache, ids, inst.n_ubatch)
+        _sync(self.device)
+        return time.perf_counter_ns() - t0
+
+    def _tg_random(self, inst: Instance, n: int, seed: int) -> int:
+        cache, _ = self._cache(inst, inst.depth + n)
+        self._fill(cache, inst, seed + 1)
+        ids = torch.tensor(self._random(n, seed))
+        _sync(self.device)
+        t0 = time.perf_counter_ns()
+        for i in range(n):
+            self.model.forward(ids[i : i + 1], cache, logits="last")
+        _sync(self.device)
+        return time.perf_counter_ns() - t0
+
+    def text_context(self, rep: int, depth: int) -> list[int]:
+        """BOS, `depth` tokens of the prompt set's text, then prompt rep mod P."""
+        head = [self.bos] if self.bos is not None else []
+        if depth > len(head):
+            cycle = itertools.islice(itertools.cycle(self.filler), depth - len(head))
+            head += list(cycle)
+        return head + self.texts[rep % len(self.texts)]
+
+    def _tg_text(self, inst: Instance, n: int, rep: int):
+        from llmkit.core.generate import generate
+        from llmkit.core.sampling import SamplerParams, make_sampler
+
+        ids = self.text_context(rep, inst.depth)
+        cache, margin = self._cache(inst, len(ids) + n + (inst.draft or 0))
+        greedy, spec = SamplerParams(temp=0), None
+        if inst.mtp:
+            from llmkit.core.mtp import MTPContext
+            from llmkit.core.speculative import SpecStats, speculative_generate
+
+            mtp = MTPContext(self.model, cache.n_ctx, margin, inst.type_k, inst.type_v, self.device)
+            spec = SpecStats(draft_max=inst.draft)
+            gen = speculative_generate(
+                self.model, cache, mtp, ids, greedy, spec, n + 1,
+                ignore_eos=True, n_ubatch=inst.n_ubatch,
+            )  # fmt: skip
+        else:
+            gen = generate(
+                self.model, cache, ids, make_sampler(greedy), n + 1,
+                ignore_eos=True, n_ubatch=inst.n_ubatch,
+            )  # fmt: skip
+        next(gen)  # the prompt and its first token: not timed
+        _sync(self.device)
+        t0 = time.perf_counter_ns()
+        for _ in gen:
+            pass
+        _sync(self.device)
+        return time.perf_counter_ns() - t0, spec
+
+    def run_once(self, inst: Instance, n: int, rep: int, text: bool):
+        """One timed run of `n` tokens: (nanoseconds, SpecStats or None)."""
+        with torch.inference_mode():
+            if inst.kind == "pp":
+                return self._pp(inst, n, seed=2 * rep), None
+            if text:
+                return self._tg_text(inst, n, rep)
+            return self._tg_random(inst, n, seed=2 * rep), None
+
+
+def merge_spec(total, spec):
+    """Sum one repetition's draft counters into `total` (a SpecStats or None)."""
+    if spec is None:
+        return total
+    if total is None:
+        return spec
+    total.drafts += spec.drafts
+    total.draft_tokens += spec.draft_tokens
+    total.accepted_tokens += spec.accepted_tokens
+    total.accepted_per_position = [
+        a + b for a, b in zip(total.accepted_per_position, spec.accepted_per_position)
+    ]
+    return total
+
+
+class Progress:
+    """What a bench reports while it works (the CLI draws it on stderr); silent by default."""
+
+    def begin(self, total_runs: int) -> None: ...
+
+    def status(self, desc: str) -> None: ...  # e.g. loading a model
+
+    def run(self, desc: str) -> None: ...  # a run (warm-up or repetition) starts
+
+    def finished(self, record: dict) -> None: ...  # an instance's record is complete
+
+
+def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress):
+    """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats)."""
+    torch.set_num_threads(inst.threads)
+    name = f"{session.lm.describe()} {inst.test}" + (f" mtp draft {inst.draft}" if inst.mtp else "")
+    text = p.text_gen and inst.kind == "tg"
+    if p.warmup:
+        progress.run(f"{name} warm-up")
+        n_warm = inst.n if inst.kind == "pp" else min(inst.n, WARMUP_TG_TOKENS)
+        session.run_once(inst, n_warm, 0, text)
+    samples, spec = [], None
+    for r in range(p.reps):
+        progress.run(f"{name} rep {r + 1}/{p.reps}")
+        ns, s = session.run_once(inst, inst.n, r, text)
+        samples.append(ns)
+        spec = merge_spec(spec, s)
+    return samples, spec
+
+
+def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress | None = None):
+    """Measure every instance of `plan(p)`; return one record per instance in table order."""
+    from llmkit.core.bench_report import make_record, set_speedups
+    from llmkit.core.model import load_model
+    from llmkit.core.tokenizer import load_tokenizer
+
+    progress = progress or Progress()
+    instances = plan(p)
+    progress.begin(len(instances) * (p.reps + p.warmup))
+    prompts = list(p.prompts or BUILTIN_PROMPTS)
+    done: dict[Instance, dict] = {}
+    threads = torch.get_num_threads()  # -t sweeps set torch's global pool: put it back after
+    try:
+        for (mi, mtp), group in itertools.groupby(instances, key=lambda i: (i.model_idx, i.mtp)):
+            progress.status(f"loading {p.models[mi]}" + (" with its NextN blocks" if mtp else ""))
+            lm = load_model(paths[mi], device=p.device, mtp=bool(mtp))
+            session = Session(lm, load_tokenizer(lm.metadata), prompts)
+            group = list(group)
+            for tk, tv in {(i.type_k, i.type_v) for i in group}:
+                session.check_kv(tk, tv)
+            for inst in group:
+                samples, spec = measure(session, inst, p, progress)
+                done[inst] = make_record(p, inst, lm, paths[mi], samples, spec, env)
+                progress.finished(done[inst])
+            del session, lm  # free this load's weights before the next group's
+    finally:
+        torch.set_num_threads(threads)
+    table = [i for i in rows(p) if i in done]
+    records = [done[i] for i in table]
+    set_speedups(table, records)
+    return records
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for a single sample), as llama-bench."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -1,0 +1,278 @@
+"""`llm bench` records and their formats: a llama-bench markdown table, JSON, JSONL and CSV.
+
+One record per (model, settings, test) carries every figure, the raw samples and the environment
+(device, torch/triton versions, git commit), so runs can be diffed. Field names follow llama-bench's
+JSON where it has one (`model_type`, `avg_ts`, `samples_ns`, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import subprocess
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from llmkit.core.bench import BANDWIDTH_BASIS, BUILTIN_PROMPTS, BenchParams, Instance, mean_std
+
+FORMATS = ("md", "json", "jsonl", "csv")
+
+
+def _git_state() -> tuple[str, bool | None]:
+    """(short commit, dirty) of the llmkit checkout; ("unknown", None) outside a git tree."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+        )
+
+    try:
+        head = git("rev-parse", "--short=7", "HEAD")
+        if head.returncode != 0:
+            return "unknown", None
+        status = git("status", "--porcelain", "--untracked-files=no")
+        return head.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> dict:
+    """What every record repeats about the build and the machine."""
+    commit, dirty = _git_state()
+    gpu = None
+    if device == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.cuda.current_device())
+    return {
+        "build_commit": commit,
+        "build_dirty": dirty,
+        "llmkit_version": _version("llmkit"),
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "cpu_info": _cpu_name(),
+        "gpu_info": gpu,
+    }
+
+
+def make_record(
+    p: BenchParams, inst: Instance, lm, path, samples_ns: list[int], spec, env: dict
+) -> dict:
+    """The record of one instance (every key present in every record, None where it does not
+    apply, so CSV columns line up)."""
+    from llmkit.core.generate import GenStats
+
+    ts = [inst.n * 1e9 / ns for ns in samples_ns]
+    avg_ns, std_ns = mean_std(samples_ns)
+    avg_ts, std_ts = mean_std(ts)
+    tg = inst.kind == "tg"
+    wbytes = lm.backend.extra_bytes
+    acc = spec.to_dict(GenStats()) if spec is not None else {}
+    return {
+        **env,
+        "device": p.device,
+        "backends": "CUDA" if p.device == "cuda" else "CPU",
+        "model_filename": str(path),
+        "model_type": lm.describe(),
+        "model_size": lm.weights_bytes(),
+        "model_n_params": lm.n_params(),
+        "weight_bytes_prepared": wbytes,
+        "n_threads": inst.threads,
+        "n_ubatch": inst.n_ubatch,
+        "type_k": inst.type_k,
+        "type_v": inst.type_v,
+        "n_prompt": 0 if tg else inst.n,
+        "n_gen": inst.n if tg else 0,
+        "n_depth": inst.depth,
+        "test": inst.test,
+        "mtp": inst.mtp,
+        "n_draft": inst.draft,
+        "gen_input": p.gen_input if tg else "random",
+        "prompt_file": p.prompt_file if tg and p.text_gen else None,
+        "warmup": p.warmup,
+        "repetitions": p.reps,
+        "test_time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "avg_ns": avg_ns,
+        "stddev_ns": std_ns,
+        "avg_ts": avg_ts,
+        "stddev_ts": std_ts,
+        "samples_ns": list(samples_ns),
+        "samples_ts": ts,
+        "bandwidth_gbs": wbytes * avg_ts / 1e9 if tg else None,
+        "bandwidth_basis": BANDWIDTH_BASIS if tg else None,
+        "drafts": acc.get("drafts"),
+        "draft_tokens": acc.get("draft_tokens"),
+        "accepted_tokens": acc.get("accepted_tokens"),
+        "acceptance_rate": acc.get("acceptance_rate"),
+        "accepted_per_position": acc.get("accepted_per_position"),
+        "acceptance_per_position": acc.get("acceptance_per_position"),
+        "mean_accepted_length": acc.get("mean_accepted_length"),
+        "speedup": None,
+    }
+
+
+def set_speedups(instances: list[Instance], records: list[dict]) -> None:
+    """MTP rows: t/s over the no-MTP row with the same model, settings and test (if measured)."""
+    base = {i.baseline_key(): r for i, r in zip(instances, records) if not i.mtp}
+    for inst, rec in zip(instances, records):
+        ref = base.get(inst.baseline_key()) if inst.mtp else None
+        if ref is not None and ref["avg_ts"] > 0:
+            rec["speedup"] = rec["avg_ts"] / ref["avg_ts"]
+
+
+# -- markdown ----------------------------------------------------------------------------------
+# llama-bench's field widths: negative = left-aligned (text), positive = right-aligned
+_WIDTHS = {"model": -30, "size": 10, "params": 10, "backend": -10, "threads": 7, "type_k": 6,
+           "type_v": 6, "test": 15, "t/s": 20, "accept/pos": -10}  # fmt: skip
+
+
+def _size(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.2f} MiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _opt(fmt: str, v) -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _columns(records: list[dict], p: BenchParams, default_threads: int) -> list[tuple]:
+    """(header, cell function) per column: llama-bench's fixed ones, then each parameter swept or
+    set away from its default, then the test and its figures."""
+    mtp = 1 in p.mtp
+    cols = [
+        ("model", lambda r: r["model_type"]),
+        ("size", lambda r: _size(r["model_size"])),
+        ("params", lambda r: _params(r["model_n_params"])),
+        ("backend", lambda r: r["backends"]),
+    ]
+    if p.device == "cpu" or p.threads != [default_threads]:
+        cols.append(("threads", lambda r: str(r["n_threads"])))
+    for key, default in (("n_ubatch", 512), ("type_k", "f16"), ("type_v", "f16")):
+        if getattr(p, key) != [default]:
+            cols.append((key, lambda r, k=key: str(r[k])))
+    if mtp:
+        cols.append(("mtp", lambda r: str(r["mtp"])))
+        cols.append(("draft", lambda r: _opt("{}", r["n_draft"])))
+    cols.append(("test", lambda r: r["test"]))
+    cols.append(("t/s", lambda r: f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"))
+    if any(r["n_gen"] for r in records):
+        cols.append(("GB/s", lambda r: _opt("{:.2f}", r["bandwidth_gbs"])))
+    if mtp:
+        cols += [
+            ("accept", lambda r: _opt("{:.3f}", r["acceptance_rate"])),
+            ("accept/pos", lambda r: _opt("{}", _per_pos(r["acceptance_per_position"]))),
+            ("acc len", lambda r: _opt("{:.2f}", r["mean_accepted_length"])),
+            ("speedup", lambda r: _opt("{:.2f}x", r["speedup"])),
+        ]
+    return cols
+
+
+def _per_pos(v: list[float] | None) -> str | None:
+    return None if v is None else "/".join(f"{a:.2f}" for a in v)
+
+
+def _notes(records: list[dict], p: BenchParams) -> list[str]:
+    notes = []
+    if any(r["n_gen"] for r in records):
+        effective = "; for MTP rows an effective figure (one pass's bytes per token)"
+        notes.append(
+            "GB/s: weights read per decoded token x t/s, as gpt-fast prints it; bytes = the "
+            "backend's prepared weights (backend.extra_bytes)" + (effective if 1 in p.mtp else "")
+        )
+    if p.text_gen:
+        src = f"--prompt-file {p.prompt_file}" if p.prompt_file else "the built-in prompt set"
+        n = len(p.prompts or BUILTIN_PROMPTS)
+        notes.append(
+            f"tg input: real text, {src} ({n} prompts; repetition r continues prompt r mod {n}, "
+            "greedy); pp input: random tokens"
+        )
+    else:
+        notes.append("pp/tg input: random tokens")
+    if 1 in p.mtp:
+        notes.append(
+            "MTP: accept = accepted / drafted tokens; accept/pos = share of verify rounds whose "
+            "draft position i was accepted; acc len = mean tokens per round; speedup = t/s over "
+            "the matching mtp 0 row; pp rows run without MTP; size/params of MTP rows include the "
+            "NextN blocks"
+        )
+    return notes
+
+
+def markdown(records: list[dict], p: BenchParams, default_threads: int) -> str:
+    cols = _columns(records, p, default_threads)
+    cells = [[fn(r) for _, fn in cols] for r in records]
+    widths = []
+    for j, (name, _) in enumerate(cols):
+        w = _WIDTHS.get(name, max(len(name), 6))
+        size = max([abs(w), len(name)] + [len(row[j]) for row in cells])
+        widths.append(-size if w < 0 else size)
+
+    def line(values):
+        return (
+            "| "
+            + " | ".join(v.ljust(-w) if w < 0 else v.rjust(w) for v, w in zip(values, widths))
+            + " |"
+        )
+
+    rule = "| " + " | ".join("-" * (-w) if w < 0 else "-" * (w - 1) + ":" for w in widths) + " |"
+    out = [line([name for name, _ in cols]), rule, *map(line, cells), ""]
+    out += _notes(records, p)
+    r0 = records[0] if records else {}
+    commit = r0.get("build_commit", "unknown") + ("-dirty" if r0.get("build_dirty") else "")
+    out.append(f"build: {commit} (llmkit {r0.get('llmkit_version')})")
+    return "\n".join(out) + "\n"
+
+
+# -- machine-readable --------------------------------------------------------------------------
+def _csv_cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return ";".join(map(str, v))
+    return str(v)
+
+
+def csv_text(records: list[dict]) -> str:
+    buf = io.StringIO()
+    if records:
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(records[0].keys())
+        for r in records:
+            w.writerow([_csv_cell(v) for v in r.values()])
+    return buf.getvalue()
+
+
+def render(records: list[dict], fmt: str, p: BenchParams, default_threads: int) -> str:
+    if fmt == "md":
+        return markdown(records, p, default_threads)
+    if fmt == "json":
+        return json.dumps(records, indent=2) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(r) + "\n" for r in records)
+    return csv_text(records)
