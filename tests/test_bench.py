@@ -6,26 +6,17 @@ import csv
 import io
 import json
 import statistics
-import sys
 
 import pytest
 import torch
 
-from llmkit.cli.app import main
+from cli_run import llm
 from llmkit.core.bench import BUILTIN_PROMPTS, BenchParams, Session, mean_std, plan, rows
 from llmkit.core.bench_report import _params, _size
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 from tiny_step35 import write_tiny_step35
 
 FAST = ["-p", 16, "-n", 8, "-r", 2]
-
-
-def llm(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["llm", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

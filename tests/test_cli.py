@@ -9,17 +9,9 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.cli.app import main
+from cli_run import llm
 from llmkit.core.gguf_write import RawTensor
 from tiny_models import write_tiny_gemma3, write_tiny_llama
-
-
-def llm(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["llm", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

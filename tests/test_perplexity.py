@@ -2,12 +2,11 @@
 KL divergence against a saved base run (scripts/make_ppl_refs.py records the references)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from llmkit.cli.app import main
+from cli_run import llm
 from llmkit.core.model import load_model
 from llmkit.core.perplexity import perplexity
 from llmkit.core.tokenizer import load_tokenizer
@@ -15,14 +14,6 @@ from tiny_models import write_tiny_llama
 
 DATA = Path(__file__).parent / "data"
 TEXT = DATA / "ppl_text.txt"
-
-
-def _llm(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["llm", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def _ppl(path):
@@ -51,7 +42,7 @@ def test_cli_ppl_and_kl_divergence(tmp_path, capsys, monkeypatch):
     a = write_tiny_llama(tmp_path / "a.gguf", seed=1, n_vocab=400, tied=False)
     b = write_tiny_llama(tmp_path / "b.gguf", seed=2, n_vocab=400, tied=False)
     base = tmp_path / "base.kld"
-    rc, out, err = _llm(
+    rc, out, err = llm(
         capsys,
         monkeypatch,
         "perplexity",
@@ -68,7 +59,7 @@ def test_cli_ppl_and_kl_divergence(tmp_path, capsys, monkeypatch):
     assert (
         out.startswith("Final estimate: PPL = ") and "+/-" in out and "[1]" in err and base.exists()
     )
-    rc, out, err = _llm(
+    rc, out, err = llm(
         capsys,
         monkeypatch,
         "perplexity",
@@ -86,7 +77,7 @@ def test_cli_ppl_and_kl_divergence(tmp_path, capsys, monkeypatch):
     # a model against itself: only the fp16 rounding of the saved base log-probs remains
     assert float(out.split("Mean    KLD:")[1].split()[0]) < 1e-3
     assert float(out.split("Same top p :")[1].split()[0]) > 99.0
-    rc, out, err = _llm(
+    rc, out, err = llm(
         capsys,
         monkeypatch,
         "perplexity",
@@ -109,5 +100,5 @@ def test_cli_ppl_and_kl_divergence(tmp_path, capsys, monkeypatch):
         (["--kl-divergence"], "needs --kl-divergence-base"),
         (["-c", 64, "--kl-divergence-base", base, "--kl-divergence"], "another text or -c"),
     ]:
-        rc, out, err = _llm(capsys, monkeypatch, "perplexity", "-m", a, "-f", TEXT, *args)
+        rc, out, err = llm(capsys, monkeypatch, "perplexity", "-m", a, "-f", TEXT, *args)
         assert rc == 1 and msg in err and "Traceback" not in err, (args, err)

@@ -1,27 +1,17 @@
 """`llm quantize` end to end on tiny models: output loads and runs, metadata, MTP tensors, errors."""
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
+from cli_run import llm
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.gguf_write import RawTensor, encode_tensor
 from llmkit.core.model import load_model
 from tiny_models import write_tiny_llama
 from tiny_step35 import write_tiny_step35
-
-
-def llm(monkeypatch, capsys, *args):
-    from llmkit.cli.app import main
-
-    monkeypatch.setattr(sys, "argv", ["llm", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code, capsys.readouterr()
 
 
 def _to_f16(md, tensors):
@@ -40,9 +30,9 @@ def f16_llama(tmp_path_factory):
 @pytest.mark.parametrize("qtype,ftype", [("Q4_K_M", 15), ("Q8_0", 7), ("IQ4_NL", 25)])
 def test_quantize_loads_and_runs(f16_llama, tmp_path, monkeypatch, capsys, qtype, ftype):
     out = tmp_path / "out.gguf"
-    rc, cap = llm(monkeypatch, capsys, "quantize", f16_llama, out, qtype, "--verbose")
-    assert rc == 0, cap.err
-    assert "quant size" in cap.err and "blk.0.ffn_down.weight" in cap.err
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", f16_llama, out, qtype, "--verbose")
+    assert rc == 0, err
+    assert "quant size" in err and "blk.0.ffn_down.weight" in err
     gf = GGUFFile(out)
     assert gf.metadata["general.file_type"] == ftype
     assert gf.metadata["general.quantization_version"] == 2
@@ -60,9 +50,9 @@ def test_quantize_loads_and_runs(f16_llama, tmp_path, monkeypatch, capsys, qtype
 def test_mtp_tensors_quantized(tmp_path, monkeypatch, capsys):
     src = write_tiny_step35(tmp_path / "s35.gguf", seed=4, layout="full")
     out = tmp_path / "s35_q.gguf"
-    rc, cap = llm(monkeypatch, capsys, "quantize", src, out, "Q4_0", "--allow-requantize",
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", src, out, "Q4_0", "--allow-requantize",
                   "--keep-mtp-type", "Q8_0")  # fmt: skip
-    assert rc == 0, cap.err
+    assert rc == 0, err
     gf = GGUFFile(out)
     assert gf.tensors["blk.4.nextn.eh_proj.weight"].type_name == "Q8_0"
     assert gf.tensors["blk.5.attn_q.weight"].type_name == "Q8_0"
@@ -75,21 +65,21 @@ def test_mtp_tensors_quantized(tmp_path, monkeypatch, capsys):
 def test_requantize_needs_flag(tmp_path, monkeypatch, capsys):
     src = write_tiny_llama(tmp_path / "q.gguf")  # Q8_0/Q4_0/... weights
     out = tmp_path / "o.gguf"
-    rc, cap = llm(monkeypatch, capsys, "quantize", src, out, "Q4_0")
-    assert rc == 1 and "--allow-requantize" in cap.err and not out.exists()
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", src, out, "Q4_0")
+    assert rc == 1 and "--allow-requantize" in err and not out.exists()
 
 
 def test_bad_inputs(f16_llama, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o.gguf"
-    rc, cap = llm(monkeypatch, capsys, "quantize", f16_llama, out, "Q7_K")
-    assert rc == 1 and "Q4_K_M" in cap.err and len(cap.err.strip().splitlines()) == 1
-    rc, cap = llm(monkeypatch, capsys, "quantize", f16_llama, f16_llama, "Q8_0")
-    assert rc == 1 and "input" in cap.err
-    rc, cap = llm(monkeypatch, capsys, "quantize", tmp_path / "missing.gguf", out, "Q8_0")
-    assert rc == 1 and "not found" in cap.err
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", f16_llama, out, "Q7_K")
+    assert rc == 1 and "Q4_K_M" in err and len(err.strip().splitlines()) == 1
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", f16_llama, f16_llama, "Q8_0")
+    assert rc == 1 and "input" in err
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", tmp_path / "missing.gguf", out, "Q8_0")
+    assert rc == 1 and "not found" in err
     trunc = tmp_path / "trunc.gguf"
     trunc.write_bytes(f16_llama.read_bytes()[:-1000])
-    rc, cap = llm(monkeypatch, capsys, "quantize", trunc, out, "Q8_0")
-    assert rc == 1 and "truncated" in cap.err and len(cap.err.strip().splitlines()) == 1
+    rc, _stdout, err = llm(capsys, monkeypatch, "quantize", trunc, out, "Q8_0")
+    assert rc == 1 and "truncated" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.gguf")]

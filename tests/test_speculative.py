@@ -4,6 +4,7 @@ on tiny step35 models with NextN blocks, lossless output, counters, KV filtering
 import pytest
 import torch
 
+from cli_run import llm as run_llm
 from llmkit.core.sampling import SamplerParams
 from llmkit.core.speculative import _accept, _Sampler
 
@@ -174,16 +175,9 @@ def test_sampling_with_mtp_is_exact_in_distribution(files):
 
 def test_cli_mtp_stats_and_bad_input(files, capsys, monkeypatch, tmp_path):
     import json
-    import sys
-
-    from llmkit.cli.app import main
 
     def llm(*args):
-        monkeypatch.setattr(sys, "argv", ["llm", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            main()
-        out = capsys.readouterr()
-        return e.value.code, out.out, out.err
+        return run_llm(capsys, monkeypatch, *args)
 
     base = [
         "run",
