@@ -27,7 +27,7 @@ from gguf import GGUFWriter
 from llmkit.core.convert_archs import ArchPlan, Mapped, plan_for
 from llmkit.core.convert_vocab import vocab_metadata
 from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_write import _add_kv
+from llmkit.core.gguf_write import add_kv
 
 OUTTYPES = {"f32": (QT.F32, 0), "f16": (QT.F16, 1), "bf16": (QT.BF16, 32), "q8_0": (QT.Q8_0, 7)}
 SHARED = ("token_embd.weight", "output_norm.weight", "output.weight")
@@ -165,7 +165,7 @@ def _write(path: str, plan: ArchPlan, md: dict, items: list[Item], progress) -> 
 
     w = GGUFWriter(path, plan.arch)
     for k, v in md.items():
-        _add_kv(w, k, v)
+        add_kv(w, k, v)
     encoded_shapes = []
     for it in items:  # infos first: shapes and sizes are known without loading data
         probe = _encode(

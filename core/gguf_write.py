@@ -29,7 +29,24 @@ class RawTensor:
     shape: tuple[int, ...]
 
 
-def _add_kv(w: GGUFWriter, key: str, value: Any) -> None:
+_ARRAY_TYPES = {
+    np.uint8: GGUFValueType.UINT8,
+    np.int8: GGUFValueType.INT8,
+    np.uint16: GGUFValueType.UINT16,
+    np.int16: GGUFValueType.INT16,
+    np.uint32: GGUFValueType.UINT32,
+    np.int32: GGUFValueType.INT32,
+    np.uint64: GGUFValueType.UINT64,
+    np.int64: GGUFValueType.INT64,
+    np.float32: GGUFValueType.FLOAT32,
+    np.float64: GGUFValueType.FLOAT64,
+    np.bool_: GGUFValueType.BOOL,
+}
+
+
+def add_kv(w: GGUFWriter, key: str, value: Any) -> None:
+    """One metadata value: Python scalars/str/lists, or numpy arrays keeping their element type
+    (what `GGUFFile` reads back, so metadata can be copied file to file)."""
     if isinstance(value, bool):
         w.add_bool(key, value)
     elif isinstance(value, int):
@@ -39,15 +56,10 @@ def _add_kv(w: GGUFWriter, key: str, value: Any) -> None:
     elif isinstance(value, str):
         w.add_string(key, value)
     elif isinstance(value, np.ndarray):
-        vt = {
-            np.float32: GGUFValueType.FLOAT32,
-            np.int32: GGUFValueType.INT32,
-            np.bool_: GGUFValueType.BOOL,
-            np.uint32: GGUFValueType.UINT32,
-        }[value.dtype.type]
-        w.add_array(key, value.tolist()) if vt != GGUFValueType.FLOAT32 else w.add_key_value(
-            key, value.tolist(), GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32
-        )
+        sub = _ARRAY_TYPES.get(value.dtype.type)
+        if sub is None:
+            raise LlmkitError(f"cannot write metadata {key} of dtype {value.dtype}")
+        w.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=sub)
     elif isinstance(value, (list, tuple)):
         w.add_array(key, list(value))
     else:
@@ -79,7 +91,7 @@ def write_gguf(
         w = GGUFWriter(tmp, arch)
         for k, v in metadata.items():
             if k != "general.architecture":
-                _add_kv(w, k, v)
+                add_kv(w, k, v)
         for name, t in tensors.items():
             if not isinstance(t, RawTensor):
                 t = encode_tensor(t, default_type if t.ndim >= 2 else QT.F32)
@@ -96,31 +108,6 @@ def write_gguf(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def _add_kv_any(w: GGUFWriter, key: str, value: Any) -> None:
-    """Like `_add_kv`, but keeps numpy array element types `_add_kv` does not know (copying
-    metadata read by `GGUFFile`)."""
-    if isinstance(value, np.ndarray) and value.dtype.type not in (
-        np.float32,
-        np.int32,
-        np.bool_,
-        np.uint32,
-    ):
-        sub = {
-            np.uint8: GGUFValueType.UINT8,
-            np.int8: GGUFValueType.INT8,
-            np.uint16: GGUFValueType.UINT16,
-            np.int16: GGUFValueType.INT16,
-            np.uint64: GGUFValueType.UINT64,
-            np.int64: GGUFValueType.INT64,
-            np.float64: GGUFValueType.FLOAT64,
-        }.get(value.dtype.type)
-        if sub is None:
-            raise LlmkitError(f"cannot write metadata {key} of dtype {value.dtype}")
-        w.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=sub)
-    else:
-        _add_kv(w, key, value)
 
 
 def write_gguf_streaming(
@@ -146,7 +133,7 @@ def write_gguf_streaming(
             w.data_alignment = alignment
         for k, v in metadata.items():
             if k != "general.architecture":
-                _add_kv_any(w, k, v)
+                add_kv(w, k, v)
         for name, shape, qtype in infos:
             block, type_size = gq.GGML_QUANT_SIZES[qtype]
             nbytes = int(np.prod(shape, dtype=np.int64)) // block * type_size
