@@ -1,0 +1,261 @@
+"""Triton quantized GEMV/small-GEMM reading GGUF blocks in place: y = x @ W^T.
+
+x: [M, K] fp16/fp32/bf16, W: the raw GGUF bytes of N rows, uint8 [N, K / bs * ts], y: [M, N]
+fp32. Each program owns BLOCK_N output rows and BLOCK_M input rows; it walks K in steps of G
+blocks (G * bs elements), decodes those blocks of its W rows straight from the stored bytes into
+fp32 registers (never a dequantized copy in memory) and accumulates x @ W^T in fp32.
+
+Types: Q8_0, Q4_0, Q4_1, Q5_0 (bs = 32) and Q4_K, Q6_K (bs = 256); layouts as in
+``llmkit.quant.dequant`` (its torch decoders are the bit-exact reference).
+
+Per call: bytes = N * K / bs * ts (W, read once when M <= BLOCK_M)
+                + M * K * x.element_size() * ceil(N / BLOCK_N) (x, from cache after the first)
+                + 4 * M * N (y);
+          flops = 2 * M * N * K.
+The GEMV regime (M <= 16) is memory-bound on W: for Q4_K that is 0.5625 bytes per weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.core.errors import LlmkitError
+
+# QTYPE codes (constexpr) for the kernel's static dispatch.
+_CODES = {QT.Q8_0: 0, QT.Q4_0: 1, QT.Q4_1: 2, QT.Q5_0: 3, QT.Q4_K: 4, QT.Q6_K: 5}
+SUPPORTED_TYPES: frozenset[QT] = frozenset(_CODES)
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _f16(p, mask):
+    """The little-endian fp16 at byte pointers p (any shape), as fp32."""
+    lo = tl.load(p, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(p + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _decode(w_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
+    """Blocks kb .. kb+G-1 of the rows at byte offsets roff [BLOCK_N, 1, 1] -> fp32
+    [BLOCK_N, NSUB, SUB] (NSUB * SUB = G * bs, in element order). Blocks >= NB decode to 0."""
+    if QTYPE <= 3:  # 32-element blocks: [BLOCK_N, G, 32]
+        j = tl.arange(0, G)[None, :, None]
+        i = tl.arange(0, 32)[None, None, :]
+        blk = kb + j
+        m3 = nmask & (blk < NB)  # [BLOCK_N, G, 1]
+        if QTYPE == 0:  # Q8_0: d @0 | qs:i8[32] @2
+            base = w_ptr + roff + blk * 34
+            d = _f16(base, m3)
+            q = tl.load(base + 2 + i, mask=m3, other=0).to(tl.int8, bitcast=True)
+            w = q.to(tl.float32) * d
+        elif QTYPE == 1:  # Q4_0: d @0 | qs[16] @2; x = d * (q - 8)
+            base = w_ptr + roff + blk * 18
+            d = _f16(base, m3)
+            b = tl.load(base + 2 + (i % 16), mask=m3, other=0)
+            q = ((b >> ((i // 16) * 4).to(tl.uint8)) & 0xF).to(tl.int32) - 8
+            w = q.to(tl.float32) * d
+        elif QTYPE == 2:  # Q4_1: d @0 | m @2 | qs[16] @4; x = d * q + m
+            base = w_ptr + roff + blk * 20
+            d = _f16(base, m3)
+            mn = _f16(base + 2, m3)
+            b = tl.load(base + 4 + (i % 16), mask=m3, other=0)
+            q = (b >> ((i // 16) * 4).to(tl.uint8)) & 0xF
+            w = q.to(tl.float32) * d + mn
+        else:  # Q5_0: d @0 | qh:u32 @2 | qs[16] @6; x = d * (q - 16)
+            base = w_ptr + roff + blk * 22
+            d = _f16(base, m3)
+            b = tl.load(base + 6 + (i % 16), mask=m3, other=0)
+            h = tl.load(base + 2 + i // 8, mask=m3, other=0)
+            q = ((b >> ((i // 16) * 4).to(tl.uint8)) & 0xF) | (
+                ((h >> (i % 8).to(tl.uint8)) & 1) << 4
+            )
+            w = (q.to(tl.int32) - 16).to(tl.float32) * d
+    elif QTYPE == 4:  # Q4_K: d @0 | dmin @2 | scales[12] @4 | qs[128] @16; [BLOCK_N, 8G, 32]
+        u = tl.arange(0, 8 * G)[None, :, None]
+        t = tl.arange(0, 32)[None, None, :]
+        blk = kb + u // 8
+        s = u % 8  # sub-block
+        m3 = nmask & (blk < NB)
+        base = w_ptr + roff + blk * 144
+        d = _f16(base, m3)
+        dmin = _f16(base + 2, m3)
+        sc_p = base + 4
+        lo = s < 4
+        # s < 4: sc = scales[s] & 63, mn = scales[s+4] & 63
+        # s >= 4: sc = (scales[s+4] & 15) | (scales[s-4] >> 6) << 4,
+        #         mn = (scales[s+4] >> 4) | (scales[s] >> 6) << 4
+        a = tl.load(sc_p + s, mask=m3, other=0)  # scales[s]
+        c = tl.load(sc_p + s + 4, mask=m3 & (s < 8), other=0)  # scales[s+4] (s+4 <= 11)
+        e = tl.load(sc_p + tl.where(lo, s, s - 4), mask=m3, other=0)  # scales[s-4] for s >= 4
+        sc = tl.where(lo, a & 63, (c & 15) | ((e >> 6) << 4))
+        mn = tl.where(lo, c & 63, (c >> 4) | ((a >> 6) << 4))
+        dl = d * sc.to(tl.float32)
+        ml = dmin * mn.to(tl.float32)
+        b = tl.load(base + 16 + (s // 2) * 32 + t, mask=m3, other=0)
+        q = (b >> ((s % 2) * 4).to(tl.uint8)) & 0xF
+        w = q.to(tl.float32) * dl - ml
+    else:  # Q6_K: ql[128] @0 | qh[64] @128 | scales:i8[16] @192 | d @208; [BLOCK_N, 16G, 16]
+        u = tl.arange(0, 16 * G)[None, :, None]
+        t = tl.arange(0, 16)[None, None, :]
+        blk = kb + u // 16
+        sb = u % 16  # scale index = element // 16
+        m3 = nmask & (blk < NB)
+        base = w_ptr + roff + blk * 210
+        d = _f16(base + 208, m3)
+        sc = tl.load(base + 192 + sb, mask=m3, other=0).to(tl.int8, bitcast=True)
+        dl = d * sc.to(tl.float32)
+        el = sb * 16 + t  # element in the super-block
+        hf = el // 128
+        g = (el % 128) // 32
+        r = el % 32
+        ql = tl.load(base + hf * 64 + (g % 2) * 32 + r, mask=m3, other=0)
+        qh = tl.load(base + 128 + hf * 32 + r, mask=m3, other=0)
+        q = ((ql >> ((g // 2) * 4).to(tl.uint8)) & 0xF) | (((qh >> (g * 2).to(tl.uint8)) & 3) << 4)
+        w = (q.to(tl.int32) - 32).to(tl.float32) * dl
+    return w
+
+
+# y[M, N] fp32 = x[M, K] @ dequant(W)^T
+#   x_ptr: [M, K] fp16/fp32/bf16, strides (sxm, sxk)
+#   w_ptr: uint8 [N, NB * ts], row stride swn bytes, bytes contiguous within a row
+#   y_ptr: fp32 [M, N], strides (sym, syn)
+#   M, N, K: sizes; NB = K / bs blocks per row
+#   QTYPE: constexpr code (_CODES); BS: block size (32 or 256); G: blocks per K step (pow2)
+#   BLOCK_M, BLOCK_N: rows of x / W per program (pow2); USE_DOT: tl.dot (needs BLOCK_M >= 16
+#   on a GPU) instead of a broadcast multiply + sum
+# grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))
+@triton.jit
+def _qgemv_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    NB,
+    sxm,
+    sxk,
+    swn,
+    sym,
+    syn,
+    QTYPE: tl.constexpr,
+    BS: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    BK: tl.constexpr = G * BS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n3 = offs_n[:, None, None]
+    roff = n3.to(tl.int64) * swn
+    nmask = n3 < N
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, NB, G):
+        w = tl.reshape(_decode(w_ptr, roff, nmask, kb, NB, QTYPE, G), (BLOCK_N, BK))
+        k = kb * BS + offs_k
+        xm = (offs_m[:, None] < M) & (k[None, :] < K)
+        xp = x_ptr + offs_m[:, None].to(tl.int64) * sxm + k[None, :] * sxk
+        xk = tl.load(xp, mask=xm, other=0.0).to(tl.float32)  # bf16 math is cast away at once
+        if USE_DOT:
+            acc += tl.dot(xk, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
+    ym = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    yp = y_ptr + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :] * syn
+    tl.store(yp, acc, mask=ym)
+
+
+def _interpreting() -> bool:
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def qgemv(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    qtype: QT,
+    *,
+    block_n: int | None = None,
+    blocks_per_step: int | None = None,
+) -> torch.Tensor:
+    """y [M, N] fp32 = x [M, K] @ W^T, W the raw GGUF bytes uint8 [N, row_bytes] of `qtype`.
+
+    x may have extra leading dims ([..., K] -> [..., N]). Raises LlmkitError for unsupported
+    types, dtypes or mismatched shapes."""
+    try:
+        qtype = QT(qtype)
+    except ValueError:
+        raise LlmkitError(f"unknown tensor type {qtype!r}") from None
+    code = _CODES.get(qtype)
+    if code is None:
+        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise LlmkitError(f"triton qgemv does not support {qtype.name} (supported: {names})")
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    if w.dtype == torch.int8:
+        w = w.view(torch.uint8)
+    if w.dtype != torch.uint8 or w.dim() != 2:
+        raise LlmkitError(
+            f"{qtype.name} weight must be uint8 bytes [N, row_bytes], got {w.dtype} "
+            f"{tuple(w.shape)}"
+        )
+    if x.dtype not in _X_DTYPES:
+        raise LlmkitError(f"triton qgemv input must be fp32/fp16/bf16, got {x.dtype}")
+    if x.device != w.device:
+        raise LlmkitError(f"input on {x.device} but weight on {w.device}")
+    N, rb = w.shape
+    if rb % ts:
+        raise LlmkitError(f"{qtype.name} row of {rb} bytes is not whole {ts}-byte blocks")
+    NB = rb // ts
+    K = NB * bs
+    if x.shape[-1] != K:
+        raise LlmkitError(f"input has {x.shape[-1]} columns but {qtype.name} rows hold {K}")
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    y = torch.empty((M, N), dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return y.reshape(*lead, N)
+
+    interp = _interpreting()
+    block_m = min(16, triton.next_power_of_2(M))
+    if block_n is None:
+        # Interpreter: few fat programs (cost is per op); GPU: many small ones to fill the SMs.
+        block_n = 64 if interp else (16 if block_m <= 4 else 32)
+    if blocks_per_step is None:
+        blocks_per_step = (8 if interp else 4) if bs == 32 else 1
+    use_dot = block_m >= 16
+    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    _qgemv_kernel[grid](
+        x2,
+        w,
+        y,
+        M,
+        N,
+        K,
+        NB,
+        x2.stride(0),
+        x2.stride(1),
+        w.stride(0),
+        y.stride(0),
+        y.stride(1),
+        QTYPE=code,
+        BS=bs,
+        G=blocks_per_step,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        USE_DOT=use_dot,
+    )
+    return y.reshape(*lead, N)

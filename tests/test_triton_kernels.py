@@ -1,0 +1,204 @@
+"""Triton kernels (kernels/triton_gemv.py, kernels/triton_attention.py) against the torch
+references. Without a CUDA device they run on CPU tensors under the Triton interpreter
+(TRITON_INTERPRET=1, set before triton is imported); with one, compiled on the GPU."""
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+pytest.importorskip("numpy")  # the interpreter needs it
+
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+
+from llmkit.core.errors import LlmkitError  # noqa: E402
+from llmkit.core.layers import attention as ref_attention  # noqa: E402
+from llmkit.kernels.triton_attention import attention  # noqa: E402
+from llmkit.kernels.triton_gemv import qgemv  # noqa: E402
+from llmkit.quant.dequant import dequantize  # noqa: E402
+from llmkit.quant.quantize import quantize  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cpu"] if INTERPRET else ["cuda"]
+
+# Max |error| / max |reference|. The GEMV upcasts x exactly and accumulates in fp32 for every
+# x dtype; attention's fp16/bf16 outputs are rounded to their dtype (the interpreter's fp32 ->
+# bf16 store truncates instead of rounding: up to 1 bf16 ulp).
+GEMV_TOL = 1e-5
+ATTN_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _seed(*key) -> int:
+    """A fixed seed per parameter set: fresh inputs for every case, reproducible on failure."""
+    return zlib.crc32(repr(key).encode())
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all(), "NaN/inf in the kernel output (unwritten or poisoned)"
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def _poison(monkeypatch):
+    """Make every torch.empty NaN-filled, so output the kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantized GEMV
+
+# (type, K) with K = 2-3 blocks (32-element types) or 2-3 super-blocks (K-quants)
+GEMV_CASES = [
+    (QT.Q8_0, 96),
+    (QT.Q4_0, 64),
+    (QT.Q4_1, 96),
+    (QT.Q5_0, 96),
+    (QT.Q4_K, 512),
+    (QT.Q6_K, 768),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("qtype,K", GEMV_CASES, ids=[c[0].name for c in GEMV_CASES])
+def test_qgemv_matches_dequant_matmul(qtype, K, M, xdtype, device, monkeypatch):
+    g = torch.Generator().manual_seed(_seed(qtype.name, K, M, xdtype))
+    N = int(torch.randint(40, 71, (1,), generator=g))
+    w_raw = quantize(torch.randn(N, K, generator=g), qtype).to(device)
+    x = torch.randn(M, K, generator=g).to(xdtype).to(device)
+    ref = x.float() @ dequantize(w_raw, qtype).T
+    _poison(monkeypatch)
+    y = qgemv(x, w_raw, qtype)
+    assert y.shape == (M, N) and y.dtype == torch.float32
+    assert _rel_err(y, ref) < GEMV_TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K])
+def test_qgemv_dot_path_strided_rows_and_leading_dims(qtype, device, monkeypatch):
+    """M >= 16 takes the tl.dot path; W a row slice of a bigger byte array; x [2, 9, K]."""
+    g = torch.Generator().manual_seed(7)
+    K = 64 if qtype == QT.Q8_0 else 256
+    big = quantize(torch.randn(90, 2 * K, generator=g), qtype)  # rows of 2K
+    w_raw = big[5:60, : big.shape[1] // 2].to(device)  # 55 rows of K, row stride 2K bytes
+    x = torch.randn(2, 9, K, generator=g).to(device)
+    ref = x.float() @ dequantize(w_raw.contiguous(), qtype).T
+    _poison(monkeypatch)
+    y = qgemv(x, w_raw, qtype, block_n=32)
+    assert y.shape == (2, 9, 55)
+    assert _rel_err(y, ref) < GEMV_TOL
+
+
+def test_qgemv_rejects_bad_input():
+    w = quantize(torch.randn(8, 64), QT.Q8_0)
+    with pytest.raises(LlmkitError, match="Q5_K"):
+        qgemv(torch.randn(1, 256), quantize(torch.randn(8, 256), QT.Q5_K), QT.Q5_K)
+    with pytest.raises(LlmkitError, match="columns"):
+        qgemv(torch.randn(1, 32), w, QT.Q8_0)
+    with pytest.raises(LlmkitError, match="fp32/fp16/bf16"):
+        qgemv(torch.randn(1, 64).double(), w, QT.Q8_0)
+    with pytest.raises(LlmkitError, match="uint8"):
+        qgemv(torch.randn(1, 64), w.float(), QT.Q8_0)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+
+
+def _kv_layout(S, P, shuffled, g):
+    """kpos [S]: positions 0..P-1 in random (or leading) slots, the rest empty (-1)."""
+    kpos = torch.full((S,), -1, dtype=torch.int64)
+    slots = torch.randperm(S, generator=g)[:P] if shuffled else torch.arange(P)
+    kpos[slots] = torch.arange(P)
+    return kpos
+
+
+def _ref(q, k, v, kpos, qpos, scale, window):
+    w = window or (1 << 62)
+    d = qpos[:, None] - kpos[None, :]
+    mask = (kpos[None, :] >= 0) & (d >= 0) & (d < w)
+    return ref_attention(q.double(), k.double(), v.double(), mask, scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "T,S,window,shuffled",
+    [(1, 13, None, True), (3, 40, None, True), (5, 29, None, False), (5, 40, 7, True),
+     (3, 37, 9, False), (1, 40, 5, False)],
+)  # fmt: skip
+def test_attention_matches_reference(T, S, window, shuffled, dtype, device, monkeypatch):
+    g = torch.Generator().manual_seed(_seed(T, S, window, shuffled, dtype))
+    Hq, Hkv, D = 4, 2, 32
+    P = S - 3  # 3 empty slots
+    kpos = _kv_layout(S, P, shuffled, g)
+    qpos = torch.arange(P - T, P)  # the T newest tokens, already in the cache
+    q, k, v = (
+        torch.randn(*s, generator=g).to(dtype) for s in ((T, Hq, D), (Hkv, S, D), (Hkv, S, D))
+    )
+    scale = 0.17
+    ref = _ref(q, k, v, kpos, qpos, scale, window)
+    _poison(monkeypatch)
+    dev = [a.to(device) for a in (q, k, v, kpos, qpos)]
+    y = attention(*dev, scale, window)
+    assert y.shape == (T, Hq * D) and y.dtype == dtype
+    assert _rel_err(y.cpu(), ref) < ATTN_TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_skips_invisible_tiles(device):
+    """Slots 0..15 hold positions older than every query's window: poisoning their K/V with NaN
+    must not reach the output (the tile is skipped, not merely masked)."""
+    g = torch.Generator().manual_seed(3)
+    T, S, Hq, Hkv, D, window = 3, 40, 4, 2, 32, 8
+    kpos = torch.arange(S)
+    qpos = torch.arange(S - T, S)
+    q, k, v = (torch.randn(*s, generator=g) for s in ((T, Hq, D), (Hkv, S, D), (Hkv, S, D)))
+    ref = _ref(q, k, v, kpos, qpos, 0.2, window)
+    k[:, :16] = float("nan")
+    v[:, :16] = float("nan")
+    dev = [a.to(device) for a in (q, k, v, kpos, qpos)]
+    y = attention(*dev, 0.2, window, block_s=16)
+    assert _rel_err(y.cpu(), ref) < ATTN_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_gqa_group_of_3_and_dv(device):
+    """Non-pow2 group (Hq=6, Hkv=2), D=24 (padded), Dv=16, default scale, fp16 q with fp32 K/V."""
+    g = torch.Generator().manual_seed(5)
+    T, S, Hq, Hkv, D, Dv = 3, 21, 6, 2, 24, 16
+    kpos = _kv_layout(S, S - 2, True, g)
+    qpos = torch.arange(S - 2 - T, S - 2)
+    q = torch.randn(T, Hq, D, generator=g).half()
+    k = torch.randn(Hkv, S, D, generator=g)
+    v = torch.randn(Hkv, S, Dv, generator=g)
+    ref = _ref(q, k, v, kpos, qpos, D**-0.5, None)
+    dev = [a.to(device) for a in (q, k, v, kpos, qpos)]
+    y = attention(*dev)
+    assert y.shape == (T, Hq * Dv) and y.dtype == torch.float16
+    assert _rel_err(y.cpu(), ref) < ATTN_TOL[torch.float16]
+
+
+def test_attention_rejects_bad_input():
+    q, k = torch.randn(1, 4, 32), torch.randn(3, 8, 32)
+    with pytest.raises(LlmkitError, match="multiple"):
+        attention(q, k, k, torch.arange(8), torch.tensor([7]))
+    k = torch.randn(2, 8, 32)
+    with pytest.raises(LlmkitError, match="kpos"):
+        attention(q, k, k, torch.arange(9), torch.tensor([7]))
+    with pytest.raises(LlmkitError, match="fp32/fp16/bf16"):
+        attention(q.double(), k, k, torch.arange(8), torch.tensor([7]))
