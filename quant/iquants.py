@@ -15,45 +15,57 @@ in fp32 (C's order) so the chosen scale, and thus every byte, matches.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from llmkit.quant.kquants import GROUP_MAX_EPS, _first_absmax, _fp16, _seq
+from llmkit.quant.kquants import GROUP_MAX_EPS, _chunked, _first_absmax, _fp16, _seq
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 _KV = torch.tensor(KVALUES, dtype=torch.float32)
-# x picks level i once 2x reaches val[i-1] + val[i] (best_index_int8: exact midpoints, ties go up)
-_MID2 = torch.tensor([KVALUES[i - 1] + KVALUES[i] for i in range(1, 16)], dtype=torch.float32)
+# x picks level i once 2x reaches val[i-1] + val[i] (best_index_int8: exact midpoints, ties go up).
+# The midpoints are integers, so the level depends only on floor(2x): tabulate it over their range.
+_MID2 = [KVALUES[i - 1] + KVALUES[i] for i in range(1, 16)]
+_LO, _HI = _MID2[0] - 1, _MID2[-1]
+_IDX = torch.tensor([sum(m <= f for m in _MID2) for f in range(_LO, _HI + 1)], dtype=torch.int64)
+_LEVEL = _KV[_IDX]
+# blocks (of 32 for IQ4_NL, 256 for IQ4_XS) per pass, so the [32, 16, M] candidate arrays stay small
+CHUNK_BLOCKS = {"iq4_nl": 2048, "iq4_xs": 256}
+
+
+def _lookup(table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """table[floor(2v)] elementwise (NaN -> the top level, as C's comparisons all fail)."""
+    f = torch.add(v, v).floor_().clamp_(_LO, _HI).nan_to_num_(nan=_HI).sub_(_LO)
+    return torch.index_select(table, 0, f.to(torch.int32).reshape(-1)).reshape(v.shape)
 
 
 def best_index(v: torch.Tensor) -> torch.Tensor:
     """best_index_int8(16, kvalues, v) elementwise -> int64 indices 0..15."""
-    v2 = v + v
-    return torch.searchsorted(_MID2, v2.contiguous(), right=True)
+    return _lookup(_IDX, v)
 
 
 def _block_scales(xe: torch.Tensor, we: torch.Tensor, ntry: int = 7) -> torch.Tensor:
-    """Per-block scale search. xe, we: element-major [32, M] -> d [M] (0 for near-zero blocks)."""
+    """Per-block scale search. xe, we: element-major [32, M] -> d [M] (0 for near-zero blocks).
+    The 2 ntry + 2 candidate scales are independent: all are evaluated at once ([32, 16, M]), then
+    chosen in C's order."""
     amax, mx = _first_absmax(xe)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    wx = we * xe
-
-    def sums(idv):
-        q = _KV[best_index(idv * xe)]
-        wq = we * q
-        return _seq(wq * xe), _seq(wq * q)
-
     d = -mx / KVALUES[0]
-    sumqx, sumq2 = sums(1 / d)
-    del wx
-    d = sumqx / sumq2
-    best = d * sumqx
-    for itry in range(-ntry, ntry + 1):
-        idv = float(itry + KVALUES[0]) / mx
-        sqx, sq2 = sums(idv)
-        better = (sq2 > 0) & (sqx * sqx > best * sq2)
-        d = torch.where(better, sqx / sq2, d)
-        best = torch.where(better, d * sqx, best)
+    tries = torch.arange(-ntry, ntry + 1, dtype=torch.float32) + KVALUES[0]
+    idv = torch.cat(((1 / d)[None], tries[:, None] / mx))  # [16, M]
+    q = _lookup(_LEVEL, idv * xe[:, None])  # [32, 16, M]
+    st = torch.empty((xe.shape[0], 2) + q.shape[1:])
+    torch.mul(we[:, None], q, out=st[:, 1])  # w*q
+    torch.mul(st[:, 1], xe[:, None], out=st[:, 0])  # w*q*x
+    st[:, 1].mul_(q)  # w*q*q
+    sqx, sq2 = _seq(st)  # [16, M] each
+    d = sqx[0] / sq2[0]
+    best = d * sqx[0]
+    for k in range(1, idv.shape[0]):
+        better = (sq2[k] > 0) & (sqx[k] * sqx[k] > best * sq2[k])
+        d = torch.where(better, sqx[k] / sq2[k], d)
+        best = torch.where(better, d * sqx[k], best)
     return torch.where(zero, torch.zeros_like(d), d)
 
 
@@ -71,6 +83,7 @@ def _weights(xb: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     return qw.float().reshape(xb.shape) * torch.sqrt(sigma2[:, None] + xb * xb)
 
 
+@functools.partial(_chunked, block=32, chunks=CHUNK_BLOCKS)
 def quantize_iq4_nl(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = x.float().reshape(-1, 32)  # [B, 32]
     w = _weights(xb, qw)
@@ -81,6 +94,7 @@ def quantize_iq4_nl(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Te
     return torch.cat((dh, _pack_nibbles(L)), 1)
 
 
+@functools.partial(_chunked, chunks=CHUNK_BLOCKS)
 def quantize_iq4_xs(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = x.float().reshape(-1, 256)  # [B, 256]
     B = xb.shape[0]

@@ -11,27 +11,52 @@ A super-block holds QK_K = 256 values (byte offsets, little-endian, f16 = IEEE h
     Q6_K 210 B: ql[128] @0 | qh[64] @128 | scales:i8[16] @192 | d @208
 
 How byte-exactness is kept: every search (`make_qkx2_quants`, `make_qx_quants`, ...) runs for all
-sub-blocks at once, but each sum over a sub-block's 16/32 values is accumulated element by element
-in fp32 in C's order (`_seq`), never with torch's pairwise reductions, and every C expression is
-evaluated with the same operation order (no fused multiply-add). `nearest_int` (add 1.5*2^23) is
+sub-blocks at once (independent candidate scales too, as an extra dim), but each sum over a
+sub-block's 16/32 values is accumulated element by element in fp32 in C's order (`_seq`), and every
+C expression keeps its operation order (no fused multiply-add). `nearest_int` (add 1.5*2^23) is
 round-half-to-even, i.e. `torch.round`. Work arrays are "element-major" ([n, M]: element index
-first, one column per sub-block) so each step of a sequential sum reads a contiguous row.
+first, one column per sub-block); inputs are processed in cache-sized chunks of super-blocks.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 QK_K = 256
 GROUP_MAX_EPS = 1e-15
+# super-blocks per pass: cache-sized work arrays, yet enough columns per torch call (2-core EPYC)
+CHUNK_BLOCKS = {"q2_k": 1024, "q3_k": 4096, "q3_k_im": 256, "q4_k": 1024, "q5_k": 1024, "q6_k": 256}
 
 
 def _seq(a: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 in order (a[0] + a[1] + ...), fp32 like the C loops. a: [n, ...] -> [...]."""
-    s = a[0].clone()
-    for i in range(1, a.shape[0]):
-        s += a[i]
-    return s
+    """Sum over dim 0 in order (a[0] + a[1] + ...), fp32 like the C loops. a: [n, ...] -> [...].
+    numpy's add.reduce over the outer axis of a C-contiguous array adds row by row (pairwise
+    summation is only used along the innermost axis): one call, C's sequential order per column."""
+    a = a.contiguous()
+    return torch.from_numpy(np.add.reduce(a.numpy(), axis=0))
+
+
+def _chunked(fn, block: int = QK_K, chunks: dict = CHUNK_BLOCKS):
+    """Quantize x (and qw) chunks[name] blocks at a time; fn's output rows are blocks."""
+    key = fn.__name__.removeprefix("quantize_")
+
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.reshape(-1)
+        step = chunks.get(key + "_im" if qw is not None else key, chunks[key]) * block
+        if x.numel() <= step:
+            return fn(x, qw)
+        qw = None if qw is None else qw.reshape(-1)
+        parts = [
+            fn(x[i : i + step], None if qw is None else qw[i : i + step])
+            for i in range(0, x.numel(), step)
+        ]
+        return torch.cat(parts)
+
+    return run
 
 
 def _nearest(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
@@ -67,66 +92,70 @@ def _first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def make_qx_quants(
     x: torch.Tensor, nmax: int, qw: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw). x: [n, M] -> (scale [M], L [n, M] in 0..2nmax-1)."""
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw). x: [n, M] -> (scale [M], L [n, M] in 0..2nmax-1).
+    The first attempt (-nmax / max) and the 18 others (-(nmax + 0.1 i) / max) are independent, so
+    all 19 are evaluated at once ([n, 19, M]); the choice then replays C's order."""
     amax, mx = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
     w = qw if qw is not None else x * x
     wx = w * x
-
-    def attempt(iscale):
-        lv = _nearest(iscale * x, -nmax, nmax - 1)
-        return lv, _seq(wx * lv), _seq(w * lv * lv)
-
-    lv, sumlx, suml2 = attempt(float(-nmax) / mx)
-    L = lv + nmax
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for i in range(-9, 10):
-        if i == 0:
-            continue
-        iscale = -(nmax + torch.tensor(0.1, dtype=torch.float32) * i) / mx
-        lv, slx, sl2 = attempt(iscale)
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        L = torch.where(better, lv + nmax, L)
-        scale = torch.where(better, slx / sl2, scale)
-        best = torch.where(better, scale * slx, best)
+    steps = torch.tensor([i for i in range(-9, 10) if i], dtype=torch.float32)
+    num = torch.cat((torch.tensor([float(-nmax)]), -(nmax + torch.tensor(0.1) * steps)))
+    iscale = num[:, None] / mx  # [19, M]
+    lv = _nearest(iscale * x[:, None], -nmax, nmax - 1)  # [n, 19, M]
+    sums = torch.empty((x.shape[0], 2) + lv.shape[1:])
+    torch.mul(wx[:, None], lv, out=sums[:, 0])
+    torch.mul(w[:, None], lv, out=sums[:, 1])
+    sums[:, 1].mul_(lv)
+    del lv
+    slx, sl2 = _seq(sums)  # [19, M] each
+    scale = torch.where(sl2[0] != 0, slx[0] / sl2[0], torch.zeros_like(slx[0]))
+    best = scale * slx[0]
+    pick = iscale[0]
+    for k in range(1, iscale.shape[0]):
+        better = (sl2[k] > 0) & (slx[k] * slx[k] > best * sl2[k])
+        pick = torch.where(better, iscale[k], pick)
+        scale = torch.where(better, slx[k] / sl2[k], scale)
+        best = torch.where(better, scale * slx[k], best)
+    L = _nearest(pick * x, -nmax, nmax - 1) + nmax
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L)
     return scale, L
 
 
+def _descend(x, w, L, rnd, q3: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5 coordinate-descent passes of make_q3_quants (q3) / make_qp_quants, in element order
+    (L [n, M] updated in place) -> (sumlx, suml2). A pass without change is a fixed point, so all
+    columns simply run the 5 passes. rnd: C's rounding and clamping of a new level."""
+    wx = w * x
+    sumlx = _seq(wx * L)
+    suml2 = _seq(w * L * L)
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            wi, xi, wxi, li = w[i], x[i], wx[i], L[i]
+            slx = sumlx - wxi * li
+            sl2 = suml2 - wi * li * li
+            new_l = rnd(xi * sl2 / slx)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + wi * new_l * new_l
+            take = (slx > 0) & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            take &= (sl22 > 0) if q3 else (sl2 > 0)
+            L[i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx2, sumlx)
+            suml2 = torch.where(take, sl22, suml2)
+    return sumlx, suml2
+
+
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """make_q3_quants(n, nmax, x, L, do_rmse=true): x [n, M] -> (scale [M], L [n, M] in 0..2nmax-1).
-    The coordinate descent visits elements in order; a pass without change is a fixed point, so all
-    columns simply run the 5 passes."""
-    n = x.shape[0]
+    The coordinate descent (`_descend`) visits elements in order."""
     amax, mx = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
     iscale = float(-nmax) / mx
     L = _nearest(iscale * x, -nmax, nmax - 1)
-    w = x * x
-    wx = w * x
-    sumlx = _seq(wx * L)
-    suml2 = _seq(w * L * L)
-    for _ in range(5):
-        for i in range(n):
-            wi, xi, wxi, li = w[i], x[i], wx[i], L[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = _nearest(xi * sl2 / slx, -nmax, nmax - 1)
-            slx2 = slx + wxi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            take = (
-                (slx > 0)
-                & (new_l != li)
-                & (sl22 > 0)
-                & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            )
-            L[i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
+    sumlx, suml2 = _descend(x, x * x, L, lambda v: _nearest(v, -nmax, nmax - 1), q3=True)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
@@ -144,52 +173,63 @@ def make_qkx_quants(
     v3: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """make_qkx2_quants (v3=False) / make_qkx3_quants (v3=True): x, w [n, M] ->
-    (scale [M], the_min [M] (>= 0, subtracted), L [n, M] in 0..nmax)."""
+    (scale [M], the_min [M] (>= 0, subtracted), L [n, M] in 0..nmax).
+    Each step uses the `min` earlier improvements left, so steps run in order; L is recomputed at
+    the end from the winning (iscale, min). Rounding: clamp(round(v)), NaN -> 0, in both versions."""
     sum_w = _seq(w)
     sum_x = _seq(w * x)
     mn = x.amin(0).clamp(max=0.0)
     mx = x.amax(0)
     flat = (mx <= mn) if v3 else (mx == mn)
     rng = torch.where(flat, torch.ones_like(mx), mx - mn)
+    la = torch.empty_like(x)
+    e = torch.empty_like(x)
+    st = torch.empty((x.shape[0], 3, x.shape[1]))
 
-    def err(scale, mins, L):
-        diff = scale * L + mins - x
-        diff = diff.abs() if use_mad else diff * diff
-        return _seq(w * diff)
+    def quant(iscale, xmin):  # -> la
+        torch.sub(x, xmin, out=la).mul_(iscale).round_().clamp_(0, nmax)
+        if not bool(torch.isfinite(iscale).all()):
+            la.nan_to_num_(nan=0.0)
+        return la
 
-    xm = x - mn
+    def err(scale, mins):
+        torch.mul(la, scale, out=e).add_(mins).sub_(x)
+        if use_mad:
+            e.abs_()
+        else:
+            e.mul_(e)
+        return _seq(e.mul_(w))
+
     iscale = float(nmax) / rng
     scale = 1 / iscale
-    L = _nearest(iscale * xm, 0, nmax)
-    best = err(scale, mn, L)
+    quant(iscale, mn)
+    best = err(scale, mn)
+    pick_is, pick_min = iscale, mn
     cur_min = mn
     for i in range(nstep + 1):
         # C keeps using `min`, which each improvement replaces by the fitted one
         if i:
             rng = torch.where(flat, rng, mx - cur_min)
-            xm = x - cur_min
         iscale = (rmin + torch.tensor(rdelta, dtype=torch.float32) * i + nmax) / rng
-        v = iscale * xm
-        if v3:
-            la = torch.where(v > 0, torch.round(v.clamp(max=nmax)), torch.zeros_like(v))
-        else:
-            la = _nearest(v, 0, nmax)
-        wl = w * la
-        sum_l = _seq(wl)
-        sum_l2 = _seq(wl * la)
-        sum_xl = _seq(wl * x)
+        quant(iscale, cur_min)
+        torch.mul(w, la, out=st[:, 0])
+        torch.mul(st[:, 0], la, out=st[:, 1])
+        torch.mul(st[:, 0], x, out=st[:, 2])
+        sum_l, sum_l2, sum_xl = _seq(st)
         D = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
         pos = this_min > 0
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        cur = err(this_scale, this_min, la)
+        cur = err(this_scale, this_min)
         better = (D > 0) & (cur < best)
-        L = torch.where(better, la, L)
+        pick_is = torch.where(better, iscale, pick_is)
+        pick_min = torch.where(better, cur_min, pick_min)
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
         cur_min = torch.where(better, this_min, cur_min)
+    L = quant(pick_is, pick_min)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     L = torch.where(flat, torch.zeros_like(L), L)
     cur_min = torch.where(flat, mn, cur_min)
@@ -200,7 +240,6 @@ def make_qp_quants(
     x: torch.Tensor, nmax: int, qw: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """make_qp_quants(n, nmax, x >= 0, L, quant_weights): x, qw [n, M] -> (scale [M], L [n, M])."""
-    n = x.shape[0]
     mx = x.amax(0).clamp(min=0.0)
     zero = mx < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
@@ -221,23 +260,9 @@ def make_qp_quants(
         best = torch.where(better, mse, best)
         iscale = torch.where(better, iscale_is, iscale)
     L = torch.round(iscale * x).clamp(max=nmax)
-    wx = qw * x
-    sumlx = _seq(wx * L)
-    suml2 = _seq(qw * L * L)
-    for _ in range(5):
-        for i in range(n):
-            wi, xi, wxi, li = qw[i], x[i], wx[i], L[i]
-            slx = sumlx - wxi * li
-            sl2 = suml2 - wi * li * li
-            new_l = torch.nan_to_num(torch.round(xi * sl2 / slx), nan=0.0).clamp(max=nmax)
-            slx2 = slx + wxi * new_l
-            sl22 = sl2 + wi * new_l * new_l
-            take = (
-                (slx > 0) & (sl2 > 0) & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            )
-            L[i] = torch.where(take, new_l, li)
-            sumlx = torch.where(take, slx2, sumlx)
-            suml2 = torch.where(take, sl22, suml2)
+    sumlx, suml2 = _descend(
+        x, qw, L, lambda v: torch.nan_to_num(torch.round(v), nan=0.0).clamp(max=nmax), q3=False
+    )
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L)
@@ -307,6 +332,7 @@ def _sumx2(xb: torch.Tensor) -> torch.Tensor:
 # Q2_K
 
 
+@_chunked
 def quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = _superblocks(x)
     B = xb.shape[0]
@@ -348,6 +374,7 @@ def quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tens
 # Q3_K
 
 
+@_chunked
 def quantize_q3_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = _superblocks(x)
     B = xb.shape[0]
@@ -426,6 +453,7 @@ def _q45_k(xb: torch.Tensor, nmax: int, qw: torch.Tensor | None):
     return d, dmin, scales, L
 
 
+@_chunked
 def quantize_q4_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = _superblocks(x)
     d, dmin, scales, L = _q45_k(xb, 15, qw)
@@ -434,6 +462,7 @@ def quantize_q4_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tens
     return torch.cat((_h(d), _h(dmin), scales, qs), 1)
 
 
+@_chunked
 def quantize_q5_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = _superblocks(x)
     d, dmin, scales, L = _q45_k(xb, 31, qw)
@@ -449,6 +478,7 @@ def quantize_q5_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tens
 # Q6_K
 
 
+@_chunked
 def quantize_q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     xb = _superblocks(x)
     B = xb.shape[0]
