@@ -80,7 +80,8 @@ def _weights(xb: torch.Tensor, qw: torch.Tensor | None) -> torch.Tensor:
     if qw is None:
         return xb * xb
     sigma2 = _seq((xb * xb).t()) * (2.0 / xb.shape[1])
-    return qw.float().reshape(xb.shape) * torch.sqrt(sigma2[:, None] + xb * xb)
+    # float64 sqrt rounded to float32 is exact (torch's float32 sqrt is not), as C's sqrtf
+    return qw.float().reshape(xb.shape) * torch.sqrt((sigma2[:, None] + xb * xb).double()).float()
 
 
 @functools.partial(_chunked, block=32, chunks=CHUNK_BLOCKS)

@@ -13,8 +13,9 @@ A super-block holds QK_K = 256 values (byte offsets, little-endian, f16 = IEEE h
 How byte-exactness is kept: every search (`make_qkx2_quants`, `make_qx_quants`, ...) runs for all
 sub-blocks at once (independent candidate scales too, as an extra dim), but each sum over a
 sub-block's 16/32 values is accumulated element by element in fp32 in C's order (`_seq`), and every
-C expression keeps its operation order (no fused multiply-add). `nearest_int` (add 1.5*2^23) is
-round-half-to-even, i.e. `torch.round`. Work arrays are "element-major" ([n, M]: element index
+C expression keeps its operation order (no fused multiply-add) and IEEE rounding: `const / tensor`
+goes through `_rdiv` and sqrtf through `_sqrtf`, as torch's own are not correctly rounded.
+`nearest_int` (add 1.5*2^23) is round-half-to-even, i.e. `torch.round`. Work arrays are "element-major" ([n, M]: element index
 first, one column per sub-block); inputs are processed in cache-sized chunks of super-blocks.
 """
 
@@ -62,6 +63,19 @@ def _chunked(fn, block: int = QK_K, chunks: dict = CHUNK_BLOCKS):
 def _nearest(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """nearest_int then clamp to [lo, hi], as float (NaN -> lo, like an out-of-range int would be)."""
     return torch.nan_to_num(torch.round(v), nan=lo).clamp_(lo, hi)
+
+
+def _rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """C's `c / t` for a constant c, correctly rounded. `python_float / tensor` is NOT: torch
+    evaluates it as t.reciprocal() * c (two roundings), about 1 result in 4 off by one ulp."""
+    return torch.tensor(c, dtype=torch.float32) / t
+
+
+def _sqrtf(v: torch.Tensor) -> torch.Tensor:
+    """C's sqrtf: correctly rounded. torch.sqrt on CPU float32 is not (it is off by one ulp for
+    about 1 input in 5), which moves av_x / the imatrix weights and, through the searches' sums,
+    can flip a make_qkx2_quants choice; numpy's float32 sqrt is IEEE-exact."""
+    return torch.from_numpy(np.sqrt(v.contiguous().numpy()))
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +167,7 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     amax, mx = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    iscale = float(-nmax) / mx
+    iscale = _rdiv(-nmax, mx)
     L = _nearest(iscale * x, -nmax, nmax - 1)
     sumlx, suml2 = _descend(x, x * x, L, lambda v: _nearest(v, -nmax, nmax - 1), q3=True)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
@@ -200,8 +214,8 @@ def make_qkx_quants(
             e.mul_(e)
         return _seq(e.mul_(w))
 
-    iscale = float(nmax) / rng
-    scale = 1 / iscale
+    iscale = _rdiv(nmax, rng)
+    scale = _rdiv(1, iscale)
     quant(iscale, mn)
     best = err(scale, mn)
     pick_is, pick_min = iscale, mn
@@ -243,16 +257,16 @@ def make_qp_quants(
     mx = x.amax(0).clamp(min=0.0)
     zero = mx < GROUP_MAX_EPS
     mx = torch.where(zero, torch.ones_like(mx), mx)
-    iscale = float(nmax) / mx
+    iscale = _rdiv(nmax, mx)
     L = torch.round(iscale * x)  # no clamp here, as in C
-    scale = 1 / iscale
+    scale = _rdiv(1, iscale)
     diff = x - scale * L
     best = _seq(qw * diff * diff)
     for i in range(-4, 5):
         if i == 0:
             continue
         iscale_is = (torch.tensor(0.1, dtype=torch.float32) * i + nmax) / mx
-        scale_is = 1 / iscale_is
+        scale_is = _rdiv(1, iscale_is)
         lv = torch.round(iscale_is * x).clamp(max=nmax)
         diff = x - scale_is * lv
         mse = _seq(qw * diff * diff)
@@ -321,7 +335,7 @@ def _back(v: torch.Tensor, nsub: int) -> torch.Tensor:
 
 def _imatrix_weights(xb: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
     """qw[l] * sqrtf(sigma2 + x[l]*x[l]) for super-blocks xb [B, 256], qw [B, 256], sigma2 [B]."""
-    return qw.float().reshape(xb.shape) * torch.sqrt(sigma2[:, None] + xb * xb)
+    return qw.float().reshape(xb.shape) * _sqrtf(sigma2[:, None] + xb * xb)
 
 
 def _sumx2(xb: torch.Tensor) -> torch.Tensor:
@@ -344,8 +358,8 @@ def quantize_q2_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tens
         max_min = _pos_max(mn)
         ms = torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))
         mm = torch.where(max_min > 0, max_min, torch.ones_like(max_min))
-        ls = _u8(torch.round((15.0 / ms)[:, None] * sc)).to(torch.int32)
-        lm = _u8(torch.round((15.0 / mm)[:, None] * mn)).to(torch.int32)
+        ls = _u8(torch.round(_rdiv(15.0, ms)[:, None] * sc)).to(torch.int32)
+        lm = _u8(torch.round(_rdiv(15.0, mm)[:, None] * mn)).to(torch.int32)
         ls = torch.where(max_scale[:, None] > 0, ls, torch.zeros_like(ls))
         lm = torch.where(max_min[:, None] > 0, lm, torch.zeros_like(lm))
         scales = _u8(ls | (lm << 4))
@@ -384,10 +398,10 @@ def quantize_q3_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tens
         sc = sc.reshape(B, 16)
         amax, max_scale = _first_absmax(sc.t())
         nz = max_scale != 0
-        iscale = -32.0 / torch.where(nz, max_scale, torch.ones_like(max_scale))
+        iscale = _rdiv(-32.0, torch.where(nz, max_scale, torch.ones_like(max_scale)))
         l6 = _nearest(iscale[:, None] * sc, -32, 31) + 32
         l6 = torch.where(nz[:, None], l6, torch.zeros_like(l6))
-        d = _fp16(torch.where(nz, 1 / iscale, torch.zeros_like(iscale)))
+        d = _fp16(torch.where(nz, _rdiv(1, iscale), torch.zeros_like(iscale)))
     else:
         sigma2 = 2 * _sumx2(xb) / QK_K
         we = _em(_imatrix_weights(xb, qw, sigma2), 16)
@@ -419,7 +433,7 @@ def _q45_k(xb: torch.Tensor, nmax: int, qw: torch.Tensor | None):
     B = xb.shape[0]
     xe = _em(xb, 32)  # [32, B*8]
     if qw is None:
-        av_x = torch.sqrt(_seq(xe * xe) / 32)
+        av_x = _sqrtf(_seq(xe * xe) / 32)
         we = av_x + xe.abs()
         if nmax == 15:
             sc, mn, L = make_qkx_quants(xe, we, 15, -1.0, 0.1, 20, False)
@@ -428,8 +442,8 @@ def _q45_k(xb: torch.Tensor, nmax: int, qw: torch.Tensor | None):
         sc, mn = sc.reshape(B, 8), mn.reshape(B, 8)
         max_scale = _pos_max(sc)
         max_min = _pos_max(mn)
-        inv_s = torch.where(max_scale > 0, 63.0 / max_scale, torch.zeros_like(max_scale))
-        inv_m = torch.where(max_min > 0, 63.0 / max_min, torch.zeros_like(max_min))
+        inv_s = torch.where(max_scale > 0, _rdiv(63.0, max_scale), torch.zeros_like(max_scale))
+        inv_m = torch.where(max_min > 0, _rdiv(63.0, max_min), torch.zeros_like(max_min))
         # uint8_t ls = nearest_int(...); ls = MIN(63, ls): the int wraps to 8 bits first
         ls = _u8(torch.round(inv_s[:, None] * sc)).clamp(max=63)
         lm = _u8(torch.round(inv_m[:, None] * mn)).clamp(max=63)
@@ -487,8 +501,8 @@ def quantize_q6_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tens
     sc = sc.reshape(B, 16)
     amax, max_scale = _first_absmax(sc.t())
     zero = amax < GROUP_MAX_EPS
-    iscale = -128.0 / torch.where(zero, torch.ones_like(max_scale), max_scale)
-    d = _fp16(1 / iscale)
+    iscale = _rdiv(-128.0, torch.where(zero, torch.ones_like(max_scale), max_scale))
+    d = _fp16(_rdiv(1, iscale))
     s8 = torch.round(iscale[:, None] * sc).clamp(max=127)  # MIN(127, nearest_int(...)) into int8
     s8 = s8.to(torch.int32).to(torch.int8)
     L = _back(L, 16)

@@ -121,7 +121,8 @@ def _row_weights(x: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
     x: [R, n] rows, qw: [n] -> [R, n]."""
     x2 = x * x
     sigma2 = kq._seq(x2.t()) / x.shape[-1]
-    return qw.float()[None, :] * torch.sqrt(sigma2[:, None] + x2)
+    # float64 sqrt rounded to float32 is exact (torch's float32 sqrt is not), as C's sqrtf
+    return qw.float()[None, :] * torch.sqrt((sigma2[:, None] + x2).double()).float()
 
 
 def _weighted_32(x: torch.Tensor, qw: torch.Tensor, qtype: QT) -> torch.Tensor:
