@@ -177,6 +177,9 @@ def speculative_generate(
         n_gen = 0
         while True:
             for tok in pending:  # emit in order; stop at EOG / the limit
+                if 0 <= n_predict <= n_gen:
+                    stats.stop_reason = "limit"
+                    return
                 if is_eog(tok) and not ignore_eos:
                     stats.stop_reason = "eog"
                     return

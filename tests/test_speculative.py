@@ -299,3 +299,9 @@ def test_chat_turns_with_mtp_match_plain_chat(files, capsys, monkeypatch):
         assert e.value.code == 0, out.err
         outs.append(out.out)
     assert outs[0] == outs[1]
+
+
+def test_n_predict_limits_match_plain_generation(files):
+    lm = load_model(files["full"], mtp=True)
+    for n in (0, 1, 2):
+        assert _spec(lm, PROMPTS[0], n, 3)[0] == _plain(lm, PROMPTS[0], n)
