@@ -24,16 +24,21 @@ class GenStats:
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_tokens: int = 0
-    decode_seconds: float = 0.0  # time of the single-token forward passes (llama.cpp's "eval time")
+    decode_seconds: float = 0.0  # decode forward passes only (llama.cpp's "eval time")
     tokens: list[int] = field(default_factory=list)
     stop_reason: str = ""
+    decode_steps: int = 0  # decode forward passes (llama.cpp's "runs"; one per speculative round)
+    decode_tokens: int = 0  # tokens those passes produced (more than one per speculative round)
+
+    def record(self, tok: int, history: list[int]) -> None:
+        """Account for one emitted token (both generators)."""
+        history.append(tok)
+        self.tokens.append(tok)
+        self.generated_tokens += 1
 
     @property
     def prompt_tok_per_s(self) -> float:
         return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
-
-    decode_steps: int = 0  # decode forward passes (llama.cpp's "runs"; one per speculative round)
-    decode_tokens: int = 0  # tokens those passes produced (more than one per speculative round)
 
     @property
     def decode_tok_per_s(self) -> float:
@@ -84,9 +89,7 @@ def generate(
             if is_eog(tok) and not ignore_eos:
                 stats.stop_reason = "eog"
                 break
-            history.append(tok)
-            stats.tokens.append(tok)
-            stats.generated_tokens += 1
+            stats.record(tok, history)
             n_gen += 1
             yield tok
             if n_predict >= 0 and n_gen >= n_predict:

@@ -67,10 +67,6 @@ class TensorInfo:
         except ValueError:
             return f"type#{self.type_id}"
 
-    @property
-    def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
 
 class _Cursor:
     """Sequential reads with a bounds check on each one."""
@@ -214,9 +210,6 @@ class GGUFFile:
     def torch_raw(self, name: str) -> torch.Tensor:
         return torch.from_numpy(self.raw(name))
 
-    def file_size(self) -> int:
-        return len(self._mm)
-
 
 def _nbytes(name: str, type_id: int, row: int, n: int) -> int:
     try:
@@ -230,7 +223,3 @@ def _nbytes(name: str, type_id: int, row: int, n: int) -> int:
             f"block size {block}"
         )
     return n // block * type_size
-
-
-def open_gguf(path: str | Path) -> GGUFFile:
-    return GGUFFile(path)

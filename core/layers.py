@@ -6,8 +6,6 @@ Shapes: T = tokens in the batch, H = heads, D = head dim, S = key slots.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -71,7 +69,3 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

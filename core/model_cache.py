@@ -56,16 +56,6 @@ def models_dir() -> Path:
     return d
 
 
-def sha256_file(path: Path, progress=None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-            if progress:
-                progress(len(block))
-    return h.hexdigest()
-
-
 def _progress_bar(total: int, desc: str):
     """A rich progress bar on stderr; returns (advance, close)."""
     from rich.console import Console

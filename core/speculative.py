@@ -173,19 +173,17 @@ def speculative_generate(
         logits = _prefill(model, cache, mtp, prompt, n_ubatch)
         stats.prompt_tokens += len(prompt)
         stats.prompt_seconds += time.perf_counter() - t0
+        if n_predict == 0:
+            stats.stop_reason = "limit"
+            return
         pending = [s.target_token(logits, history)]  # sampled, not yet in any cache
         n_gen = 0
         while True:
             for tok in pending:  # emit in order; stop at EOG / the limit
-                if 0 <= n_predict <= n_gen:
-                    stats.stop_reason = "limit"
-                    return
                 if is_eog(tok) and not ignore_eos:
                     stats.stop_reason = "eog"
                     return
-                history.append(tok)
-                stats.tokens.append(tok)
-                stats.generated_tokens += 1
+                stats.record(tok, history)
                 n_gen += 1
                 yield tok
                 if 0 <= n_predict <= n_gen:
