@@ -18,6 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.errors import LlmkitError
+from llmkit.core.layers import attention
 from llmkit.quant.dequant import dequantize, row_bytes
 from llmkit.quant.quantize import quantize
 
@@ -120,6 +121,16 @@ class KVCache:
     @property
     def layers(self) -> list[int]:
         return sorted(self.group_of)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions of the next T tokens. Models ask the cache (rather than counting from n_past)
+        so that a multi-sequence batch cache can give every row its own sequence's position."""
+        return torch.arange(self.n_past, self.n_past + T)
+
+    def attention(self, q, K, V, mask, scale: float) -> torch.Tensor:
+        """Attention over what update() returned; a multi-sequence cache overrides this to attend
+        per sequence (keeps every row's arithmetic that of a lone run)."""
+        return attention(q, K, V, mask, scale)
 
     def begin(self, pos: torch.Tensor) -> None:
         """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past) and

@@ -16,7 +16,7 @@ import torch
 
 from llmkit.core.config import gguf
 from llmkit.core.kv_cache import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NEOX, apply_rope, attention, gelu_tanh, rms_norm, rope_cache
+from llmkit.core.layers import ROPE_NEOX, apply_rope, gelu_tanh, rms_norm, rope_cache
 from llmkit.core.models.base import Embedding, lm_head, select_rows
 from llmkit.core.weights import QTensor, TensorSpec
 from llmkit.kernels.dispatch import Backend, make_linear
@@ -136,7 +136,7 @@ class Model:
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor:
         c = self.config
         T = tokens.numel()
-        pos = torch.arange(cache.n_past, cache.n_past + T)
+        pos = cache.positions(T)
         cache.begin(pos)
         ropes = {}  # (base, scale) -> (cos, sin): two kinds of layer, computed once per batch
         nq, nkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -153,7 +153,7 @@ class Model:
             q = apply_rope(q, cos, sin, ROPE_NEOX) * c.q_scale
             k = apply_rope(k, cos, sin, ROPE_NEOX)
             K, V, mask = cache.update(i, k, v.view(T, c.n_head_kv, c.head_dim_v))
-            o = L.wo(attention(q, K, V, mask, 1.0))
+            o = L.wo(cache.attention(q, K, V, mask, 1.0))
             x = x + rms_norm(o, L.post_attn_norm, c.eps)
             f = rms_norm(x, L.ffn_norm, c.eps)
             gate, up = L.w_gate_up(f).chunk(2, dim=-1)

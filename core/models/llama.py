@@ -15,7 +15,7 @@ import torch
 from llmkit.core.config import gguf
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NORM, apply_rope, attention, rms_norm, rope_cache, silu
+from llmkit.core.layers import ROPE_NORM, apply_rope, rms_norm, rope_cache, silu
 from llmkit.core.models.base import Embedding, lm_head, select_rows
 from llmkit.core.weights import QTensor, TensorSpec
 from llmkit.kernels.dispatch import Backend, make_linear
@@ -116,7 +116,7 @@ class Model:
     def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor:
         c = self.config
         T = tokens.numel()
-        pos = torch.arange(cache.n_past, cache.n_past + T)
+        pos = cache.positions(T)
         cache.begin(pos)
         cos, sin = rope_cache(pos, c.n_rot, c.rope_base, c.freq_scale, self.rope_factors)
         nq, nkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
@@ -128,7 +128,7 @@ class Model:
             qk = apply_rope(qkv[:, : nq + nkv].view(T, -1, c.head_dim), cos, sin, ROPE_NORM)
             q, k = qk[:, : c.n_head], qk[:, c.n_head :]
             K, V, mask = cache.update(i, k, qkv[:, nq + nkv :].view(T, c.n_head_kv, c.head_dim))
-            x = x + L.wo(attention(q, K, V, mask, c.scale))
+            x = x + L.wo(cache.attention(q, K, V, mask, c.scale))
             f = rms_norm(x, L.ffn_norm, c.eps)
             gate, up = L.w_gate_up(f).chunk(2, dim=-1)
             x = x + L.w_down(silu(gate) * up)

@@ -22,7 +22,7 @@ import torch
 from llmkit.core.config import gguf, per_layer
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NEOX, apply_rope, attention, rms_norm, rope_cache
+from llmkit.core.layers import ROPE_NEOX, apply_rope, rms_norm, rope_cache
 from llmkit.core.models.base import Embedding, lm_head, select_rows
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
 from llmkit.core.weights import QTensor, TensorSpec
@@ -250,7 +250,7 @@ class Block:
         qk = apply_rope(torch.cat((q, k), dim=1), *rope, ROPE_NEOX)  # [T, Hq + Hkv, D]
         q, k = qk[:, : self.n_head], qk[:, self.n_head :]
         K, V, mask = cache.update(self.il, k, v.view(T, self.n_head_kv, Dv))
-        o = attention(q, K, V, mask, D**-0.5)  # [T, Hq * Dv]
+        o = cache.attention(q, K, V, mask, D**-0.5)  # [T, Hq * Dv]
         if g:  # head-wise sigmoid gate: one scalar per head and token
             o = (o.view(T, self.n_head, Dv) * g[0].sigmoid()[..., None]).view(T, -1)
         x = x + self.wo(o)
@@ -351,7 +351,7 @@ class Model:
         trunk hidden h [T, H] for every row (what the NextN blocks take)."""
         c = self.config
         T = tokens.numel()
-        pos = torch.arange(cache.n_past, cache.n_past + T)
+        pos = cache.positions(T)
         cache.begin(pos)
         memo: dict = {}
         x = self.embed(tokens)  # [T, H]
@@ -376,7 +376,7 @@ class Model:
         T = tokens.numel()
         if tuple(h.shape) != (T, c.n_embd):
             raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
-        pos = torch.arange(cache.n_past, cache.n_past + T)
+        pos = cache.positions(T)
         cache.begin(pos)
         e = rms_norm(n.embed(tokens), n.enorm, c.eps)
         u = torch.cat((e, rms_norm(h.float(), n.hnorm, c.eps)), dim=-1)  # [T, 2H], embedding first
