@@ -1,0 +1,1 @@
+"""`llm serve`: OpenAI- and Anthropic-compatible HTTP server over a continuous-batching engine."""

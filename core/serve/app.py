@@ -1,0 +1,219 @@
+"""The HTTP layer (FastAPI on uvicorn): authentication, bounded bodies, the two APIs' routes, SSE
+streaming, and the bridge between the asyncio loop and the engine thread.
+
+Errors are JSON in the API's own shape: OpenAI's {"error": {...}} everywhere, Anthropic's
+{"type": "error", "error": {...}} under /v1/messages. A client that disconnects (mid-stream or while
+waiting for a non-streamed answer) cancels its request; the engine frees its slot and blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmkit.core.errors import LlmkitError
+from llmkit.core.serve import anthropic_api, openai_api
+from llmkit.core.serve.engine import Engine
+from llmkit.core.serve.fields import ApiError, Limits
+from llmkit.core.serve.prompt import Prompter
+from llmkit.core.serve.request import Event
+from llmkit.core.serve.request import Request as GenRequest
+
+
+def _is_anthropic(request: Request) -> bool:
+    return request.url.path.startswith("/v1/messages")
+
+
+def _error(request: Request, e: ApiError) -> JSONResponse:
+    api = anthropic_api if _is_anthropic(request) else openai_api
+    return JSONResponse(api.error_body(e), status_code=e.status)
+
+
+def create_app(
+    engine: Engine,
+    prompter: Prompter,
+    model_name: str,
+    api_key: str | None = None,
+    metrics: bool = False,
+    max_body_bytes: int = 1 << 20,
+    max_tokens: int | None = None,
+) -> FastAPI:
+    app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    limits = Limits(max_tokens=max_tokens or engine.opts.n_ctx)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return _error(request, e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(request, ApiError(e.status_code, str(e.detail), kind))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        return _error(request, ApiError(500, f"internal error: {type(e).__name__}", "api_error"))
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+            kind = "authentication_error"
+            raise ApiError(401, "invalid or missing API key", kind)
+
+    async def read_json(request: Request) -> dict:
+        authorize(request)
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            raise ApiError(413, f"request body exceeds {max_body_bytes} bytes", "request_too_large")
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n > max_body_bytes:
+                raise ApiError(413, f"request body exceeds {max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return body
+
+    def submit(job) -> tuple[GenRequest, asyncio.Queue]:
+        loop, q = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(ev: Event) -> None:  # engine thread -> this request's queue
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # the loop is gone (server shutting down)
+                pass
+
+        req = GenRequest(job.prompt, job.params, emit)
+        try:
+            engine.submit(req)
+        except LlmkitError as e:
+            raise ApiError(400, str(e)) from None
+        return req, q
+
+    async def collect(request: Request, req: GenRequest, q: asyncio.Queue):
+        """Wait for the whole answer; None if the client went away first (request cancelled)."""
+
+        async def gone():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.create_task(gone())
+        parts = []
+        try:
+            while True:
+                getter = asyncio.ensure_future(q.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    engine.cancel(req)
+                    return None
+                ev = getter.result()
+                if ev.kind == "text":
+                    parts.append(ev.text)
+                elif ev.kind == "error":
+                    raise ApiError(500, ev.text, "api_error")
+                else:
+                    return "".join(parts), ev
+        finally:
+            watcher.cancel()
+
+    def stream(req: GenRequest, q: asyncio.Queue, fmt, error_chunk) -> StreamingResponse:
+        async def gen():
+            try:
+                yield fmt.start()
+                while True:
+                    ev = await q.get()
+                    if ev.kind == "text":
+                        yield fmt.delta(ev.text)
+                    elif ev.kind == "error":
+                        yield error_chunk(ApiError(500, ev.text, "api_error"))
+                        return
+                    else:
+                        yield fmt.end(ev)
+                        return
+            finally:  # also runs when the client disconnects (the task is cancelled)
+                engine.cancel(req)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
+
+    async def run(request: Request, job, fmt, error_chunk):
+        req, q = submit(job)
+        if job.stream:
+            return stream(req, q, fmt, error_chunk)
+        got = await collect(request, req, q)
+        if got is None:
+            return Response(status_code=499)
+        return JSONResponse(fmt.response(*got))
+
+    def parse(fn, body):
+        try:
+            return fn(body, prompter, limits)
+        except LlmkitError as e:  # e.g. a chat template that raised
+            raise ApiError(400, str(e)) from None
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        job = parse(openai_api.parse_completion, await read_json(request))
+        fmt = openai_api.Formatter(job, model_name)
+        return await run(request, job, fmt, lambda e: openai_api.sse(openai_api.error_body(e)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        job = parse(openai_api.parse_chat, await read_json(request))
+        fmt = openai_api.Formatter(job, model_name)
+        return await run(request, job, fmt, lambda e: openai_api.sse(openai_api.error_body(e)))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        job = parse(anthropic_api.parse_messages, await read_json(request))
+        fmt = anthropic_api.Formatter(job, model_name)
+        err = lambda e: anthropic_api.event("error", anthropic_api.error_body(e))  # noqa: E731
+        return await run(request, job, fmt, err)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "llmkit"}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health():
+        snap = engine.snapshot
+        n = len(snap["slots"])
+        return {
+            "status": "ok",
+            "slots_idle": n - snap["requests_processing"],
+            "slots_processing": snap["requests_processing"],
+        }
+
+    @app.get("/slots")
+    async def slots(request: Request):
+        authorize(request)
+        return engine.snapshot
+
+    @app.get("/metrics")
+    async def metrics_endpoint(request: Request):
+        authorize(request)
+        if not metrics:
+            raise ApiError(501, "metrics are disabled: start the server with --metrics")
+        engine.metrics.refresh(engine.snapshot)
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,388 @@
+"""The continuous-batching engine: slots, an admission queue and a step loop on one thread.
+
+Each step:
+ 1. cancelled requests leave their slot (their KV blocks go back at once);
+ 2. queued requests are admitted, first come first served, into free slots while the KV pool can
+    reserve their worst case; the others wait ("deferred"), the server never runs out mid-request;
+ 3. one decode step for every decoding slot: MTP slots draft first, each in its own MTP context;
+    then the rows of all slots ([last] or [last, drafts...]) go through batched target forwards;
+    each slot samples or verifies its own rows, rolls back its own sequence and mirrors its
+    accepted rows, with their own hidden states, into its own MTP context;
+ 4. one prompt chunk (n_ubatch tokens) of one prefilling slot, round-robin, so long prompts do not
+    stall the slots that are generating.
+Decode forwards carry at most `max_rows` (16) rows: kernels/dispatch.py runs such matmuls row by
+row through the M=1 bf16 kernel, and BatchCache attends per sequence, so a row's logits do not
+depend on its neighbours and greedy output is the same alone or beside 7 other requests. A step
+with more rows runs several forwards.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.core.errors import LlmkitError
+from llmkit.core.multiseq import BatchCache
+from llmkit.core.paged_kv import PagedKV
+from llmkit.core.sampling import make_sampler
+from llmkit.core.serve.metrics import Metrics
+from llmkit.core.serve.policy import DraftPolicy
+from llmkit.core.serve.request import Event, Request
+from llmkit.core.serve.slot import Slot
+from llmkit.core.serve.text import TextOut
+from llmkit.core.speculative import _accept, _Sampler
+from llmkit.kernels.dispatch import GEMV_MAX_ROWS
+
+
+@dataclass
+class ServeOptions:
+    n_slots: int = 1
+    n_ctx: int = 4096  # per sequence: prompt + generated tokens
+    n_ubatch: int = 512
+    kv_tokens: int | None = None  # pool size in tokens (default n_ctx * n_slots)
+    kv_block_size: int = 16
+    type_k: str = "f16"
+    type_v: str = "f16"
+    type_k_draft: str = "f16"
+    type_v_draft: str = "f16"
+    mtp: bool = False
+    draft: int = 3
+    draft_p_min: float = 0.0
+    draft_policy: str = "adaptive"  # adaptive | fixed
+    prefix_sharing: bool = True
+    max_rows: int = GEMV_MAX_ROWS
+
+
+@dataclass
+class _Plan:
+    slot: Slot
+    rows: list[int]
+    drafts: list[int]
+    qs: list
+    p0: int
+
+
+class Engine:
+    def __init__(self, lm, tokenizer, opts: ServeOptions, metrics: Metrics | None = None):
+        if opts.n_slots < 1:
+            raise LlmkitError(f"-np must be >= 1, got {opts.n_slots}")
+        if opts.draft_policy not in ("adaptive", "fixed"):
+            raise LlmkitError(f"--draft-policy must be adaptive or fixed, not {opts.draft_policy}")
+        self.lm, self.model, self.tok, self.opts = lm, lm.model, tokenizer, opts
+        self.metrics = metrics or Metrics()
+        kv_tokens = opts.kv_tokens or opts.n_ctx * opts.n_slots
+        self.pool = PagedKV(
+            self.model.kv_layout(),
+            kv_tokens,
+            opts.kv_block_size,
+            opts.n_slots,
+            max(opts.n_ubatch, opts.draft + 1),
+            opts.type_k,
+            opts.type_v,
+            lm.backend.device,
+        )
+        mtps = self._reserve_mtp() if opts.mtp else [None] * opts.n_slots
+        self.slots = [Slot(i, m) for i, m in enumerate(mtps)]
+        self.policy = (
+            DraftPolicy(opts.draft, opts.draft_policy == "adaptive", opts.max_rows)
+            if opts.mtp
+            else None
+        )
+        self.queue: deque[Request] = deque()
+        self.cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._rr = 0  # round-robin pointer over prefilling slots
+        self.snapshot: dict = {}
+        self._publish_snapshot()
+
+    def _reserve_mtp(self) -> list:
+        """Every slot's MTP context, allocated once at start-up from the single-sequence shape of
+        the NextN layers (a reserve-only plan: no live sequence is needed to size it)."""
+        from llmkit.core.mtp import MTPContext
+
+        o, heads = self.opts, getattr(self.model, "n_mtp_heads", 0)
+        if not heads:
+            raise LlmkitError("--mtp: this model has no NextN (MTP) blocks loaded")
+        limit = min(heads if heads > 1 else o.max_rows - 1, o.max_rows - 1)
+        if not 1 <= o.draft <= limit:
+            raise LlmkitError(f"--draft must be between 1 and {limit}, got {o.draft}")
+        margin = max(o.n_ubatch, 64, o.draft + 1)
+        dev = self.lm.backend.device
+        ctxs = [
+            MTPContext(self.model, o.n_ctx, margin, o.type_k_draft, o.type_v_draft, dev)
+            for _ in range(o.n_slots)
+        ]
+        self.mtp_plan = {"slots": o.n_slots, "per_slot": ctxs[0].plan()}
+        self.mtp_plan["bytes"] = self.mtp_plan["per_slot"]["bytes"] * o.n_slots
+        return ctxs
+
+    # -- public (any thread) ----------------------------------------------------------------------
+    def n_tokens(self, req: Request) -> int:
+        """Positions the request's sequence may reach: its KV reservation."""
+        extra = self.opts.draft if self._uses_mtp(req) else 0
+        return min(self.opts.n_ctx, len(req.prompt) + req.params.max_tokens + extra)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; LlmkitError (a 400 for the client) if it can never be served."""
+        n, ctx = len(req.prompt), self.opts.n_ctx
+        if n == 0:
+            raise LlmkitError("the prompt is empty")
+        if n >= ctx:
+            raise LlmkitError(
+                f"the prompt is {n} tokens; this server's context is {ctx} tokens per request"
+            )
+        slot = req.params.id_slot
+        if slot is not None and not 0 <= slot < len(self.slots):
+            raise LlmkitError(f"id_slot must be between 0 and {len(self.slots) - 1}")
+        if not self.pool.fits_ever(self.n_tokens(req)):
+            raise LlmkitError(
+                f"the request needs {self.n_tokens(req)} KV tokens, more than the pool holds"
+            )
+        with self.cv:
+            self.queue.append(req)
+            self.cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        with self.cv:
+            req.cancelled = True
+            self.cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            self._stop = True
+            self.cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self._stop and not self.queue and all(s.req is None for s in self.slots):
+                    self.cv.wait()
+                if self._stop:
+                    break
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as e:  # a bug: fail the requests in flight, keep serving
+                traceback.print_exc(file=sys.stderr)
+                for s in self.slots:
+                    if s.req is not None:
+                        s.req.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}"))
+                        self._free(s)
+            self._publish_snapshot()
+
+    def step(self) -> None:
+        self._reap()
+        self._admit()
+        decoding = [s for s in self.slots if s.state == "decode"]
+        if decoding:
+            self._decode(decoding)
+        prefilling = [s for s in self.slots if s.state == "prefill"]
+        if prefilling:
+            s = min(prefilling, key=lambda s: (s.id - self._rr) % len(self.slots))
+            self._rr = s.id + 1
+            self._prefill(s)
+
+    def _reap(self) -> None:
+        for s in self.slots:
+            if s.req is not None and s.req.cancelled:
+                self.metrics.requests_cancelled.inc()
+                self._free(s)
+
+    def _uses_mtp(self, req: Request) -> bool:
+        return self.opts.mtp and req.params.speculative
+
+    def _admit(self) -> None:
+        with self.cv:
+            while self.queue:
+                req = self.queue[0]
+                if req.cancelled:
+                    self.queue.popleft()
+                    self.metrics.requests_cancelled.inc()
+                    continue
+                want = req.params.id_slot
+                free = [s for s in self.slots if s.req is None and want in (None, s.id)]
+                if not free:
+                    return
+                mtp = self._uses_mtp(req)
+                share = self.opts.prefix_sharing and not mtp  # MTP needs the prefix's hiddens
+                seq = self.pool.admit(req.prompt, self.n_tokens(req), self.opts.n_ctx, share)
+                if seq is None:
+                    return  # deferred until blocks come back
+                self.queue.popleft()
+                self._start(free[0], req, seq, mtp)
+
+    def _start(self, s: Slot, req: Request, seq, mtp: bool) -> None:
+        p = req.params
+        s.req, s.seq, s.state, s.use_mtp = req, seq, "prefill", mtp
+        s.n_eval, s.n_gen, s.prompt_s, s.decode_s = seq.n_past, 0, 0.0, 0.0
+        s.history = list(req.prompt)
+        s.text = TextOut(self.tok, p.stop)
+        s.req_spec = type(s.req_spec)()
+        s.n_requests += 1
+        if mtp:
+            s.spec, s.sample = _Sampler(p.sampler), None
+            s.mtp.truncate(0)
+            s.mtp.pending_h = None
+        else:
+            s.spec, s.sample = None, make_sampler(p.sampler)
+        if seq.n_shared:
+            self.metrics.prefix_cache_hits.inc()
+
+    # -- prompt ------------------------------------------------------------------------------------
+    def _prefill(self, s: Slot) -> None:
+        prompt = s.req.prompt
+        ids = torch.tensor(prompt[s.n_eval : s.n_eval + self.opts.n_ubatch])
+        t0 = time.perf_counter()
+        bc = BatchCache(self.pool, [s.seq], [ids.numel()])
+        if s.use_mtp:
+            logits, h = self.model.forward(ids, bc, logits="last", hidden=True)
+            s.mtp.mirror(ids, h)
+        else:
+            logits = self.model.forward(ids, bc, logits="last")
+        bc.publish()
+        s.n_eval += ids.numel()
+        s.prompt_s += time.perf_counter() - t0
+        if s.n_eval == len(prompt):
+            s.state = "decode"
+            hist = s.history
+            tok = s.spec.target_token(logits[0], hist) if s.use_mtp else s.sample(logits[0], hist)
+            self._emit(s, [tok])
+
+    # -- generation ------------------------------------------------------------------------------
+    def _decode(self, slots: list[Slot]) -> None:
+        n_mtp = sum(s.use_mtp for s in slots)
+        k_step = self.policy.choose(len(slots) - n_mtp, n_mtp) if n_mtp else 0
+        if n_mtp:
+            self.metrics.n_draft.labels("mtp").set(k_step)
+        self.metrics.busy_slots_per_decode.set(len(slots))
+        plans = [self._draft(s, k_step) for s in slots]
+        group: list[_Plan] = []
+        for p in plans:  # slots packed in order into forwards of <= max_rows rows
+            if group and sum(len(g.rows) for g in group) + len(p.rows) > self.opts.max_rows:
+                self._verify(group)
+                group = []
+            group.append(p)
+        self._verify(group)
+
+    def _draft(self, s: Slot, k_step: int) -> _Plan:
+        p0 = s.seq.n_past
+        if not s.use_mtp:
+            return _Plan(s, [s.last], [], [], p0)
+        room = self.opts.n_ctx - p0 - 1  # the verify batch occupies p0 .. p0 + k
+        k = max(0, min(k_step, room, s.req.params.max_tokens - s.n_gen - 1))
+        if k == 0:
+            return _Plan(s, [s.last], [], [], p0)
+        t0 = time.perf_counter()
+        drafts, qs = s.mtp.draft(s.last, k, s.spec.pick_draft, self.opts.draft_p_min)
+        dt = time.perf_counter() - t0
+        s.decode_s += dt
+        self.policy.observe_draft(k, dt)
+        return _Plan(s, [s.last, *drafts], drafts, qs, p0)
+
+    def _verify(self, group: list[_Plan]) -> None:
+        toks = torch.tensor([t for p in group for t in p.rows])
+        bc = BatchCache(self.pool, [p.slot.seq for p in group], [len(p.rows) for p in group])
+        hidden = any(p.slot.use_mtp for p in group)
+        t0 = time.perf_counter()
+        if hidden:
+            logits, h = self.model.forward(toks, bc, logits="all", hidden=True)
+        else:
+            logits, h = self.model.forward(toks, bc, logits="all"), None
+        dt = time.perf_counter() - t0
+        self.metrics.n_decode.inc()
+        if self.policy is not None:
+            self.policy.observe_forward(toks.numel(), dt)
+        r = 0
+        for p in group:
+            s, n = p.slot, len(p.rows)
+            s.decode_s += dt
+            if s.use_mtp:
+                n_acc, nxt = _accept(s.spec, logits[r : r + n], p.drafts, p.qs, s.history)
+                self.pool.truncate(s.seq, p.p0 + n_acc + 1)
+                s.mtp.mirror(toks[r : r + n_acc + 1], h[r : r + n_acc + 1])
+                s.req_spec.add(len(p.drafts), n_acc)
+                s.total_spec.add(len(p.drafts), n_acc)
+                self.metrics.speculative_round(len(p.drafts), n_acc)
+                if p.drafts:
+                    self.policy.observe_accept(len(p.drafts), n_acc)
+                out = [*p.drafts[:n_acc], nxt]
+            else:
+                out = [s.sample(logits[r], s.history)]
+            r += n
+            self._emit(s, out)
+
+    def _emit(self, s: Slot, toks: list[int]) -> None:
+        """Hand sampled tokens to the client in order; finish at EOG, a stop sequence, max_tokens
+        or a full context."""
+        req = s.req
+        for tok in toks:
+            if self.tok.is_eog(tok) and not req.params.ignore_eos:
+                return self._finish(s, "eog")
+            s.history.append(tok)
+            s.n_gen += 1
+            delta = s.text.push(tok)
+            if delta:
+                req.emit(Event("text", delta))
+            if s.text.stopped_by is not None:
+                return self._finish(s, "stop_sequence")
+            if s.n_gen >= req.params.max_tokens:
+                return self._finish(s, "length")
+        s.last = toks[-1]
+        if s.seq.n_past >= self.opts.n_ctx:  # no room to evaluate the last token
+            self._finish(s, "length")
+
+    def _finish(self, s: Slot, reason: str) -> None:
+        req, m = s.req, self.metrics
+        tail = s.text.flush()
+        if tail:
+            req.emit(Event("text", tail))
+        req.emit(
+            Event(
+                "done",
+                finish=reason,
+                stop_sequence=s.text.stopped_by,
+                prompt_tokens=len(req.prompt),
+                completion_tokens=s.n_gen,
+            )
+        )
+        m.requests_completed.inc()
+        m.prompt_tokens.inc(len(req.prompt))
+        m.prompt_tokens_cached.inc(s.seq.n_shared)
+        m.prompt_seconds.inc(s.prompt_s)
+        m.tokens_predicted.inc(s.n_gen)
+        m.tokens_predicted_seconds.inc(s.decode_s)
+        self._free(s)
+
+    def _free(self, s: Slot) -> None:
+        if s.seq is not None:
+            self.pool.release(s.seq)
+        s.req, s.seq, s.state, s.spec, s.sample, s.text = None, None, "idle", None, None, None
+
+    # -- reporting --------------------------------------------------------------------------------
+    def _publish_snapshot(self) -> None:
+        """A consistent picture for /slots, /health and /metrics (read from other threads)."""
+        with self.cv:
+            deferred = len(self.queue)
+        busy = sum(s.req is not None for s in self.slots)
+        self.snapshot = {
+            "slots": [s.describe() for s in self.slots],
+            "requests_processing": busy,
+            "requests_deferred": deferred,
+            "kv": self.pool.stats(),
+            "mtp": getattr(self, "mtp_plan", None),
+            "draft_policy": self.policy.describe() if self.policy else None,
+        }

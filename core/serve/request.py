@@ -1,0 +1,44 @@
+"""What the HTTP layer hands the engine, and what the engine sends back."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llmkit.core.sampling import SamplerParams
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    sampler: SamplerParams
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    speculative: bool = True  # per request: false turns MTP drafting off for this request
+    id_slot: int | None = None  # run on this slot (llama.cpp's id_slot); None: any free slot
+
+
+@dataclass
+class Event:
+    """kind: "text" (a delta), "done" (finish + usage) or "error" (message)."""
+
+    kind: str
+    text: str = ""
+    finish: str = ""  # eog | stop_sequence | length
+    stop_sequence: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: GenParams
+    emit: Callable[[Event], None]  # called from the engine thread
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False  # set by the HTTP side when the client goes away
+    t_arrival: float = field(default_factory=time.perf_counter)
