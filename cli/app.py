@@ -14,6 +14,7 @@ from llmkit.cli import models as models_cmd
 from llmkit.cli import perplexity as perplexity_cmd
 from llmkit.cli import quantize as quantize_cmd
 from llmkit.cli import run as run_cmd
+from llmkit.cli import serve as serve_cmd
 from llmkit.cli import tokenize as tokenize_cmd
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("quantize", help=quantize_cmd.__doc__)(quantize_cmd.quantize)
 app.command("bench", help=bench_cmd.__doc__)(bench_cmd.bench)
 app.command("perplexity", help=perplexity_cmd.__doc__)(perplexity_cmd.perplexity)
 app.command("convert", help=convert_cmd.__doc__)(convert_cmd.convert)
+app.command("serve", help=serve_cmd.__doc__)(serve_cmd.serve)
 
 # Typer ships its own copy of click; its usage errors derive from that copy's ClickException.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -7,13 +7,20 @@ the engine's snapshot when /metrics is scraped.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
 
 P = "llamacpp:"
 
 
 class Metrics:
     def __init__(self):
+        disable_created_metrics()  # llama.cpp exposes no *_created series
         r = self.registry = CollectorRegistry()
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", registry=r)
         self.prompt_seconds = Counter(P + "prompt_seconds", "Prompt processing time.", registry=r)

@@ -1,0 +1,114 @@
+"""Serve a model over HTTP: OpenAI- and Anthropic-compatible (like llama-server)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def serve(
+    model: str = typer.Option(
+        None, "-m", "--model", help="GGUF file or known model name (default: gemma3-270m)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback default)."),
+    port: int = typer.Option(8080, "--port", help="Port (0: any free port)."),
+    parallel: int = typer.Option(1, "-np", "--parallel", help="Slots (requests decoded at once)."),
+    ctx_size: int = typer.Option(
+        4096, "-c", "--ctx-size", help="Tokens per request: prompt + generation (0: training)."
+    ),
+    batch_size: int = typer.Option(
+        512, "-ub", "--ubatch-size", help="Prompt tokens per prefill chunk."
+    ),
+    kv_cache_tokens: int = typer.Option(
+        0, "--kv-cache-tokens", help="KV pool size in tokens (0: ctx-size x parallel)."
+    ),
+    kv_block_size: int = typer.Option(16, "--kv-block-size", help="Tokens per KV block."),
+    no_prefix_sharing: bool = typer.Option(
+        False, "--no-prefix-sharing", help="Do not reuse cached prompt-prefix blocks."
+    ),
+    metrics: bool = typer.Option(False, "--metrics", help="Enable the /metrics endpoint."),
+    api_key: str = typer.Option(
+        None, "--api-key", help="Require this key (Bearer or x-api-key) on all but /health."
+    ),
+    max_body: int = typer.Option(
+        1 << 20, "--max-body-bytes", help="Largest request body accepted."
+    ),
+    threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    cache_type_k: str = typer.Option("f16", "-ctk", "--cache-type-k", help="K cache type."),
+    cache_type_v: str = typer.Option("f16", "-ctv", "--cache-type-v", help="V cache type."),
+    mtp: bool = typer.Option(False, "--mtp", help="MTP speculative decoding (NextN blocks)."),
+    model_draft: str = typer.Option(
+        None, "-md", "--model-draft", help="MTP-only sidecar GGUF (with --mtp)."
+    ),
+    draft: int = typer.Option(3, "--draft", help="Max draft tokens per round."),
+    draft_p_min: float = typer.Option(0.0, "--draft-p-min", help="Stop drafting below this p."),
+    draft_policy: str = typer.Option(
+        "adaptive", "--draft-policy", help="adaptive (shrink drafts under load) or fixed."
+    ),
+    cache_type_k_draft: str = typer.Option(
+        "f16", "-ctkd", "--cache-type-k-draft", help="K cache type of the MTP contexts."
+    ),
+    cache_type_v_draft: str = typer.Option(
+        "f16", "-ctvd", "--cache-type-v-draft", help="V cache type of the MTP contexts."
+    ),
+) -> None:
+    """Serve a GGUF model: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models,
+    /health, /slots, /metrics; parallel slots with continuous batching and a paged KV cache."""
+    from llmkit.cli.common import eprint, set_threads
+    from llmkit.core.errors import LlmkitError
+    from llmkit.core.model import load_model
+    from llmkit.core.model_cache import resolve_model
+    from llmkit.core.serve.engine import ServeOptions
+    from llmkit.core.serve.server import HttpOptions, Server
+    from llmkit.core.tokenizer import load_tokenizer
+
+    for flag, v, lo in (("-np", parallel, 1), ("-ub", batch_size, 1), ("-c", ctx_size, 0)):
+        if v < lo:
+            raise LlmkitError(f"{flag} must be >= {lo}, got {v}")
+    if not 0 <= port <= 65535:
+        raise LlmkitError(f"--port must be between 0 and 65535, got {port}")
+    if kv_cache_tokens < 0 or max_body < 1:
+        raise LlmkitError("--kv-cache-tokens must be >= 0 and --max-body-bytes >= 1")
+    if not 0.0 <= draft_p_min <= 1.0:
+        raise LlmkitError(f"--draft-p-min must be in [0, 1], got {draft_p_min}")
+    if model_draft and not mtp:
+        raise LlmkitError("-md/--model-draft is the MTP sidecar: it needs --mtp")
+    set_threads(threads)
+    path = resolve_model(model)
+    lm = load_model(
+        path,
+        device=device,
+        mtp=mtp,
+        draft_path=resolve_model(model_draft) if model_draft else None,
+    )
+    n_ctx = ctx_size or lm.config.n_ctx_train
+    opts = ServeOptions(
+        n_slots=parallel,
+        n_ctx=n_ctx,
+        n_ubatch=batch_size,
+        kv_tokens=kv_cache_tokens or None,
+        kv_block_size=kv_block_size,
+        type_k=cache_type_k,
+        type_v=cache_type_v,
+        type_k_draft=cache_type_k_draft,
+        type_v_draft=cache_type_v_draft,
+        mtp=mtp,
+        draft=draft,
+        draft_p_min=draft_p_min,
+        draft_policy=draft_policy,
+        prefix_sharing=not no_prefix_sharing,
+    )
+    http = HttpOptions(host, port, api_key, metrics, max_body)
+    server = Server(lm, load_tokenizer(lm.metadata), opts, http, path.stem)
+    kv = server.engine.pool.stats()
+    eprint(
+        f"model: {path} ({lm.describe()}); {parallel} slots x {n_ctx} tokens; KV pool "
+        f"{kv['bytes'] / 2**20:.2f} MiB in blocks of {kv_block_size} tokens"
+    )
+    if mtp:
+        plan = server.engine.mtp_plan
+        eprint(
+            f"mtp: {plan['slots']} slot contexts reserved at start-up, "
+            f"{plan['bytes'] / 2**20:.2f} MiB, draft {draft} ({draft_policy})"
+        )
+    server.serve_forever()
