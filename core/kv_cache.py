@@ -157,8 +157,8 @@ class KVCache:
                     )
                 g.slots = pos % g.capacity
                 g.slot_pos[g.slots] = pos
-                g.n_read = g.capacity
-                kp = g.slot_pos
+                g.n_read = min(g.capacity, p1)  # before the ring wraps only slots < p1 were written
+                kp = g.slot_pos[: g.n_read]
                 dist = pos[:, None] - kp[None, :]
                 g.mask = (kp[None, :] >= 0) & (dist >= 0) & (dist < g.window)
         self.n_past = p1

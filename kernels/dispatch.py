@@ -1,21 +1,29 @@
 """The one visible place that decides how a GGUF weight is multiplied: by device, type and regime.
 
-Today's CPU path (PyTorch): every supported GGUF type is dequantized once, at load time, into a dense
-`[out, in]` matrix in the backend's weight dtype (bf16 by default, fp32 for exactness checks).
-`_matmul` picks the kernel by regime:
-  * M = 1 (decode): `F.linear` in bf16 reads half the bytes of fp32; decode is bandwidth-bound.
-  * 2 <= M <= GEMV_MAX_ROWS (MTP verify, prompt tails) on CPUs without native bf16 (AVX2-only, e.g.
-    this EPYC VM): oneDNN emulates bf16, so its cost is linear in M; running the M = 1 kernel row by
-    row costs the same (4 x 0.28 ms vs 1.0 ms upcast at 640x4096, M = 4) and gives every row exactly
-    the arithmetic of a single-token step, which keeps greedy MTP output token-for-token identical
-    to plain decoding (bf16 logits tie often; different kernels would break ties differently).
-  * GEMM (prefill chunks): without native bf16 the weight is upcast to fp32 per call (emulated bf16
-    GEMM runs at ~20 GFLOP/s against ~170 for fp32; the upcast costs ~10% at M = 512).
-  CPUs with avx512_bf16/AMX run bf16 for every M.
-Several weights that consume the same input (q/k/v, gate/up) are concatenated into one matrix so a
-decode step makes one call instead of three. The dequantized copy is reported as backend memory.
+Regimes: GEMV (M <= GEMV_MAX_ROWS rows: decode, MTP verify) and GEMM (prefill chunks).
 
-Regime/type-specific kernels (Triton GEMV/GEMM on GPU, packed int4/int8 on CPU) plug in here.
+  kernels  | type                        | GEMV (M <= 16)                  | GEMM (M > 16)
+  ---------+-----------------------------+---------------------------------+------------------------
+  "cpu"    | Q4_0, Q4_1, Q4_K (bf16 mode)| packed int4 (cpu_int4), M <= 64  | dequantize blocks per
+           |                             | rows                            | call, fp32 GEMM
+  "cpu"    | every other supported type  | dense copy: bf16 M=1 kernel,    | fp32 GEMM (bf16 copy
+           | (and all types in fp32 mode)| row by row on AVX2-only CPUs    | upcast on AVX2)
+  "triton" | Q8_0 Q4_0 Q4_1 Q5_0 Q4_K    | triton_gemv on the GGUF bytes   | dequantize blocks on
+           | Q6_K                        |                                 | the device, torch GEMM
+  "triton" | anything else               | LlmkitError naming the type     |
+
+Why the CPU rows: on CPUs without native bf16 (AVX2-only, e.g. this 2-vCPU EPYC VM), oneDNN
+emulates bf16, so a bf16 matmul costs linear in M; running the M = 1 kernel row by row costs the
+same and gives every row exactly the arithmetic of a single-token step, which keeps greedy MTP output
+token-for-token identical to plain decoding (bf16 logits tie often). The packed int4 kernel is
+row-independent by construction (tested) and 3-4x cheaper than bf16 at M = 4. A GEMM upcasts to
+fp32 (emulated bf16 GEMM runs ~20 GFLOP/s against ~170 for fp32). CPUs with avx512_bf16/AMX run
+the dense bf16 path for every M. `weight_dtype=float32` keeps exact fp32 copies (reference checks).
+
+"triton" is the GPU family (device cuda); on CPU it runs under TRITON_INTERPRET=1 for tests only.
+Weights that consume the same input (q/k/v, gate/up) are fused into one call when they can be.
+Every prepared byte (packed or dequantized copies, device copies) is counted in
+`Backend.extra_bytes`, which the memory report shows.
 """
 
 from __future__ import annotations
@@ -29,9 +37,12 @@ import torch.nn.functional as F
 
 from llmkit.core.errors import LlmkitError
 from llmkit.core.weights import QTensor
+from llmkit.kernels import cpu_int4
 from llmkit.quant.dequant import SUPPORTED_TYPES
 
 GEMV_MAX_ROWS = 16  # M <= this is the GEMV regime (decode, MTP verify); larger M is GEMM (prefill)
+INT4_MAX_ROWS = 64  # packed int4 beats dequantize + fp32 GEMM up to about this M (measured)
+KERNEL_FAMILIES = ("cpu", "triton")
 
 
 @functools.cache
@@ -44,8 +55,25 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
-def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, in] fp32 @ w [out, in]^T -> [M, out] fp32, kernel chosen by regime (see above)."""
+@dataclass
+class Backend:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    weight_dtype: torch.dtype = torch.bfloat16
+    kernels: str | None = None  # "cpu" | "triton"; None = by device (cuda -> triton)
+    extra_bytes: int = 0  # bytes of prepared (packed/dequantized/device) weights this backend holds
+
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        if self.kernels is None:
+            self.kernels = "triton" if self.device.type == "cuda" else "cpu"
+        if self.kernels not in KERNEL_FAMILIES:
+            raise LlmkitError(f"unknown kernel family {self.kernels!r} ({KERNEL_FAMILIES})")
+        if self.kernels == "cpu" and self.device.type != "cpu":
+            raise LlmkitError(f"cpu kernels cannot run on device {self.device}")
+
+
+def _dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, in] fp32 @ w [out, in]^T -> [M, out] fp32 for a dense copy, kernel by regime."""
     if w.dtype != torch.bfloat16:
         return F.linear(x, w)
     m = x.shape[0]
@@ -56,22 +84,66 @@ def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w.float())
 
 
-@dataclass
-class Backend:
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    weight_dtype: torch.dtype = torch.bfloat16
-    extra_bytes: int = 0  # bytes of prepared (dequantized/repacked) weights this backend holds
-
-
 class DenseLinear:
-    """y[T, out] = x[T, in] @ W^T with W dequantized once into the backend dtype."""
+    """y[M, out] = x[M, in] @ W^T with W dequantized once into the backend dtype."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight  # [out, in]
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _matmul(x, self.weight)  # [M, in] fp32 -> [M, out] fp32
+        return _dense_matmul(x, self.weight)  # [M, in] fp32 -> [M, out] fp32
+
+
+class TritonLinear:
+    """GEMV straight from the GGUF bytes (one call per fused part: types may differ); GEMM on a
+    per-call dequantized copy. The bytes live on the backend device."""
+
+    def __init__(self, weights: list[QTensor], device: torch.device):
+        self.parts = [(w.raw.reshape(w.shape[0], -1).to(device), w.qtype, w.shape) for w in weights]
+        self.out_features = sum(s[0] for _, _, s in self.parts)
+        self.in_features = weights[0].shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(raw.numel() for raw, _, _ in self.parts)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from llmkit.kernels.triton_gemv import qgemv  # triton imports only when used
+        from llmkit.quant.dequant import dequantize
+
+        if x.shape[0] <= GEMV_MAX_ROWS:
+            ys = [qgemv(x, raw, qt) for raw, qt, _ in self.parts]
+        else:
+            dt = torch.float32 if x.device.type == "cpu" else torch.bfloat16
+            ys = [
+                F.linear(x.to(dt), dequantize(raw, qt, shape, dtype=dt)).float()
+                for raw, qt, shape in self.parts
+            ]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+
+def _check_types(weights: tuple[QTensor, ...], kernels: str) -> None:
+    if kernels == "triton":
+        from llmkit.kernels.triton_gemv import SUPPORTED_TYPES as supported
+    else:
+        supported = SUPPORTED_TYPES
+    for w in weights:
+        if w.qtype not in supported:
+            raise LlmkitError(
+                f"no {kernels} matmul kernel for {w.qtype.name} (tensor {w.name}); supported: "
+                + ", ".join(sorted(t.name for t in supported))
+            )
+
+
+def _int4_ok(backend: Backend, weights: tuple[QTensor, ...]) -> bool:
+    return (
+        backend.weight_dtype == torch.bfloat16
+        and cpu_int4.available()
+        and all(w.qtype in cpu_int4.PACKABLE_TYPES and len(w.shape) == 2 for w in weights)
+        and weights[0].shape[-1] % cpu_int4.GROUP == 0
+        and sum(w.shape[0] for w in weights) % cpu_int4.N_MULTIPLE == 0
+    )
 
 
 def make_linear(backend: Backend, *weights: QTensor):
@@ -79,39 +151,45 @@ def make_linear(backend: Backend, *weights: QTensor):
     in_features = {w.shape[-1] for w in weights}
     if len(in_features) != 1:
         raise LlmkitError(f"cannot fuse {[w.name for w in weights]}: different input widths")
-    for w in weights:
-        if w.qtype not in SUPPORTED_TYPES:
-            raise LlmkitError(f"no matmul kernel for {w.qtype.name} (tensor {w.name})")
-    if backend.device.type != "cpu":
-        raise LlmkitError(f"device {backend.device.type} is not supported yet (use --device cpu)")
+    _check_types(weights, backend.kernels)
+    if backend.kernels == "triton":
+        lin = TritonLinear(list(weights), backend.device)
+        backend.extra_bytes += lin.nbytes if backend.device.type != "cpu" else 0
+        return lin
+    if _int4_ok(backend, weights):
+        lin = cpu_int4.Int4Linear(list(weights), INT4_MAX_ROWS)
+        backend.extra_bytes += lin.nbytes
+        return lin
     parts = [w.dequantize(torch.float32).to(backend.weight_dtype) for w in weights]
     dense = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     backend.extra_bytes += dense.numel() * dense.element_size()
-    return DenseLinear(dense.to(backend.device))
+    return DenseLinear(dense)
 
 
 class ExpertLinear:
-    """y[M, out] = x[M, in] @ W[e]^T for one expert e of a stacked [E, out, in] weight (MoE)."""
+    """y[M, out] = x[M, in] @ W[e]^T for one expert e of a stacked [E, out, in] weight (MoE): only
+    the experts a batch selects are ever multiplied."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight  # [E, out, in]
-        self.n_expert, self.out_features, self.in_features = weight.shape
+    def __init__(self, experts: list):
+        self.experts = experts  # one linear per expert
+        self.n_expert = len(experts)
+        self.out_features, self.in_features = experts[0].out_features, experts[0].in_features
 
     def __call__(self, x: torch.Tensor, expert: int) -> torch.Tensor:
         # x: [M, in] fp32, the rows routed to this expert -> [M, out] fp32
-        return _matmul(x, self.weight[expert])
+        return self.experts[expert](x)
 
 
 def make_expert_linear(backend: Backend, qt: QTensor) -> ExpertLinear:
-    """Per-expert matmuls over a 3-D expert tensor (numpy shape (E, out, in)), dequantized once."""
+    """Per-expert matmuls over a 3-D expert tensor (numpy shape (E, out, in))."""
     if len(qt.shape) != 3:
         raise LlmkitError(
             f"{qt.name}: expert tensor must be 3-D (E, out, in), got {list(qt.shape)}"
         )
-    if qt.qtype not in SUPPORTED_TYPES:
-        raise LlmkitError(f"no matmul kernel for {qt.qtype.name} (tensor {qt.name})")
-    if backend.device.type != "cpu":
-        raise LlmkitError(f"device {backend.device.type} is not supported yet (use --device cpu)")
-    dense = qt.dequantize(torch.float32).to(backend.weight_dtype)  # [E, out, in]
-    backend.extra_bytes += dense.numel() * dense.element_size()
-    return ExpertLinear(dense.to(backend.device))
+    _check_types((qt,), backend.kernels)
+    n_expert, out, inp = qt.shape
+    experts = [
+        make_linear(backend, QTensor(f"{qt.name}[{e}]", qt.qtype, (out, inp), qt.raw[e]))
+        for e in range(n_expert)
+    ]
+    return ExpertLinear(experts)

@@ -320,7 +320,7 @@ def test_expert_linear_regimes():
     w = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(2))
     be = Backend(weight_dtype=torch.bfloat16)
     lin = make_expert_linear(be, QTensor("x", QT.F32, (3, 8, 32), w))  # float storage is accepted
-    assert be.extra_bytes == 3 * 8 * 32 * 2 and lin.weight.dtype == torch.bfloat16
+    assert be.extra_bytes == 3 * 8 * 32 * 2 and lin.experts[1].weight.dtype == torch.bfloat16
     for M in (1, 7):  # GEMV (bf16) and GEMM (fp32 upcast on CPUs without native bf16)
         x = torch.randn(M, 32)
         y = lin(x, 1)
