@@ -40,6 +40,7 @@ def parse_messages(body: dict, prompter, limits: Limits) -> Job:
         ignore_eos=F.get(body, "ignore_eos", bool, False),
         speculative=F.get(body, "speculative", bool, True),
         id_slot=F.get(body, "id_slot", int),
+        cache_prompt=F.get(body, "cache_prompt", bool, True),
     )
     return Job(prompter.chat(out), params, F.get(body, "stream", bool, False))
 

@@ -218,7 +218,8 @@ class Engine:
                 if not free:
                     return
                 mtp = self._uses_mtp(req)
-                share = self.opts.prefix_sharing and not mtp  # MTP needs the prefix's hiddens
+                # MTP would need the hidden states of a shared prefix, which are not kept
+                share = self.opts.prefix_sharing and req.params.cache_prompt and not mtp
                 seq = self.pool.admit(req.prompt, self.n_tokens(req), self.opts.n_ctx, share)
                 if seq is None:
                     return  # deferred until blocks come back
@@ -357,6 +358,16 @@ class Engine:
                 stop_sequence=s.text.stopped_by,
                 prompt_tokens=len(req.prompt),
                 completion_tokens=s.n_gen,
+                timings={
+                    "prompt_n": len(req.prompt) - s.seq.n_shared,
+                    "cache_n": s.seq.n_shared,
+                    "prompt_ms": s.prompt_s * 1e3,
+                    "predicted_n": s.n_gen,
+                    "predicted_ms": s.decode_s * 1e3,
+                    "draft_n": s.req_spec.draft_tokens,
+                    "draft_n_accepted": s.req_spec.accepted,
+                    "id_slot": s.id,
+                },
             )
         )
         m.requests_completed.inc()

@@ -34,6 +34,7 @@ def _params(body: dict, limits: Limits) -> tuple[GenParams, bool, bool]:
         ignore_eos=F.get(body, "ignore_eos", bool, False),
         speculative=F.get(body, "speculative", bool, True),
         id_slot=F.get(body, "id_slot", int),
+        cache_prompt=F.get(body, "cache_prompt", bool, True),
     )
     stream = F.get(body, "stream", bool, False)
     opts = F.get(body, "stream_options", dict, {})
@@ -104,6 +105,7 @@ class Formatter:
             "model": self.model,
             "choices": [choice],
             "usage": self._usage(done),
+            "timings": done.timings,
         }
 
     def _chunk(self, delta: str | None, finish: str | None, first: bool = False) -> str:
@@ -137,6 +139,7 @@ class Formatter:
                     "model": self.model,
                     "choices": [],
                     "usage": self._usage(done),
+                    "timings": done.timings,
                 }
             )
         return out + "data: [DONE]\n\n"

@@ -20,6 +20,7 @@ class GenParams:
     ignore_eos: bool = False
     speculative: bool = True  # per request: false turns MTP drafting off for this request
     id_slot: int | None = None  # run on this slot (llama.cpp's id_slot); None: any free slot
+    cache_prompt: bool = True  # llama.cpp's switch: reuse cached prefix blocks for this prompt
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Event:
     stop_sequence: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    timings: dict | None = None  # llama.cpp's per-response timings (incl. draft counts)
 
 
 @dataclass
