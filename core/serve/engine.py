@@ -221,8 +221,11 @@ class Engine:
                 # MTP would need the hidden states of a shared prefix, which are not kept
                 share = self.opts.prefix_sharing and req.params.cache_prompt and not mtp
                 seq = self.pool.admit(req.prompt, self.n_tokens(req), self.opts.n_ctx, share)
-                if seq is None:
-                    return  # deferred until blocks come back
+                if seq is None:  # deferred until blocks come back
+                    if not req.deferred:
+                        req.deferred = True
+                        self.metrics.deferrals.inc()
+                    return
                 self.queue.popleft()
                 self._start(free[0], req, seq, mtp)
 

@@ -47,6 +47,9 @@ class Metrics:
         self.requests_deferred = Gauge(
             P + "requests_deferred", "Requests waiting for a slot or KV blocks.", registry=r
         )
+        self.deferrals = Counter(
+            P + "requests_deferrals", "Times a queued request found no KV room.", registry=r
+        )
         self.busy_slots_per_decode = Gauge(
             P + "n_busy_slots_per_decode", "Slots in the last decode step.", registry=r
         )

@@ -43,4 +43,5 @@ class Request:
     emit: Callable[[Event], None]  # called from the engine thread
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False  # set by the HTTP side when the client goes away
+    deferred: bool = False  # waited in the queue for KV blocks at least once
     t_arrival: float = field(default_factory=time.perf_counter)
