@@ -226,6 +226,8 @@ class PagedKV:
         if seq.released:
             raise LlmkitError("KV sequence was already released")
         bs, p0, p1 = self.bs, seq.n_past, seq.n_past + T
+        if T > self.max_batch:  # sliding-group reservations are sized for this batch
+            raise LlmkitError(f"batch of {T} rows exceeds the KV pool's {self.max_batch}")
         if p1 > seq.n_ctx:
             raise LlmkitError(f"context is full: {p1} tokens exceed the context size {seq.n_ctx}")
         pos = torch.arange(p0, p1)

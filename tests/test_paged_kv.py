@@ -117,6 +117,26 @@ def test_sliding_window_blocks_are_freed():
     assert g.used == 0 and pool.groups["full"].used == 0
 
 
+def test_sliding_group_shares_only_the_blocks_inside_the_window():
+    pool = _pool(n_tokens=64, bs=4, window=4, max_batch=4, n_seq_max=2)
+    prompt = list(range(30, 42))  # 3 full blocks
+    a = pool.admit(prompt + [1], n_tokens=20, n_ctx=32)
+    for n in (4, 4, 4, 1):  # prompt chunks of at most max_batch rows
+        _write(pool, a, n)
+    assert a.tables["swa4"][0] == -1  # positions 0-3 left every window: block given back
+    b = pool.admit(prompt + [2], n_tokens=20, n_ctx=32)
+    assert b.n_shared == 12
+    assert b.tables["full"] == a.tables["full"][:3]
+    # a query at position 12 with window 4 reaches back to position 9: block 2 only
+    assert b.tables["swa4"] == [-1, -1, a.tables["swa4"][2]]
+    _, _, view = _write(pool, b, 1)
+    K, _ = pool.read(1, view.read["swa4"])
+    assert [int(k) for k in K[0, view.mask["swa4"][0], 0]] == [9, 10, 11, 12]
+    pool.release(a)
+    pool.release(b)
+    assert all(g.used == 0 and g.promised == 0 for g in pool.groups.values())
+
+
 def test_rollback_returns_blocks_and_shared_prefix_is_protected():
     pool = _pool(n_tokens=64, bs=4)
     a = pool.admit(list(range(8)), n_tokens=30, n_ctx=32)
