@@ -93,6 +93,7 @@ class KVCache:
         type_k: str = "f16",
         type_v: str = "f16",
         device: torch.device | str = "cpu",
+        attn_kernel: str | None = None,
     ):
         for name, t in (("K", type_k), ("V", type_v)):
             if t not in KV_TYPES:
@@ -117,6 +118,14 @@ class KVCache:
             g.v[il] = _alloc(type_v, spec.n_head_kv, cap, spec.head_dim_v, device)
             self.group_of[il] = g
         self.n_past = 0  # positions 0..n_past-1 are cached
+        self.device = torch.device(device)
+        # "torch" (SDPA over a [T, S] mask) or "triton" (kernels/triton_attention.py: reads f16 KV
+        # as stored and skips tiles outside the window); GPUs default to Triton
+        self.attn_kernel = attn_kernel or ("triton" if self.device.type == "cuda" else "torch")
+        if self.attn_kernel not in ("torch", "triton"):
+            raise LlmkitError(f"unknown attention kernel {self.attn_kernel!r}")
+        self._pos: torch.Tensor | None = None  # positions of the current batch
+        self._group: _Group | None = None  # group of the layer last updated (for attention)
 
     @property
     def layers(self) -> list[int]:
@@ -125,11 +134,17 @@ class KVCache:
     def positions(self, T: int) -> torch.Tensor:
         """Positions of the next T tokens. Models ask the cache (rather than counting from n_past)
         so that a multi-sequence batch cache can give every row its own sequence's position."""
-        return torch.arange(self.n_past, self.n_past + T)
+        return torch.arange(self.n_past, self.n_past + T, device=self.device)
 
     def attention(self, q, K, V, mask, scale: float) -> torch.Tensor:
         """Attention over what update() returned; a multi-sequence cache overrides this to attend
         per sequence (keeps every row's arithmetic that of a lone run)."""
+        if self.attn_kernel == "triton":
+            from llmkit.kernels.triton_attention import attention as triton_attention
+
+            g = self._group  # update() for this layer ran just before
+            kpos = g.slot_pos[: g.n_read]
+            return triton_attention(q, K, V, kpos, self._pos, scale, g.window)
         return attention(q, K, V, mask, scale)
 
     def begin(self, pos: torch.Tensor) -> None:
@@ -141,6 +156,7 @@ class KVCache:
             raise LlmkitError(f"KV cache expects positions {self.n_past}.., got {p0}..{p1 - 1}")
         if p1 > self.n_ctx:
             raise LlmkitError(f"context is full: {p1} tokens exceed the context size {self.n_ctx}")
+        self._pos = pos
         for g in self.groups.values():
             if g.window is None:
                 g.slots = pos
@@ -165,7 +181,7 @@ class KVCache:
 
     def update(self, il: int, k: torch.Tensor, v: torch.Tensor):
         """Write this batch's k/v [T, Hkv, D] for layer il; return (K [Hkv,S,D], V, mask [T,S])."""
-        g = self.group_of[il]
+        g = self._group = self.group_of[il]
         _store(g.k[il], self.type_k, g.slots, k)
         _store(g.v[il], self.type_v, g.slots, v)
         return _load(g.k[il], self.type_k, g.n_read), _load(g.v[il], self.type_v, g.n_read), g.mask

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmkit.core.config import read_config
+from llmkit.core.device import OnDevice, tensors_to
 from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.kv_cache import KVCache
@@ -44,8 +45,9 @@ class LoadedModel:
     def new_cache(
         self, n_ctx: int, margin: int = 512, type_k: str = "f16", type_v: str = "f16"
     ) -> KVCache:
+        attn = "triton" if self.backend.kernels == "triton" else "torch"
         return KVCache(
-            self.model.kv_layout(), n_ctx, margin, type_k, type_v, device=self.backend.device
+            self.model.kv_layout(), n_ctx, margin, type_k, type_v, self.backend.device, attn
         )
 
     def weights_bytes(self) -> int:
@@ -139,9 +141,11 @@ def load_model(
     mtp: bool = False,
     draft_path: str | Path | None = None,
     moe_n_expert: int | None = None,
+    kernels: str | None = None,
 ) -> LoadedModel:
     """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
-    sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models."""
+    sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models;
+    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/dispatch.py)."""
     t0 = time.perf_counter()
     gf = GGUFFile(path)
     arch = gf.architecture
@@ -177,10 +181,14 @@ def load_model(
     if device == "cuda" and not torch.cuda.is_available():
         raise LlmkitError("--device cuda requested but no CUDA device is available")
     tensors = _load_weights(mod, cfg, gf, gd, mtp)
-    backend = Backend(torch.device(device), weight_dtype)
+    backend = Backend(torch.device(device), weight_dtype, kernels)
+    if backend.device.type != "cpu":
+        tensors = tensors_to(tensors, backend.device)
     model = (
         mod.Model(cfg, tensors, backend, mtp=mtp)
         if _supports_mtp(mod)
         else mod.Model(cfg, tensors, backend)
     )
+    if backend.device.type != "cpu":
+        model = OnDevice(model, backend.device)
     return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.errors import LlmkitError
 from llmkit.core.weights import QTensor
@@ -95,37 +96,52 @@ class DenseLinear:
         return _dense_matmul(x, self.weight)  # [M, in] fp32 -> [M, out] fp32
 
 
+_FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+
+
 class TritonLinear:
     """GEMV straight from the GGUF bytes (one call per fused part: types may differ); GEMM on a
-    per-call dequantized copy. The bytes live on the backend device."""
+    per-call dequantized copy. Float-typed weights (F32/F16/BF16 norms-sized tensors, tiny models)
+    are plain dense matmuls. Everything lives on the backend device."""
 
     def __init__(self, weights: list[QTensor], device: torch.device):
-        self.parts = [(w.raw.reshape(w.shape[0], -1).to(device), w.qtype, w.shape) for w in weights]
+        self.parts = []  # (uint8 bytes [N, row_bytes] or dense fp32 [N, K], qtype, shape)
+        for w in weights:
+            if w.qtype in _FLOAT_TYPES:
+                self.parts.append((w.dequantize(torch.float32).to(device), w.qtype, w.shape))
+            else:
+                raw = w.raw.reshape(w.shape[0], -1).view(torch.uint8)
+                self.parts.append((raw.to(device), w.qtype, w.shape))
         self.out_features = sum(s[0] for _, _, s in self.parts)
         self.in_features = weights[0].shape[-1]
 
     @property
     def nbytes(self) -> int:
-        return sum(raw.numel() for raw, _, _ in self.parts)
+        return sum(a.numel() * a.element_size() for a, _, _ in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from llmkit.kernels.triton_gemv import qgemv  # triton imports only when used
         from llmkit.quant.dequant import dequantize
 
-        if x.shape[0] <= GEMV_MAX_ROWS:
-            ys = [qgemv(x, raw, qt) for raw, qt, _ in self.parts]
-        else:
-            dt = torch.float32 if x.device.type == "cpu" else torch.bfloat16
-            ys = [
-                F.linear(x.to(dt), dequantize(raw, qt, shape, dtype=dt)).float()
-                for raw, qt, shape in self.parts
-            ]
+        gemv = x.shape[0] <= GEMV_MAX_ROWS
+        dt = torch.float32 if x.device.type == "cpu" else torch.bfloat16  # GEMM operand dtype
+        ys = []
+        for a, qt, shape in self.parts:
+            if qt in _FLOAT_TYPES:
+                ys.append(F.linear(x, a))
+            elif gemv:
+                ys.append(qgemv(x, a, qt))  # [M, N] fp32, fp32 accumulation
+            else:
+                w = dequantize(a, qt, shape, dtype=dt)
+                ys.append(F.linear(x.to(dt), w).float())
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
 def _check_types(weights: tuple[QTensor, ...], kernels: str) -> None:
     if kernels == "triton":
-        from llmkit.kernels.triton_gemv import SUPPORTED_TYPES as supported
+        from llmkit.kernels.triton_gemv import SUPPORTED_TYPES as quantized
+
+        supported = quantized | _FLOAT_TYPES
     else:
         supported = SUPPORTED_TYPES
     for w in weights:
@@ -154,7 +170,7 @@ def make_linear(backend: Backend, *weights: QTensor):
     _check_types(weights, backend.kernels)
     if backend.kernels == "triton":
         lin = TritonLinear(list(weights), backend.device)
-        backend.extra_bytes += lin.nbytes if backend.device.type != "cpu" else 0
+        backend.extra_bytes += lin.nbytes
         return lin
     if _int4_ok(backend, weights):
         lin = cpu_int4.Int4Linear(list(weights), INT4_MAX_ROWS)

@@ -22,7 +22,7 @@ class Embedding:
         self.weight, self.scale = weight, scale
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.weight.rows(tokens)  # [T, n_embd] fp32
+        x = self.weight.rows(tokens.to(self.weight.raw.device))  # [T, n_embd] fp32
         return x * self.scale if self.scale is not None else x
 
 
