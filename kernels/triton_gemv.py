@@ -5,7 +5,7 @@ fp32. Each program owns BLOCK_N output rows and BLOCK_M input rows; it walks K i
 blocks (G * bs elements), decodes those blocks of its W rows straight from the stored bytes into
 fp32 registers (never a dequantized copy in memory) and accumulates x @ W^T in fp32.
 
-Types: Q8_0, Q4_0, Q4_1, Q5_0 (bs = 32) and Q4_K, Q6_K (bs = 256); layouts as in
+Types: Q8_0, Q4_0, Q4_1, Q5_0 (bs = 32) and Q4_K, Q5_K, Q6_K, IQ4_XS (bs = 256); layouts as in
 ``llmkit.quant.dequant`` (its torch decoders are the bit-exact reference).
 
 Per call: bytes = N * K / bs * ts (W, read once when M <= BLOCK_M)
@@ -26,7 +26,18 @@ from gguf import GGMLQuantizationType as QT
 from llmkit.core.errors import LlmkitError
 
 # QTYPE codes (constexpr) for the kernel's static dispatch.
-_CODES = {QT.Q8_0: 0, QT.Q4_0: 1, QT.Q4_1: 2, QT.Q5_0: 3, QT.Q4_K: 4, QT.Q6_K: 5}
+_CODES = {
+    QT.Q8_0: 0,
+    QT.Q4_0: 1,
+    QT.Q4_1: 2,
+    QT.Q5_0: 3,
+    QT.Q4_K: 4,
+    QT.Q6_K: 5,
+    QT.Q5_K: 6,
+    QT.IQ4_XS: 7,
+}
+# IQ4_XS non-linear code book (the kernel looks codes up in this table, passed as a tensor)
+_IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 SUPPORTED_TYPES: frozenset[QT] = frozenset(_CODES)
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,7 +51,7 @@ def _f16(p, mask):
 
 
 @triton.jit
-def _decode(w_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
+def _decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
     """Blocks kb .. kb+G-1 of the rows at byte offsets roff [BLOCK_N, 1, 1] -> fp32
     [BLOCK_N, NSUB, SUB] (NSUB * SUB = G * bs, in element order). Blocks >= NB decode to 0."""
     if QTYPE <= 3:  # 32-element blocks: [BLOCK_N, G, 32]
@@ -75,13 +86,18 @@ def _decode(w_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
                 ((h >> (i % 8).to(tl.uint8)) & 1) << 4
             )
             w = (q.to(tl.int32) - 16).to(tl.float32) * d
-    elif QTYPE == 4:  # Q4_K: d @0 | dmin @2 | scales[12] @4 | qs[128] @16; [BLOCK_N, 8G, 32]
+    elif QTYPE == 4 or QTYPE == 6:
+        # Q4_K: d @0 | dmin @2 | scales[12] @4 | qs[128] @16; [BLOCK_N, 8G, 32]
+        # Q5_K: the same plus qh[32] @16 (bit s of qh[t] = 5th bit of element t of sub-block s),
+        #       qs moved to @48
+        TS: tl.constexpr = 144 if QTYPE == 4 else 176
+        QS: tl.constexpr = 16 if QTYPE == 4 else 48
         u = tl.arange(0, 8 * G)[None, :, None]
         t = tl.arange(0, 32)[None, None, :]
         blk = kb + u // 8
         s = u % 8  # sub-block
         m3 = nmask & (blk < NB)
-        base = w_ptr + roff + blk * 144
+        base = w_ptr + roff + blk * TS
         d = _f16(base, m3)
         dmin = _f16(base + 2, m3)
         sc_p = base + 4
@@ -96,9 +112,28 @@ def _decode(w_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
         mn = tl.where(lo, c & 63, (c >> 4) | ((a >> 6) << 4))
         dl = d * sc.to(tl.float32)
         ml = dmin * mn.to(tl.float32)
-        b = tl.load(base + 16 + (s // 2) * 32 + t, mask=m3, other=0)
+        b = tl.load(base + QS + (s // 2) * 32 + t, mask=m3, other=0)
         q = (b >> ((s % 2) * 4).to(tl.uint8)) & 0xF
+        if QTYPE == 6:
+            h = tl.load(base + 16 + t, mask=m3, other=0)
+            q = q | (((h >> s.to(tl.uint8)) & 1) << 4)
         w = q.to(tl.float32) * dl - ml
+    elif QTYPE == 7:  # IQ4_XS: d @0 | scales_h:u16 @2 | scales_l[4] @4 | qs[128] @8; [BN, 8G, 32]
+        u = tl.arange(0, 8 * G)[None, :, None]
+        t = tl.arange(0, 32)[None, None, :]
+        blk = kb + u // 8
+        s = u % 8  # sub-block: 6-bit scale = nibble s%2 of scales_l[s//2] | bits 2s.. of scales_h
+        m3 = nmask & (blk < NB)
+        base = w_ptr + roff + blk * 136
+        d = _f16(base, m3)
+        sh = tl.load(base + 2, mask=m3, other=0).to(tl.int32) | (
+            tl.load(base + 3, mask=m3, other=0).to(tl.int32) << 8
+        )
+        sl = tl.load(base + 4 + s // 2, mask=m3, other=0).to(tl.int32)
+        sc = (((sl >> ((s % 2) * 4)) & 15) | (((sh >> (2 * s)) & 3) << 4)) - 32
+        b = tl.load(base + 8 + s * 16 + (t % 16), mask=m3, other=0)
+        q = (b >> ((t // 16) * 4).to(tl.uint8)) & 0xF
+        w = tl.load(lut_ptr + q.to(tl.int32)).to(tl.float32) * (d * sc.to(tl.float32))
     else:  # Q6_K: ql[128] @0 | qh[64] @128 | scales:i8[16] @192 | d @208; [BLOCK_N, 16G, 16]
         u = tl.arange(0, 16 * G)[None, :, None]
         t = tl.arange(0, 16)[None, None, :]
@@ -133,6 +168,7 @@ def _decode(w_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
 def _qgemv_kernel(
     x_ptr,
     w_ptr,
+    lut_ptr,
     y_ptr,
     M,
     N,
@@ -161,7 +197,7 @@ def _qgemv_kernel(
     offs_k = tl.arange(0, BK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, NB, G):
-        w = tl.reshape(_decode(w_ptr, roff, nmask, kb, NB, QTYPE, G), (BLOCK_N, BK))
+        w = tl.reshape(_decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE, G), (BLOCK_N, BK))
         k = kb * BS + offs_k
         xm = (offs_m[:, None] < M) & (k[None, :] < K)
         xp = x_ptr + offs_m[:, None].to(tl.int64) * sxm + k[None, :] * sxk
@@ -173,6 +209,16 @@ def _qgemv_kernel(
     ym = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     yp = y_ptr + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :] * syn
     tl.store(yp, acc, mask=ym)
+
+
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    """The IQ4 code book as int8 on `device` (read by IQ4_XS; a dummy argument for other types)."""
+    if device not in _LUTS:
+        _LUTS[device] = torch.tensor(_IQ4_KVALUES, dtype=torch.int8, device=device)
+    return _LUTS[device]
 
 
 def _interpreting() -> bool:
@@ -241,6 +287,7 @@ def qgemv(
     _qgemv_kernel[grid](
         x2,
         w,
+        _lut(x.device),
         y,
         M,
         N,

@@ -68,6 +68,8 @@ GEMV_CASES = [
     (QT.Q5_0, 96),
     (QT.Q4_K, 512),
     (QT.Q6_K, 768),
+    (QT.Q5_K, 512),
+    (QT.IQ4_XS, 768),
 ]
 
 
@@ -88,7 +90,7 @@ def test_qgemv_matches_dequant_matmul(qtype, K, M, xdtype, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K])
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K, QT.IQ4_XS])
 def test_qgemv_dot_path_strided_rows_and_leading_dims(qtype, device, monkeypatch):
     """M >= 16 takes the tl.dot path; W a row slice of a bigger byte array; x [2, 9, K]."""
     g = torch.Generator().manual_seed(7)
@@ -105,8 +107,8 @@ def test_qgemv_dot_path_strided_rows_and_leading_dims(qtype, device, monkeypatch
 
 def test_qgemv_rejects_bad_input():
     w = quantize(torch.randn(8, 64), QT.Q8_0)
-    with pytest.raises(LlmkitError, match="Q5_K"):
-        qgemv(torch.randn(1, 256), quantize(torch.randn(8, 256), QT.Q5_K), QT.Q5_K)
+    with pytest.raises(LlmkitError, match="Q3_K"):
+        qgemv(torch.randn(1, 256), quantize(torch.randn(8, 256), QT.Q3_K), QT.Q3_K)
     with pytest.raises(LlmkitError, match="columns"):
         qgemv(torch.randn(1, 32), w, QT.Q8_0)
     with pytest.raises(LlmkitError, match="fp32/fp16/bf16"):
