@@ -16,6 +16,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.core.errors import LlmkitError
@@ -162,27 +163,28 @@ def create_app(
             return Response(status_code=499)
         return JSONResponse(fmt.response(*got))
 
-    def parse(fn, body):
+    async def parse(fn, body):
+        # templates and tokenization of up to max_body_bytes run off the event loop
         try:
-            return fn(body, prompter, limits)
+            return await run_in_threadpool(fn, body, prompter, limits)
         except LlmkitError as e:  # e.g. a chat template that raised
             raise ApiError(400, str(e)) from None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        job = parse(openai_api.parse_completion, await read_json(request))
+        job = await parse(openai_api.parse_completion, await read_json(request))
         fmt = openai_api.Formatter(job, model_name)
         return await run(request, job, fmt, lambda e: openai_api.sse(openai_api.error_body(e)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        job = parse(openai_api.parse_chat, await read_json(request))
+        job = await parse(openai_api.parse_chat, await read_json(request))
         fmt = openai_api.Formatter(job, model_name)
         return await run(request, job, fmt, lambda e: openai_api.sse(openai_api.error_body(e)))
 
     @app.post("/v1/messages")
     async def messages(request: Request):
-        job = parse(anthropic_api.parse_messages, await read_json(request))
+        job = await parse(anthropic_api.parse_messages, await read_json(request))
         fmt = anthropic_api.Formatter(job, model_name)
         err = lambda e: anthropic_api.event("error", anthropic_api.error_body(e))  # noqa: E731
         return await run(request, job, fmt, err)

@@ -6,8 +6,8 @@ Each step:
     reserve their worst case; the others wait ("deferred"), the server never runs out mid-request;
  3. one decode step for every decoding slot: MTP slots draft first, each in its own MTP context;
     then the rows of all slots ([last] or [last, drafts...]) go through batched target forwards;
-    each slot samples or verifies its own rows, rolls back its own sequence and mirrors its
-    accepted rows, with their own hidden states, into its own MTP context;
+    each slot samples or verifies its own rows, rolls back its own sequence and keeps its
+    accepted rows, with their own hidden states, for its own MTP context;
  4. one prompt chunk (n_ubatch tokens) of one prefilling slot, round-robin, so long prompts do not
     stall the slots that are generating.
 Decode forwards carry at most `max_rows` (16) rows: kernels/dispatch.py runs such matmuls row by
@@ -241,6 +241,7 @@ class Engine:
             s.spec, s.sample = _Sampler(p.sampler), None
             s.mtp.truncate(0)
             s.mtp.pending_h = None
+            s.mtp_lag = []
         else:
             s.spec, s.sample = None, make_sampler(p.sampler)
         if seq.n_shared:
@@ -254,7 +255,7 @@ class Engine:
         bc = BatchCache(self.pool, [s.seq], [ids.numel()])
         if s.use_mtp:
             logits, h = self.model.forward(ids, bc, logits="last", hidden=True)
-            s.mtp.mirror(ids, h)
+            s.mtp_lag.append((ids, h))  # mirrored when the slot first drafts
         else:
             logits = self.model.forward(ids, bc, logits="last")
         bc.publish()
@@ -291,11 +292,25 @@ class Engine:
         if k == 0:
             return _Plan(s, [s.last], [], [], p0)
         t0 = time.perf_counter()
+        self._catch_up(s)
         drafts, qs = s.mtp.draft(s.last, k, s.spec.pick_draft, self.opts.draft_p_min)
         dt = time.perf_counter() - t0
         s.decode_s += dt
         self.policy.observe_draft(k, dt)
         return _Plan(s, [s.last, *drafts], drafts, qs, p0)
+
+    def _catch_up(self, s: Slot) -> None:
+        """Mirror the accepted rows the MTP context has not seen, in as few forwards as its ring
+        allows. Mirroring is lazy: while the policy drafts nothing, a slot pays no MTP forward at
+        all, and resuming costs one batched forward instead of one per skipped step."""
+        if not s.mtp_lag:
+            return
+        toks = torch.cat([t for t, _ in s.mtp_lag])
+        h = torch.cat([x for _, x in s.mtp_lag])
+        s.mtp_lag = []
+        step = s.mtp.caches[0].margin
+        for i in range(0, toks.numel(), step):
+            s.mtp.mirror(toks[i : i + step], h[i : i + step])
 
     def _verify(self, group: list[_Plan]) -> None:
         toks = torch.tensor([t for p in group for t in p.rows])
@@ -317,7 +332,7 @@ class Engine:
             if s.use_mtp:
                 n_acc, nxt = _accept(s.spec, logits[r : r + n], p.drafts, p.qs, s.history)
                 self.pool.truncate(s.seq, p.p0 + n_acc + 1)
-                s.mtp.mirror(toks[r : r + n_acc + 1], h[r : r + n_acc + 1])
+                s.mtp_lag.append((toks[r : r + n_acc + 1], h[r : r + n_acc + 1]))
                 s.req_spec.add(len(p.drafts), n_acc)
                 s.total_spec.add(len(p.drafts), n_acc)
                 self.metrics.speculative_round(len(p.drafts), n_acc)

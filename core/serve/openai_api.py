@@ -27,6 +27,9 @@ class Job:
 def _params(body: dict, limits: Limits) -> tuple[GenParams, bool, bool]:
     if F.get(body, "n", int, 1) != 1:
         raise ApiError(400, "'n' must be 1")
+    for key in ("logprobs", "top_logprobs", "tools"):
+        if body.get(key):
+            raise ApiError(400, f"'{key}' is not supported by this server")
     params = GenParams(
         max_tokens=F.max_tokens(body, ("max_tokens", "max_completion_tokens"), limits),
         sampler=F.sampler(body),

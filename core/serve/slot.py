@@ -50,6 +50,7 @@ class Slot:
     n_eval: int = 0  # prompt tokens whose K/V the sequence holds
     last: int = -1  # the last sampled token: emitted, not yet in the cache
     history: list[int] = field(default_factory=list)  # prompt + generated (repeat penalty)
+    mtp_lag: list = field(default_factory=list)  # (tokens, hiddens) not yet mirrored into mtp
     sample: Callable | None = None  # plain sampler
     spec: object | None = None  # speculative sampler (target + draft distributions)
     text: TextOut | None = None
