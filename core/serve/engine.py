@@ -32,6 +32,7 @@ from llmkit.core.multiseq import BatchCache
 from llmkit.core.paged_kv import PagedKV
 from llmkit.core.sampling import make_sampler
 from llmkit.core.serve.metrics import Metrics
+from llmkit.core.serve.mtp_batch import BatchedMTP, DraftJob
 from llmkit.core.serve.policy import DraftPolicy
 from llmkit.core.serve.request import Event, Request
 from llmkit.core.serve.slot import Slot
@@ -87,8 +88,9 @@ class Engine:
             opts.type_v,
             lm.backend.device,
         )
-        mtps = self._reserve_mtp() if opts.mtp else [None] * opts.n_slots
-        self.slots = [Slot(i, m) for i, m in enumerate(mtps)]
+        self.drafter = self._reserve_mtp() if opts.mtp else None
+        self.mtp_plan = self.drafter.plan() if self.drafter else None
+        self.slots = [Slot(i, opts.mtp) for i in range(opts.n_slots)]
         self.policy = (
             DraftPolicy(opts.draft, opts.draft_policy == "adaptive", opts.max_rows)
             if opts.mtp
@@ -102,26 +104,24 @@ class Engine:
         self.snapshot: dict = {}
         self._publish_snapshot()
 
-    def _reserve_mtp(self) -> list:
-        """Every slot's MTP context, allocated once at start-up from the single-sequence shape of
-        the NextN layers (a reserve-only plan: no live sequence is needed to size it)."""
-        from llmkit.core.mtp import MTPContext
-
+    def _reserve_mtp(self) -> BatchedMTP:
+        """The draft KV of every slot, allocated once at start-up (see core/serve/mtp_batch.py)."""
         o, heads = self.opts, getattr(self.model, "n_mtp_heads", 0)
         if not heads:
             raise LlmkitError("--mtp: this model has no NextN (MTP) blocks loaded")
         limit = min(heads if heads > 1 else o.max_rows - 1, o.max_rows - 1)
         if not 1 <= o.draft <= limit:
             raise LlmkitError(f"--draft must be between 1 and {limit}, got {o.draft}")
-        margin = max(o.n_ubatch, 64, o.draft + 1)
-        dev = self.lm.backend.device
-        ctxs = [
-            MTPContext(self.model, o.n_ctx, margin, o.type_k_draft, o.type_v_draft, dev)
-            for _ in range(o.n_slots)
-        ]
-        self.mtp_plan = {"slots": o.n_slots, "per_slot": ctxs[0].plan()}
-        self.mtp_plan["bytes"] = self.mtp_plan["per_slot"]["bytes"] * o.n_slots
-        return ctxs
+        return BatchedMTP(
+            self.model,
+            o.n_slots,
+            o.n_ctx,
+            o.kv_block_size,
+            max(o.n_ubatch, o.draft + 1),
+            o.type_k_draft,
+            o.type_v_draft,
+            self.lm.backend.device,
+        )
 
     # -- public (any thread) ----------------------------------------------------------------------
     def n_tokens(self, req: Request) -> int:
@@ -239,9 +239,7 @@ class Engine:
         s.n_requests += 1
         if mtp:
             s.spec, s.sample = _Sampler(p.sampler), None
-            s.mtp.truncate(0)
-            s.mtp.pending_h = None
-            s.mtp_lag = []
+            s.draft = self.drafter.open()
         else:
             s.spec, s.sample = None, make_sampler(p.sampler)
         if seq.n_shared:
@@ -255,7 +253,7 @@ class Engine:
         bc = BatchCache(self.pool, [s.seq], [ids.numel()])
         if s.use_mtp:
             logits, h = self.model.forward(ids, bc, logits="last", hidden=True)
-            s.mtp_lag.append((ids, h))  # mirrored when the slot first drafts
+            s.draft.lag.append((ids, h))  # mirrored when the slot first drafts
         else:
             logits = self.model.forward(ids, bc, logits="last")
         bc.publish()
@@ -274,7 +272,7 @@ class Engine:
         if n_mtp:
             self.metrics.n_draft.labels("mtp").set(k_step)
         self.metrics.busy_slots_per_decode.set(len(slots))
-        plans = [self._draft(s, k_step) for s in slots]
+        plans = self._draft(slots, k_step)
         group: list[_Plan] = []
         for p in plans:  # slots packed in order into forwards of <= max_rows rows
             if group and sum(len(g.rows) for g in group) + len(p.rows) > self.opts.max_rows:
@@ -283,34 +281,30 @@ class Engine:
             group.append(p)
         self._verify(group)
 
-    def _draft(self, s: Slot, k_step: int) -> _Plan:
-        p0 = s.seq.n_past
-        if not s.use_mtp:
-            return _Plan(s, [s.last], [], [], p0)
-        room = self.opts.n_ctx - p0 - 1  # the verify batch occupies p0 .. p0 + k
-        k = max(0, min(k_step, room, s.req.params.max_tokens - s.n_gen - 1))
-        if k == 0:
-            return _Plan(s, [s.last], [], [], p0)
-        t0 = time.perf_counter()
-        self._catch_up(s)
-        drafts, qs = s.mtp.draft(s.last, k, s.spec.pick_draft, self.opts.draft_p_min)
-        dt = time.perf_counter() - t0
-        s.decode_s += dt
-        self.policy.observe_draft(k, dt)
-        return _Plan(s, [s.last, *drafts], drafts, qs, p0)
-
-    def _catch_up(self, s: Slot) -> None:
-        """Mirror the accepted rows the MTP context has not seen, in as few forwards as its ring
-        allows. Mirroring is lazy: while the policy drafts nothing, a slot pays no MTP forward at
-        all, and resuming costs one batched forward instead of one per skipped step."""
-        if not s.mtp_lag:
-            return
-        toks = torch.cat([t for t, _ in s.mtp_lag])
-        h = torch.cat([x for _, x in s.mtp_lag])
-        s.mtp_lag = []
-        step = s.mtp.caches[0].margin
-        for i in range(0, toks.numel(), step):
-            s.mtp.mirror(toks[i : i + step], h[i : i + step])
+    def _draft(self, slots: list[Slot], k_step: int) -> list[_Plan]:
+        """Every MTP slot's draft for this step, all drafting slots in the same MTP forwards."""
+        jobs, owners = [], []
+        for s in slots:
+            room = self.opts.n_ctx - s.seq.n_past - 1  # verify rows occupy p0 .. p0 + k
+            k = max(0, min(k_step, room, s.req.params.max_tokens - s.n_gen - 1))
+            if s.use_mtp and k > 0:
+                jobs.append(DraftJob(s.draft, s.last, k, s.spec.pick_draft))
+                owners.append(s)
+        drafted = {}
+        if jobs:
+            t0 = time.perf_counter()
+            self.drafter.catch_up([j.state for j in jobs])
+            results = self.drafter.draft(jobs, self.opts.draft_p_min)
+            dt = time.perf_counter() - t0
+            self.policy.observe_draft(sum(j.k for j in jobs), dt)
+            for s, r in zip(owners, results):
+                s.decode_s += dt
+                drafted[s.id] = r
+        plans = []
+        for s in slots:
+            drafts, qs = drafted.get(s.id, ([], []))
+            plans.append(_Plan(s, [s.last, *drafts], drafts, qs, s.seq.n_past))
+        return plans
 
     def _verify(self, group: list[_Plan]) -> None:
         toks = torch.tensor([t for p in group for t in p.rows])
@@ -332,7 +326,7 @@ class Engine:
             if s.use_mtp:
                 n_acc, nxt = _accept(s.spec, logits[r : r + n], p.drafts, p.qs, s.history)
                 self.pool.truncate(s.seq, p.p0 + n_acc + 1)
-                s.mtp_lag.append((toks[r : r + n_acc + 1], h[r : r + n_acc + 1]))
+                s.draft.lag.append((toks[r : r + n_acc + 1], h[r : r + n_acc + 1]))
                 s.req_spec.add(len(p.drafts), n_acc)
                 s.total_spec.add(len(p.drafts), n_acc)
                 self.metrics.speculative_round(len(p.drafts), n_acc)
@@ -399,6 +393,9 @@ class Engine:
     def _free(self, s: Slot) -> None:
         if s.seq is not None:
             self.pool.release(s.seq)
+        if s.draft is not None:
+            self.drafter.close(s.draft)
+            s.draft = None
         s.req, s.seq, s.state, s.spec, s.sample, s.text = None, None, "idle", None, None, None
 
     # -- reporting --------------------------------------------------------------------------------
@@ -412,6 +409,6 @@ class Engine:
             "requests_processing": busy,
             "requests_deferred": deferred,
             "kv": self.pool.stats(),
-            "mtp": getattr(self, "mtp_plan", None),
+            "mtp": self.mtp_plan,
             "draft_policy": self.policy.describe() if self.policy else None,
         }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmkit.core.mtp import MTPContext
 from llmkit.core.paged_kv import SeqKV
 from llmkit.core.serve.request import Request
 from llmkit.core.serve.text import TextOut
@@ -42,7 +41,7 @@ class SpecCounts:
 @dataclass
 class Slot:
     id: int
-    mtp: MTPContext | None  # reserved at start-up, reused by every request on this slot
+    mtp: bool  # the server drafts with MTP (its memory is reserved at start-up for every slot)
     req: Request | None = None
     seq: SeqKV | None = None
     state: str = "idle"  # idle | prefill | decode
@@ -50,7 +49,7 @@ class Slot:
     n_eval: int = 0  # prompt tokens whose K/V the sequence holds
     last: int = -1  # the last sampled token: emitted, not yet in the cache
     history: list[int] = field(default_factory=list)  # prompt + generated (repeat penalty)
-    mtp_lag: list = field(default_factory=list)  # (tokens, hiddens) not yet mirrored into mtp
+    draft: object | None = None  # DraftState of the current MTP request (core/serve/mtp_batch.py)
     sample: Callable | None = None  # plain sampler
     spec: object | None = None  # speculative sampler (target + draft distributions)
     text: TextOut | None = None
@@ -66,7 +65,7 @@ class Slot:
             "id": self.id,
             "state": self.state,
             "n_requests": self.n_requests,
-            "speculative": self.total_spec.to_dict() if self.mtp is not None else None,
+            "speculative": self.total_spec.to_dict() if self.mtp else None,
         }
         if self.req is not None and self.seq is not None:
             d["request"] = {
