@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -44,4 +43,3 @@ class Request:
     id: int = field(default_factory=lambda: next(_ids))
     cancelled: bool = False  # set by the HTTP side when the client goes away
     deferred: bool = False  # waited in the queue for KV blocks at least once
-    t_arrival: float = field(default_factory=time.perf_counter)
