@@ -353,9 +353,11 @@ class PagedKV:
         return sum(g.nbytes() for g in self.groups.values())
 
     def stats(self) -> dict:
+        per_token = sum(g.nbytes() // (g.n_blocks * self.bs) for g in self.groups.values())
         return {
             "block_size": self.bs,
             "bytes": self.nbytes(),
+            "bytes_per_token": per_token,  # K+V of all layers: paging does not change it
             "type_k": self.type_k,
             "type_v": self.type_v,
             "prefix_hits": self.prefix_hits,

@@ -42,6 +42,7 @@ def test_blocks_allocated_on_demand_and_all_returned():
     pool.release(seq)
     g = pool.groups["full"]
     assert g.used == 0 and g.promised == 0 and g.available == g.n_blocks
+    assert pool.stats()["bytes_per_token"] == 2 * 2 * 2  # K and V, 1 head x 2 dims, f16
 
 
 def test_requests_that_do_not_fit_are_deferred_not_crashed():
