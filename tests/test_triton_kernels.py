@@ -204,3 +204,44 @@ def test_attention_rejects_bad_input():
         attention(q, k, k, torch.arange(9), torch.tensor([7]))
     with pytest.raises(LlmkitError, match="fp32/fp16/bf16"):
         attention(q.double(), k, k, torch.arange(8), torch.tensor([7]))
+
+
+# ---------------------------------------------------------------------------------------------
+# fusions (kernels/triton_fused.py)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,M", [(576, 1), (100, 3), (640, 5)])
+def test_fused_rms_norm_with_and_without_residual(n, M, device, monkeypatch):
+    import torch.nn.functional as F
+
+    from llmkit.kernels.triton_fused import rms_norm
+
+    g = torch.Generator().manual_seed(_seed("rms", n, M))
+    x, r = torch.randn(M, n, generator=g).to(device), torch.randn(M, n, generator=g).to(device)
+    w = torch.rand(n, generator=g).to(device) + 0.5
+    _poison(monkeypatch)
+    y = rms_norm(x, w, 1e-6)
+    assert _rel_err(y, F.rms_norm(x, (n,), w, 1e-6)) < 1e-5
+    s, y2 = rms_norm(x, w, 1e-5, residual=r)
+    assert torch.equal(s, x + r)
+    assert _rel_err(y2, F.rms_norm(x + r, (n,), w, 1e-5)) < 1e-5
+    assert _rel_err(rms_norm(x, None, 1e-5), F.rms_norm(x, (n,), None, 1e-5)) < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("f,M", [(96, 1), (1536, 2), (37, 4)])
+def test_fused_glu_matches_torch(act, f, M, device, monkeypatch):
+    import torch.nn.functional as F
+
+    from llmkit.kernels.triton_fused import glu
+
+    g = torch.Generator().manual_seed(_seed("glu", act, f, M))
+    gu = (torch.randn(M, 2 * f, generator=g) * 3).to(device)
+    gate, up = gu.chunk(2, dim=-1)
+    ref = (F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")) * up
+    _poison(monkeypatch)
+    assert _rel_err(glu(gu, act), ref) < 1e-5
+    with pytest.raises(LlmkitError, match="relu"):
+        glu(gu, "relu")
