@@ -86,3 +86,27 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
+
+
+def add_rms_norm(
+    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual step and the next norm: (s, rms_norm(s)) with s = x + r. On a GPU one fused
+    Triton launch (kernels/triton_fused.py); on CPU the two torch ops (the same bits as before)."""
+    if x.is_cuda:
+        from llmkit.kernels.triton_fused import rms_norm as fused
+
+        return fused(x, weight, eps, residual=r)
+    s = x + r
+    return s, rms_norm(s, weight, eps)
+
+
+def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """[..., 2F] (gate half | up half, as the fused gate/up matmul returns them) -> act(gate) * up.
+    act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU). One Triton launch on a GPU."""
+    if gate_up.is_cuda:
+        from llmkit.kernels.triton_fused import glu as fused
+
+        return fused(gate_up, act)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return (silu(gate) if act == "silu" else gelu_tanh(gate)) * up

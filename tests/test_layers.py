@@ -48,3 +48,16 @@ def test_attention_gqa_with_mask():
             s = (k[kh] @ q[t, h]) * 0.5
             s[~mask[t]] = -math.inf
             torch.testing.assert_close(out[t, h], torch.softmax(s, 0) @ v[kh], rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_and_glu_are_the_plain_ops_on_cpu():
+    from llmkit.core.layers import add_rms_norm, gelu_tanh, glu, rms_norm, silu
+
+    g = torch.Generator().manual_seed(3)
+    x, r, w = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g), torch.rand(40)
+    s, y = add_rms_norm(x, r, w, 1e-6)
+    assert torch.equal(s, x + r) and torch.equal(y, rms_norm(x + r, w, 1e-6))
+    gu = torch.randn(2, 5, 2 * 24, generator=g)
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(glu(gu, "silu"), silu(gate) * up)
+    assert torch.equal(glu(gu, "gelu_tanh"), gelu_tanh(gate) * up)
