@@ -4,7 +4,8 @@ An architecture module defines `Config` (a dataclass read from GGUF metadata), `
 (the tensor contract as data) and `Model` with:
   * `kv_layout() -> {layer: LayerKV}`: the cache geometry it needs (full or sliding, per layer);
   * `forward(tokens [T], cache, logits="last"|"all") -> [n, n_vocab]` logits in fp32.
-Single sequence per cache; positions continue from `cache.n_past`.
+Positions come from `cache.positions(T)` and attention from `cache.attention(...)`, so a
+multi-sequence batch cache (core/multiseq.py) can give each row its own sequence.
 """
 
 from __future__ import annotations
