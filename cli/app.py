@@ -11,6 +11,7 @@ import typer
 from llmkit.cli import bench as bench_cmd
 from llmkit.cli import convert as convert_cmd
 from llmkit.cli import models as models_cmd
+from llmkit.cli import mtp_train as mtp_train_cmd
 from llmkit.cli import perplexity as perplexity_cmd
 from llmkit.cli import quantize as quantize_cmd
 from llmkit.cli import run as run_cmd
@@ -33,6 +34,7 @@ app.command("bench", help=bench_cmd.__doc__)(bench_cmd.bench)
 app.command("perplexity", help=perplexity_cmd.__doc__)(perplexity_cmd.perplexity)
 app.command("convert", help=convert_cmd.__doc__)(convert_cmd.convert)
 app.command("serve", help=serve_cmd.__doc__)(serve_cmd.serve)
+app.command("mtp-train", help=mtp_train_cmd.__doc__)(mtp_train_cmd.mtp_train)
 
 # Typer ships its own copy of click; its usage errors derive from that copy's ClickException.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -188,6 +188,11 @@ def check_mtp(path: Path, drafts: list[int]) -> None:
     if getattr(arch_module(arch).Model, "mtp_hidden", None) is None:
         raise LlmkitError(f"--mtp 1: {path}: architecture {arch} has no NextN (MTP) blocks")
     heads = int(gf.metadata.get(f"{arch}.nextn_predict_layers", 0))
+    if heads == 0 and arch in ("llama", "gemma3"):  # a head shipped for this model (mtp-train)
+        from llmkit.core.mtp_train.heads import shipped_head
+
+        head = shipped_head(gf)
+        heads = int(GGUFFile(head).metadata[f"{arch}.nextn_predict_layers"]) if head else 0
     if heads == 0:
         raise LlmkitError(f"--mtp 1: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0)")
     limit = heads if heads > 1 else MAX_DRAFT_SINGLE_HEAD

@@ -134,6 +134,18 @@ def _load_weights(mod, cfg, gf: GGUFFile, gd: GGUFFile | None, mtp: bool) -> dic
     return tensors
 
 
+_TRAINED_HEAD_KEY = "llmkit.mtp.base_id"
+
+
+def _shipped_head(gf: GGUFFile) -> GGUFFile | None:
+    if gf.architecture not in ("llama", "gemma3"):
+        return None
+    from llmkit.core.mtp_train.heads import shipped_head
+
+    p = shipped_head(gf)
+    return GGUFFile(p) if p is not None else None
+
+
 def load_model(
     path: str | Path,
     device: str = "cpu",
@@ -156,7 +168,13 @@ def load_model(
     if mtp and not _supports_mtp(mod):
         raise LlmkitError(f"--mtp: architecture {arch} has no NextN (MTP) blocks")
     gd = GGUFFile(draft_path) if draft_path else None
-    if gd is not None:
+    if mtp and gd is None and not gf.metadata.get(f"{arch}.nextn_predict_layers"):
+        gd = _shipped_head(gf)  # a head trained by `llm mtp-train` and shipped for this model
+    if gd is not None and _TRAINED_HEAD_KEY in gd.metadata:
+        from llmkit.core.mtp_train.heads import check_sidecar
+
+        check_sidecar(gf, gd)  # no embedding copy: the recorded base identity must match
+    elif gd is not None:
         d_emb = gd.tensors.get("token_embd.weight")
         if gd.architecture != arch or d_emb is None or d_emb.shape != emb.shape:
             got = f"{gd.architecture} {list(d_emb.shape) if d_emb else '?'}"
@@ -174,7 +192,7 @@ def load_model(
     if mtp and getattr(cfg, "n_nextn", 0) == 0:
         raise LlmkitError(
             f"--mtp: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0); "
-            "give an MTP sidecar with -md"
+            "give an MTP sidecar with -md (`llm mtp-train` makes one)"
         )
     if device not in ("cpu", "cuda"):
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")

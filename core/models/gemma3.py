@@ -18,6 +18,13 @@ from llmkit.core.config import gguf
 from llmkit.core.kv_cache import KVCache, LayerKV
 from llmkit.core.layers import ROPE_NEOX, apply_rope, gelu_tanh, rms_norm, rope_cache
 from llmkit.core.models.base import Embedding, lm_head, select_rows
+from llmkit.core.models.nextn_dense import (
+    DenseNextN,
+    build_heads,
+    ignore_prefixes,  # noqa: F401  (the loader's MTP contract)
+    nextn_specs,
+    split_layers,
+)
 from llmkit.core.weights import QTensor, TensorSpec
 from llmkit.kernels.dispatch import Backend, make_linear
 
@@ -41,9 +48,11 @@ class Config:
     rope_factor: float | None = gguf("rope.scaling.factor", None)
     sliding_window: int = gguf("attention.sliding_window", 0)
     softcap: float = gguf("final_logit_softcapping", 0.0)
+    n_nextn: int = gguf("nextn_predict_layers", 0)  # trailing NextN (MTP) blocks
     n_ctx_train: int = gguf("context_length", 32768)
 
     def __post_init__(self):
+        split_layers(self, "gemma3")  # n_layer = trunk layers from here on
         self.head_dim_v = self.head_dim_v or self.head_dim
         self.freq_scale = 1.0 / self.rope_factor if self.rope_factor else 1.0
         # llama.cpp: 27B (62 layers) scales queries by 1/sqrt(n_embd/n_head), the others by 1/sqrt(head_dim)
@@ -57,7 +66,10 @@ class Config:
         return self.sliding_window > 0 and il % SWA_PERIOD < SWA_PERIOD - 1
 
 
-def tensor_specs(c: Config) -> list[TensorSpec]:
+def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
+    """Trunk tensors, or (part="mtp") the NextN blocks (core/models/nextn_dense.py)."""
+    if part == "mtp":
+        return nextn_specs(tensor_specs, c)
     H, D, Dv = c.n_embd, c.head_dim, c.head_dim_v
     specs = [
         TensorSpec("token_embd.weight", (c.n_vocab, H)),
@@ -116,13 +128,16 @@ class Layer:
         self.freq_scale = 1.0 if self.swa else c.freq_scale
 
 
-class Model:
-    def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend):
+class Model(DenseNextN):
+    nextn_kind = "gemma3"
+
+    def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend, mtp: bool = False):
         self.config, self.tensors, self.backend = c, tensors, backend
         self.embed = Embedding(tensors["token_embd.weight"], scale=math.sqrt(c.n_embd))
         self.layers = [Layer(c, tensors, i, backend) for i in range(c.n_layer)]
         self.output_norm = tensors["output_norm.weight"].dequantize()
         self.output = lm_head(backend, tensors)
+        self.heads = build_heads(self, Layer, mtp)  # NextN blocks, only with --mtp
 
     def kv_layout(self) -> dict[int, LayerKV]:
         c = self.config
@@ -133,7 +148,10 @@ class Model:
             for i in range(c.n_layer)
         }
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
+    ):
+        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H]."""
         c = self.config
         T = tokens.numel()
         pos = cache.positions(T)
@@ -159,8 +177,7 @@ class Model:
             gate, up = L.w_gate_up(f).chunk(2, dim=-1)
             y = L.w_down(gelu_tanh(gate) * up)
             x = x + rms_norm(y, L.post_ffw_norm, c.eps)
-        x = rms_norm(select_rows(x, logits), self.output_norm, c.eps)
-        out = self.output(x)
+        out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
         if c.softcap > 0:
             out = torch.tanh(out / c.softcap) * c.softcap
-        return out
+        return (out, x) if hidden else out

@@ -17,6 +17,13 @@ from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
 from llmkit.core.layers import ROPE_NORM, apply_rope, rms_norm, rope_cache, silu
 from llmkit.core.models.base import Embedding, lm_head, select_rows
+from llmkit.core.models.nextn_dense import (
+    DenseNextN,
+    build_heads,
+    ignore_prefixes,  # noqa: F401  (the loader's MTP contract)
+    nextn_specs,
+    split_layers,
+)
 from llmkit.core.weights import QTensor, TensorSpec
 from llmkit.kernels.dispatch import Backend, make_linear
 
@@ -36,9 +43,11 @@ class Config:
     rope_factor: float | None = gguf("rope.scaling.factor", None)
     eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-5)
     attn_scale: float | None = gguf("attention.scale", None)
+    n_nextn: int = gguf("nextn_predict_layers", 0)  # trailing NextN (MTP) blocks
     n_ctx_train: int = gguf("context_length", 4096)
 
     def __post_init__(self):
+        split_layers(self, "llama")  # n_layer = trunk layers from here on
         for name in ("n_head", "n_head_kv"):
             v = getattr(self, name)
             if isinstance(v, list):  # per-layer arrays: only uniform ones are supported here
@@ -62,7 +71,10 @@ class Config:
         self.scale = self.attn_scale or self.head_dim**-0.5
 
 
-def tensor_specs(c: Config) -> list[TensorSpec]:
+def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
+    """Trunk tensors, or (part="mtp") the NextN blocks (core/models/nextn_dense.py)."""
+    if part == "mtp":
+        return nextn_specs(tensor_specs, c)
     H, D = c.n_embd, c.head_dim
     specs = [
         TensorSpec("token_embd.weight", (c.n_vocab, H)),
@@ -99,8 +111,10 @@ class Layer:
         self.w_down = make_linear(backend, t[b + "ffn_down.weight"])
 
 
-class Model:
-    def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend):
+class Model(DenseNextN):
+    nextn_kind = "llama"
+
+    def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend, mtp: bool = False):
         self.config, self.tensors, self.backend = c, tensors, backend
         self.embed = Embedding(tensors["token_embd.weight"])
         self.layers = [Layer(c, tensors, i, backend) for i in range(c.n_layer)]
@@ -108,12 +122,16 @@ class Model:
         self.output = lm_head(backend, tensors)
         rf = tensors.get("rope_freqs.weight")
         self.rope_factors = rf.dequantize() if rf is not None else None
+        self.heads = build_heads(self, Layer, mtp)  # NextN blocks, only with --mtp
 
     def kv_layout(self) -> dict[int, LayerKV]:
         c = self.config
         return {i: LayerKV(c.n_head_kv, c.head_dim, c.head_dim) for i in range(c.n_layer)}
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, logits: str = "last") -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
+    ):
+        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H]."""
         c = self.config
         T = tokens.numel()
         pos = cache.positions(T)
@@ -132,5 +150,5 @@ class Model:
             f = rms_norm(x, L.ffn_norm, c.eps)
             gate, up = L.w_gate_up(f).chunk(2, dim=-1)
             x = x + L.w_down(silu(gate) * up)
-        x = rms_norm(select_rows(x, logits), self.output_norm, c.eps)
-        return self.output(x)
+        out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
+        return (out, x) if hidden else out

@@ -1,0 +1,142 @@
+"""Batched generation on the frozen trunk: B prompts decoded together, so the base model can write
+its own training text at several times the single-sequence decode speed, and every step's trunk
+hidden state and logits (the teacher) are kept instead of being recomputed.
+
+Prompts are left-padded to a common length; a row's position is its column minus its padding, and
+padded keys are masked (gemma3's local layers also by the window). Every layer runs
+`nextn_dense.block_forward` (the trunk's own per-layer math) over [B * T] rows with a dense
+per-layer KV buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.core.errors import LlmkitError
+from llmkit.core.layers import rms_norm
+from llmkit.core.models.nextn_dense import block_forward, block_rope
+
+
+@dataclass
+class Generated:
+    """One generated sequence with its teacher data (rows = tokens that were fed to the trunk)."""
+
+    tokens: torch.Tensor  # [T] int64
+    hidden: torch.Tensor  # [T, H] fp32 pre-norm trunk hidden
+    logits_topk: tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor
+    ]  # ids [T, k], logits [T, k], lse [T]
+
+
+def topk_teacher(logits: torch.Tensor, k: int):
+    """(ids int32 [N, k], logits fp16 [N, k], logsumexp fp32 [N]) of teacher logits [N, V]."""
+    vals, ids = logits.topk(k, dim=-1)
+    return ids.int(), vals.half(), torch.logsumexp(logits, dim=-1)
+
+
+class BatchedTrunk:
+    def __init__(self, lm):
+        if lm.arch not in ("llama", "gemma3"):
+            raise LlmkitError(f"mtp-train: architecture {lm.arch} is not supported")
+        self.lm, self.m, self.c, self.kind = lm, lm.model, lm.config, lm.arch
+
+    def _step(self, tokens, pos, valid_k, kv, logits_rows):
+        """tokens/pos [B, T]; valid_k [B, S] bool key validity over all columns so far (S includes
+        these T); kv: per-layer [k, v] lists of [B, S_prev, Hkv, D]. Returns (logits, hidden)."""
+        B, T = tokens.shape
+        c, m = self.c, self.m
+        x = m.embed(tokens.reshape(-1))
+        S = valid_k.shape[1]
+        qcol = torch.arange(S - T, S)
+        causal = torch.arange(S)[None, :] <= qcol[:, None]  # [T, S]
+        mask = causal[None] & valid_k[:, None, :]  # [B, T, S]
+        mask = mask | torch.eye(S, dtype=torch.bool)[S - T :][None]  # padded rows see themselves
+        window = getattr(c, "sliding_window", 0)
+        # a row's pad cancels in q - k: the column distance is the position distance
+        near = (qcol[:, None] - torch.arange(S)[None, :]) < window
+        for il, L in enumerate(m.layers):
+            lmask = mask & near[None] if self.kind == "gemma3" and c.is_swa(il) else mask
+            rope = block_rope(self.kind, c, il, pos.reshape(-1), getattr(m, "rope_factors", None))
+
+            def attend(q, k, v, scale, il=il, lmask=lmask):
+                k, v = k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:])
+                if kv[il] is not None:
+                    k, v = torch.cat((kv[il][0], k), 1), torch.cat((kv[il][1], v), 1)
+                kv[il] = (k, v)
+                o = F.scaled_dot_product_attention(
+                    q.view(B, T, *q.shape[1:]).transpose(1, 2),
+                    k.transpose(1, 2),
+                    v.transpose(1, 2),
+                    attn_mask=lmask[:, None],
+                    scale=scale,
+                    enable_gqa=q.shape[1] != k.shape[2],
+                )  # [B, Hq, T, Dv]
+                return o.transpose(1, 2).reshape(B * T, -1)
+
+            x = block_forward(self.kind, c, L, x, rope, attend)
+        h = x.view(B, T, -1)
+        rows = h[:, -1:] if logits_rows == "last" else h
+        out = m.output(rms_norm(rows.reshape(-1, h.shape[-1]), m.output_norm, c.eps))
+        if getattr(c, "softcap", 0.0) > 0:
+            out = torch.tanh(out / c.softcap) * c.softcap
+        return out.view(B, rows.shape[1], -1), h
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n_new: int,
+        temps: list[float],
+        gen: torch.Generator,
+        is_eog,
+        k_top: int,
+    ) -> list[Generated]:
+        """Decode n_new tokens after each prompt (temperature per prompt, 0 = greedy; stops a row
+        at end-of-generation). Returns prompt + fed tokens with their hidden states and teacher."""
+        B = len(prompts)
+        P = max(len(p) for p in prompts)
+        pad = torch.tensor([P - len(p) for p in prompts])
+        toks = torch.zeros(B, P, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            toks[b, P - len(p) :] = torch.tensor(p)
+        cols = torch.arange(P)[None].expand(B, P)
+        valid = cols >= pad[:, None]
+        pos = (cols - pad[:, None]).clamp_min(0)
+        kv: list = [None] * len(self.m.layers)
+        logits, h = self._step(toks, pos, valid, kv, "all")
+        rows_tok, rows_h, rows_logits, rows_valid = [toks], [h], [logits], [valid]
+        alive = torch.ones(B, dtype=torch.bool)
+        temp = torch.tensor(temps, dtype=torch.float32)
+        nxt = self._pick(logits[:, -1], temp, gen)
+        for step in range(n_new - 1):
+            alive &= ~torch.tensor([bool(is_eog(int(t))) for t in nxt])
+            if not alive.any():
+                break
+            valid = torch.cat((valid, alive[:, None]), 1)
+            pos = pos[:, -1:] + 1
+            logits, h = self._step(nxt[:, None], pos, valid, kv, "last")
+            rows_tok.append(nxt[:, None])
+            rows_h.append(h)
+            rows_logits.append(logits)
+            rows_valid.append(alive[:, None].clone())
+            nxt = self._pick(logits[:, -1], temp, gen)
+            del step
+        toks, hs = torch.cat(rows_tok, 1), torch.cat(rows_h, 1)
+        lg, vd = torch.cat(rows_logits, 1), torch.cat(rows_valid, 1)
+        out = []
+        for b in range(B):
+            keep = vd[b]
+            ids, vals, lse = topk_teacher(lg[b][keep], k_top)
+            out.append(Generated(toks[b][keep].clone(), hs[b][keep].clone(), (ids, vals, lse)))
+        return out
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        greedy = logits.argmax(-1)
+        t = temp.clamp_min(1e-6)[:, None]
+        probs = torch.softmax(logits / t, -1)
+        sampled = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        return torch.where(temp > 0, sampled, greedy)

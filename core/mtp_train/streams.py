@@ -1,0 +1,127 @@
+"""Draft-step streams: the NextN forward of D draft positions at once, exactly as the MTP context runs
+them at inference, plus the self-distillation loss.
+
+Stream d (draft position d, 1-based) at position q: token x_q with hidden H_{d-1}(q-1), where H_0 is
+the trunk's pre-norm hidden and H_i the output of stream i; it predicts x_{q+1}, and its teacher is
+the trunk's distribution at q. Attention follows the MTP cache at inference: a draft round that
+started at r = q-d+1 sees the teacher-forced (stream 1) rows at positions <= r, then the round's own
+draft rows: stream i's row at r+i-1 for i = 2..d. One block reused (K = 1) computes every stream's
+K/V once; chained blocks (K > 1, stream d uses block d-1) recompute the earlier streams' K/V with
+their own weights, as `MTPContext.draft` re-decodes the draft prefix per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.core.layers import rms_norm
+from llmkit.core.models.nextn_dense import block_forward, block_qkv, block_rope, nextn_input
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, T] int64 (right-padded)
+    valid: torch.Tensor  # [B, T] bool
+    hidden: torch.Tensor  # [B, T, H] fp32 trunk pre-norm hidden
+    top_ids: torch.Tensor  # [B, T, k] int64 teacher top-k token ids
+    top_logits: torch.Tensor  # [B, T, k] fp32
+    lse: torch.Tensor  # [B, T] fp32 teacher logsumexp over the full vocabulary
+
+    def to(self, device) -> Batch:
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def _shift(h: torch.Tensor) -> torch.Tensor:
+    """H(q-1) at q (zeros at position 0, as MTPContext.mirror pairs the first row)."""
+    return torch.cat((torch.zeros_like(h[:, :1]), h[:, :-1]), 1)
+
+
+def _stream_mask(T: int, d: int, window: int | None, device) -> torch.Tensor:
+    """[T, d*T] visibility of [stream 1 keys | stream 2 keys | ... | stream d keys] for stream d."""
+    q = torch.arange(T, device=device)[:, None]
+    k = torch.arange(T, device=device)[None, :]
+    parts = [k <= q - d + 1] + [k == q - d + i for i in range(2, d + 1)]
+    if window:
+        parts = [p & (q - k < window) for p in parts]
+    return torch.cat(parts, 1)
+
+
+def stream_forward(kind: str, c, blocks, embed: torch.Tensor, b: Batch, depth: int, n_main: int):
+    """Outputs H_1..H_depth, each [B, T, H] (pre-norm). `embed` [B, T, H] = trunk embeddings."""
+    B, T, H = b.hidden.shape
+    pos = torch.arange(T)
+    kvs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    outs = [b.hidden]  # outs[i] = H_i
+    for d in range(1, depth + 1):
+        j = 0 if len(blocks) == 1 else d - 1
+        blk, il = blocks[j], n_main + j
+        cos, sin = (t.to(b.hidden.device) for t in block_rope(kind, c, il, pos))
+        rope = (cos.repeat(B, 1), sin.repeat(B, 1))
+        swa = kind == "gemma3" and c.is_swa(il)
+
+        def x_in(i, blk=blk):  # the block's input rows for stream i
+            x = nextn_input(c, blk.eh_proj, blk.enorm, blk.hnorm, embed, _shift(outs[i - 1]))
+            return x.reshape(B * T, H)
+
+        for i in range(1, d):
+            if (j, i) not in kvs:
+                _, k, v, _ = block_qkv(kind, c, blk, x_in(i), rope)
+                kvs[(j, i)] = (k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:]))
+        mask = _stream_mask(T, d, c.sliding_window if swa else None, b.hidden.device)
+
+        def attend(q, k, v, scale, j=j, d=d, mask=mask):
+            kvs[(j, d)] = (k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:]))
+            K = torch.cat([kvs[(j, i)][0] for i in range(1, d + 1)], 1)  # [B, d*T, Hkv, D]
+            V = torch.cat([kvs[(j, i)][1] for i in range(1, d + 1)], 1)
+            o = F.scaled_dot_product_attention(
+                q.view(B, T, *q.shape[1:]).transpose(1, 2),
+                K.transpose(1, 2),
+                V.transpose(1, 2),
+                attn_mask=mask[None, None],
+                scale=scale,
+                enable_gqa=q.shape[1] != K.shape[2],
+            )
+            return o.transpose(1, 2).reshape(B * T, -1)
+
+        outs.append(block_forward(kind, c, blk, x_in(d), rope, attend).view(B, T, H))
+    return outs[1:]
+
+
+def student_logits(c, norm: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Head logits of hidden rows h [N, H] over the head rows w [u, H] (all or a candidate set)."""
+    z = rms_norm(h, norm, c.eps) @ w.T
+    softcap = getattr(c, "softcap", 0.0)
+    return torch.tanh(z / softcap) * softcap if softcap > 0 else z
+
+
+def distill_loss(c, norm, head_w: torch.Tensor, h: torch.Tensor, b: Batch, rows: torch.Tensor):
+    """KL(teacher || student) on the coarsened distribution {teacher top-k tokens, everything else}
+    (by the data-processing inequality a lower bound of the full-vocabulary KL), for rows `rows`
+    [B, T] bool. The student's softmax runs over U = the union of the batch's teacher top-k ids
+    rather than all V tokens (the head is 49k-262k rows: the cost that dominates training): every
+    token any row's teacher finds plausible competes in every row. Returns (mean loss, top-1
+    agreement within U)."""
+    ids, tl, lse = b.top_ids[rows], b.top_logits[rows], b.lse[rows]  # [N, k], [N, k], [N]
+    U, inv = torch.unique(ids, return_inverse=True)  # inv [N, k] -> column in U
+    z = student_logits(c, norm, head_w[U], h[rows])  # [N, u]
+    logz = torch.logsumexp(z, -1, keepdim=True)
+    log_q = z.gather(1, inv) - logz
+    log_p = tl - lse[:, None]
+    p = log_p.exp()
+    tail = (1 - p.sum(-1)).clamp_min(1e-6)
+    z_rest = z.scatter(1, inv, float("-inf"))
+    log_q_tail = (torch.logsumexp(z_rest, -1) - logz[:, 0]).clamp_min(-30.0)
+    kl = (p * (log_p - log_q)).sum(-1) + tail * (tail.log() - log_q_tail)
+    agree = (U[z.argmax(-1)] == ids[:, 0]).float().mean()
+    return kl.mean(), agree
+
+
+def loss_rows(b: Batch, d: int) -> torch.Tensor:
+    """Rows that train draft position d: valid, and the round they belong to started at q-d+1 >= 1
+    (position 0 has no trunk hidden before it)."""
+    T = b.tokens.shape[1]
+    ok = torch.arange(T, device=b.tokens.device) >= d
+    return b.valid & ok[None, :]

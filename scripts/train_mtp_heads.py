@@ -1,0 +1,108 @@
+"""Reproduce the shipped MTP heads (heads/*.mtp.gguf) from a seed.
+
+    python scripts/train_mtp_heads.py smollm2-135m            # -> heads/smollm2-135m.mtp.gguf
+    python scripts/train_mtp_heads.py gemma3-270m --device cuda
+
+Training text: docstrings of the Python standard library of the running interpreter (shuffled by the
+seed; no download) plus text each base model writes itself from varied prompts
+(core/mtp_train/prompts.py). The held-out evaluation prompts (tests/data/mtp_heldout_prompts.txt)
+are checked to appear nowhere in the training text. Settings per model below; `--minutes` caps
+training time (the data step comes first and is not capped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import random
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+from llmkit.core.model_cache import resolve_model
+from llmkit.core.mtp_train.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+HELDOUT = ROOT / "tests" / "data" / "mtp_heldout_prompts.txt"
+PRESETS = {
+    # tokens of self-generated text, tokens of stdlib text, optimizer steps
+    "smollm2-135m": dict(generate=24000, max_text_tokens=24000, steps=400),
+    "gemma3-270m": dict(generate=6000, max_text_tokens=6000, steps=300),
+}
+
+
+def stdlib_corpus(path: Path, seed: int) -> Path:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for f in sorted(lib.rglob("*.py")):
+        if "test" in f.parts or "idlelib" in f.parts:
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                d = ast.get_docstring(node)
+                if d and len(d) >= 300:
+                    docs.append(d.strip())
+    random.Random(seed).shuffle(docs)
+    text = "\n\n".join(docs)
+    for p in HELDOUT.read_text().split("\n\n"):
+        if p.strip() and p.strip()[:60] in text:
+            raise SystemExit(f"held-out prompt found in the training text: {p[:60]!r}")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--minutes", type=float, default=None)
+    ap.add_argument("--work", default="/tmp/llmkit-mtp-train", help="data cache / checkpoints")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = stdlib_corpus(work / "stdlib_docstrings.txt", a.seed)
+    out = a.out or str(ROOT / "heads" / f"{a.model}.mtp.gguf")
+    torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    r = train(
+        TrainConfig(
+            base=str(resolve_model(a.model)),
+            out=out,
+            text=[str(corpus)],
+            ckpt=str(work / f"{a.model}.ckpt"),
+            seed=a.seed,
+            device=a.device,
+            lr=6e-4,
+            depth=3,
+            gen_len=160,
+            gen_batch=32,
+            seq_len=256,
+            batch=8,
+            eval_every=100,
+            ckpt_every=50,
+            max_minutes=a.minutes,
+            outtype="q8_0",
+            **PRESETS[a.model],
+        )
+    )
+    print(
+        f"{a.model}: {r.steps} steps, {r.train_tokens} tokens, loss {r.first_loss:.3f} -> "
+        f"{r.last_loss:.3f}, held-out top-1 agreement {[round(x, 3) for x in r.val_agree]}, "
+        f"data {r.seconds['data']:.0f} s, train {r.seconds['train']:.0f} s, "
+        f"total {time.perf_counter() - t0:.0f} s on {a.device}"
+    )
+
+
+if __name__ == "__main__":
+    main()

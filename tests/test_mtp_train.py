@@ -1,0 +1,145 @@
+"""`llm mtp-train` on a tiny model: the loss falls, the written head loads with --mtp and keeps
+greedy output lossless, checkpoints resume, bad input is one line; the shipped heads load against
+their base models and reach a minimum greedy acceptance on held-out prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_run import llm
+from llmkit.core.gguf_file import GGUFFile
+from llmkit.core.model import load_model
+from llmkit.core.mtp import MTPContext
+from llmkit.core.mtp_train.export import BASE_ID_KEY, base_identity
+from llmkit.core.mtp_train.heads import HEADS_DIR
+from llmkit.core.mtp_train.train import TrainConfig, train
+from llmkit.core.sampling import SamplerParams
+from llmkit.core.speculative import SpecStats, speculative_generate
+from llmkit.core.tokenizer import load_tokenizer
+from tiny_models import write_tiny_llama
+
+HELDOUT = Path(__file__).parent / "data" / "mtp_heldout_prompts.txt"
+TEXT = "the cat sat on the mat. the dog sat on the mat. hello world, the cat and the dog. " * 30
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    # tiny matmuls: one thread avoids OpenMP sync costs on a shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("mtp_train")
+    base = write_tiny_llama(d / "base.gguf", seed=5)
+    (d / "t.txt").write_text(TEXT)
+    cfg = TrainConfig(
+        base=str(base),
+        out=str(d / "head.gguf"),
+        text=[str(d / "t.txt")],
+        generate=300,
+        gen_len=20,
+        gen_batch=8,
+        seq_len=48,
+        steps=16,
+        batch=4,
+        lr=3e-3,
+        warmup=4,
+        eval_every=0,
+        ckpt_every=8,
+        outtype="f32",
+        merge=str(d / "merged.gguf"),
+        quiet=True,
+    )
+    yield d, base, cfg, train(cfg)
+    torch.set_num_threads(threads)
+
+
+def test_training_reduces_the_loss(trained):
+    _, _, cfg, r = trained
+    assert r.steps == cfg.steps
+    state = torch.load(cfg.out + ".ckpt", weights_only=False)
+    losses = state["losses"]
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
+    assert len(r.val_agree) == 3 and all(0 <= a <= 1 for a in r.val_agree)
+
+
+def test_written_head_is_lossless_through_llm_run(trained, capsys, monkeypatch):
+    d, base, cfg, _ = trained
+    args = ["run", "-m", base, "-p", "the cat", "-n", 24, "--temp", 0, "--no-display-prompt"]
+    rc, plain, _ = llm(capsys, monkeypatch, *args)
+    assert rc == 0 and plain
+    for extra in (["-md", cfg.out, "--mtp", "--draft", 3], ["--mtp", "--draft", 2]):
+        model = base if "-md" in extra else cfg.merge
+        rc, out, err = llm(capsys, monkeypatch, *args[:2], model, *args[3:], *extra)
+        assert rc == 0, err
+        assert out == plain and "speculative (mtp" in err
+
+
+def test_resume_continues_from_the_checkpoint(trained, tmp_path):
+    d, base, cfg, _ = trained
+    ckpt = tmp_path / "c.ckpt"
+    Path(ckpt).write_bytes(Path(cfg.out + ".ckpt").read_bytes())
+    more = TrainConfig(**{**vars(cfg), "steps": 20, "resume": str(ckpt), "ckpt": str(ckpt)})
+    more.out, more.merge = str(tmp_path / "h2.gguf"), None
+    r = train(more)
+    assert r.steps == 20 and torch.load(ckpt, weights_only=False)["step"] == 20
+    assert GGUFFile(more.out).metadata["llmkit.mtp.train.steps"] == 20
+
+
+def test_sidecar_identity_and_bad_input(trained, tmp_path, capsys, monkeypatch):
+    d, base, cfg, _ = trained
+    assert GGUFFile(cfg.out).metadata[BASE_ID_KEY] == base_identity(GGUFFile(base))
+    other = write_tiny_llama(tmp_path / "other.gguf", seed=6)
+    rc, _, err = llm(capsys, monkeypatch, "run", "-m", other, "-p", "x", "--mtp", "-md", cfg.out)
+    assert rc == 1 and "does not belong to this model" in err and len(err.splitlines()) == 1
+    rc, _, err = llm(capsys, monkeypatch, "run", "-m", other, "-p", "x", "--mtp")
+    assert rc == 1 and "no NextN (MTP) blocks" in err and "mtp-train" in err
+    out = tmp_path / "never.gguf"
+    cases = [
+        (["--text", tmp_path / "missing.txt"], "cannot read --text"),
+        (["--generate", 0], "no training text"),
+        (["--outtype", "q2"], "--outtype"),
+        (["--blocks", 0], "--blocks"),
+        (["--resume", tmp_path / "nope.ckpt", "--generate", 10], "cannot read checkpoint"),
+    ]
+    for extra, msg in cases:
+        rc, _, err = llm(capsys, monkeypatch, "mtp-train", "-m", base, "-o", out, "-q", *extra)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == 1 and len(lines) == 1 and msg in lines[0], (extra, err)
+        assert not out.exists()
+
+
+# -- shipped heads on the real models --------------------------------------------------------
+SHIPPED = {"smollm2-135m": "smollm_gguf", "gemma3-270m": "gemma_gguf"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_head_loads_and_accepts(name, request):
+    head = HEADS_DIR / f"{name}.mtp.gguf"
+    if not head.exists():
+        pytest.fail(f"shipped head {head} is missing (scripts/train_mtp_heads.py {name})")
+    base = request.getfixturevalue(SHIPPED[name])
+    gf, gd = GGUFFile(base), GGUFFile(head)
+    assert head.stat().st_size <= 8 * 2**20
+    assert gd.metadata[BASE_ID_KEY] == base_identity(gf)
+    arch = gf.architecture
+    n_main = gf.metadata[f"{arch}.block_count"]
+    assert (
+        gd.metadata[f"{arch}.block_count"] == n_main + gd.metadata[f"{arch}.nextn_predict_layers"]
+    )
+    lm = load_model(base, mtp=True)  # no -md: the shipped head is found by identity
+    assert lm.model.n_mtp_heads >= 1 and lm.config.n_layer == n_main
+    tok = load_tokenizer(lm.metadata)
+    prompts = [p for p in HELDOUT.read_text().split("\n\n") if p.strip()][:3]
+    spec = SpecStats(draft_max=1)
+    for p in prompts:
+        ids = tok.encode(p)
+        mtp = MTPContext(lm.model, 512, 64)
+        for _ in speculative_generate(
+            lm.model, lm.new_cache(512, 64), mtp, ids, SamplerParams(temp=0), spec, 32
+        ):
+            pass
+    acc = spec.accepted_tokens / spec.draft_tokens
+    assert acc >= 0.35, acc  # measured values: docs/BENCHMARKS.md (MTP heads)

@@ -1,0 +1,139 @@
+"""NextN blocks for llama / gemma3: the GGUF contract and the draft logits of a written head equal
+the training module's, for every draft position (teacher-forced and drafted rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.core.gguf_file import GGUFFile
+from llmkit.core.model import load_model
+from llmkit.core.mtp import MTPContext
+from llmkit.core.mtp_train.batchgen import BatchedTrunk, topk_teacher
+from llmkit.core.mtp_train.data import Sequence, to_batch
+from llmkit.core.mtp_train.export import write_merged, write_sidecar
+from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
+from llmkit.core.mtp_train.streams import stream_forward, student_logits
+from tiny_models import write_tiny_gemma3, write_tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matmuls: one thread avoids OpenMP sync costs on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _blocks(lm, n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    c = lm.config
+    blocks = []
+    for _ in range(n):
+        b = TrainBlock(lm.arch, c, init_from_trunk(lm.arch, c, lm.tensors, 3.0, gen))
+        with torch.no_grad():  # move away from the init so every weight matters
+            for p in b.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        blocks.append(b)
+    return torch.nn.ModuleList(blocks)
+
+
+def _write_head(lm, blocks, path):
+    tensors = {}
+    for j, b in enumerate(blocks):
+        tensors |= b.gguf_tensors(lm.config.n_layer + j)
+    return write_sidecar(path, lm.gguf, tensors, len(blocks), QT.F32, {"steps": 0})
+
+
+@pytest.fixture(params=["llama", "gemma3"])
+def base(request, tmp_path):
+    write = write_tiny_llama if request.param == "llama" else write_tiny_gemma3
+    return write(tmp_path / f"{request.param}.gguf", seed=3)
+
+
+def _teacher(lm, ids):
+    logits, h = lm.model.forward(torch.tensor(ids), lm.new_cache(64, 16), "all", True)
+    top = topk_teacher(logits, 8)
+    return Sequence(torch.tensor(ids), h, *top, "text")
+
+
+@pytest.mark.parametrize("n_blocks", [1, 3])
+def test_written_head_reproduces_training_logits(base, tmp_path, n_blocks):
+    lm32 = load_model(base, weight_dtype=torch.float32)
+    blocks = _blocks(lm32, n_blocks)
+    head = _write_head(lm32, blocks, tmp_path / "head.gguf")
+    lm = load_model(base, weight_dtype=torch.float32, mtp=True, draft_path=head)
+    assert lm.model.n_mtp_heads == n_blocks
+    ids = [1, 40, 7, 99, 12, 5, 300, 17, 8, 42, 9, 11, 260, 3, 77, 18]
+    seq = _teacher(lm, ids)
+    b = to_batch([seq])
+    c = lm.config
+    emb = lm.model.embed(b.tokens.reshape(-1)).view(1, len(ids), -1)
+    head_w = lm.tensors["token_embd.weight"].dequantize()
+    with torch.no_grad():
+        outs = stream_forward(lm.arch, c, blocks, emb, b, 3, c.n_layer)
+    # inference: for each round start r, mirror [0, r) then draft with the true tokens
+    for r in range(1, len(ids) - 3):
+        mtp = MTPContext(lm.model, 64, 16, "f32", "f32")
+        mtp.mirror(torch.tensor(ids[:r]), seq.hidden[:r])
+        hs = [mtp.pending_h]
+        for d in range(1, 4):
+            toks = ids[r : r + d]
+            j = 0 if n_blocks == 1 else d - 1
+            if n_blocks > 1:
+                mtp.caches[j].truncate(r)
+                got, h_out = lm.model.mtp_forward(
+                    j, torch.tensor(toks), torch.stack(hs), mtp.caches[j], "last"
+                )
+            else:
+                got, h_out = lm.model.mtp_forward(
+                    0, torch.tensor(toks[-1:]), hs[-1][None], mtp.caches[0], "last"
+                )
+            hs.append(h_out[-1])
+            q = r + d - 1
+            want = student_logits(c, blocks[j].shared_head_norm, head_w, outs[d - 1][0, q : q + 1])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-4)
+
+
+def test_gguf_contract_and_layouts(base, tmp_path):
+    lm32 = load_model(base, weight_dtype=torch.float32)
+    blocks = _blocks(lm32, 2)
+    head = _write_head(lm32, blocks, tmp_path / "head.gguf")
+    c = lm32.config
+    md = GGUFFile(head).metadata
+    assert md[f"{lm32.arch}.block_count"] == c.n_layer + 2
+    assert md[f"{lm32.arch}.nextn_predict_layers"] == 2
+    names = set(GGUFFile(head).tensors)
+    assert f"blk.{c.n_layer}.nextn.eh_proj.weight" in names
+    assert f"blk.{c.n_layer + 1}.nextn.shared_head_norm.weight" in names
+    assert not any(n.startswith("token_embd") for n in names)  # the base's embedding is used
+    tensors = {}
+    for j, b in enumerate(blocks):
+        tensors |= b.gguf_tensors(c.n_layer + j)
+    merged = write_merged(tmp_path / "m.gguf", lm32.gguf, tensors, 2, None, {"steps": 0})
+    lm = load_model(merged, mtp=True)
+    layout = lm.model.mtp_kv_layout()
+    assert sorted(layout) == [c.n_layer, c.n_layer + 1]
+    if lm.arch == "gemma3":  # NextN blocks continue the local/global pattern: 7 and 8 are local
+        assert all(v.window == c.sliding_window for v in layout.values())
+    assert lm.model.kv_layout().keys() == set(range(c.n_layer))
+    plain = load_model(merged)  # without --mtp the NextN blocks are never read
+    assert plain.model.n_mtp_heads == 0 and plain.config.n_layer == c.n_layer
+
+
+def test_batched_generation_matches_the_trunk(base):
+    lm = load_model(base, weight_dtype=torch.float32)
+    prompts = [[1, 40, 7, 99], [1, 12, 5], [1, 300, 17, 8, 42, 9]]
+    gen = torch.Generator().manual_seed(0)
+    out = BatchedTrunk(lm).generate(prompts, 12, [0.0] * 3, gen, lambda t: False, 4)
+    for p, g in zip(prompts, out, strict=True):
+        ids = g.tokens.tolist()
+        assert ids[: len(p)] == p and len(ids) == len(p) + 11
+        logits, h = lm.model.forward(g.tokens, lm.new_cache(64, 16), "all", True)
+        assert logits.argmax(-1)[len(p) - 1 : -1].tolist() == ids[len(p) :]  # greedy
+        torch.testing.assert_close(g.hidden, h, rtol=1e-3, atol=1e-2)  # the cache keeps f16 K/V
+        torch.testing.assert_close(
+            g.logits_topk[2], torch.logsumexp(logits, -1), rtol=1e-4, atol=1e-3
+        )
