@@ -55,7 +55,7 @@ class MTPContext:
         prev = self.pending_h if self.pending_h is not None else torch.zeros_like(h[0])
         h_in = torch.cat((prev[None], h[:-1]))  # [T, H]
         for j, cache in enumerate(self.caches):
-            self.model.mtp_forward(j, tokens, h_in, cache, logits="last")  # logits unused
+            self.model.mtp_forward(j, tokens, h_in, cache, logits=None)  # KV only, no LM head
         self.pending_h = h[-1]
 
     def truncate(self, p: int) -> None:

@@ -34,7 +34,6 @@ from llmkit.core.layers import (
     ROPE_NEOX,
     ROPE_NORM,
     apply_rope,
-    attention,
     gelu_tanh,
     rms_norm,
     rope_cache,
@@ -208,23 +207,27 @@ class DenseNextN:
         self, head: int, tokens: torch.Tensor, h: torch.Tensor, cache: KVCache, logits="last"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """NextN block `head` on rows (token at p, trunk/draft hidden of p-1) -> (logits [n, V],
-        h_out [n, H] pre-norm). `cache` holds layer n_main + head."""
+        h_out [n, H] pre-norm). `cache` holds layer n_main + head. logits=None skips the LM head
+        (mirroring only fills the block's KV) and returns (None, h_out [T, H])."""
         if not 0 <= head < self.n_mtp_heads:
             raise LlmkitError(f"MTP head {head} is not loaded ({self.n_mtp_heads} heads)")
         c, n = self.config, self.heads[head]
         T = tokens.numel()
         if tuple(h.shape) != (T, c.n_embd):
             raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
-        pos = torch.arange(cache.n_past, cache.n_past + T)
+        pos = cache.positions(T)
         cache.begin(pos)
 
         def attend(q, k, v, scale):
             K, V, mask = cache.update(n.il, k, v)
-            return attention(q, K, V, mask, scale)
+            return cache.attention(q, K, V, mask, scale)
 
         x0 = nextn_input(c, n.eh_proj, n.enorm, n.hnorm, self.embed(tokens), h.float())
         rope = block_rope(self.nextn_kind, c, n.il, pos, getattr(self, "rope_factors", None))
-        x = select_rows(block_forward(self.nextn_kind, c, n.layer, x0, rope, attend), logits)
+        x = block_forward(self.nextn_kind, c, n.layer, x0, rope, attend)
+        if logits is None:
+            return None, x
+        x = select_rows(x, logits)
         return head_logits(c, self.output, n.head_norm, x), x
 
 

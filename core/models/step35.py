@@ -369,7 +369,8 @@ class Model:
         logits: str = "last",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """NextN block `head` on rows (token at p, hidden of p-1): -> (logits [n, V], h_out [n, H]),
-        h_out pre-norm (feeds the next chained head). `cache` holds layer n_main + head."""
+        h_out pre-norm (feeds the next chained head). `cache` holds layer n_main + head.
+        logits=None skips the LM head (a mirror pass only fills the KV): (None, h_out [T, H])."""
         if not 0 <= head < self.n_mtp_heads:
             raise LlmkitError(f"MTP head {head} is not loaded ({self.n_mtp_heads} heads)")
         c, n = self.config, self.heads[head]
@@ -381,5 +382,7 @@ class Model:
         e = rms_norm(n.embed(tokens), n.enorm, c.eps)
         u = torch.cat((e, rms_norm(h.float(), n.hnorm, c.eps)), dim=-1)  # [T, 2H], embedding first
         x = n.block(n.eh_proj(u), cache, self._rope(pos, n.block.swa, {}))
+        if logits is None:
+            return None, x
         x = select_rows(x, logits)
         return n.head(rms_norm(x, n.head_norm, c.eps)), x

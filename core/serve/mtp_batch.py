@@ -134,7 +134,7 @@ class BatchedMTP:
             counts = [t.numel() for _, t, _ in rnd]
             for j, pool in enumerate(self.pools):
                 bc = BatchCache(pool, [st.seqs[j] for st, _, _ in rnd], counts)
-                self.model.mtp_forward(j, toks, h_in, bc, logits="last")  # logits unused
+                self.model.mtp_forward(j, toks, h_in, bc, logits=None)  # KV only, no LM head
             for st, _, h in rnd:
                 st.pending_h = h[-1]
             off += self.max_batch
