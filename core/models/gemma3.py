@@ -16,7 +16,7 @@ import torch
 
 from llmkit.core.config import gguf
 from llmkit.core.kv_cache import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NEOX, apply_rope, gelu_tanh, rms_norm, rope_cache
+from llmkit.core.layers import ROPE_NEOX, add_rms_norm, apply_rope, glu, rms_norm, rope_cache
 from llmkit.core.models.base import Embedding, lm_head, select_rows
 from llmkit.core.models.nextn_dense import (
     DenseNextN,
@@ -172,10 +172,8 @@ class Model(DenseNextN):
             k = apply_rope(k, cos, sin, ROPE_NEOX)
             K, V, mask = cache.update(i, k, v.view(T, c.n_head_kv, c.head_dim_v))
             o = L.wo(cache.attention(q, K, V, mask, 1.0))
-            x = x + rms_norm(o, L.post_attn_norm, c.eps)
-            f = rms_norm(x, L.ffn_norm, c.eps)
-            gate, up = L.w_gate_up(f).chunk(2, dim=-1)
-            y = L.w_down(gelu_tanh(gate) * up)
+            x, f = add_rms_norm(x, rms_norm(o, L.post_attn_norm, c.eps), L.ffn_norm, c.eps)
+            y = L.w_down(glu(L.w_gate_up(f), "gelu_tanh"))
             x = x + rms_norm(y, L.post_ffw_norm, c.eps)
         out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
         if c.softcap > 0:

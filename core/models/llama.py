@@ -15,7 +15,7 @@ import torch
 from llmkit.core.config import gguf
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NORM, apply_rope, rms_norm, rope_cache, silu
+from llmkit.core.layers import ROPE_NORM, add_rms_norm, apply_rope, glu, rms_norm, rope_cache
 from llmkit.core.models.base import Embedding, lm_head, select_rows
 from llmkit.core.models.nextn_dense import (
     DenseNextN,
@@ -146,9 +146,7 @@ class Model(DenseNextN):
             qk = apply_rope(qkv[:, : nq + nkv].view(T, -1, c.head_dim), cos, sin, ROPE_NORM)
             q, k = qk[:, : c.n_head], qk[:, c.n_head :]
             K, V, mask = cache.update(i, k, qkv[:, nq + nkv :].view(T, c.n_head_kv, c.head_dim))
-            x = x + L.wo(cache.attention(q, K, V, mask, c.scale))
-            f = rms_norm(x, L.ffn_norm, c.eps)
-            gate, up = L.w_gate_up(f).chunk(2, dim=-1)
-            x = x + L.w_down(silu(gate) * up)
+            x, f = add_rms_norm(x, L.wo(cache.attention(q, K, V, mask, c.scale)), L.ffn_norm, c.eps)
+            x = x + L.w_down(glu(L.w_gate_up(f), "silu"))
         out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
         return (out, x) if hidden else out
