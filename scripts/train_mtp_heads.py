@@ -7,7 +7,7 @@ Training text: docstrings of the Python standard library of the running interpre
 seed; no download) plus text each base model writes itself from varied prompts
 (core/mtp_train/prompts.py). The held-out evaluation prompts (tests/data/mtp_heldout_prompts.txt)
 are checked to appear nowhere in the training text. Settings per model below; `--minutes` caps
-training time (the data step comes first and is not capped).
+training-loop time (the data step comes first and is not capped).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from llmkit.core.mtp_train.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "tests" / "data" / "mtp_heldout_prompts.txt"
 PRESETS = {
-    # tokens of self-generated text, tokens of stdlib text, optimizer steps
-    "smollm2-135m": dict(generate=24000, max_text_tokens=24000, steps=400),
-    "gemma3-270m": dict(generate=6000, max_text_tokens=6000, steps=300),
+    # tokens of self-generated text, of stdlib text; optimizer steps, sequences per step, draft
+    # positions trained (gemma's 262k-row head makes its steps ~3x costlier: smaller batch, depth)
+    "smollm2-135m": dict(generate=24000, max_text_tokens=24000, steps=300, batch=6, depth=3),
+    "gemma3-270m": dict(generate=6000, max_text_tokens=6000, steps=350, batch=4, depth=2),
 }
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None)
     ap.add_argument("--work", default="/tmp/llmkit-mtp-train", help="data cache / checkpoints")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", default=None, help="checkpoint to continue from")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -84,14 +86,13 @@ def main() -> None:
             seed=a.seed,
             device=a.device,
             lr=6e-4,
-            depth=3,
             gen_len=160,
             gen_batch=32,
             seq_len=256,
-            batch=8,
             eval_every=100,
             ckpt_every=50,
             max_minutes=a.minutes,
+            resume=a.resume,
             outtype="q8_0",
             **PRESETS[a.model],
         )

@@ -53,7 +53,7 @@ class TrainConfig:
     ckpt: str | None = None  # default: OUT.ckpt
     ckpt_every: int = 100
     eval_every: int = 100
-    max_minutes: float | None = None  # stop training (and export) after this much wall time
+    max_minutes: float | None = None  # stop the training loop (then export) after this long
     quiet: bool = False
 
     def validate(self) -> None:
@@ -229,7 +229,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
 
     t0 = time.perf_counter()
-    deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes else None
+    deadline = t0 + 60 * cfg.max_minutes if cfg.max_minutes else None  # training time only
     bar = _progress(cfg, step)
     while step < cfg.steps:
         if deadline is not None and time.perf_counter() > deadline:
