@@ -216,7 +216,7 @@ def test_formatting_helpers():
         (["-ctv", "f16,q5"], "-ctv: unknown cache type 'q5'"),
         (["-o", "xml"], "-o: unknown output format 'xml'"),
         (["--mtp", 2], "--mtp values must be 0 or 1"),
-        (["--mtp", 1], "architecture llama has no NextN (MTP) blocks"),
+        (["--mtp", 1], "llama.gguf has no NextN (MTP) blocks"),
         (["--draft", 2], "--draft sets the MTP draft length: it needs --mtp 1"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--prompt-file", "/nonexistent/p.txt"], "cannot read --prompt-file"),
