@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from llmkit.core.errors import LlmkitError
 from llmkit.core.weights import QTensor
 from llmkit.kernels.dispatch import Backend, make_linear
 
@@ -41,3 +42,16 @@ def select_rows(x: torch.Tensor, logits) -> torch.Tensor:
     if isinstance(logits, slice):
         return x[logits]
     raise ValueError(f"logits must be 'last', 'all' or a slice, not {logits!r}")
+
+
+def begin_mtp_batch(model, head: int, tokens: torch.Tensor, h: torch.Tensor, cache) -> torch.Tensor:
+    """The checks and cache set-up every `mtp_forward` starts with: `head` is loaded, h is [T, H]
+    (one hidden row per token). Returns the batch positions [T]."""
+    if not 0 <= head < model.n_mtp_heads:
+        raise LlmkitError(f"MTP head {head} is not loaded ({model.n_mtp_heads} heads)")
+    T, H = tokens.numel(), model.config.n_embd
+    if tuple(h.shape) != (T, H):
+        raise LlmkitError(f"MTP hidden must be [{T}, {H}], got {list(h.shape)}")
+    pos = cache.positions(T)
+    cache.begin(pos)
+    return pos

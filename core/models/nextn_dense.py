@@ -39,7 +39,7 @@ from llmkit.core.layers import (
     rope_cache,
     silu,
 )
-from llmkit.core.models.base import select_rows
+from llmkit.core.models.base import begin_mtp_batch, select_rows
 from llmkit.core.weights import TensorSpec
 from llmkit.kernels.dispatch import make_linear
 
@@ -209,14 +209,8 @@ class DenseNextN:
         """NextN block `head` on rows (token at p, trunk/draft hidden of p-1) -> (logits [n, V],
         h_out [n, H] pre-norm). `cache` holds layer n_main + head. logits=None skips the LM head
         (mirroring only fills the block's KV) and returns (None, h_out [T, H])."""
-        if not 0 <= head < self.n_mtp_heads:
-            raise LlmkitError(f"MTP head {head} is not loaded ({self.n_mtp_heads} heads)")
+        pos = begin_mtp_batch(self, head, tokens, h, cache)
         c, n = self.config, self.heads[head]
-        T = tokens.numel()
-        if tuple(h.shape) != (T, c.n_embd):
-            raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
-        pos = cache.positions(T)
-        cache.begin(pos)
 
         def attend(q, k, v, scale):
             K, V, mask = cache.update(n.il, k, v)

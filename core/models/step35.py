@@ -23,7 +23,7 @@ from llmkit.core.config import gguf, per_layer
 from llmkit.core.errors import LlmkitError
 from llmkit.core.kv_cache import KVCache, LayerKV
 from llmkit.core.layers import ROPE_NEOX, apply_rope, rms_norm, rope_cache
-from llmkit.core.models.base import Embedding, lm_head, select_rows
+from llmkit.core.models.base import Embedding, begin_mtp_batch, lm_head, select_rows
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
 from llmkit.core.weights import QTensor, TensorSpec
 from llmkit.kernels.dispatch import Backend, make_expert_linear, make_linear
@@ -371,14 +371,8 @@ class Model:
         """NextN block `head` on rows (token at p, hidden of p-1): -> (logits [n, V], h_out [n, H]),
         h_out pre-norm (feeds the next chained head). `cache` holds layer n_main + head.
         logits=None skips the LM head (a mirror pass only fills the KV): (None, h_out [T, H])."""
-        if not 0 <= head < self.n_mtp_heads:
-            raise LlmkitError(f"MTP head {head} is not loaded ({self.n_mtp_heads} heads)")
+        pos = begin_mtp_batch(self, head, tokens, h, cache)
         c, n = self.config, self.heads[head]
-        T = tokens.numel()
-        if tuple(h.shape) != (T, c.n_embd):
-            raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
-        pos = cache.positions(T)
-        cache.begin(pos)
         e = rms_norm(n.embed(tokens), n.enorm, c.eps)
         u = torch.cat((e, rms_norm(h.float(), n.hnorm, c.eps)), dim=-1)  # [T, 2H], embedding first
         x = n.block(n.eh_proj(u), cache, self._rope(pos, n.block.swa, {}))
