@@ -19,6 +19,7 @@ from llmkit.core.generate import generate  # noqa: E402
 from llmkit.core.model import load_model  # noqa: E402
 from llmkit.kernels.dispatch import Backend, TritonLinear, make_linear  # noqa: E402
 from tiny_models import write_tiny_gemma3, write_tiny_llama  # noqa: E402
+from tiny_step35 import write_tiny_step35  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -37,15 +38,17 @@ def _logits(lm, prompt):
         return torch.cat((out, last)).float().cpu()
 
 
-def test_tiny_llama_and_gemma3_match_the_fp32_path(tmp_path):
-    # layer types cycle Q8_0, Q4_0, Q5_0, Q4_1, F16; gemma3 mixes sliding and global layers
+def test_tiny_models_match_the_fp32_path(tmp_path):
+    # llama layer types cycle Q8_0, Q4_0, Q5_0, Q4_1, F16; gemma3 mixes sliding and global
+    # layers; step35 adds MoE experts (one Triton GEMV per selected expert) and the head gate
     for path in (
         write_tiny_llama(tmp_path / "llama.gguf", n_layer=5),
         write_tiny_gemma3(tmp_path / "gemma3.gguf", window=8),
+        write_tiny_step35(tmp_path / "step35.gguf"),
     ):
         ref = load_model(path, weight_dtype=torch.float32)
         tri = load_model(path, device=DEVICE, kernels="triton")
-        assert isinstance(tri.model.layers[0].wqkv, TritonLinear)
+        assert tri.backend.kernels == "triton" and isinstance(tri.model.output, TritonLinear)
         assert tri.new_cache(8).attn_kernel == "triton"
         prompt = [1, 17, 45, 99, 3, 250, 12, 7, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21]
         a, b = _logits(ref, prompt), _logits(tri, prompt)
