@@ -24,6 +24,9 @@ def mtp_train(
     batch: int = typer.Option(8, "--batch", help="Sequences per step."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW peak learning rate."),
     top_k: int = typer.Option(16, "--top-k", help="Teacher tokens kept per position."),
+    draft_vocab: int = typer.Option(
+        16384, "--draft-vocab", help="Draft-head token shortlist size (0: full vocabulary)."
+    ),
     seed: int = typer.Option(0, "-s", "--seed", help="RNG seed."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)."),
@@ -72,6 +75,7 @@ def mtp_train(
         batch=batch,
         lr=lr,
         top_k=top_k,
+        draft_vocab=draft_vocab,
         seed=seed,
         device=device,
         resume=resume,

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmkit.core.config import read_config
@@ -20,6 +21,7 @@ from llmkit.core.device import OnDevice, tensors_to
 from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.kv_cache import KVCache
+from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
 from llmkit.core.weights import QTensor, load_tensors, weights_by_type
 from llmkit.kernels.dispatch import Backend
 
@@ -207,6 +209,9 @@ def load_model(
         if _supports_mtp(mod)
         else mod.Model(cfg, tensors, backend)
     )
+    vocab = (gd or gf).metadata.get(DRAFT_VOCAB_KEY) if mtp else None
+    if vocab is not None and hasattr(model, "set_draft_vocab"):
+        model.set_draft_vocab(torch.as_tensor(np.asarray(vocab, dtype=np.int64)))
     if backend.device.type != "cpu":
         model = OnDevice(model, backend.device)
     return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)

@@ -27,10 +27,30 @@ from llmkit.core.mtp_train.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "tests" / "data" / "mtp_heldout_prompts.txt"
 PRESETS = {
-    # tokens of self-generated text, of stdlib text; optimizer steps, sequences per step, draft
-    # positions trained (gemma's 262k-row head makes its steps ~3x costlier: smaller batch, depth)
-    "smollm2-135m": dict(generate=24000, max_text_tokens=24000, steps=300, batch=6, depth=3),
-    "gemma3-270m": dict(generate=6000, max_text_tokens=6000, steps=350, batch=4, depth=2),
+    # tokens of self-generated text and of stdlib text, generation length/batch, optimizer steps,
+    # sequences per step, draft positions trained, draft-vocabulary shortlist. Gemma's 262k-row
+    # head makes generation and steps costlier: less text, one draft position (on CPU only draft 1
+    # can pay off for it: a verify row costs a whole step there, docs/BENCHMARKS.md).
+    "smollm2-135m": dict(
+        generate=150000,
+        max_text_tokens=15000,
+        gen_len=192,
+        gen_batch=48,
+        steps=2400,
+        batch=8,
+        depth=2,
+        draft_vocab=8192,
+    ),
+    "gemma3-270m": dict(
+        generate=60000,
+        max_text_tokens=6000,
+        gen_len=192,
+        gen_batch=32,
+        steps=1200,
+        batch=6,
+        depth=1,
+        draft_vocab=16384,
+    ),
 }
 
 
@@ -85,9 +105,7 @@ def main() -> None:
             ckpt=str(work / f"{a.model}.ckpt"),
             seed=a.seed,
             device=a.device,
-            lr=6e-4,
-            gen_len=160,
-            gen_batch=32,
+            lr=8e-4,
             seq_len=256,
             eval_every=100,
             ckpt_every=50,

@@ -12,6 +12,7 @@ import torch
 from cli_run import llm
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.model import load_model
+from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
 from llmkit.core.mtp import MTPContext
 from llmkit.core.mtp_train.export import BASE_ID_KEY, base_identity
 from llmkit.core.mtp_train.heads import HEADS_DIR
@@ -49,6 +50,7 @@ def trained(tmp_path_factory):
         ckpt_every=8,
         outtype="f32",
         merge=str(d / "merged.gguf"),
+        draft_vocab=48,  # a shortlist below the tiny vocabulary: the lossless test drafts over it
         quiet=True,
     )
     yield d, base, cfg, train(cfg)
@@ -74,6 +76,22 @@ def test_written_head_is_lossless_through_llm_run(trained, capsys, monkeypatch):
         rc, out, err = llm(capsys, monkeypatch, *args[:2], model, *args[3:], *extra)
         assert rc == 0, err
         assert out == plain and "speculative (mtp" in err
+
+
+def test_head_carries_its_draft_vocabulary(trained):
+    d, base, cfg, _ = trained
+    for path, kw in ((base, {"draft_path": cfg.out}), (cfg.merge, {})):
+        ids = GGUFFile(cfg.out).metadata[DRAFT_VOCAB_KEY]
+        assert len(ids) == 48 and list(ids) == sorted(set(int(i) for i in ids))
+        lm = load_model(path, mtp=True, **kw)
+        assert lm.model.draft_vocab.tolist() == [int(i) for i in ids]
+        mtp = MTPContext(lm.model, 32, 8, "f16", "f16")
+        logits, h = lm.model.forward(torch.tensor([1, 5, 9]), lm.new_cache(32, 8), "all", True)
+        mtp.mirror(torch.tensor([1, 5]), h[:2])
+        z, _ = lm.model.mtp_forward(0, torch.tensor([9]), mtp.pending_h[None], mtp.caches[0])
+        outside = torch.ones(lm.config.n_vocab, dtype=torch.bool)
+        outside[lm.model.draft_vocab] = False
+        assert torch.isneginf(z[0, outside]).all() and torch.isfinite(z[0, ~outside]).all()
 
 
 def test_resume_continues_from_the_checkpoint(trained, tmp_path):

@@ -7,11 +7,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.model import load_model
 from llmkit.core.mtp import MTPContext
 from llmkit.core.mtp_train.batchgen import BatchedTrunk, topk_teacher
-from llmkit.core.mtp_train.data import Sequence, to_batch
+from llmkit.core.mtp_train.data import Sequence, draft_vocab, to_batch
 from llmkit.core.mtp_train.export import write_merged, write_sidecar
 from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
 from llmkit.core.mtp_train.streams import stream_forward, student_logits
@@ -137,3 +138,39 @@ def test_batched_generation_matches_the_trunk(base):
         torch.testing.assert_close(
             g.logits_topk[2], torch.logsumexp(logits, -1), rtol=1e-4, atol=1e-3
         )
+
+
+def test_draft_vocabulary_restricts_draft_logits(base, tmp_path):
+    lm32 = load_model(base, weight_dtype=torch.float32)
+    head = _write_head(lm32, _blocks(lm32, 1), tmp_path / "head.gguf")
+    lm = load_model(base, weight_dtype=torch.float32, mtp=True, draft_path=head)
+    ids = [1, 40, 7, 99, 12, 5, 300, 17]
+    seq = _teacher(lm, ids)
+    full = []
+    for vocab in (None, torch.tensor([3, 5, 17, 40, 41, 99, 200])):
+        lm.model.set_draft_vocab(vocab)
+        mtp = MTPContext(lm.model, 64, 16, "f32", "f32")
+        mtp.mirror(torch.tensor(ids[:5]), seq.hidden[:5])
+        z, _ = lm.model.mtp_forward(0, torch.tensor(ids[5:6]), mtp.pending_h[None], mtp.caches[0])
+        full.append(z[0])
+    z_all, z_short = full
+    keep = torch.tensor([3, 5, 17, 40, 41, 99, 200])
+    torch.testing.assert_close(z_short[keep], z_all[keep], rtol=1e-5, atol=1e-5)
+    rest = torch.ones_like(z_all, dtype=torch.bool)
+    rest[keep] = False
+    assert torch.isneginf(z_short[rest]).all()
+    with pytest.raises(LlmkitError, match="draft vocabulary"):
+        lm.model.set_draft_vocab(torch.tensor([0, lm.config.n_vocab]))
+
+
+def test_draft_vocab_ranks_teacher_argmaxes():
+    def seq(top1):
+        t = torch.tensor(top1)
+        n = t.numel()
+        ids = torch.stack((t, t + 1), 1).int()
+        return Sequence(t, torch.zeros(n, 2), ids, torch.zeros(n, 2).half(), torch.zeros(n), "text")
+
+    ids, cov = draft_vocab([seq([4, 4, 4, 2, 2, 9]), seq([2, 7])], 2, 16)
+    assert ids.tolist() == [2, 4] and cov == pytest.approx(6 / 8)
+    assert draft_vocab([seq([1])], 0, 16) == (None, 1.0)
+    assert draft_vocab([seq([1])], 16, 16) == (None, 1.0)

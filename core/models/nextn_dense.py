@@ -40,10 +40,12 @@ from llmkit.core.layers import (
     silu,
 )
 from llmkit.core.models.base import begin_mtp_batch, select_rows
-from llmkit.core.weights import TensorSpec
+from llmkit.core.weights import QTensor, TensorSpec
 from llmkit.kernels.dispatch import make_linear
 
 KINDS = ("llama", "gemma3")
+# metadata key of a trained head's draft shortlist: uint32 token ids, sorted (core/mtp_train)
+DRAFT_VOCAB_KEY = "llmkit.mtp.draft_vocab"
 NEXTN_NORMS = ("enorm", "hnorm", "shared_head_norm")
 # attend(q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], scale) -> o [N, Hq * Dv]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -195,6 +197,26 @@ class DenseNextN:
     mtp_hidden = "pre_norm"
     nextn_kind = "llama"
     heads: list[NextNHead]
+    draft_vocab: torch.Tensor | None = None  # [n] int64 shortlist of draft tokens (None: all)
+    draft_output = None  # the output head restricted to draft_vocab's rows
+
+    def set_draft_vocab(self, ids) -> None:
+        """Draft over a token shortlist (`ids`, e.g. the trained head's most frequent teacher
+        argmaxes; None: the full vocabulary). The draft head then multiplies only those rows of
+        the output matrix (Gemma 3: 16k of 262k) and every other token gets -inf. Verification
+        keeps the full head, so greedy output stays lossless; a draft outside the list is just
+        never proposed."""
+        if ids is None:
+            self.draft_vocab = self.draft_output = None
+            return
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        w = self.tensors.get("output.weight") or self.tensors["token_embd.weight"]
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]:
+            raise LlmkitError(f"draft vocabulary ids must lie in [0, {w.shape[0]})")
+        raw = w.raw[ids.to(w.raw.device)]
+        sub = QTensor(w.name + "[draft_vocab]", w.qtype, (ids.numel(), *w.shape[1:]), raw)
+        self.draft_output = make_linear(self.backend, sub)
+        self.draft_vocab = ids.to(self.backend.device)
 
     @property
     def n_mtp_heads(self) -> int:
@@ -222,7 +244,12 @@ class DenseNextN:
         if logits is None:
             return None, x
         x = select_rows(x, logits)
-        return head_logits(c, self.output, n.head_norm, x), x
+        if self.draft_output is None:
+            return head_logits(c, self.output, n.head_norm, x), x
+        z = head_logits(c, self.draft_output, n.head_norm, x)  # [n, len(draft_vocab)]
+        full = z.new_full((z.shape[0], c.n_vocab), float("-inf"))
+        full[:, self.draft_vocab] = z
+        return full, x
 
 
 def nextn_layer_kv(kind: str, c, il: int) -> LayerKV:

@@ -107,7 +107,9 @@ class BatchedTrunk:
         pos = (cols - pad[:, None]).clamp_min(0)
         kv: list = [None] * len(self.m.layers)
         logits, h = self._step(toks, pos, valid, kv, "all")
-        rows_tok, rows_h, rows_logits, rows_valid = [toks], [h], [logits], [valid]
+        # teacher top-k per step: full [B, T, V] logits would be GBs for a 262k vocabulary
+        rows_tok, rows_h, rows_valid = [toks], [h], [valid]
+        rows_teacher = [topk_teacher(logits.reshape(B * P, -1), k_top)]
         alive = torch.ones(B, dtype=torch.bool)
         temp = torch.tensor(temps, dtype=torch.float32)
         nxt = self._pick(logits[:, -1], temp, gen)
@@ -120,22 +122,27 @@ class BatchedTrunk:
             logits, h = self._step(nxt[:, None], pos, valid, kv, "last")
             rows_tok.append(nxt[:, None])
             rows_h.append(h)
-            rows_logits.append(logits)
+            rows_teacher.append(topk_teacher(logits[:, -1], k_top))
             rows_valid.append(alive[:, None].clone())
             nxt = self._pick(logits[:, -1], temp, gen)
             del step
-        toks, hs = torch.cat(rows_tok, 1), torch.cat(rows_h, 1)
-        lg, vd = torch.cat(rows_logits, 1), torch.cat(rows_valid, 1)
+        toks, hs, vd = torch.cat(rows_tok, 1), torch.cat(rows_h, 1), torch.cat(rows_valid, 1)
+        ids, vals, lse = (
+            torch.cat([t[i].view(B, -1, *t[i].shape[1:]) for t in rows_teacher], 1)
+            for i in range(3)
+        )  # [B, T, k], [B, T, k], [B, T]
         out = []
         for b in range(B):
             keep = vd[b]
-            ids, vals, lse = topk_teacher(lg[b][keep], k_top)
-            out.append(Generated(toks[b][keep].clone(), hs[b][keep].clone(), (ids, vals, lse)))
+            teacher = (ids[b][keep].clone(), vals[b][keep].clone(), lse[b][keep].clone())
+            out.append(Generated(toks[b][keep].clone(), hs[b][keep].clone(), teacher))
         return out
 
     @staticmethod
     def _pick(logits: torch.Tensor, temp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         greedy = logits.argmax(-1)
+        if not (temp > 0).any():  # all greedy: sampling a [B, V] softmax would cost ~10% of a step
+            return greedy
         t = temp.clamp_min(1e-6)[:, None]
         probs = torch.softmax(logits / t, -1)
         sampled = torch.multinomial(probs, 1, generator=gen)[:, 0]

@@ -80,19 +80,32 @@ def text_sequences(lm, tok, texts: list[str], seq_len: int, k: int, max_tokens: 
 
 def generated_sequences(lm, tok, paras, n_tokens: int, n_new: int, batch: int, k: int, seed, log):
     """About n_tokens of the base model's own text: batches of prompts (paragraph openings and
-    chat-style requests), each continued for n_new tokens at temperature 0, 0.7 or 1.0."""
+    chat-style requests), each continued for n_new tokens at temperature 0 (3 in 5), 0.7 or 1.0."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     trunk = BatchedTrunk(lm)
     out, done = [], 0
     while done < n_tokens:
         prompts = make_prompts(lm, tok, paras, batch, rng)
-        temps = [rng.choice((0.0, 0.7, 1.0)) for _ in prompts]
+        # mostly greedy: acceptance is measured on the model's greedy continuations
+        temps = [rng.choice((0.0, 0.0, 0.0, 0.7, 1.0)) for _ in prompts]
         for g in trunk.generate(prompts, n_new, temps, gen, tok.is_eog, k):
             out.append(Sequence(g.tokens, g.hidden, *g.logits_topk, "generated"))
             done += g.tokens.numel()
         log(f"self-generation: {done}/{n_tokens} tokens")
     return out
+
+
+def draft_vocab(seqs: list[Sequence], n: int, n_vocab: int) -> tuple[torch.Tensor | None, float]:
+    """The n token ids the teacher most often ranks first (sorted ids) and the share of positions
+    whose teacher argmax they cover; (None, 1.0) when n is 0 or not below the vocabulary. Drafting
+    over this shortlist multiplies n rows of the output matrix instead of all of them."""
+    if n <= 0 or n >= n_vocab:
+        return None, 1.0
+    top1 = torch.cat([s.top_ids[:, 0].long() for s in seqs])
+    counts = torch.bincount(top1, minlength=n_vocab)
+    ids = torch.argsort(-counts, stable=True)[:n].sort().values  # ties: lower ids first
+    return ids.int(), float(counts[ids].sum()) / max(1, top1.numel())
 
 
 def to_batch(seqs: list[Sequence]) -> Batch:

@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from llmkit.core.errors import LlmkitError
 from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.gguf_write import RawTensor, write_gguf
+from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
 from llmkit.quant.quantize import QUANTIZERS, quantize
 
 BASE_ID_KEY = "llmkit.mtp.base_id"
@@ -64,11 +65,22 @@ def head_metadata(gf: GGUFFile, n_heads: int, extra: dict) -> dict:
     return out | extra
 
 
+def _vocab_md(draft_vocab: torch.Tensor | None) -> dict:
+    return {} if draft_vocab is None else {DRAFT_VOCAB_KEY: draft_vocab.numpy().astype(np.uint32)}
+
+
 def write_sidecar(
-    path, gf: GGUFFile, blocks: dict[str, torch.Tensor], n_heads: int, qtype: QT, info
+    path,
+    gf: GGUFFile,
+    blocks: dict[str, torch.Tensor],
+    n_heads: int,
+    qtype: QT,
+    info,
+    draft_vocab: torch.Tensor | None = None,
 ):
-    """MTP-only GGUF: the NextN block tensors and the base's identity. `info` = training facts."""
-    extra = {
+    """MTP-only GGUF: the NextN block tensors and the base's identity. `info` = training facts;
+    `draft_vocab` = the draft head's token shortlist (none: the full vocabulary)."""
+    extra = _vocab_md(draft_vocab) | {
         BASE_ID_KEY: base_identity(gf),
         "llmkit.mtp.base_name": str(gf.metadata.get("general.name", Path(gf.path).name)),
         "general.name": f"{gf.metadata.get('general.name', Path(gf.path).stem)} MTP head",
@@ -80,13 +92,23 @@ def write_sidecar(
     return write_gguf(path, gf.architecture, md, tensors)
 
 
-def write_merged(path, gf: GGUFFile, blocks: dict[str, torch.Tensor], n_heads: int, qtype, info):
+def write_merged(
+    path,
+    gf: GGUFFile,
+    blocks: dict[str, torch.Tensor],
+    n_heads: int,
+    qtype,
+    info,
+    draft_vocab: torch.Tensor | None = None,
+):
     """The base model with the NextN blocks appended. `qtype` None: each NextN matrix takes the type
     of the same tensor in the trunk's last layer ("quantized like the trunk")."""
     if int(gf.metadata.get(f"{gf.architecture}.nextn_predict_layers", 0)):
         raise LlmkitError(f"{gf.path} already has NextN blocks: merge into a trunk-only file")
     md = dict(gf.metadata) | head_metadata(
-        gf, n_heads, {f"llmkit.mtp.train.{k}": v for k, v in info.items()}
+        gf,
+        n_heads,
+        _vocab_md(draft_vocab) | {f"llmkit.mtp.train.{k}": v for k, v in info.items()},
     )
     tensors: dict = {}
     for name, ti in gf.tensors.items():

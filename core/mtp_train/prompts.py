@@ -1,6 +1,6 @@
 """Varied prompts for the base model's self-generated training text: openings of the training
-paragraphs, "User: ... / Assistant:" requests and the same requests through the GGUF's chat
-template. Requests are built from templates x topics with a seeded RNG. The held-out evaluation
+paragraphs, prose openings, "User: ... / Assistant:" requests and the same requests through the
+GGUF's chat template. Requests are built from templates x topics with a seeded RNG. The held-out evaluation
 prompts (tests/data/mtp_heldout_prompts.txt) are hand-written elsewhere and never built from these.
 """
 
@@ -21,6 +21,31 @@ TEMPLATES = (
     "List some pros and cons of {t}.",
     "Summarize what people usually get wrong about {t}.",
     "Write a friendly note to a friend about {t}.",
+    "Tell me about {t}.",
+    "Why is {t} important?",
+    "Can you explain how {t} works?",
+    "Write a blog post introduction about {t}.",
+    "What should a student know about {t}?",
+    "Compare {t} with something from everyday life.",
+    "Write a few questions and answers about {t}.",
+    "Describe {t} in simple words.",
+    "Write a poem about {t}.",
+    "What is the future of {t}?",
+    "Give me some tips related to {t}.",
+    "Write a diary entry about a day spent learning about {t}.",
+)
+# openings of prose the model continues (no chat framing): stories, reports, essays
+OPENINGS = (
+    "Once upon a time, in a village near {t},",
+    "The first thing you notice about {t} is",
+    "Many people have never thought about {t}, but",
+    "Chapter 1\n\nNobody in the small town expected {t} to",
+    "In this article, we will look at {t} and",
+    "When my grandmother told me about {t}, I",
+    "Scientists have studied {t} for many years.",
+    "Here is a simple guide to {t}.",
+    "It was a quiet morning when the news about {t} arrived.",
+    "The story of {t} begins",
 )
 TOPICS = (
     "volcanoes",
@@ -79,6 +104,66 @@ TOPICS = (
     "pottery",
     "trains",
     "tides",
+    "photosynthesis",
+    "the Great Wall of China",
+    "saving money",
+    "the Pacific Ocean",
+    "robots",
+    "friendship",
+    "climate change",
+    "the solar system",
+    "ancient Egypt",
+    "coffee",
+    "basketball",
+    "rain forests",
+    "electricity",
+    "penguins",
+    "the piano",
+    "video games",
+    "kindness",
+    "bridges",
+    "volunteering",
+    "smartphones",
+    "the Renaissance",
+    "yoga",
+    "deserts",
+    "airplanes",
+    "mathematics",
+    "a job interview",
+    "the ocean floor",
+    "composting",
+    "elephants",
+    "the Roman alphabet",
+    "running a marathon",
+    "a small bakery",
+    "space travel",
+    "the moon",
+    "artificial intelligence",
+    "first aid",
+    "pirates",
+    "a haunted house",
+    "a lost dog",
+    "the city at night",
+    "camping in the mountains",
+    "a birthday party",
+    "a new school",
+    "the summer holidays",
+    "an old lighthouse keeper",
+    "a talking cat",
+    "a secret garden",
+    "a long train journey",
+    "writing a resume",
+    "cooking pasta",
+    "drinking enough water",
+    "the history of writing",
+    "magnets",
+    "sharks",
+    "the Arctic",
+    "dragons",
+    "a robot who wants to paint",
+    "time management",
+    "social media",
+    "the Amazon river",
 )
 
 
@@ -88,12 +173,16 @@ def make_prompts(lm, tok, paras: list[str], n: int, rng: random.Random) -> list[
     out = []
     for _ in range(n):
         kind = rng.random()
-        request = rng.choice(TEMPLATES).format(t=rng.choice(TOPICS))
-        if paras and kind < 0.4:  # an opening of a training paragraph
+        topic = rng.choice(TOPICS)
+        request = rng.choice(TEMPLATES).format(t=topic)
+        if paras and kind < 0.15:  # an opening of a training paragraph
             words = rng.choice(paras).split()
             text = " ".join(words[: rng.randint(8, 40)])
             out.append(tok.encode(text, add_special=True, parse_special=False))
-        elif kind < 0.7:
+        elif kind < 0.35:
+            text = rng.choice(OPENINGS).format(t=topic)
+            out.append(tok.encode(text, add_special=True, parse_special=False))
+        elif kind < 0.6:
             text = f"User: {request}\nAssistant:"
             out.append(tok.encode(text, add_special=True, parse_special=False))
         else:

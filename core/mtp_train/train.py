@@ -44,6 +44,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 20
     top_k: int = 16  # teacher tokens kept per position
+    draft_vocab: int = 16384  # draft-head shortlist size (0: the full vocabulary)
     seed: int = 0
     device: str = "cpu"
     resume: str | None = None
@@ -63,6 +64,8 @@ class TrainConfig:
             raise LlmkitError(f"--outtype must be one of {', '.join(OUT_TYPES)}")
         if self.merge_type is not None and self.merge_type not in OUT_TYPES:
             raise LlmkitError(f"--merge-type must be one of {', '.join(OUT_TYPES)}")
+        if self.draft_vocab < 0:
+            raise LlmkitError("--draft-vocab must be >= 0 (0: the full vocabulary)")
         if self.lr <= 0 or self.top_k < 2:
             raise LlmkitError("--lr must be > 0 and --top-k >= 2")
         if not self.text and self.generate <= 0:
@@ -196,6 +199,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_set = [seqs[i] for i in order[n_val:]] or seqs
     n_tok = sum(s.tokens.numel() for s in train_set)
     log(f"{len(train_set)} training sequences ({n_tok} tokens), {len(val)} held out")
+    vocab, coverage = D.draft_vocab(seqs, cfg.draft_vocab, c.n_vocab)
+    if vocab is not None:
+        log(
+            f"draft vocabulary: {vocab.numel()} tokens cover {coverage:.4f} of the teacher argmaxes"
+        )
 
     depth = cfg.blocks if cfg.blocks > 1 else cfg.depth
     h_rms = float(torch.cat([s.hidden for s in train_set[:64]]).pow(2).mean().sqrt())
@@ -277,12 +285,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         "depth": depth,
         "final_loss": losses[-1] if losses else 0.0,
         "val_top1_agreement": [float(a) for a in val_agree],
+        "draft_vocab_coverage": coverage,
     }
-    out = write_sidecar(cfg.out, lm.gguf, tensors, cfg.blocks, OUT_TYPES[cfg.outtype], info)
+    out = write_sidecar(cfg.out, lm.gguf, tensors, cfg.blocks, OUT_TYPES[cfg.outtype], info, vocab)
     merged = None
     if cfg.merge:
         mt = OUT_TYPES[cfg.merge_type] if cfg.merge_type else None
-        merged = write_merged(cfg.merge, lm.gguf, tensors, cfg.blocks, mt, info)
+        merged = write_merged(cfg.merge, lm.gguf, tensors, cfg.blocks, mt, info, vocab)
     log(f"wrote {out}" + (f" and {merged}" if merged else ""))
     return TrainResult(
         out,
