@@ -40,6 +40,10 @@ class MTPContext:
         self.n_heads = len(self.caches)
         self.chained = self.n_heads > 1
         self.pending_h: torch.Tensor | None = None  # [H] trunk hidden paired with the next token
+        # cache j already holds the row of the last draft round's first token: that row (token
+        # `last`, the target's hidden pending_h) is exactly what mirroring would write, so
+        # drafting keeps it and the next mirror starts one row later (none at all on rejection)
+        self.first_row = [False] * self.n_heads
 
     @property
     def n_past(self) -> int:
@@ -55,20 +59,26 @@ class MTPContext:
         prev = self.pending_h if self.pending_h is not None else torch.zeros_like(h[0])
         h_in = torch.cat((prev[None], h[:-1]))  # [T, H]
         for j, cache in enumerate(self.caches):
-            self.model.mtp_forward(j, tokens, h_in, cache, logits=None)  # KV only, no LM head
+            skip = int(self.first_row[j])  # after a draft round tokens[0] is its `last`
+            if tokens.numel() > skip:  # KV only, no LM head
+                self.model.mtp_forward(j, tokens[skip:], h_in[skip:], cache, logits=None)
+            self.first_row[j] = False
         self.pending_h = h[-1]
 
     def truncate(self, p: int) -> None:
         for c in self.caches:
             c.truncate(p)
+        self.first_row = [False] * self.n_heads
 
     def draft(self, last: int, n_draft: int, pick: Pick, p_min: float = 0.0):
         """Draft up to n_draft tokens after `last` (the sampled token at position n_past, not yet in
-        any cache). Returns (tokens, q distributions)."""
+        any cache). Returns (tokens, q distributions). The next `mirror` must start with `last`."""
         p0 = self.n_past
         toks, hs = [last], [self.pending_h]
         drafts, qs = [], []
+        ran = [False] * self.n_heads  # caches that now hold the (last, pending_h) row at p0
         for j in range(self.max_draft(n_draft)):
+            ran[j if self.chained else 0] = True
             if self.chained:  # block j re-decodes the whole draft prefix over its own KV
                 cache = self.caches[j]
                 cache.truncate(p0)
@@ -86,7 +96,9 @@ class MTPContext:
             qs.append(q)
             toks.append(tok)
             hs.append(h_out[-1])
-        self.truncate(p0)
+        for j, cache in enumerate(self.caches):  # drop the draft rows, keep the mirrored one
+            cache.truncate(p0 + ran[j])
+        self.first_row = ran
         return drafts, qs
 
     def nbytes(self) -> int:

@@ -305,3 +305,24 @@ def test_n_predict_limits_match_plain_generation(files):
     lm = load_model(files["full"], mtp=True)
     for n in (0, 1, 2):
         assert _spec(lm, PROMPTS[0], n, 3)[0] == _plain(lm, PROMPTS[0], n)
+
+
+@pytest.mark.parametrize("name", ["full", "single"])
+def test_mtp_cache_after_rounds_equals_a_fresh_mirror(files, name):
+    """Drafting keeps each round's first row (token `last`, the target hidden) as the mirrored
+    row: after many rounds the MTP caches hold what mirroring every accepted token would write."""
+    lm = load_model(files[name], mtp=True)
+    prompt = PROMPTS[0]
+    out, spec, mtp = _spec(lm, prompt, 50, 3)
+    assert spec.drafts > 0 and 0 < spec.accepted_tokens < spec.draft_tokens
+    ids = torch.tensor(prompt + out)[: mtp.n_past]
+    cache, fresh = lm.new_cache(N_CTX, MARGIN), MTPContext(lm.model, N_CTX, MARGIN)
+    for s in range(0, len(ids), MARGIN):  # chunks that fit the sliding-window rings
+        _, h = lm.model.forward(ids[s : s + MARGIN], cache, "all", True)
+        fresh.mirror(ids[s : s + MARGIN], h)
+    torch.testing.assert_close(mtp.pending_h, fresh.pending_h, rtol=1e-3, atol=1e-3)
+    for j in range(mtp.n_heads):
+        probe = (torch.tensor([out[-1]]), mtp.pending_h[None])
+        a, _ = lm.model.mtp_forward(j, *probe, mtp.caches[j], "last")
+        b, _ = lm.model.mtp_forward(j, *probe, fresh.caches[j], "last")
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
