@@ -31,6 +31,7 @@ KV_TYPES = {
     "q8_0": QT.Q8_0,
     "q4_0": QT.Q4_0,
 }
+_BLOCK_KINDS = ("q8_0", "q4_0")
 
 
 def _alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
@@ -144,7 +145,8 @@ class KVCache:
 
             g = self._group  # update() for this layer ran just before
             kpos = g.slot_pos[: g.n_read]
-            return triton_attention(q, K, V, kpos, self._pos, scale, g.window)
+            kt, vt = (t if t in _BLOCK_KINDS else None for t in (self.type_k, self.type_v))
+            return triton_attention(q, K, V, kpos, self._pos, scale, g.window, k_type=kt, v_type=vt)
         return attention(q, K, V, mask, scale)
 
     def begin(self, pos: torch.Tensor) -> None:
@@ -184,6 +186,8 @@ class KVCache:
         g = self._group = self.group_of[il]
         _store(g.k[il], self.type_k, g.slots, k)
         _store(g.v[il], self.type_v, g.slots, v)
+        if self.attn_kernel == "triton":  # the kernel reads q8_0 / q4_0 blocks itself
+            return g.k[il][:, : g.n_read], g.v[il][:, : g.n_read], g.mask
         return _load(g.k[il], self.type_k, g.n_read), _load(g.v[il], self.type_v, g.n_read), g.mask
 
     def truncate(self, p: int) -> None:

@@ -3,7 +3,10 @@
 q: [T, Hq, D]; k: [Hkv, S, D]; v: [Hkv, S, Dv] (fp16/fp32/bf16); kpos: int64 [S], the position
 held by each cache slot (-1 = empty); qpos: int64 [T]. Key slot s is visible to query t iff
 kpos[s] >= 0 and kpos[s] <= qpos[t] and qpos[t] - kpos[s] < window (causal + sliding window).
-GQA: query head h reads kv head h // (Hq / Hkv). Returns [T, Hq * Dv] in q's dtype, like
+GQA: query head h reads kv head h // (Hq / Hkv). K and V may also be the cache's ggml blocks,
+dequantized in the kernel: q8_0 (k: uint8 [Hkv, S, D/32 * 34], blocks of fp16 d + 32 int8) or q4_0
+(uint8 [Hkv, S, D/32 * 18], fp16 d + 16 bytes of nibbles, value (nibble - 8) * d), so a
+quantized cache is read at 8.5 / 4.5 bits per element. Returns [T, Hq * Dv] in q's dtype, like
 ``llmkit.core.layers.attention`` (a query that sees no key gets zeros there, NaN in SDPA).
 
 One program owns BLOCK_T queries x all GROUP = Hq / Hkv heads of one kv head (so K/V tiles are
@@ -11,7 +14,8 @@ read once per group, and decode still gets GROUP rows per tile), and streams the
 tiles of BLOCK_S with an fp32 online softmax. A tile in which no (query, slot) pair is visible
 is skipped after reading only its kpos (no K/V bytes, no flops).
 
-Per call: bytes <= Hkv * S * (D + Dv) * esize * ceil(T / BLOCK_T) (K/V, fewer when tiles are
+Per call: bytes <= Hkv * S * (D + Dv) * esize * ceil(T / BLOCK_T) (K/V; esize 2 for f16, 34/32
+for q8_0, 18/32 for q4_0; fewer when tiles are
 skipped) + T * Hq * (D + Dv) * esize (q, out) + 8 * (S + T);
           flops ~= 2 * T * Hq * S_visible_tiles * (D + Dv).
 """
@@ -29,6 +33,27 @@ from llmkit.core.errors import LlmkitError
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 _NO_WINDOW = 1 << 62
+KV_KINDS = {None: 0, "q8_0": 1, "q4_0": 2}  # float tensor, or ggml blocks dequantized in-kernel
+_BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}  # bytes per 32 elements
+
+
+@triton.jit
+def _kv_tile(base, row, d, mask, stride_d, KIND: tl.constexpr):
+    """fp32 tile of K or V elements (row offset `row` [bytes or elements], element index d)."""
+    if KIND == 0:
+        return tl.load(base + row + d * stride_d, mask=mask, other=0.0).to(tl.float32)
+    BB: tl.constexpr = 34 if KIND == 1 else 18
+    blk = base + row + (d // 32) * BB  # the block's fp16 scale, little-endian, 2-byte aligned
+    lo = tl.load(blk, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(blk + 1, mask=mask, other=0).to(tl.uint16)
+    scale = (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+    j = d % 32
+    if KIND == 1:
+        q = tl.load(blk + 2 + j, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    else:
+        b = tl.load(blk + 2 + j % 16, mask=mask, other=0)
+        q = tl.where(j < 16, b & 0xF, b >> 4).to(tl.float32) - 8.0
+    return q * scale
 
 
 # out[t, h, :] = softmax(scale * q[t, h] . k[h // GROUP, s]) over visible s, @ v[h // GROUP]
@@ -39,6 +64,7 @@ _NO_WINDOW = 1 << 62
 #   GROUP: Hq / Hkv; GP: next pow2 of GROUP; BLOCK_T * GP rows per program;
 #   BLOCK_S: slots per tile; BLOCK_D / BLOCK_DV: pow2 >= D / DV;
 #   F32_MATH: cast q/k/v to fp32 at load (fp32 and bf16 inputs; ieee dots), else fp16 dots
+#   K_KIND / V_KIND: 0 float, 1 q8_0, 2 q4_0 (then k/v are uint8 rows, sks/svs in bytes)
 # grid: (cdiv(T, BLOCK_T), Hkv)
 @triton.jit
 def _attn_kernel(
@@ -73,6 +99,8 @@ def _attn_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     F32_MATH: tl.constexpr,
+    K_KIND: tl.constexpr = 0,
+    V_KIND: tl.constexpr = 0,
 ):
     pid_t = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -104,24 +132,35 @@ def _attn_kernel(
         vis = (kpos[None, :] >= 0) & (diff >= 0) & (diff < window) & rmask[:, None]
         if tl.max(vis.to(tl.int32)) > 0:  # skip tiles no query of this program can see
             smask = offs_s < S
-            kp = k_base + offs_s[None, :] * sks + offs_d[:, None] * skd  # [BLOCK_D, BLOCK_S]
-            kt = tl.load(kp, mask=smask[None, :] & (offs_d[:, None] < D), other=0.0)
-            if F32_MATH:
-                kt = kt.to(tl.float32)
-                sc = tl.dot(q, kt, input_precision="ieee")
+            kmask = smask[None, :] & (offs_d[:, None] < D)
+            if K_KIND != 0:  # [BLOCK_D, BLOCK_S] dequantized from the ggml blocks
+                kt = _kv_tile(k_base, offs_s[None, :] * sks, offs_d[:, None], kmask, skd, K_KIND)
+                sc = tl.dot(q.to(tl.float32), kt, input_precision="ieee")
             else:
-                sc = tl.dot(q, kt)
+                kp = k_base + offs_s[None, :] * sks + offs_d[:, None] * skd  # [BLOCK_D, BLOCK_S]
+                kt = tl.load(kp, mask=kmask, other=0.0)
+                if F32_MATH:
+                    kt = kt.to(tl.float32)
+                    sc = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    sc = tl.dot(q, kt)
             sc = tl.where(vis, sc * qk_scale, float("-inf"))  # [R, BLOCK_S], log2 domain
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(sc - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vp = v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd  # [BLOCK_S, BLOCK_DV]
-            vt = tl.load(vp, mask=smask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            if F32_MATH:
+            vmask = smask[:, None] & (offs_dv[None, :] < DV)
+            if V_KIND != 0:  # [BLOCK_S, BLOCK_DV]
+                vt = _kv_tile(v_base, offs_s[:, None] * svs, offs_dv[None, :], vmask, svd, V_KIND)
+                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+            elif F32_MATH:
+                vp = v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd  # [BLOCK_S, BLOCK_DV]
+                vt = tl.load(vp, mask=vmask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
             else:
+                vp = v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd
+                vt = tl.load(vp, mask=vmask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
 
@@ -147,25 +186,32 @@ def attention(
     *,
     block_s: int | None = None,
     block_t: int | None = None,
+    k_type: str | None = None,
+    v_type: str | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k [Hkv, S, D], v [Hkv, S, Dv], kpos int [S] (-1 = empty), qpos int [T]
-    -> [T, Hq * Dv] in q's dtype. window: sliding window length (None/0 = none)."""
+    -> [T, Hq * Dv] in q's dtype. window: sliding window length (None/0 = none).
+    k_type / v_type "q8_0" | "q4_0": k / v are the cache's uint8 block rows [Hkv, S, bytes]."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise LlmkitError(
             f"attention wants q [T, Hq, D], k/v [Hkv, S, D]; got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
+    for name, kind in (("k_type", k_type), ("v_type", v_type)):
+        if kind not in KV_KINDS:
+            raise LlmkitError(f"triton attention: unsupported {name} {kind!r} (q8_0, q4_0)")
     T, Hq, D = q.shape
-    Hkv, S, Dk = k.shape
-    Dv = v.shape[2]
+    Hkv, S = k.shape[:2]
+    Dk = _elements(k, k_type, "k")
+    Dv = _elements(v, v_type, "v")
     if Dk != D or v.shape[:2] != (Hkv, S):
         raise LlmkitError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
     if Hkv == 0 or Hq % Hkv:
         raise LlmkitError(f"{Hq} query heads is not a multiple of {Hkv} kv heads")
-    for name, a in (("q", q), ("k", k), ("v", v)):
-        if a.dtype not in _DTYPES:
+    for name, a, kind in (("q", q, None), ("k", k, k_type), ("v", v, v_type)):
+        if kind is None and a.dtype not in _DTYPES:
             raise LlmkitError(f"triton attention: {name} must be fp32/fp16/bf16, got {a.dtype}")
-    if k.dtype != v.dtype:
+    if k_type is None and v_type is None and k.dtype != v.dtype:
         raise LlmkitError(f"k is {k.dtype} but v is {v.dtype}")
     if kpos.shape != (S,) or qpos.shape != (T,):
         raise LlmkitError(f"kpos must be [{S}] and qpos [{T}]")
@@ -192,7 +238,7 @@ def attention(
     if block_s is None:
         block_s = 64 if interp else (64 if D <= 128 else 32)
     # Both operands of each dot in one dtype: fp16 x fp16 on tensor cores, else fp32.
-    f32_math = not (q.dtype == k.dtype == torch.float16)
+    f32_math = not (q.dtype == k.dtype == v.dtype == torch.float16)
     grid = (triton.cdiv(T, block_t), Hkv)
     _attn_kernel[grid](
         q,
@@ -218,5 +264,20 @@ def attention(
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_DV=max(16, triton.next_power_of_2(Dv)),
         F32_MATH=f32_math,
+        K_KIND=KV_KINDS[k_type],
+        V_KIND=KV_KINDS[v_type],
     )
     return out.reshape(T, Hq * Dv)
+
+
+def _elements(x: torch.Tensor, kind: str | None, name: str) -> int:
+    """Elements per head vector of a float tensor or of uint8 ggml block rows."""
+    if kind is None:
+        return x.shape[2]
+    bb = _BLOCK_BYTES[kind]
+    if x.dtype != torch.uint8 or x.shape[2] % bb or x.stride(2) != 1:
+        raise LlmkitError(
+            f"triton attention: {name} as {kind} must be uint8 rows of {bb}-byte blocks "
+            f"(contiguous last dim), got {x.dtype} {tuple(x.shape)}"
+        )
+    return x.shape[2] // bb * 32

@@ -163,3 +163,15 @@ def test_shipped_head_loads_and_accepts(name, request):
     # a regression floor: the shipped heads measured 0.17 (gemma3) and 0.22 (smollm2) here, an
     # untrained head 0.0; full held-out figures in docs/BENCHMARKS.md (trained MTP heads)
     assert acc >= 0.12, acc
+
+
+def test_lr_schedule_follows_the_step_or_time_budget():
+    from llmkit.core.mtp_train.train import _lr
+
+    cfg = TrainConfig(base="b", out="o", steps=100, warmup=10, lr=1e-3)
+    assert _lr(cfg, 0) == pytest.approx(1e-4)  # warm-up
+    assert _lr(cfg, 10) == pytest.approx(1e-3)
+    assert _lr(cfg, 100) == pytest.approx(1e-4)  # decayed to 0.1 x lr at the last step
+    # --max-minutes: half the time used decays as far as half the steps would
+    assert _lr(cfg, 20, time_frac=0.5) == pytest.approx(_lr(cfg, 55))
+    assert _lr(cfg, 20, time_frac=1.0) == pytest.approx(1e-4)

@@ -65,3 +65,23 @@ def test_unsupported_type_names_it():
     w = quantize(torch.randn(8, 256), QT.Q3_K)
     with pytest.raises(LlmkitError, match="Q3_K"):
         make_linear(Backend(kernels="triton"), QTensor("w", QT.Q3_K, (8, 256), w))
+
+
+@pytest.mark.parametrize("kv", ["q8_0", "q4_0"])
+def test_quantized_kv_cache_read_in_kernel(tmp_path, kv):
+    """A q8_0 / q4_0 cache on the Triton path hands the kernel its raw blocks: the logits equal
+    the torch path's over the same cache (which dequantizes the blocks before attention)."""
+    from llmkit.core.kv_cache import KVCache
+
+    lm = load_model(
+        write_tiny_llama(tmp_path / "l.gguf", n_embd=128), device=DEVICE, kernels="triton"
+    )
+    prompt = torch.tensor([1, 17, 45, 99, 3, 250, 12, 7, 8])
+    out = []
+    for attn in ("triton", "torch"):
+        cache = KVCache(lm.model.kv_layout(), 64, 32, kv, kv, lm.backend.device, attn)
+        with torch.inference_mode():
+            a = lm.model.forward(prompt[:-1], cache, logits="all")
+            b = lm.model.forward(prompt[-1:], cache)
+        out.append(torch.cat((a, b)).float().cpu())
+    assert ((out[0] - out[1]).norm() / out[1].norm()) < 1e-4

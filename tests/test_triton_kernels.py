@@ -195,6 +195,41 @@ def test_attention_gqa_group_of_3_and_dv(device):
     assert _rel_err(y.cpu(), ref) < ATTN_TOL[torch.float16]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "k_type,v_type,qdtype,window",
+    [("q8_0", "q8_0", torch.float32, None), ("q4_0", "q4_0", torch.float16, 6),
+     ("q8_0", "f16", torch.float16, None), ("f32", "q4_0", torch.float32, 9)],
+)  # fmt: skip
+def test_attention_dequantizes_q8_0_q4_0_kv_in_kernel(k_type, v_type, qdtype, window, device):
+    """K/V as the cache stores them (uint8 ggml block rows): the kernel must equal attention over
+    the dequantized cache. Irregular: Hq=6 / Hkv=2 (group of 3), D=64 (two blocks), S=37."""
+    g = torch.Generator().manual_seed(_seed("qkv", k_type, v_type, window))
+    T, S, Hq, Hkv, D = 3, 37, 6, 2, 64
+    kpos = _kv_layout(S, S - 4, True, g)
+    qpos = torch.arange(S - 4 - T, S - 4)
+    q = torch.randn(T, Hq, D, generator=g).to(qdtype)
+    k, v = torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+
+    def stored(x, kind):  # (what the kernel reads, the values the reference sees)
+        if kind in ("f16", "f32"):
+            dt = torch.float16 if kind == "f16" else torch.float32
+            return x.to(dt), x.to(dt).float(), None
+        qt = QT.Q8_0 if kind == "q8_0" else QT.Q4_0
+        raw = quantize(x, qt)  # [Hkv, S, bytes]
+        return raw, dequantize(raw, qt), kind
+
+    kk, k_ref, kt = stored(k, k_type)
+    vv, v_ref, vt = stored(v, v_type)
+    ref = _ref(q, k_ref, v_ref, kpos, qpos, 0.13, window)
+    dev = [a.to(device) for a in (q, kk, vv, kpos, qpos)]
+    y = attention(*dev, 0.13, window, k_type=kt, v_type=vt)
+    assert y.shape == (T, Hq * D) and y.dtype == qdtype
+    assert _rel_err(y.cpu(), ref) < ATTN_TOL[qdtype]
+    with pytest.raises(LlmkitError, match="block"):  # a float tensor declared as blocks
+        attention(*dev[:1], k.to(device), *dev[2:], k_type="q8_0")
+
+
 def test_attention_rejects_bad_input():
     q, k = torch.randn(1, 4, 32), torch.randn(3, 8, 32)
     with pytest.raises(LlmkitError, match="multiple"):

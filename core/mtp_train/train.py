@@ -95,10 +95,12 @@ class _Log:
             print(f"mtp-train: {msg}", file=sys.stderr, flush=True)
 
 
-def _lr(cfg: TrainConfig, step: int) -> float:
+def _lr(cfg: TrainConfig, step: int, time_frac: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 0.1 x lr over the budget: the steps, or the
+    --max-minutes time budget when that runs out first (time_frac = share of it used)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    t = max((step - cfg.warmup) / max(1, cfg.steps - cfg.warmup), time_frac)
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
@@ -245,8 +247,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             break
         idx = torch.randint(len(train_set), (cfg.batch,), generator=gen).tolist()
         b = D.to_batch([train_set[i] for i in idx]).to(cfg.device)
+        time_frac = (time.perf_counter() - t0) / (deadline - t0) if deadline else 0.0
         for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
+            g["lr"] = _lr(cfg, step, time_frac)
         with torch.no_grad():
             emb = lm.model.embed(b.tokens.reshape(-1).cpu()).to(cfg.device)
             emb = emb.view(*b.tokens.shape, -1)
