@@ -6,7 +6,9 @@ kpos[s] >= 0 and kpos[s] <= qpos[t] and qpos[t] - kpos[s] < window (causal + sli
 GQA: query head h reads kv head h // (Hq / Hkv). K and V may also be the cache's ggml blocks,
 dequantized in the kernel: q8_0 (k: uint8 [Hkv, S, D/32 * 34], blocks of fp16 d + 32 int8) or q4_0
 (uint8 [Hkv, S, D/32 * 18], fp16 d + 16 bytes of nibbles, value (nibble - 8) * d), so a
-quantized cache is read at 8.5 / 4.5 bits per element. Returns [T, Hq * Dv] in q's dtype, like
+quantized cache is read at 8.5 / 4.5 bits per element. Paged (block-table) addressing: with
+`block_table` [ceil(S / page)], logical slot s is row block_table[s // page] * page + s % page of
+k/v [Hkv, pool rows, ...] (vLLM-style paged KV; the server's pool layout). Returns [T, Hq * Dv] in q's dtype, like
 ``llmkit.core.layers.attention`` (a query that sees no key gets zeros there, NaN in SDPA).
 
 One program owns BLOCK_T queries x all GROUP = Hq / Hkv heads of one kv head (so K/V tiles are
@@ -65,6 +67,7 @@ def _kv_tile(base, row, d, mask, stride_d, KIND: tl.constexpr):
 #   BLOCK_S: slots per tile; BLOCK_D / BLOCK_DV: pow2 >= D / DV;
 #   F32_MATH: cast q/k/v to fp32 at load (fp32 and bf16 inputs; ieee dots), else fp16 dots
 #   K_KIND / V_KIND: 0 float, 1 q8_0, 2 q4_0 (then k/v are uint8 rows, sks/svs in bytes)
+#   PAGED: slot s lives in pool row bt[s // PAGE] * PAGE + s % PAGE (bt_ptr: int32/64 block table)
 # grid: (cdiv(T, BLOCK_T), Hkv)
 @triton.jit
 def _attn_kernel(
@@ -74,6 +77,7 @@ def _attn_kernel(
     o_ptr,
     kpos_ptr,
     qpos_ptr,
+    bt_ptr,
     T,
     S,
     D,
@@ -101,6 +105,8 @@ def _attn_kernel(
     F32_MATH: tl.constexpr,
     K_KIND: tl.constexpr = 0,
     V_KIND: tl.constexpr = 0,
+    PAGED: tl.constexpr = False,
+    PAGE: tl.constexpr = 1,
 ):
     pid_t = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -132,12 +138,17 @@ def _attn_kernel(
         vis = (kpos[None, :] >= 0) & (diff >= 0) & (diff < window) & rmask[:, None]
         if tl.max(vis.to(tl.int32)) > 0:  # skip tiles no query of this program can see
             smask = offs_s < S
+            if PAGED:  # logical slot -> its block's physical row in the pool
+                blk = tl.load(bt_ptr + offs_s // PAGE, mask=smask, other=0).to(tl.int64)
+                rows = blk * PAGE + offs_s % PAGE
+            else:
+                rows = offs_s.to(tl.int64)
             kmask = smask[None, :] & (offs_d[:, None] < D)
             if K_KIND != 0:  # [BLOCK_D, BLOCK_S] dequantized from the ggml blocks
-                kt = _kv_tile(k_base, offs_s[None, :] * sks, offs_d[:, None], kmask, skd, K_KIND)
+                kt = _kv_tile(k_base, rows[None, :] * sks, offs_d[:, None], kmask, skd, K_KIND)
                 sc = tl.dot(q.to(tl.float32), kt, input_precision="ieee")
             else:
-                kp = k_base + offs_s[None, :] * sks + offs_d[:, None] * skd  # [BLOCK_D, BLOCK_S]
+                kp = k_base + rows[None, :] * sks + offs_d[:, None] * skd  # [BLOCK_D, BLOCK_S]
                 kt = tl.load(kp, mask=kmask, other=0.0)
                 if F32_MATH:
                     kt = kt.to(tl.float32)
@@ -152,14 +163,14 @@ def _attn_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vmask = smask[:, None] & (offs_dv[None, :] < DV)
             if V_KIND != 0:  # [BLOCK_S, BLOCK_DV]
-                vt = _kv_tile(v_base, offs_s[:, None] * svs, offs_dv[None, :], vmask, svd, V_KIND)
+                vt = _kv_tile(v_base, rows[:, None] * svs, offs_dv[None, :], vmask, svd, V_KIND)
                 acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
             elif F32_MATH:
-                vp = v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd  # [BLOCK_S, BLOCK_DV]
+                vp = v_base + rows[:, None] * svs + offs_dv[None, :] * svd  # [BLOCK_S, BLOCK_DV]
                 vt = tl.load(vp, mask=vmask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision="ieee")
             else:
-                vp = v_base + offs_s[:, None] * svs + offs_dv[None, :] * svd
+                vp = v_base + rows[:, None] * svs + offs_dv[None, :] * svd
                 vt = tl.load(vp, mask=vmask, other=0.0)
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
@@ -188,10 +199,15 @@ def attention(
     block_t: int | None = None,
     k_type: str | None = None,
     v_type: str | None = None,
+    block_table: torch.Tensor | None = None,
+    page: int = 0,
+    n_slots: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k [Hkv, S, D], v [Hkv, S, Dv], kpos int [S] (-1 = empty), qpos int [T]
     -> [T, Hq * Dv] in q's dtype. window: sliding window length (None/0 = none).
-    k_type / v_type "q8_0" | "q4_0": k / v are the cache's uint8 block rows [Hkv, S, bytes]."""
+    k_type / v_type "q8_0" | "q4_0": k / v are the cache's uint8 block rows [Hkv, S, bytes].
+    block_table (int [n_pages]) + page: k / v are a pool [Hkv, rows, ...] and the n_slots logical
+    slots (kpos [n_slots]) live in the pages the table lists."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise LlmkitError(
             f"attention wants q [T, Hq, D], k/v [Hkv, S, D]; got {tuple(q.shape)}, "
@@ -202,9 +218,12 @@ def attention(
             raise LlmkitError(f"triton attention: unsupported {name} {kind!r} (q8_0, q4_0)")
     T, Hq, D = q.shape
     Hkv, S = k.shape[:2]
+    paged = block_table is not None
+    if paged:
+        S = _check_pages(block_table, page, n_slots, k.shape[1], v.shape[1], q.device)
     Dk = _elements(k, k_type, "k")
     Dv = _elements(v, v_type, "v")
-    if Dk != D or v.shape[:2] != (Hkv, S):
+    if Dk != D or v.shape[0] != Hkv or (not paged and v.shape[1] != S):
         raise LlmkitError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
     if Hkv == 0 or Hq % Hkv:
         raise LlmkitError(f"{Hq} query heads is not a multiple of {Hkv} kv heads")
@@ -247,6 +266,7 @@ def attention(
         out,
         kpos,
         qpos,
+        block_table if paged else kpos,  # unused when not paged
         T,
         S,
         D,
@@ -266,6 +286,8 @@ def attention(
         F32_MATH=f32_math,
         K_KIND=KV_KINDS[k_type],
         V_KIND=KV_KINDS[v_type],
+        PAGED=paged,
+        PAGE=page if paged else 1,
     )
     return out.reshape(T, Hq * Dv)
 
@@ -281,3 +303,18 @@ def _elements(x: torch.Tensor, kind: str | None, name: str) -> int:
             f"(contiguous last dim), got {x.dtype} {tuple(x.shape)}"
         )
     return x.shape[2] // bb * 32
+
+
+def _check_pages(bt: torch.Tensor, page: int, n_slots, k_rows: int, v_rows: int, device) -> int:
+    """Validate a block table; returns the number of logical slots."""
+    if n_slots is None or page < 1 or page & (page - 1):
+        raise LlmkitError("paged attention needs n_slots and a power-of-two page size")
+    if bt.dim() != 1 or bt.is_floating_point() or bt.device != device:
+        raise LlmkitError("block_table must be a 1-D integer tensor on the attention device")
+    if bt.numel() * page < n_slots:
+        raise LlmkitError(f"block table of {bt.numel()} pages cannot hold {n_slots} slots")
+    # bounds are checked on CPU only: on a GPU the check would sync every call (the caller owns it)
+    if bt.device.type == "cpu" and bt.numel():
+        if int(bt.min()) < 0 or (int(bt.max()) + 1) * page > min(k_rows, v_rows):
+            raise LlmkitError("block table points outside the K/V pool")
+    return n_slots

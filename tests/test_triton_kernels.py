@@ -230,6 +230,43 @@ def test_attention_dequantizes_q8_0_q4_0_kv_in_kernel(k_type, v_type, qdtype, wi
         attention(*dev[:1], k.to(device), *dev[2:], k_type="q8_0")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_type,window", [(None, None), ("q8_0", 7), ("q4_0", None)])
+def test_attention_paged_block_table_equals_contiguous(kv_type, window, device):
+    """The same slots scattered over shuffled pages of a larger pool (block table, page 8, last
+    page partly used) give exactly the contiguous result."""
+    g = torch.Generator().manual_seed(_seed("paged", kv_type, window))
+    T, S, Hq, Hkv, D, page = 2, 29, 4, 2, 32, 8
+    kpos = _kv_layout(S, S - 2, True, g)
+    qpos = torch.arange(S - 2 - T, S - 2)
+    q = torch.randn(T, Hq, D, generator=g)
+    k, v = torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+    if kv_type:
+        qt = QT.Q8_0 if kv_type == "q8_0" else QT.Q4_0
+        k, v = quantize(k, qt), quantize(v, qt)
+    n_pages = -(-S // page)
+    bt = torch.randperm(n_pages + 3, generator=g)[:n_pages]  # 3 spare pages in the pool
+    pool_k = torch.zeros(Hkv, (n_pages + 3) * page, k.shape[2], dtype=k.dtype)
+    pool_v = torch.zeros_like(pool_k)
+    rows = bt[torch.arange(S) // page] * page + torch.arange(S) % page
+    pool_k[:, rows], pool_v[:, rows] = k, v
+    dev = [a.to(device) for a in (q, k, v, kpos, qpos)]
+    want = attention(*dev, 0.2, window, k_type=kv_type, v_type=kv_type)
+    got = attention(
+        q.to(device), pool_k.to(device), pool_v.to(device), kpos.to(device), qpos.to(device),
+        0.2, window, k_type=kv_type, v_type=kv_type, block_table=bt.int().to(device), page=page,
+        n_slots=S,
+    )  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if device != "cpu":  # bounds are only checked on CPU (a GPU check would sync every call)
+        return
+    with pytest.raises(LlmkitError, match="pool"):
+        attention(
+            *dev[:1], pool_k.to(device), pool_v.to(device), *dev[3:], k_type=kv_type,
+            v_type=kv_type, block_table=(bt + 9).to(device), page=page, n_slots=S,
+        )  # fmt: skip
+
+
 def test_attention_rejects_bad_input():
     q, k = torch.randn(1, 4, 32), torch.randn(3, 8, 32)
     with pytest.raises(LlmkitError, match="multiple"):
