@@ -67,6 +67,7 @@ def _kv_tile(base, row, d, mask, stride_d, KIND: tl.constexpr):
 #   BLOCK_S: slots per tile; BLOCK_D / BLOCK_DV: pow2 >= D / DV;
 #   F32_MATH: cast q/k/v to fp32 at load (fp32 and bf16 inputs; ieee dots), else fp16 dots
 #   K_KIND / V_KIND: 0 float, 1 q8_0, 2 q4_0 (then k/v are uint8 rows, sks/svs in bytes)
+#   SPLIT: grid axis 2 splits the slots (s_per each); o_ptr / ml_ptr are fp32 partial buffers
 #   PAGED: slot s lives in pool row bt[s // PAGE] * PAGE + s % PAGE (bt_ptr: int32/64 block table)
 # grid: (cdiv(T, BLOCK_T), Hkv)
 @triton.jit
@@ -78,6 +79,8 @@ def _attn_kernel(
     kpos_ptr,
     qpos_ptr,
     bt_ptr,
+    ml_ptr,
+    s_per,
     T,
     S,
     D,
@@ -107,9 +110,11 @@ def _attn_kernel(
     V_KIND: tl.constexpr = 0,
     PAGED: tl.constexpr = False,
     PAGE: tl.constexpr = 1,
+    SPLIT: tl.constexpr = False,
 ):
     pid_t = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)  # split-KV: this program covers slots [split * s_per, + s_per)
     R: tl.constexpr = BLOCK_T * GP
     r = tl.arange(0, R)
     t = pid_t * BLOCK_T + r // GP  # query index of row r
@@ -131,7 +136,8 @@ def _attn_kernel(
     k_base = k_ptr + kvh.to(tl.int64) * skh
     v_base = v_ptr + kvh.to(tl.int64) * svh
 
-    for s0 in range(0, S, BLOCK_S):
+    s_end = tl.minimum(S, (split + 1) * s_per)  # s_per is a multiple of BLOCK_S
+    for s0 in range(split * s_per, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         kpos = tl.load(kpos_ptr + offs_s, mask=offs_s < S, other=-1)  # [BLOCK_S]
         diff = qpos[:, None] - kpos[None, :]
@@ -175,9 +181,16 @@ def _attn_kernel(
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     op = o_ptr + t[:, None].to(tl.int64) * sot + h[:, None] * soh + offs_dv[None, :] * sod
-    tl.store(op, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (offs_dv[None, :] < DV))
+    omask = rmask[:, None] & (offs_dv[None, :] < DV)
+    if SPLIT:  # partial results: unnormalised acc [split, T, Hq, DV], (m, l) [split, T, Hq, 2]
+        tl.store(op + split.to(tl.int64) * T * sot, acc, mask=omask)
+        mlp = ml_ptr + ((split.to(tl.int64) * T + t) * (GROUP * tl.num_programs(1)) + h) * 2
+        tl.store(mlp, m_i, mask=rmask)
+        tl.store(mlp + 1, l_i, mask=rmask)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(op, out.to(o_ptr.dtype.element_ty), mask=omask)
 
 
 def _interpreting() -> bool:
@@ -202,12 +215,15 @@ def attention(
     block_table: torch.Tensor | None = None,
     page: int = 0,
     n_slots: int | None = None,
+    n_split: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], k [Hkv, S, D], v [Hkv, S, Dv], kpos int [S] (-1 = empty), qpos int [T]
     -> [T, Hq * Dv] in q's dtype. window: sliding window length (None/0 = none).
     k_type / v_type "q8_0" | "q4_0": k / v are the cache's uint8 block rows [Hkv, S, bytes].
     block_table (int [n_pages]) + page: k / v are a pool [Hkv, rows, ...] and the n_slots logical
-    slots (kpos [n_slots]) live in the pages the table lists."""
+    slots (kpos [n_slots]) live in the pages the table lists. n_split: split-KV (slots divided
+    among n_split programs per head group, merged by their softmax statistics); default: split
+    on a GPU when a decode-sized batch over a long cache would leave most SMs idle."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise LlmkitError(
             f"attention wants q [T, Hq, D], k/v [Hkv, S, D]; got {tuple(q.shape)}, "
@@ -258,15 +274,27 @@ def attention(
         block_s = 64 if interp else (64 if D <= 128 else 32)
     # Both operands of each dot in one dtype: fp16 x fp16 on tensor cores, else fp32.
     f32_math = not (q.dtype == k.dtype == v.dtype == torch.float16)
-    grid = (triton.cdiv(T, block_t), Hkv)
+    programs = triton.cdiv(T, block_t) * Hkv
+    if n_split is None:
+        n_split = 1 if interp else _auto_split(programs, S, q.device)
+    n_split = max(1, min(int(n_split), triton.cdiv(S, block_s)))
+    s_per = triton.cdiv(triton.cdiv(S, n_split), block_s) * block_s
+    n_split = triton.cdiv(S, s_per) if S else 1
+    split = n_split > 1
+    if split:  # fp32 partials, merged below
+        part = torch.empty((n_split, T, Hq, Dv), dtype=torch.float32, device=q.device)
+        ml = torch.empty((n_split, T, Hq, 2), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(T, block_t), Hkv, n_split)
     _attn_kernel[grid](
         q,
         k,
         v,
-        out,
+        part[0] if split else out,
         kpos,
         qpos,
         block_table if paged else kpos,  # unused when not paged
+        ml if split else kpos,  # unused when not split
+        s_per if split else max(S, 1),
         T,
         S,
         D,
@@ -276,7 +304,7 @@ def attention(
         *q.stride(),
         *k.stride(),
         *v.stride(),
-        *out.stride(),
+        *(part[0] if split else out).stride(),
         GROUP=group,
         GP=gp,
         BLOCK_T=block_t,
@@ -288,8 +316,24 @@ def attention(
         V_KIND=KV_KINDS[v_type],
         PAGED=paged,
         PAGE=page if paged else 1,
+        SPLIT=split,
     )
+    if split:  # softmax merge: weights 2^(m_i - max m), empty splits (m = -inf) weigh 0
+        m, l = ml[..., 0], ml[..., 1]  # [n_split, T, Hq]
+        m_max = m.amax(0)
+        w = torch.exp2(m - torch.where(torch.isinf(m_max), 0.0, m_max))
+        den = (w * l).sum(0)
+        num = (w[..., None] * part).sum(0)
+        out.copy_(num / torch.where(den > 0, den, 1.0)[..., None])
     return out.reshape(T, Hq * Dv)
+
+
+def _auto_split(programs: int, S: int, device: torch.device) -> int:
+    """Enough splits to give every SM ~2 programs, each over >= 512 slots (decode, long cache)."""
+    if device.type != "cuda" or S < 2048:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(S // 512, (2 * sms) // max(programs, 1)))
 
 
 def _elements(x: torch.Tensor, kind: str | None, name: str) -> int:

@@ -267,6 +267,33 @@ def test_attention_paged_block_table_equals_contiguous(kv_type, window, device):
         )  # fmt: skip
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "T,S,window,n_split,kv_type",
+    [(1, 150, None, 3, None), (2, 150, 40, 4, None), (1, 133, None, 5, "q8_0"),
+     (3, 64, 5, 2, None), (1, 20, None, 7, None)],
+)  # fmt: skip
+def test_attention_split_kv_equals_one_pass(T, S, window, n_split, kv_type, device):
+    """Split-KV (slots divided among programs, merged by softmax statistics) equals the one-pass
+    kernel and the reference; splits that see no key (sliding window) weigh nothing."""
+    g = torch.Generator().manual_seed(_seed("split", T, S, window, n_split, kv_type))
+    Hq, Hkv, D = 6, 2, 32
+    kpos = _kv_layout(S, S - 5, True, g)
+    qpos = torch.arange(S - 5 - T, S - 5)
+    q = torch.randn(T, Hq, D, generator=g)
+    k, v = torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+    ref_k, ref_v = k, v
+    if kv_type:
+        k, v = quantize(k, QT.Q8_0), quantize(v, QT.Q8_0)
+        ref_k, ref_v = dequantize(k, QT.Q8_0), dequantize(v, QT.Q8_0)
+    ref = _ref(q, ref_k, ref_v, kpos, qpos, 0.3, window)
+    dev = [a.to(device) for a in (q, k, v, kpos, qpos)]
+    one = attention(*dev, 0.3, window, k_type=kv_type, v_type=kv_type, n_split=1, block_s=16)
+    many = attention(*dev, 0.3, window, k_type=kv_type, v_type=kv_type, n_split=n_split, block_s=16)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-5)
+    assert _rel_err(many.cpu(), ref) < ATTN_TOL[torch.float32]
+
+
 def test_attention_rejects_bad_input():
     q, k = torch.randn(1, 4, 32), torch.randn(3, 8, 32)
     with pytest.raises(LlmkitError, match="multiple"):
