@@ -9,6 +9,21 @@ from pathlib import Path
 import typer
 
 
+def _floats(flag: str, value: str) -> list[float]:
+    """A comma list of numbers, duplicates dropped (order kept)."""
+    from llmkit.core.errors import LlmkitError
+
+    out = []
+    for part in value.split(","):
+        try:
+            v = float(part.strip())
+        except ValueError:
+            raise LlmkitError(f"{flag}: {part.strip()!r} is not a number") from None
+        if v not in out:
+            out.append(v)
+    return out
+
+
 def _ints(flag: str, value: str) -> list[int]:
     """A comma list of integers, duplicates dropped (order kept)."""
     from llmkit.core.errors import LlmkitError
@@ -125,6 +140,11 @@ def bench(
     draft: str = typer.Option(
         None, "--draft", help="Draft tokens per MTP round (comma list; default 3; needs --mtp 1)."
     ),
+    draft_p_min: str = typer.Option(
+        "0",
+        "--draft-p-min",
+        help="Stop drafting below this draft probability (comma list; needs --mtp 1).",
+    ),
     output: str = typer.Option("md", "-o", "--output", help="md, json, jsonl or csv (stdout)."),
     no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip each test's warm-up run."),
     prompt_file: Path = typer.Option(
@@ -146,6 +166,8 @@ def bench(
     mtp_values = _ints("--mtp", mtp)
     if draft is not None and 1 not in mtp_values:
         raise LlmkitError("--draft sets the MTP draft length: it needs --mtp 1")
+    if draft_p_min != "0" and 1 not in mtp_values:
+        raise LlmkitError("--draft-p-min gates MTP drafting: it needs --mtp 1")
     default_threads = os.cpu_count() or 1
     p = BenchParams(
         models=model or [DEFAULT_MODEL],
@@ -159,6 +181,7 @@ def bench(
         type_v=_words(cache_type_v),
         mtp=mtp_values,
         draft=_ints("--draft", draft or "3"),
+        p_min=_floats("--draft-p-min", draft_p_min),
         device=device,
         warmup=not no_warmup,
         prompt_file=str(prompt_file) if prompt_file else None,

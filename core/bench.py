@@ -66,6 +66,7 @@ class BenchParams:
     type_v: list[str] = field(default_factory=lambda: ["f16"])
     mtp: list[int] = field(default_factory=lambda: [0])
     draft: list[int] = field(default_factory=lambda: [3])
+    p_min: list[float] = field(default_factory=lambda: [0.0])  # --draft-p-min values
     device: str = "cpu"
     warmup: bool = True
     prompts: list[str] | None = None  # real-text prompts (None: the built-in set)
@@ -111,6 +112,8 @@ class BenchParams:
                     raise LlmkitError(
                         f"{flag}: unknown cache type {k!r} (use {', '.join(KV_TYPE_NAMES)})"
                     )
+        if not self.p_min or any(not 0.0 <= v <= 1.0 for v in self.p_min):
+            raise LlmkitError(f"--draft-p-min values must be in [0, 1], got {self.p_min}")
         if any(m not in (0, 1) for m in self.mtp):
             raise LlmkitError(f"--mtp values must be 0 or 1, got {self.mtp}")
         if self.device not in ("cpu", "cuda"):
@@ -131,6 +134,7 @@ class Instance:
     n: int
     mtp: int = 0
     draft: int | None = None  # draft tokens per round (MTP rows only)
+    p_min: float = 0.0  # stop drafting below this draft probability (MTP rows only)
 
     @property
     def test(self) -> str:
@@ -156,7 +160,11 @@ def rows(p: BenchParams) -> list[Instance]:
                 if 0 in p.mtp:
                     out.append(Instance(**base, kind="tg", n=n))
                 if 1 in p.mtp:
-                    out += [Instance(**base, kind="tg", n=n, mtp=1, draft=k) for k in p.draft]
+                    out += [
+                        Instance(**base, kind="tg", n=n, mtp=1, draft=k, p_min=pm)
+                        for k in p.draft
+                        for pm in p.p_min
+                    ]
     return out
 
 
@@ -285,7 +293,7 @@ class Session:
             spec = SpecStats(draft_max=inst.draft)
             gen = speculative_generate(
                 self.model, cache, mtp, ids, greedy, spec, n + 1,
-                ignore_eos=True, n_ubatch=inst.n_ubatch,
+                ignore_eos=True, n_ubatch=inst.n_ubatch, p_min=inst.p_min,
             )  # fmt: skip
         else:
             gen = generate(
@@ -340,7 +348,11 @@ class Progress:
 def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress):
     """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats)."""
     torch.set_num_threads(inst.threads)
-    name = f"{session.lm.describe()} {inst.test}" + (f" mtp draft {inst.draft}" if inst.mtp else "")
+    name = f"{session.lm.describe()} {inst.test}" + (
+        f" mtp draft {inst.draft}" + (f" p_min {inst.p_min:g}" if inst.p_min else "")
+        if inst.mtp
+        else ""
+    )
     text = p.text_gen and inst.kind == "tg"
     if p.warmup:
         progress.run(f"{name} warm-up")

@@ -129,6 +129,20 @@ def test_mtp_sweep_rows_acceptance_and_speedup(tiny, capsys, monkeypatch):
     assert "built-in prompt set" in out and "speedup" in out
 
 
+def test_draft_p_min_sweep_gates_drafting(tiny, capsys, monkeypatch):
+    args = ["-m", tiny["step35"], *FAST, "--mtp", "1", "--draft", "2", "--draft-p-min", "0,1"]
+    recs, _ = bench_json(capsys, monkeypatch, *args)
+    assert [(r["test"], r["draft_p_min"]) for r in recs] == [("pp16", None), ("tg8", 0.0),
+                                                             ("tg8", 1.0)]  # fmt: skip
+    free, gated = recs[1:]
+    assert free["draft_tokens"] > 0
+    assert not gated["draft_tokens"]  # no draft is ever certain enough for p_min = 1
+    rc, out, err = llm(capsys, monkeypatch, "bench", *args, "--no-warmup", "-r", 1)
+    assert rc == 0, err
+    head = [c.strip() for c in out.splitlines()[0].strip("|").split("|")]
+    assert head[5:8] == ["mtp", "draft", "p_min"]
+
+
 def test_kv_type_and_depth_sweep(tiny, capsys, monkeypatch):
     args = ["-m", tiny["gemma3"], "-p", 8, "-n", 4, "-r", 1, "-d", "0,8", "--no-warmup"]
     recs, _ = bench_json(capsys, monkeypatch, *args, "-ctk", "f16,q8_0", "-ctv", "q4_0")
@@ -218,6 +232,8 @@ def test_formatting_helpers():
         (["--mtp", 2], "--mtp values must be 0 or 1"),
         (["--mtp", 1], "llama.gguf has no NextN (MTP) blocks"),
         (["--draft", 2], "--draft sets the MTP draft length: it needs --mtp 1"),
+        (["--draft-p-min", 0.5], "--draft-p-min gates MTP drafting: it needs --mtp 1"),
+        (["--draft-p-min", "x", "--mtp", 1], "--draft-p-min: 'x' is not a number"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--prompt-file", "/nonexistent/p.txt"], "cannot read --prompt-file"),
         (["-m", "/nonexistent/model.gguf"], "model file not found: /nonexistent/model.gguf"),
