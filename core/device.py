@@ -41,6 +41,9 @@ class OnDevice:
     def forward(self, tokens: torch.Tensor, cache, *args, **kwargs):
         return _cpu(self._model.forward(tokens.to(self._device), cache, *args, **kwargs))
 
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model.lm_logits(x.to(self._device)).cpu()
+
     def mtp_forward(self, j: int, tokens: torch.Tensor, h: torch.Tensor, cache, *args, **kwargs):
         d = self._device
         return _cpu(self._model.mtp_forward(j, tokens.to(d), h.to(d), cache, *args, **kwargs))

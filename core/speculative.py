@@ -18,6 +18,7 @@ Acceptance rule:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,21 +111,28 @@ class _Sampler:
         return tok, q, float(q[tok])
 
 
-def _accept(s: _Sampler, logits: torch.Tensor, drafts: list[int], qs: list, history: list[int]):
-    """Apply the acceptance rule to verify logits [k+1, V]: (number accepted, next token)."""
+def _head_row(model, h: torch.Tensor, j: int) -> torch.Tensor:
+    """Logits [V] of verify row j from its pre-norm hidden (h [k+1, H])."""
+    return model.lm_logits(h[j : j + 1])[0]
+
+
+def _accept(s: _Sampler, logits, drafts: list[int], qs: list, history: list[int]):
+    """Apply the acceptance rule to verify logits [k+1, V] (a tensor, or a function giving row j,
+    called only for the rows the rule reads): (number accepted, next token)."""
+    row = logits.__getitem__ if isinstance(logits, torch.Tensor) else logits
     for j, d in enumerate(drafts):
         hist = history + drafts[:j]
         if s.greedy:
-            t = s.target_token(logits[j], hist)
+            t = s.target_token(row(j), hist)
             if t != d:
                 return j, t
             continue
-        p, q = s.dist(logits[j], hist), qs[j]
+        p, q = s.dist(row(j), hist), qs[j]
         if s.uniform() < min(1.0, float(p[d] / q[d])):
             continue
         resid = (p - q).clamp_min(0)
         return j, s.draw(resid / resid.sum() if resid.sum() > 0 else p)
-    return len(drafts), s.target_token(logits[len(drafts)], history + drafts)
+    return len(drafts), s.target_token(row(len(drafts)), history + drafts)
 
 
 def _prefill(
@@ -199,10 +207,11 @@ def speculative_generate(
             drafts, qs = mtp.draft(last, k, s.pick_draft, p_min) if k > 0 else ([], [])
             t1 = time.perf_counter()
             batch = torch.tensor([last, *drafts])
-            v_logits, v_h = model.forward(
-                batch, cache, logits="all", hidden=True
-            )  # [k+1, V], [k+1, H]
-            n_acc, nxt = _accept(s, v_logits, drafts, qs, history)
+            # the trunk over all k+1 rows; the LM head row by row, only as far as the acceptance
+            # rule reads (rows after a rejection never pay it: the head is up to half a step)
+            _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [k+1, H]
+            row = functools.partial(_head_row, model, v_h)
+            n_acc, nxt = _accept(s, row, drafts, qs, history)
             cache.truncate(p0 + n_acc + 1)  # keep last + accepted drafts; rejected rows vanish
             mtp.mirror(batch[: n_acc + 1], v_h[: n_acc + 1])
             t2 = time.perf_counter()

@@ -151,7 +151,8 @@ class Model(DenseNextN):
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
     ):
-        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H]."""
+        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H].
+        logits=None: no LM head (the caller applies `lm_logits` to the rows it needs)."""
         c = self.config
         T = tokens.numel()
         pos = cache.positions(T)
@@ -175,7 +176,11 @@ class Model(DenseNextN):
             x, f = add_rms_norm(x, rms_norm(o, L.post_attn_norm, c.eps), L.ffn_norm, c.eps)
             y = L.w_down(glu(L.w_gate_up(f), "gelu_tanh"))
             x = x + rms_norm(y, L.post_ffw_norm, c.eps)
-        out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
-        if c.softcap > 0:
-            out = torch.tanh(out / c.softcap) * c.softcap
+        out = None if logits is None else self.lm_logits(select_rows(x, logits))
         return (out, x) if hidden else out
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
+        c = self.config
+        out = self.output(rms_norm(x, self.output_norm, c.eps))
+        return torch.tanh(out / c.softcap) * c.softcap if c.softcap > 0 else out

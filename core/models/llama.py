@@ -131,7 +131,8 @@ class Model(DenseNextN):
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
     ):
-        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H]."""
+        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H].
+        logits=None: no LM head (the caller applies `lm_logits` to the rows it needs)."""
         c = self.config
         T = tokens.numel()
         pos = cache.positions(T)
@@ -148,5 +149,10 @@ class Model(DenseNextN):
             K, V, mask = cache.update(i, k, qkv[:, nq + nkv :].view(T, c.n_head_kv, c.head_dim))
             x, f = add_rms_norm(x, L.wo(cache.attention(q, K, V, mask, c.scale)), L.ffn_norm, c.eps)
             x = x + L.w_down(glu(L.w_gate_up(f), "silu"))
-        out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
+        out = None if logits is None else self.lm_logits(select_rows(x, logits))
         return (out, x) if hidden else out
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
+        c = self.config
+        return self.output(rms_norm(x, self.output_norm, c.eps))

@@ -348,8 +348,8 @@ class Model:
         self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
     ):
         """tokens [T] -> logits [n, V] fp32 (n = 1 or T); with hidden=True also the pre-norm
-        trunk hidden h [T, H] for every row (what the NextN blocks take)."""
-        c = self.config
+        trunk hidden h [T, H] for every row (what the NextN blocks take). logits=None: no LM head
+        (the caller applies `lm_logits` to the rows it needs)."""
         T = tokens.numel()
         pos = cache.positions(T)
         cache.begin(pos)
@@ -357,8 +357,13 @@ class Model:
         x = self.embed(tokens)  # [T, H]
         for blk in self.blocks:
             x = blk(x, cache, self._rope(pos, blk.swa, memo))
-        out = self.output(rms_norm(select_rows(x, logits), self.output_norm, c.eps))
+        out = None if logits is None else self.lm_logits(select_rows(x, logits))
         return (out, x) if hidden else out
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
+        c = self.config
+        return self.output(rms_norm(x, self.output_norm, c.eps))
 
     def mtp_forward(
         self,
