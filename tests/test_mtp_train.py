@@ -130,6 +130,9 @@ def test_sidecar_identity_and_bad_input(trained, tmp_path, capsys, monkeypatch):
 
 # -- shipped heads on the real models --------------------------------------------------------
 SHIPPED = {"smollm2-135m": "smollm_gguf", "gemma3-270m": "gemma_gguf"}
+# regression floors: the shipped heads measure 0.34 (smollm2) and 0.30 (gemma3) in this test; the
+# previous, shorter-trained heads measured 0.22 and 0.17, below these floors
+FLOORS = {"smollm2-135m": 0.25, "gemma3-270m": 0.2}
 
 
 @pytest.mark.slow
@@ -160,9 +163,9 @@ def test_shipped_head_loads_and_accepts(name, request):
         ):
             pass
     acc = spec.accepted_tokens / spec.draft_tokens
-    # a regression floor: the shipped heads measured 0.17 (gemma3) and 0.22 (smollm2) here, an
-    # untrained head 0.0; full held-out figures in docs/BENCHMARKS.md (trained MTP heads)
-    assert acc >= 0.12, acc
+    # an untrained head gets 0.0; full held-out figures in docs/BENCHMARKS.md (trained MTP heads)
+    assert acc >= FLOORS[name], acc
+    assert lm.model.draft_vocab is not None  # the head's shortlist is in use
 
 
 def test_lr_schedule_follows_the_step_or_time_budget():
