@@ -21,6 +21,7 @@ from llmkit.core.models.base import Embedding, lm_head, select_rows
 from llmkit.core.models.nextn_dense import (
     DenseNextN,
     build_heads,
+    head_logits,
     ignore_prefixes,  # noqa: F401  (the loader's MTP contract)
     nextn_specs,
     split_layers,
@@ -181,6 +182,4 @@ class Model(DenseNextN):
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
-        c = self.config
-        out = self.output(rms_norm(x, self.output_norm, c.eps))
-        return torch.tanh(out / c.softcap) * c.softcap if c.softcap > 0 else out
+        return head_logits(self.config, self.output, self.output_norm, x)  # gemma: + soft-cap
