@@ -31,7 +31,6 @@ KV_TYPES = {
     "q8_0": QT.Q8_0,
     "q4_0": QT.Q4_0,
 }
-_BLOCK_KINDS = ("q8_0", "q4_0")
 
 
 def _alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
@@ -145,7 +144,10 @@ class KVCache:
 
             g = self._group  # update() for this layer ran just before
             kpos = g.slot_pos[: g.n_read]
-            kt, vt = (t if t in _BLOCK_KINDS else None for t in (self.type_k, self.type_v))
+            # ggml block types are named to the kernel (it dequantizes them); float types are not
+            kt, vt = (
+                t if isinstance(KV_TYPES[t], QT) else None for t in (self.type_k, self.type_v)
+            )
             return triton_attention(q, K, V, kpos, self._pos, scale, g.window, k_type=kt, v_type=vt)
         return attention(q, K, V, mask, scale)
 
