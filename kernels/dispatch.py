@@ -96,19 +96,23 @@ class DenseLinear:
         return _dense_matmul(x, self.weight)  # [M, in] fp32 -> [M, out] fp32
 
 
-_FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+_STORED_DTYPE = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+_FLOAT_TYPES = frozenset(_STORED_DTYPE)
 
 
 class TritonLinear:
     """GEMV straight from the GGUF bytes (one call per fused part: types may differ); GEMM on a
-    per-call dequantized copy. Float-typed weights (F32/F16/BF16 norms-sized tensors, tiny models)
-    are plain dense matmuls. Everything lives on the backend device."""
+    per-call dequantized copy. Float-typed weights (F32/F16/BF16) stay in their stored dtype and
+    are plain torch matmuls in that dtype (cuBLAS on a GPU: the "bf16 weights and torch matmuls"
+    baseline of the benchmarks). Everything lives on the backend device."""
 
     def __init__(self, weights: list[QTensor], device: torch.device):
-        self.parts = []  # (uint8 bytes [N, row_bytes] or dense fp32 [N, K], qtype, shape)
+        self.parts = []  # (uint8 bytes [N, row_bytes] or dense [N, K] in the stored dtype, ...)
         for w in weights:
             if w.qtype in _FLOAT_TYPES:
-                self.parts.append((w.dequantize(torch.float32).to(device), w.qtype, w.shape))
+                self.parts.append(
+                    (w.dequantize(_STORED_DTYPE[w.qtype]).to(device), w.qtype, w.shape)
+                )
             else:
                 raw = w.raw.reshape(w.shape[0], -1).view(torch.uint8)
                 self.parts.append((raw.to(device), w.qtype, w.shape))
@@ -128,7 +132,7 @@ class TritonLinear:
         ys = []
         for a, qt, shape in self.parts:
             if qt in _FLOAT_TYPES:
-                ys.append(F.linear(x, a))
+                ys.append(F.linear(x.to(a.dtype), a).float())
             elif gemv:
                 ys.append(qgemv(x, a, qt))  # [M, N] fp32, fp32 accumulation
             else:

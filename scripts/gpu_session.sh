@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU lease, end to end: set up llmkit from the working tree (no network: gguf comes as a
+# carried wheel in .whl/), run the Triton tests on the GPU, the kernel bandwidth benchmark and the
+# decode benchmark of synthetic 1B models (Q4_K vs BF16 weights). Logs go to $OUT (or ./gpu_out).
+#
+#   bash scripts/gpu_session.sh [steps...]      steps: env tests bench e2e (default: all)
+#
+# Each step has its own time limit so one hang cannot eat the lease.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+REPO=$PWD
+export PYTHONUNBUFFERED=1
+if ! python3 -c "import gguf" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
+mkdir -p /tmp/pkg && ln -sfn "$REPO" /tmp/pkg/llmkit
+export PYTHONPATH=/tmp/pkg:/tmp/site:$REPO/tests${PYTHONPATH:+:$PYTHONPATH}
+llm() { python3 -m llmkit.cli.app "$@"; }
+steps=${*:-env tests bench e2e}
+
+for step in $steps; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      ;;
+    tests)
+      timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/test_triton_kernels.py \
+        tests/test_triton_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25
+      ;;
+    bench)
+      timeout 200 python3 scripts/bench_triton.py 2>&1 | tee "$OUT/bench_triton.log"
+      ;;
+    e2e)
+      mkdir -p /tmp/syn
+      for t in Q4_K BF16; do
+        [ -f /tmp/syn/syn-1b-$t.gguf ] ||
+          timeout 200 python3 scripts/make_synthetic_model.py /tmp/syn/syn-1b-$t.gguf --type $t
+      done
+      timeout 60 llm run -m /tmp/syn/syn-1b-Q4_K.gguf --device cuda -p "the cat" -n 16 --temp 0 \
+        2>&1 | tail -4
+      timeout 300 llm bench -m /tmp/syn/syn-1b-Q4_K.gguf -m /tmp/syn/syn-1b-BF16.gguf \
+        --device cuda -p 512 -n 64 -r 3 2>&1 | tee "$OUT/bench_e2e.log"
+      ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
+echo "=== done ($(date +%T))"
