@@ -17,6 +17,8 @@ The GEMV regime (M <= 16) is memory-bound on W: for Q4_K that is 0.5625 bytes pe
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -163,7 +165,9 @@ def _decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.cons
 #   QTYPE: constexpr code (_CODES); BS: block size (32 or 256); G: blocks per K step (pow2)
 #   BLOCK_M, BLOCK_N: rows of x / W per program (pow2); USE_DOT: tl.dot (needs BLOCK_M >= 16
 #   on a GPU) instead of a broadcast multiply + sum
-# grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M))
+#   KB_SPLIT: blocks of K per program along grid axis 2 (split-K; a multiple of G); with more
+#   than one split each writes its partial sums to y_ptr + pid_k * M * N (fp32 [splits, M, N])
+# grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), cdiv(NB, KB_SPLIT))
 @triton.jit
 def _qgemv_kernel(
     x_ptr,
@@ -179,6 +183,7 @@ def _qgemv_kernel(
     swn,
     sym,
     syn,
+    KB_SPLIT,
     QTYPE: tl.constexpr,
     BS: tl.constexpr,
     G: tl.constexpr,
@@ -188,6 +193,9 @@ def _qgemv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    kb0 = pid_k * KB_SPLIT
+    kb1 = tl.minimum(kb0 + KB_SPLIT, NB)
     BK: tl.constexpr = G * BS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,8 +204,8 @@ def _qgemv_kernel(
     nmask = n3 < N
     offs_k = tl.arange(0, BK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, NB, G):
-        w = tl.reshape(_decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE, G), (BLOCK_N, BK))
+    for kb in range(kb0, kb1, G):
+        w = tl.reshape(_decode(w_ptr, lut_ptr, roff, nmask, kb, kb1, QTYPE, G), (BLOCK_N, BK))
         k = kb * BS + offs_k
         xm = (offs_m[:, None] < M) & (k[None, :] < K)
         xp = x_ptr + offs_m[:, None].to(tl.int64) * sxm + k[None, :] * sxk
@@ -207,8 +215,8 @@ def _qgemv_kernel(
         else:
             acc += tl.sum(xk[:, None, :] * w[None, :, :], axis=2)
     ym = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    yp = y_ptr + offs_m[:, None].to(tl.int64) * sym + offs_n[None, :] * syn
-    tl.store(yp, acc, mask=ym)
+    yp = y_ptr + pid_k.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * sym
+    tl.store(yp + offs_n[None, :] * syn, acc, mask=ym)
 
 
 _LUTS: dict[torch.device, torch.Tensor] = {}
@@ -219,6 +227,37 @@ def _lut(device: torch.device) -> torch.Tensor:
     if device not in _LUTS:
         _LUTS[device] = torch.tensor(_IQ4_KVALUES, dtype=torch.int8, device=device)
     return _LUTS[device]
+
+
+# GPU launch configurations: (block_n, blocks_per_step G, num_warps, dot, programs per SM) per
+# (type, regime); a type missing here uses its block size's row (type None). Split-K is derived
+# at run time from "programs per SM" (_split). Measured on an H100 by
+# scripts/tune_triton_gemv.py (docs/BENCHMARKS.md).
+#   regime "gemv": M == 1 (broadcast multiply + sum); "small": 2 <= M <= 16 (dot=True: BLOCK_M
+#   = 16 through tl.dot, the padded rows cost no weight bytes)
+_GPU_CONFIG: dict[tuple, tuple[int, int, int, bool, int]] = {
+    (32, "gemv"): (16, 4, 4, False, 4),
+    (256, "gemv"): (16, 1, 4, False, 4),
+    (32, "small"): (32, 4, 4, True, 4),
+    (256, "small"): (32, 1, 4, True, 4),
+}
+
+
+def _gpu_config(qtype: QT, bs: int, M: int) -> tuple[int, int, int, bool, int]:
+    regime = "gemv" if M == 1 else "small"
+    return _GPU_CONFIG.get((qtype.name, regime)) or _GPU_CONFIG[(bs, regime)]
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split(n_programs: int, nb: int, g: int, pps: int, device: torch.device) -> int:
+    """K splits that bring the grid to ~pps programs per SM (decode GEMVs have too few output
+    rows to fill a GPU, and each program's K loop is a chain of dependent loads)."""
+    want = -(-pps * _sm_count(device) // max(n_programs, 1))
+    return max(1, min(want, nb // g))
 
 
 def _interpreting() -> bool:
@@ -234,11 +273,16 @@ def qgemv(
     *,
     block_n: int | None = None,
     blocks_per_step: int | None = None,
+    split_k: int | None = None,
+    num_warps: int | None = None,
+    use_dot: bool | None = None,
+    programs_per_sm: int | None = None,
 ) -> torch.Tensor:
     """y [M, N] fp32 = x [M, K] @ W^T, W the raw GGUF bytes uint8 [N, row_bytes] of `qtype`.
 
     x may have extra leading dims ([..., K] -> [..., N]). Raises LlmkitError for unsupported
-    types, dtypes or mismatched shapes."""
+    types, dtypes or mismatched shapes. The keyword arguments override the launch configuration
+    (tuning and tests); by default it comes from _GPU_CONFIG on a GPU."""
     try:
         qtype = QT(qtype)
     except ValueError:
@@ -271,19 +315,29 @@ def qgemv(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    y = torch.empty((M, N), dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
-        return y.reshape(*lead, N)
+        return torch.empty((*lead, N), dtype=torch.float32, device=x.device)
 
-    interp = _interpreting()
-    block_m = min(16, triton.next_power_of_2(M))
-    if block_n is None:
-        # Interpreter: few fat programs (cost is per op); GPU: many small ones to fill the SMs.
-        block_n = 64 if interp else (16 if block_m <= 4 else 32)
-    if blocks_per_step is None:
-        blocks_per_step = (8 if interp else 4) if bs == 32 else 1
-    use_dot = block_m >= 16
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, block_m))
+    if _interpreting() or x.device.type != "cuda":
+        # the interpreter's cost is per op: few fat programs, no split
+        block_m = min(16, triton.next_power_of_2(M))
+        bn, g, warps, dot, pps = 64, (8 if bs == 32 else 1), 4, block_m >= 16, 0
+    else:
+        bn, g, warps, dot, pps = _gpu_config(qtype, bs, M)
+        block_m = 16 if dot else triton.next_power_of_2(min(M, 16))
+    bn = block_n or bn
+    g = blocks_per_step or g
+    warps = num_warps or warps
+    pps = programs_per_sm or pps
+    if use_dot is not None:
+        dot = use_dot
+        block_m = 16 if dot else min(16, triton.next_power_of_2(M))
+    grid_nm = triton.cdiv(N, bn) * triton.cdiv(M, block_m)
+    split = split_k or (_split(grid_nm, NB, g, pps, x.device) if pps else 1)
+    per = triton.cdiv(triton.cdiv(NB, split), g) * g  # blocks per split, a multiple of G
+    split = triton.cdiv(NB, per)
+    y = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, block_m), split)
     _qgemv_kernel[grid](
         x2,
         w,
@@ -296,13 +350,16 @@ def qgemv(
         x2.stride(0),
         x2.stride(1),
         w.stride(0),
-        y.stride(0),
         y.stride(1),
+        y.stride(2),
+        per,
         QTYPE=code,
         BS=bs,
-        G=blocks_per_step,
+        G=g,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        USE_DOT=use_dot,
+        BLOCK_N=bn,
+        USE_DOT=dot,
+        num_warps=warps,
     )
+    y = y[0] if split == 1 else y.sum(0)  # fixed order: deterministic, unlike atomics
     return y.reshape(*lead, N)

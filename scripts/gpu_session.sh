@@ -3,7 +3,7 @@
 # carried wheel in .whl/), run the Triton tests on the GPU, the kernel bandwidth benchmark and the
 # decode benchmark of synthetic 1B models (Q4_K vs BF16 weights). Logs go to $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_session.sh [steps...]      steps: env tests bench e2e (default: all)
+#   bash scripts/gpu_session.sh [steps...]      steps: env tests tune bench e2e (default: env tests bench e2e)
 #
 # Each step has its own time limit so one hang cannot eat the lease.
 set -u
@@ -17,7 +17,8 @@ if ! python3 -c "import gguf" 2>/dev/null; then
 fi
 mkdir -p /tmp/pkg && ln -sfn "$REPO" /tmp/pkg/llmkit
 export PYTHONPATH=/tmp/pkg:/tmp/site:$REPO/tests${PYTHONPATH:+:$PYTHONPATH}
-llm() { python3 -m llmkit.cli.app "$@"; }
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -m llmkit.cli.app "$@"\n' >/tmp/bin/llm
+chmod +x /tmp/bin/llm && export PATH=/tmp/bin:$PATH
 steps=${*:-env tests bench e2e}
 
 for step in $steps; do
@@ -29,7 +30,11 @@ for step in $steps; do
       ;;
     tests)
       timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/test_triton_kernels.py \
-        tests/test_triton_backend.py 2>&1 | tee "$OUT/tests.log" | tail -25
+        tests/test_triton_backend.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -25
+      ;;
+    tune)
+      timeout 300 python3 scripts/tune_triton_gemv.py --json "$OUT/tune.json" 2>&1 |
+        tee "$OUT/tune.log" | grep -v "^  "
       ;;
     bench)
       timeout 200 python3 scripts/bench_triton.py 2>&1 | tee "$OUT/bench_triton.log"

@@ -105,6 +105,24 @@ def test_qgemv_dot_path_strided_rows_and_leading_dims(qtype, device, monkeypatch
     assert _rel_err(y, ref) < GEMV_TOL
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "qtype,K,split,dot", [(QT.Q4_0, 7 * 32, 3, False), (QT.Q6_K, 5 * 256, 2, True)]
+)
+def test_qgemv_split_k_equals_one_pass(qtype, K, split, dot, device, monkeypatch):
+    """Split-K (grid axis 2, partial sums reduced in a fixed order) with a split count that does
+    not divide the blocks, on the broadcast and the tl.dot paths (M = 2 padded to 16 rows)."""
+    g = torch.Generator().manual_seed(_seed(qtype.name, K, split))
+    N = 37
+    w_raw = quantize(torch.randn(N, K, generator=g), qtype).to(device)
+    x = torch.randn(2, K, generator=g).to(device)
+    ref = x.float() @ dequantize(w_raw, qtype).T
+    _poison(monkeypatch)
+    y = qgemv(x, w_raw, qtype, split_k=split, blocks_per_step=2 if K < 1024 else 1, use_dot=dot)
+    assert y.shape == (2, N)
+    assert _rel_err(y, ref) < GEMV_TOL
+
+
 def test_qgemv_rejects_bad_input():
     w = quantize(torch.randn(8, 64), QT.Q8_0)
     with pytest.raises(LlmkitError, match="Q3_K"):
