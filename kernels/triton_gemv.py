@@ -236,10 +236,23 @@ def _lut(device: torch.device) -> torch.Tensor:
 #   regime "gemv": M == 1 (broadcast multiply + sum); "small": 2 <= M <= 16 (dot=True: BLOCK_M
 #   = 16 through tl.dot, the padded rows cost no weight bytes)
 _GPU_CONFIG: dict[tuple, tuple[int, int, int, bool, int]] = {
-    (32, "gemv"): (16, 4, 4, False, 4),
-    (256, "gemv"): (16, 1, 4, False, 4),
-    (32, "small"): (32, 4, 4, True, 4),
-    (256, "small"): (32, 1, 4, True, 4),
+    # H100 80GB HBM3, N = K = 4096, copy 2382 GB/s (scripts/tune_triton_gemv.py, 2026-11-24)
+    ("Q4_K", "gemv"): (4, 2, 1, False, 4),  # 549 GB/s
+    ("Q4_K", "small"): (8, 2, 2, False, 2),  # 311 GB/s (M = 4)
+    ("Q8_0", "gemv"): (16, 8, 1, False, 16),  # 912 GB/s
+    ("Q8_0", "small"): (16, 8, 1, False, 16),  # 675 GB/s
+    ("Q6_K", "gemv"): (8, 2, 2, False, 2),  # 511 GB/s
+    ("Q6_K", "small"): (8, 2, 1, False, 16),  # 450 GB/s
+    ("Q5_0", "gemv"): (4, 8, 1, False, 16),  # 322 GB/s
+    ("Q5_0", "small"): (4, 8, 1, False, 16),  # 289 GB/s
+    ("Q4_1", "gemv"): (16, 8, 1, False, 16),  # 485 GB/s
+    ("Q4_1", "small"): (16, 8, 1, False, 16),  # 381 GB/s
+    # untuned types take their block size's row (Q4_0 ~ Q4_1; Q5_K, IQ4_XS ~ Q4_K); the fp32
+    # tl.dot path (BLOCK_M = 16) measured 3-4x slower than the broadcast one at M = 4
+    (32, "gemv"): (16, 8, 1, False, 16),
+    (32, "small"): (16, 8, 1, False, 16),
+    (256, "gemv"): (4, 2, 1, False, 4),
+    (256, "small"): (8, 2, 2, False, 2),
 }
 
 
@@ -324,14 +337,16 @@ def qgemv(
         bn, g, warps, dot, pps = 64, (8 if bs == 32 else 1), 4, block_m >= 16, 0
     else:
         bn, g, warps, dot, pps = _gpu_config(qtype, bs, M)
-        block_m = 16 if dot else triton.next_power_of_2(min(M, 16))
+        # the broadcast tile [BLOCK_M, BLOCK_N, G * bs] lives in registers: more than 4 rows
+        # become more programs along M (each re-reads W, mostly from L2)
+        block_m = 16 if dot else min(4, triton.next_power_of_2(M))
     bn = block_n or bn
     g = blocks_per_step or g
     warps = num_warps or warps
     pps = programs_per_sm or pps
     if use_dot is not None:
         dot = use_dot
-        block_m = 16 if dot else min(16, triton.next_power_of_2(M))
+        block_m = 16 if dot else min(block_m, triton.next_power_of_2(M))
     grid_nm = triton.cdiv(N, bn) * triton.cdiv(M, block_m)
     split = split_k or (_split(grid_nm, NB, g, pps, x.device) if pps else 1)
     per = triton.cdiv(triton.cdiv(NB, split), g) * g  # blocks per split, a multiple of G

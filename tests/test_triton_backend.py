@@ -53,8 +53,10 @@ def test_tiny_models_match_the_fp32_path(tmp_path):
         prompt = [1, 17, 45, 99, 3, 250, 12, 7, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21]
         a, b = _logits(ref, prompt), _logits(tri, prompt)
         # F16 layers multiply fp16-rounded activations (~1e-4 relative); on a GPU the prompt
-        # (GEMM regime) runs dequantized bf16 operands through cuBLAS (~4e-3 measured on an H100)
-        assert ((a - b).norm() / a.norm()) < (1e-2 if DEVICE == "cuda" else 5e-4)
+        # (GEMM regime) runs dequantized bf16 operands through cuBLAS (bf16 output too), which
+        # measured 4e-3 (llama) and 1.1e-2 (gemma3) on an H100. The greedy run below is all in the
+        # GEMV regime (fp32 accumulation), and must match exactly.
+        assert ((a - b).norm() / a.norm()) < (3e-2 if DEVICE == "cuda" else 5e-4)
         assert _greedy(ref, prompt[:5], 12) == _greedy(tri, prompt[:5], 12)
 
 
