@@ -9,6 +9,7 @@ no device logic. Per decode step that is one [1] id in and one [1, n_vocab] logi
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -30,15 +31,41 @@ def _cpu(x):
 
 
 class OnDevice:
-    """Wraps an architecture's Model: same methods, CPU tensors in and out."""
+    """Wraps an architecture's Model: same methods, CPU tensors in and out. On a CUDA device a
+    plain decode step (one token, its logits, a KVCache read by the Triton attention kernel) is
+    replayed as a CUDA graph (core/cuda_graph.py), one GraphDecoder per cache."""
 
     def __init__(self, model, device: torch.device):
         self._model, self._device = model, device
+        self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __getattr__(self, name):
         return getattr(self._model, name)
 
+    def _graph_decoder(self, tokens, cache, args, kwargs):
+        from llmkit.core.cuda_graph import GraphDecoder, graphs_enabled
+        from llmkit.core.kv_cache import KVCache
+
+        if (
+            self._device.type != "cuda"
+            or tokens.numel() != 1
+            or args
+            or kwargs.get("logits", "last") != "last"
+            or kwargs.get("hidden", False)
+            or type(cache) is not KVCache
+            or cache.attn_kernel != "triton"
+            or not graphs_enabled()
+        ):
+            return None
+        dec = self._graphs.get(cache)
+        if dec is None:
+            dec = self._graphs[cache] = GraphDecoder(self._model, cache)
+        return dec
+
     def forward(self, tokens: torch.Tensor, cache, *args, **kwargs):
+        dec = self._graph_decoder(tokens, cache, args, kwargs)
+        if dec is not None:
+            return dec(tokens).cpu()
         return _cpu(self._model.forward(tokens.to(self._device), cache, *args, **kwargs))
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:

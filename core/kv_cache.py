@@ -12,6 +12,7 @@ n_ubatch for the same reasons).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -126,6 +127,7 @@ class KVCache:
             raise LlmkitError(f"unknown attention kernel {self.attn_kernel!r}")
         self._pos: torch.Tensor | None = None  # positions of the current batch
         self._group: _Group | None = None  # group of the layer last updated (for attention)
+        self._static: tuple[torch.Tensor, int] | None = None  # see static_batch()
 
     @property
     def layers(self) -> list[int]:
@@ -134,7 +136,32 @@ class KVCache:
     def positions(self, T: int) -> torch.Tensor:
         """Positions of the next T tokens. Models ask the cache (rather than counting from n_past)
         so that a multi-sequence batch cache can give every row its own sequence's position."""
+        if self._static is not None:
+            return self._static[0]
         return torch.arange(self.n_past, self.n_past + T, device=self.device)
+
+    @contextlib.contextmanager
+    def static_batch(self, pos: torch.Tensor, n_read: int):
+        """A batch whose positions `pos` [T] live on the device and are not read back: what a
+        CUDA graph captures and replays (core/cuda_graph.py). begin() then only does device work
+        (slot bookkeeping by index), every group's attention reads its first min(n_read, capacity)
+        slots (empty or later ones are masked by their positions), and n_past is the caller's to
+        advance. Needs the Triton attention kernel (it masks by slot positions; no [T, S] mask)."""
+        if self.attn_kernel != "triton":
+            raise LlmkitError("static (CUDA-graph) batches need the triton attention kernel")
+        self._static = (pos, n_read)
+        try:
+            yield
+        finally:
+            self._static = None
+
+    def _begin_static(self, pos: torch.Tensor, n_read: int) -> None:
+        self._pos = pos
+        for g in self.groups.values():
+            g.slots = pos if g.window is None else pos % g.capacity
+            g.slot_pos[g.slots] = pos
+            g.n_read = min(n_read, g.capacity)
+            g.mask = None
 
     def attention(self, q, K, V, mask, scale: float) -> torch.Tensor:
         """Attention over what update() returned; a multi-sequence cache overrides this to attend
@@ -154,6 +181,8 @@ class KVCache:
     def begin(self, pos: torch.Tensor) -> None:
         """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past) and
         build each group's attention mask [T, S]."""
+        if self._static is not None:
+            return self._begin_static(*self._static)
         T = pos.numel()
         p0, p1 = int(pos[0]), int(pos[-1]) + 1
         if p0 != self.n_past or p1 - p0 != T:

@@ -6,6 +6,8 @@ Shapes: T = tokens in the batch, H = heads, D = head dim, S = key slots.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 _ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_POS_BOUND: list[int] = []  # innermost positions_below() bound, if any
+
+
+@contextlib.contextmanager
+def positions_below(n: int):
+    """Promise that positions in this block are < n, so rope_cache sizes its table from n
+    instead of reading pos.max() back from the device (a CUDA-graph capture cannot)."""
+    _POS_BOUND.append(n)
+    try:
+        yield
+    finally:
+        _POS_BOUND.pop()
 
 
 def rope_cache(
@@ -28,9 +42,13 @@ def rope_cache(
 
     Rows come from a per-configuration table of all positions so far (grown by doubling): a decode
     step indexes it instead of evaluating cos/sin (the values are the same elementwise formula)."""
-    fkey = None if factors is None else tuple(factors[: n_rot // 2].tolist())
+    # the factors tensor lives as long as its model: its address names it without a device read
+    fkey = None if factors is None else (factors.data_ptr(), factors.numel())
     key = (n_rot, float(base), float(freq_scale), fkey, pos.device)
-    n_need = int(pos.max()) + 1 if pos.numel() else 1
+    if _POS_BOUND:
+        n_need = _POS_BOUND[-1]
+    else:
+        n_need = int(pos.max()) + 1 if pos.numel() else 1
     table = _ROPE_TABLES.get(key)
     if table is None or table[0].shape[0] < n_need:
         n = max(1024, 1 << (n_need - 1).bit_length())
