@@ -124,7 +124,7 @@ class TritonLinear:
         return sum(a.numel() * a.element_size() for a, _, _ in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from llmkit.kernels.triton_gemv import qgemv  # triton imports only when used
+        from llmkit.kernels.triton_gemv import qdequant, qgemv  # triton imports only when used
         from llmkit.quant.dequant import dequantize
 
         gemv = x.shape[0] <= GEMV_MAX_ROWS
@@ -136,7 +136,11 @@ class TritonLinear:
             elif gemv:
                 ys.append(qgemv(x, a, qt))  # [M, N] fp32, fp32 accumulation
             else:
-                w = dequantize(a, qt, shape, dtype=dt)
+                w = (  # [N, K]: one Triton pass on a GPU; the torch decoders on CPU
+                    qdequant(a, qt, dt)
+                    if a.device.type == "cuda"
+                    else dequantize(a, qt, shape, dtype=dt)
+                )
                 ys.append(F.linear(x.to(dt), w).float())
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 

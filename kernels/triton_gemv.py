@@ -378,3 +378,55 @@ def qgemv(
     )
     y = y[0] if split == 1 else y.sum(0)  # fixed order: deterministic, unlike atomics
     return y.reshape(*lead, N)
+
+
+# W[N, K] (out dtype) = dequant(W bytes): the GEMM regime's operand, decoded by the same _decode
+#   w_ptr: uint8 [N, NB * ts] (row stride swn bytes); o_ptr: [N, K] contiguous
+# grid: (cdiv(N, BLOCK_N), cdiv(NB, G))
+@triton.jit
+def _dequant_kernel(
+    w_ptr,
+    lut_ptr,
+    o_ptr,
+    N,
+    K,
+    NB,
+    swn,
+    QTYPE: tl.constexpr,
+    BS: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    kb = tl.program_id(1) * G
+    BK: tl.constexpr = G * BS
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n3 = offs_n[:, None, None]
+    w = _decode(w_ptr, lut_ptr, n3.to(tl.int64) * swn, n3 < N, kb, NB, QTYPE, G)
+    w = tl.reshape(w, (BLOCK_N, BK))
+    k = kb * BS + tl.arange(0, BK)
+    op = o_ptr + offs_n[:, None].to(tl.int64) * K + k[None, :]
+    tl.store(op, w.to(o_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (k[None, :] < K))
+
+
+def qdequant(w: torch.Tensor, qtype: QT, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """uint8 [N, row_bytes] GGUF rows of `qtype` -> [N, K] `dtype` (one pass: read ts bytes and
+    write bs * esize bytes per block), for the GEMM regime on a GPU."""
+    code = _CODES.get(QT(qtype))
+    if code is None:
+        raise LlmkitError(f"triton dequant does not support {QT(qtype).name}")
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] % ts:
+        raise LlmkitError(f"{qtype.name} weight must be uint8 [N, whole {ts}-byte blocks]")
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    N, NB = w.shape[0], w.shape[1] // ts
+    K = NB * bs
+    out = torch.empty((N, K), dtype=dtype, device=w.device)
+    g = 8 if bs == 32 else 1
+    bn = 16
+    grid = (triton.cdiv(N, bn), triton.cdiv(NB, g))
+    _dequant_kernel[grid](
+        w, _lut(w.device), out, N, K, NB, w.stride(0), QTYPE=code, BS=bs, G=g, BLOCK_N=bn
+    )
+    return out

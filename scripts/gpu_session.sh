@@ -48,7 +48,10 @@ for step in $steps; do
       timeout 60 llm run -m /tmp/syn/syn-1b-Q4_K.gguf --device cuda -p "the cat" -n 16 --temp 0 \
         2>&1 | tail -4
       timeout 300 llm bench -m /tmp/syn/syn-1b-Q4_K.gguf -m /tmp/syn/syn-1b-BF16.gguf \
-        --device cuda -p 512 -n 64 -r 3 2>&1 | tee "$OUT/bench_e2e.log"
+        --device cuda -p 512 -n 128 -r 5 2>&1 | tee "$OUT/bench_e2e.log"
+      echo "--- without CUDA graphs"
+      LLMKIT_CUDA_GRAPHS=0 timeout 200 llm bench -m /tmp/syn/syn-1b-Q4_K.gguf --device cuda \
+        -p 0 -n 64 -r 3 2>&1 | tee "$OUT/bench_e2e_eager.log"
       ;;
     *) echo "unknown step $step" ;;
   esac

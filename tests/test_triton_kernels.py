@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from llmkit.core.errors import LlmkitError  # noqa: E402
 from llmkit.core.layers import attention as ref_attention  # noqa: E402
 from llmkit.kernels.triton_attention import attention  # noqa: E402
-from llmkit.kernels.triton_gemv import qgemv  # noqa: E402
+from llmkit.kernels.triton_gemv import qdequant, qgemv  # noqa: E402
 from llmkit.quant.dequant import dequantize  # noqa: E402
 from llmkit.quant.quantize import quantize  # noqa: E402
 
@@ -121,6 +121,20 @@ def test_qgemv_split_k_equals_one_pass(qtype, K, split, dot, device, monkeypatch
     y = qgemv(x, w_raw, qtype, split_k=split, blocks_per_step=2 if K < 1024 else 1, use_dot=dot)
     assert y.shape == (2, N)
     assert _rel_err(y, ref) < GEMV_TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype,K", GEMV_CASES, ids=[c[0].name for c in GEMV_CASES])
+def test_qdequant_is_bit_exact(qtype, K, device):
+    """The GEMM regime's Triton dequantizer equals the torch decoders (exactly, on CPU)."""
+    g = torch.Generator().manual_seed(_seed(qtype.name, K, "dq"))
+    w_raw = quantize(torch.randn(21, K, generator=g), qtype).to(device)
+    out = qdequant(w_raw, qtype, torch.float32).cpu()
+    ref = dequantize(w_raw.cpu(), qtype)
+    if device == "cpu":
+        assert torch.equal(out, ref)
+    else:  # the GPU compiler may fuse d * q - m into one FMA: last-bit differences
+        assert _rel_err(out, ref) < 1e-6
 
 
 def test_qgemv_rejects_bad_input():
