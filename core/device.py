@@ -52,6 +52,7 @@ class OnDevice:
             or args
             or kwargs.get("logits", "last") != "last"
             or kwargs.get("hidden", False)
+            or not getattr(self._model, "cuda_graphs", True)
             or type(cache) is not KVCache
             or cache.attn_kernel != "triton"
             or not graphs_enabled()

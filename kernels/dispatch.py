@@ -100,6 +100,19 @@ _STORED_DTYPE = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bf
 _FLOAT_TYPES = frozenset(_STORED_DTYPE)
 
 
+def _merge_same_type(parts: list) -> list:
+    """Adjacent fused parts of one type (same row width) become one tensor: one kernel launch
+    instead of one per part plus a concatenation (q/k/v and gate/up are usually one type)."""
+    out = []
+    for a, qt, shape in parts:
+        if out and out[-1][1] == qt:
+            b, _, s = out[-1]
+            out[-1] = (torch.cat((b, a)), qt, (s[0] + shape[0], *shape[1:]))
+        else:
+            out.append((a, qt, shape))
+    return out
+
+
 class TritonLinear:
     """GEMV straight from the GGUF bytes (one call per fused part: types may differ); GEMM on a
     per-call dequantized copy. Float-typed weights (F32/F16/BF16) stay in their stored dtype and
@@ -116,6 +129,7 @@ class TritonLinear:
             else:
                 raw = w.raw.reshape(w.shape[0], -1).view(torch.uint8)
                 self.parts.append((raw.to(device), w.qtype, w.shape))
+        self.parts = _merge_same_type(self.parts)
         self.out_features = sum(s[0] for _, _, s in self.parts)
         self.in_features = weights[0].shape[-1]
 

@@ -30,7 +30,7 @@ for step in $steps; do
       ;;
     tests)
       timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/test_triton_kernels.py \
-        tests/test_triton_backend.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -25
+        tests/test_triton_backend.py tests/test_cuda_graph.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -25
       ;;
     tune)
       timeout 300 python3 scripts/tune_triton_gemv.py --json "$OUT/tune.json" 2>&1 |

@@ -304,6 +304,9 @@ class Model:
     # The trunk hidden fed to NextN is the residual after the last trunk layer, before output_norm;
     # a NextN block exports its output before shared_head_norm (llama.cpp's Step3.5 contract).
     mtp_hidden = "pre_norm"
+    # MoE routing reads the selected experts back to the host (one GEMV per expert in use), which
+    # a CUDA graph cannot capture: decode steps stay eager (core/device.py)
+    cuda_graphs = False
 
     def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend, mtp: bool = False):
         self.config, self.tensors, self.backend = c, tensors, backend
