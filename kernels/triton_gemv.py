@@ -18,6 +18,9 @@ The GEMV regime (M <= 16) is memory-bound on W: for Q4_K that is 0.5625 bytes pe
 from __future__ import annotations
 
 import functools
+import json
+import os
+from pathlib import Path
 
 import torch
 import triton
@@ -41,6 +44,8 @@ _CODES = {
 # IQ4_XS non-linear code book (the kernel looks codes up in this table, passed as a tensor)
 _IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 SUPPORTED_TYPES: frozenset[QT] = frozenset(_CODES)
+# quants read as 16/32-bit words: the rows must start at multiples of these many bytes
+_ALIGN = {QT.Q4_K: 4, QT.Q8_0: 2}
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -53,18 +58,41 @@ def _f16(p, mask):
 
 
 @triton.jit
+def _k_scales(sc_p, s, mask):
+    """Q4_K / Q5_K 6-bit scale and min of sub-block s from the 12 packed bytes at sc_p:
+    s < 4: sc = scales[s] & 63, mn = scales[s+4] & 63; s >= 4: sc = (scales[s+4] & 15) |
+    (scales[s-4] >> 6) << 4, mn = (scales[s+4] >> 4) | (scales[s] >> 6) << 4."""
+    lo = s < 4
+    a = tl.load(sc_p + s, mask=mask, other=0)  # scales[s]
+    c = tl.load(sc_p + s + 4, mask=mask & (s < 8), other=0)  # scales[s+4] (s+4 <= 11)
+    e = tl.load(sc_p + tl.where(lo, s, s - 4), mask=mask, other=0)  # scales[s-4] for s >= 4
+    sc = tl.where(lo, a & 63, (c & 15) | ((e >> 6) << 4))
+    mn = tl.where(lo, c & 63, (c >> 4) | ((a >> 6) << 4))
+    return sc, mn
+
+
+@triton.jit
 def _decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.constexpr):
-    """Blocks kb .. kb+G-1 of the rows at byte offsets roff [BLOCK_N, 1, 1] -> fp32
-    [BLOCK_N, NSUB, SUB] (NSUB * SUB = G * bs, in element order). Blocks >= NB decode to 0."""
+    """Blocks kb .. kb+G-1 of the rows at byte offsets roff [BLOCK_N, 1, 1] -> fp32 weights of
+    any shape whose row-major order is [BLOCK_N, G * bs] in element order (callers reshape).
+    Blocks >= NB decode to 0."""
     if QTYPE <= 3:  # 32-element blocks: [BLOCK_N, G, 32]
         j = tl.arange(0, G)[None, :, None]
         i = tl.arange(0, 32)[None, None, :]
         blk = kb + j
         m3 = nmask & (blk < NB)  # [BLOCK_N, G, 1]
-        if QTYPE == 0:  # Q8_0: d @0 | qs:i8[32] @2
-            base = w_ptr + roff + blk * 34
-            d = _f16(base, m3)
-            q = tl.load(base + 2 + i, mask=m3, other=0).to(tl.int8, bitcast=True)
+        if QTYPE == 0:
+            # Q8_0: d @0 | qs:i8[32] @2, qs read as 16 int16 (half the load instructions; blocks
+            # are 2-byte aligned): [BLOCK_N, G, 16, 2] is element order, byte b of halfword h
+            # sign-extended by shifting it to the top of 32 bits and back
+            h = tl.arange(0, 16)[None, None, :, None]
+            b = tl.arange(0, 2)[None, None, None, :]
+            m4 = m3[:, :, :, None]
+            base = w_ptr + roff[:, :, :, None] + blk[:, :, :, None] * 34
+            d = _f16(base, m4)
+            hp = (base + 2).to(tl.pointer_type(tl.int16)) + h
+            hw = tl.load(hp, mask=m4, other=0).to(tl.int32)  # [BLOCK_N, G, 16, 1]
+            q = (hw << (24 - 8 * b)) >> 24
             w = q.to(tl.float32) * d
         elif QTYPE == 1:  # Q4_0: d @0 | qs[16] @2; x = d * (q - 8)
             base = w_ptr + roff + blk * 18
@@ -88,37 +116,43 @@ def _decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.cons
                 ((h >> (i % 8).to(tl.uint8)) & 1) << 4
             )
             w = (q.to(tl.int32) - 16).to(tl.float32) * d
-    elif QTYPE == 4 or QTYPE == 6:
-        # Q4_K: d @0 | dmin @2 | scales[12] @4 | qs[128] @16; [BLOCK_N, 8G, 32]
-        # Q5_K: the same plus qh[32] @16 (bit s of qh[t] = 5th bit of element t of sub-block s),
-        #       qs moved to @48
-        TS: tl.constexpr = 144 if QTYPE == 4 else 176
-        QS: tl.constexpr = 16 if QTYPE == 4 else 48
+    elif QTYPE == 4:
+        # Q4_K: d @0 | dmin @2 | scales[12] @4 | qs[128] @16. qs is read as 32-bit words (a
+        # quarter of the load instructions of byte loads; blocks and rows are 4-byte aligned):
+        # word wi of chunk c holds bytes 4wi..4wi+3, whose low nibbles are elements 64c + 4wi + j
+        # and high nibbles 64c + 32 + 4wi + j, so [BN, G, c, hi, wi, j] is element order.
+        gb = tl.arange(0, G)[None, :, None, None, None, None]
+        c = tl.arange(0, 4)[None, None, :, None, None, None]
+        hi = tl.arange(0, 2)[None, None, None, :, None, None]
+        wi = tl.arange(0, 8)[None, None, None, None, :, None]
+        j = tl.arange(0, 4)[None, None, None, None, None, :]
+        blk = kb + gb
+        m6 = nmask[:, :, :, None, None, None] & (blk < NB)
+        base = w_ptr + roff[:, :, :, None, None, None] + blk * 144
+        s = 2 * c + hi  # sub-block of 32 elements, [1, 1, 4, 2, 1, 1]
+        sc, mn = _k_scales(base + 4, s, m6)
+        dl = _f16(base, m6) * sc.to(tl.float32)
+        ml = _f16(base + 2, m6) * mn.to(tl.float32)
+        wp = (base + 16).to(tl.pointer_type(tl.int32)) + c * 8 + wi
+        word = tl.load(wp, mask=m6, other=0)  # [BN, G, 4, 1, 8, 1]
+        q = (word >> (4 * hi + 8 * j)) & 0xF  # [BN, G, 4, 2, 8, 4]
+        w = q.to(tl.float32) * dl - ml
+    elif QTYPE == 6:
+        # Q5_K: d @0 | dmin @2 | scales[12] @4 | qh[32] @16 | qs[128] @48; bit s of qh[t] is the
+        # fifth bit of element t of sub-block s. [BLOCK_N, 8G, 32]
         u = tl.arange(0, 8 * G)[None, :, None]
         t = tl.arange(0, 32)[None, None, :]
         blk = kb + u // 8
         s = u % 8  # sub-block
         m3 = nmask & (blk < NB)
-        base = w_ptr + roff + blk * TS
-        d = _f16(base, m3)
-        dmin = _f16(base + 2, m3)
-        sc_p = base + 4
-        lo = s < 4
-        # s < 4: sc = scales[s] & 63, mn = scales[s+4] & 63
-        # s >= 4: sc = (scales[s+4] & 15) | (scales[s-4] >> 6) << 4,
-        #         mn = (scales[s+4] >> 4) | (scales[s] >> 6) << 4
-        a = tl.load(sc_p + s, mask=m3, other=0)  # scales[s]
-        c = tl.load(sc_p + s + 4, mask=m3 & (s < 8), other=0)  # scales[s+4] (s+4 <= 11)
-        e = tl.load(sc_p + tl.where(lo, s, s - 4), mask=m3, other=0)  # scales[s-4] for s >= 4
-        sc = tl.where(lo, a & 63, (c & 15) | ((e >> 6) << 4))
-        mn = tl.where(lo, c & 63, (c >> 4) | ((a >> 6) << 4))
-        dl = d * sc.to(tl.float32)
-        ml = dmin * mn.to(tl.float32)
-        b = tl.load(base + QS + (s // 2) * 32 + t, mask=m3, other=0)
+        base = w_ptr + roff + blk * 176
+        sc, mn = _k_scales(base + 4, s, m3)
+        dl = _f16(base, m3) * sc.to(tl.float32)
+        ml = _f16(base + 2, m3) * mn.to(tl.float32)
+        b = tl.load(base + 48 + (s // 2) * 32 + t, mask=m3, other=0)
         q = (b >> ((s % 2) * 4).to(tl.uint8)) & 0xF
-        if QTYPE == 6:
-            h = tl.load(base + 16 + t, mask=m3, other=0)
-            q = q | (((h >> s.to(tl.uint8)) & 1) << 4)
+        h = tl.load(base + 16 + t, mask=m3, other=0)
+        q = q | (((h >> s.to(tl.uint8)) & 1) << 4)
         w = q.to(tl.float32) * dl - ml
     elif QTYPE == 7:  # IQ4_XS: d @0 | scales_h:u16 @2 | scales_l[4] @4 | qs[128] @8; [BN, 8G, 32]
         u = tl.arange(0, 8 * G)[None, :, None]
@@ -256,6 +290,24 @@ _GPU_CONFIG: dict[tuple, tuple[int, int, int, bool, int]] = {
 }
 
 
+def load_gpu_config(path: str | os.PathLike) -> None:
+    """Override _GPU_CONFIG rows from a JSON file written by scripts/tune_triton_gemv.py
+    ({"Q4_K:gemv": [block_n, G, warps, dot, programs_per_sm], ...}): a tuning for another GPU.
+    Read at import from $LLMKIT_TRITON_GEMV_CONFIG when set."""
+    try:
+        rows = json.loads(Path(path).read_text())
+        for key, row in rows.items():
+            name, regime = key.split(":")
+            bn, g, warps, dot, pps = row
+            _GPU_CONFIG[(name, regime)] = (int(bn), int(g), int(warps), bool(dot), int(pps))
+    except (OSError, ValueError, TypeError) as e:
+        raise LlmkitError(f"cannot read the Triton GEMV configuration {path}: {e}") from None
+
+
+if os.environ.get("LLMKIT_TRITON_GEMV_CONFIG"):
+    load_gpu_config(os.environ["LLMKIT_TRITON_GEMV_CONFIG"])
+
+
 def _gpu_config(qtype: QT, bs: int, M: int) -> tuple[int, int, int, bool, int]:
     regime = "gemv" if M == 1 else "small"
     return _GPU_CONFIG.get((qtype.name, regime)) or _GPU_CONFIG[(bs, regime)]
@@ -325,6 +377,8 @@ def qgemv(
         raise LlmkitError(f"input has {x.shape[-1]} columns but {qtype.name} rows hold {K}")
     if w.stride(1) != 1:
         w = w.contiguous()
+    if w.data_ptr() % _ALIGN.get(qtype, 1) or w.stride(0) % _ALIGN.get(qtype, 1):
+        w = w.clone()  # a fresh copy is aligned
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -420,6 +474,8 @@ def qdequant(w: torch.Tensor, qtype: QT, dtype: torch.dtype = torch.bfloat16) ->
         raise LlmkitError(f"{qtype.name} weight must be uint8 [N, whole {ts}-byte blocks]")
     if w.stride(1) != 1:
         w = w.contiguous()
+    if w.data_ptr() % _ALIGN.get(qtype, 1) or w.stride(0) % _ALIGN.get(qtype, 1):
+        w = w.clone()  # a fresh copy is aligned
     N, NB = w.shape[0], w.shape[1] // ts
     K = NB * bs
     out = torch.empty((N, K), dtype=dtype, device=w.device)

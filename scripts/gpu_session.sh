@@ -32,9 +32,11 @@ for step in $steps; do
       timeout 300 python3 -m pytest -q -rf -p no:cacheprovider tests/test_triton_kernels.py \
         tests/test_triton_backend.py tests/test_cuda_graph.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -25
       ;;
-    tune)
-      timeout 300 python3 scripts/tune_triton_gemv.py --json "$OUT/tune.json" 2>&1 |
-        tee "$OUT/tune.log" | grep -v "^  "
+    tune)  # the best rows are used by the steps after this one
+      timeout 300 python3 scripts/tune_triton_gemv.py ${TUNE_TYPES:+--types "$TUNE_TYPES"} \
+        --json "$OUT/tune.json" --write-config "$OUT/gemv_config.json" 2>&1 |
+        tee "$OUT/tune.log" | grep -v "^  [A-Z]"
+      [ -s "$OUT/gemv_config.json" ] && export LLMKIT_TRITON_GEMV_CONFIG=$OUT/gemv_config.json
       ;;
     bench)
       timeout 200 python3 scripts/bench_triton.py 2>&1 | tee "$OUT/bench_triton.log"

@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--types", default="Q4_K,Q8_0,Q6_K,Q5_0,Q4_1")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="every run's figures")
+    ap.add_argument(
+        "--write-config",
+        type=Path,
+        default=None,
+        help="best rows as JSON for $LLMKIT_TRITON_GEMV_CONFIG (kernels/triton_gemv.py)",
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_triton_gemv: needs a CUDA device")
@@ -109,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps({"copy_gbs": copy, "runs": results}, indent=1))
+    if args.write_config:
+        rows = {
+            f"{n}:{r}": [bn, g, w, dot, pps] for (n, r), (_, bn, g, w, dot, pps) in best.items()
+        }
+        args.write_config.write_text(json.dumps(rows, indent=1))
     print("\n_GPU_CONFIG rows:")
     for (name, regime), (gbs, bn, g, warps, dot, pps) in best.items():
         print(f'    ("{name}", "{regime}"): ({bn}, {g}, {warps}, {dot}, {pps}),  # {gbs:.0f} GB/s')

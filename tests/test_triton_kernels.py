@@ -137,6 +137,22 @@ def test_qdequant_is_bit_exact(qtype, K, device):
         assert _rel_err(out, ref) < 1e-6
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qtype,K", [(QT.Q4_K, 512), (QT.Q8_0, 96)])
+def test_qgemv_word_loads_on_misaligned_rows(qtype, K, device):
+    """Q4_K / Q8_0 quants are read as 32 / 16-bit words: rows starting at an odd byte address
+    are realigned (copied), not misread."""
+    g = torch.Generator().manual_seed(_seed(qtype.name, K, "align"))
+    w_raw = quantize(torch.randn(9, K, generator=g), qtype)
+    store = torch.zeros(w_raw.numel() + 1, dtype=torch.uint8)
+    store[1:] = w_raw.reshape(-1)
+    w_odd = store.to(device)[1:].view(w_raw.shape)
+    assert w_odd.data_ptr() % 2 == 1
+    x = torch.randn(2, K, generator=g).to(device)
+    ref = x.float() @ dequantize(w_raw, qtype).to(device).T
+    assert _rel_err(qgemv(x, w_odd, qtype), ref) < GEMV_TOL
+
+
 def test_qgemv_rejects_bad_input():
     w = quantize(torch.randn(8, 64), QT.Q8_0)
     with pytest.raises(LlmkitError, match="Q3_K"):
