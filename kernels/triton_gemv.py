@@ -44,8 +44,8 @@ _CODES = {
 # IQ4_XS non-linear code book (the kernel looks codes up in this table, passed as a tensor)
 _IQ4_KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 SUPPORTED_TYPES: frozenset[QT] = frozenset(_CODES)
-# quants read as 16/32-bit words: the rows must start at multiples of these many bytes
-_ALIGN = {QT.Q4_K: 4, QT.Q8_0: 2}
+# quants read as 32-bit words: the rows must start at multiples of these many bytes
+_ALIGN = {QT.Q4_K: 4}
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -81,18 +81,10 @@ def _decode(w_ptr, lut_ptr, roff, nmask, kb, NB, QTYPE: tl.constexpr, G: tl.cons
         i = tl.arange(0, 32)[None, None, :]
         blk = kb + j
         m3 = nmask & (blk < NB)  # [BLOCK_N, G, 1]
-        if QTYPE == 0:
-            # Q8_0: d @0 | qs:i8[32] @2, qs read as 16 int16 (half the load instructions; blocks
-            # are 2-byte aligned): [BLOCK_N, G, 16, 2] is element order, byte b of halfword h
-            # sign-extended by shifting it to the top of 32 bits and back
-            h = tl.arange(0, 16)[None, None, :, None]
-            b = tl.arange(0, 2)[None, None, None, :]
-            m4 = m3[:, :, :, None]
-            base = w_ptr + roff[:, :, :, None] + blk[:, :, :, None] * 34
-            d = _f16(base, m4)
-            hp = (base + 2).to(tl.pointer_type(tl.int16)) + h
-            hw = tl.load(hp, mask=m4, other=0).to(tl.int32)  # [BLOCK_N, G, 16, 1]
-            q = (hw << (24 - 8 * b)) >> 24
+        if QTYPE == 0:  # Q8_0: d @0 | qs:i8[32] @2 (16-bit loads measured no faster on an H100)
+            base = w_ptr + roff + blk * 34
+            d = _f16(base, m3)
+            q = tl.load(base + 2 + i, mask=m3, other=0).to(tl.int8, bitcast=True)
             w = q.to(tl.float32) * d
         elif QTYPE == 1:  # Q4_0: d @0 | qs[16] @2; x = d * (q - 8)
             base = w_ptr + roff + blk * 18
@@ -270,9 +262,10 @@ def _lut(device: torch.device) -> torch.Tensor:
 #   regime "gemv": M == 1 (broadcast multiply + sum); "small": 2 <= M <= 16 (dot=True: BLOCK_M
 #   = 16 through tl.dot, the padded rows cost no weight bytes)
 _GPU_CONFIG: dict[tuple, tuple[int, int, int, bool, int]] = {
-    # H100 80GB HBM3, N = K = 4096, copy 2382 GB/s (scripts/tune_triton_gemv.py, 2026-11-24)
-    ("Q4_K", "gemv"): (4, 2, 1, False, 4),  # 549 GB/s
-    ("Q4_K", "small"): (8, 2, 2, False, 2),  # 311 GB/s (M = 4)
+    # H100 80GB HBM3, N = K = 4096, copy ~2380 GB/s (scripts/tune_triton_gemv.py, 2026-11-24;
+    # Q4_K with its 32-bit quant loads, the other rows with byte loads)
+    ("Q4_K", "gemv"): (8, 2, 2, False, 2),  # 536 GB/s
+    ("Q4_K", "small"): (8, 2, 1, False, 2),  # 414 GB/s (M = 4)
     ("Q8_0", "gemv"): (16, 8, 1, False, 16),  # 912 GB/s
     ("Q8_0", "small"): (16, 8, 1, False, 16),  # 675 GB/s
     ("Q6_K", "gemv"): (8, 2, 2, False, 2),  # 511 GB/s
@@ -285,7 +278,7 @@ _GPU_CONFIG: dict[tuple, tuple[int, int, int, bool, int]] = {
     # tl.dot path (BLOCK_M = 16) measured 3-4x slower than the broadcast one at M = 4
     (32, "gemv"): (16, 8, 1, False, 16),
     (32, "small"): (16, 8, 1, False, 16),
-    (256, "gemv"): (4, 2, 1, False, 4),
+    (256, "gemv"): (4, 2, 1, False, 4),  # Q4_K's rows with byte loads
     (256, "small"): (8, 2, 2, False, 2),
 }
 
