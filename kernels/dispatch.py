@@ -8,8 +8,9 @@ Regimes: GEMV (M <= GEMV_MAX_ROWS rows: decode, MTP verify) and GEMM (prefill ch
            |                             | rows                            | call, fp32 GEMM
   "cpu"    | every other supported type  | dense copy: bf16 M=1 kernel,    | fp32 GEMM (bf16 copy
            | (and all types in fp32 mode)| row by row on AVX2-only CPUs    | upcast on AVX2)
-  "triton" | Q8_0 Q4_0 Q4_1 Q5_0 Q4_K    | triton_gemv on the GGUF bytes   | dequantize blocks on
-           | Q6_K                        |                                 | the device, torch GEMM
+  "triton" | Q8_0 Q4_0 Q4_1 Q5_0 Q4_K    | triton_gemv on the GGUF bytes   | triton_dequant to
+           | Q5_K Q6_K IQ4_XS            | (split-K, H100-tuned launches)  | bf16, cuBLAS GEMM
+  "triton" | F32 F16 BF16                | torch matmul in the stored dtype (cuBLAS)
   "triton" | anything else               | LlmkitError naming the type     |
 
 Why the CPU rows: on CPUs without native bf16 (AVX2-only, e.g. this 2-vCPU EPYC VM), oneDNN
@@ -138,7 +139,8 @@ class TritonLinear:
         return sum(a.numel() * a.element_size() for a, _, _ in self.parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from llmkit.kernels.triton_gemv import qdequant, qgemv  # triton imports only when used
+        from llmkit.kernels.triton_dequant import qdequant  # triton imports only when used
+        from llmkit.kernels.triton_gemv import qgemv
         from llmkit.quant.dequant import dequantize
 
         gemv = x.shape[0] <= GEMV_MAX_ROWS

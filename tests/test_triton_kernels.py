@@ -20,7 +20,8 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from llmkit.core.errors import LlmkitError  # noqa: E402
 from llmkit.core.layers import attention as ref_attention  # noqa: E402
 from llmkit.kernels.triton_attention import attention  # noqa: E402
-from llmkit.kernels.triton_gemv import qdequant, qgemv  # noqa: E402
+from llmkit.kernels.triton_dequant import qdequant  # noqa: E402
+from llmkit.kernels.triton_gemv import qgemv  # noqa: E402
 from llmkit.quant.dequant import dequantize  # noqa: E402
 from llmkit.quant.quantize import quantize  # noqa: E402
 
