@@ -66,7 +66,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int)
     """x: [T, H, D] fp32; rotates the first n_rot = 2*cos.shape[-1] dims, passes the rest through.
 
     NORM rotates adjacent pairs: as complex numbers that is one multiply (same products and sums
-    as the real formula, so the same bits, in 3 ops instead of 8). NEOX rotates the two halves."""
+    as the real formula, so the same bits, in 3 ops instead of 8). NEOX rotates the two halves.
+    On a GPU one Triton launch (kernels/triton_rope.py) does either mode."""
+    if x.is_cuda:
+        from llmkit.kernels.triton_rope import rope
+
+        return rope(x, cos, sin, mode)
+    return apply_rope_torch(x, cos, sin, mode)
+
+
+def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int):
+    """apply_rope in torch ops on any device (the CPU path, and the Triton kernel's reference)."""
     half = cos.shape[-1]
     n_rot = 2 * half
     rot, rest = x[..., :n_rot], x[..., n_rot:]

@@ -3,7 +3,7 @@
 # carried wheel in .whl/), run the Triton tests on the GPU, the kernel bandwidth benchmark and the
 # decode benchmark of synthetic 1B models (Q4_K vs BF16 weights). Logs go to $OUT (or ./gpu_out).
 #
-#   bash scripts/gpu_session.sh [steps...]      steps: env tests tune bench e2e (default: env tests bench e2e)
+#   bash scripts/gpu_session.sh [steps...]      steps: env tests tune bench e2e profile (default: env tests bench e2e)
 #
 # Each step has its own time limit so one hang cannot eat the lease.
 set -u
@@ -54,6 +54,13 @@ for step in $steps; do
       echo "--- without CUDA graphs"
       LLMKIT_CUDA_GRAPHS=0 timeout 200 llm bench -m /tmp/syn/syn-1b-Q4_K.gguf --device cuda \
         -p 0 -n 64 -r 3 2>&1 | tee "$OUT/bench_e2e_eager.log"
+      ;;
+    profile)  # kernels per decode step and graph-replay time (scripts/profile_decode_step.py)
+      mkdir -p /tmp/syn
+      [ -f /tmp/syn/syn-1b-Q4_K.gguf ] ||
+        timeout 200 python3 scripts/make_synthetic_model.py /tmp/syn/syn-1b-Q4_K.gguf --type Q4_K
+      timeout 200 python3 scripts/profile_decode_step.py /tmp/syn/syn-1b-Q4_K.gguf 2>&1 |
+        tee "$OUT/profile.log"
       ;;
     *) echo "unknown step $step" ;;
   esac

@@ -18,10 +18,12 @@ pytest.importorskip("numpy")  # the interpreter needs it
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from llmkit.core.errors import LlmkitError  # noqa: E402
+from llmkit.core.layers import ROPE_NEOX, ROPE_NORM, apply_rope, rope_cache  # noqa: E402
 from llmkit.core.layers import attention as ref_attention  # noqa: E402
 from llmkit.kernels.triton_attention import attention  # noqa: E402
 from llmkit.kernels.triton_dequant import qdequant  # noqa: E402
 from llmkit.kernels.triton_gemv import qgemv  # noqa: E402
+from llmkit.kernels.triton_rope import rope  # noqa: E402
 from llmkit.quant.dequant import dequantize  # noqa: E402
 from llmkit.quant.quantize import quantize  # noqa: E402
 
@@ -393,3 +395,25 @@ def test_fused_glu_matches_torch(act, f, M, device, monkeypatch):
     assert _rel_err(glu(gu, act), ref) < 1e-5
     with pytest.raises(LlmkitError, match="relu"):
         glu(gu, "relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", [ROPE_NORM, ROPE_NEOX])
+@pytest.mark.parametrize("T,H,D,n_rot", [(3, 5, 64, 64), (1, 7, 48, 32), (6, 3, 80, 80)])
+def test_rope_matches_torch(mode, T, H, D, n_rot, device, monkeypatch):
+    """Both modes, partial rotation (tail copied), and x a strided view of a wider qkv row, as
+    the llama model passes it."""
+    g = torch.Generator().manual_seed(_seed(mode, T, H, D, n_rot))
+    qkv = torch.randn(T, H * D + 24, generator=g)
+    x = qkv[:, : H * D].view(T, H, D)  # row stride H * D + 24
+    pos = torch.randint(0, 5000, (T,), generator=g)
+    cos, sin = rope_cache(pos, n_rot, 10000.0)
+    ref = apply_rope(x, cos, sin, mode)  # CPU tensors: the torch path
+    _poison(monkeypatch)
+    out = rope(x.to(device), cos.to(device), sin.to(device), mode).cpu()
+    assert out.shape == (T, H, D)
+    assert _rel_err(out, ref) < 1e-6
