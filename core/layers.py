@@ -67,8 +67,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int)
 
     NORM rotates adjacent pairs: as complex numbers that is one multiply (same products and sums
     as the real formula, so the same bits, in 3 ops instead of 8). NEOX rotates the two halves.
-    On a GPU one Triton launch (kernels/triton_rope.py) does either mode."""
-    if x.is_cuda:
+    On a GPU, NEOX is one Triton launch (kernels/triton_rope.py) instead of ~7 torch kernels; NORM
+    stays on its 2 torch kernels, which measured faster than the Triton one in a graph-replayed
+    step on an H100 (1.83 against 1.92 ms per step of a 1.1B llama, docs/BENCHMARKS.md)."""
+    if x.is_cuda and mode == ROPE_NEOX:
         from llmkit.kernels.triton_rope import rope
 
         return rope(x, cos, sin, mode)

@@ -2,8 +2,9 @@
 
     python scripts/profile_decode_step.py MODEL.gguf [--ctx 1024] [--prompt 100]
 
-Variants (measured in one process, so on the same GPU): "triton" (the default path) and
-"torch-rope" (RoPE through torch ops instead of kernels/triton_rope.py). For each: the CUDA
+Variants (measured in one process, so on the same GPU): "triton-rope" (RoPE through
+kernels/triton_rope.py for every mode) and "torch-rope" (through torch ops, as NORM-mode models
+run by default). For each: the CUDA
 kernels one decode step launches (torch profiler over one eager static step), the step's time
 replayed as a CUDA graph (median of 100 replays, CUDA events), and the eager step time.
 """
@@ -30,6 +31,12 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(times)
 
 
+def _model_modules():
+    from llmkit.core.models import gemma3, llama, nextn_dense, step35
+
+    return (llama, gemma3, step35, nextn_dense)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -49,9 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_model(args.model, device="cuda")
     model = getattr(lm.model, "_model", lm.model)
     fused_rope = triton_rope.rope
+    apply_rope = layers.apply_rope
     rows = []
-    for variant in ("triton", "torch-rope"):
-        triton_rope.rope = fused_rope if variant == "triton" else layers.apply_rope_torch
+    for variant in ("triton-rope", "torch-rope"):
+        if variant == "triton-rope":  # every mode through the kernel (default: NEOX only)
+            rope_fn = fused_rope
+        else:
+            rope_fn = layers.apply_rope_torch
+        for mod in _model_modules():
+            if hasattr(mod, "apply_rope"):
+                mod.apply_rope = rope_fn
         with torch.inference_mode():
             cache = lm.new_cache(args.ctx)
             model.forward(torch.arange(3, 3 + args.prompt, device="cuda"), cache)
@@ -72,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             eager = (time.perf_counter() - t0) / 20 * 1e3
         rows.append((variant, kernels, replay, eager))
-    triton_rope.rope = fused_rope
+    for mod in _model_modules():
+        if hasattr(mod, "apply_rope"):
+            mod.apply_rope = apply_rope
     print(f"{torch.cuda.get_device_name()}: {args.model}, position {args.prompt}")
     print("| variant | CUDA kernels per step | graph replay ms | tok/s | eager step ms |")
     print("|---|---:|---:|---:|---:|")
