@@ -7,6 +7,7 @@ Shapes: T = tokens in the batch, H = heads, D = head dim, S = key slots.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 _ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _POS_BOUND: list[int] = []  # innermost positions_below() bound, if any
+_RETIRED_TABLES: list = []  # tables outgrown by a longer context (doubling: <= the live size)
+_FACTOR_KEYS: dict[int, tuple] = {}  # id(live factors tensor) -> its values
 
 
 @contextlib.contextmanager
@@ -42,8 +45,7 @@ def rope_cache(
 
     Rows come from a per-configuration table of all positions so far (grown by doubling): a decode
     step indexes it instead of evaluating cos/sin (the values are the same elementwise formula)."""
-    # the factors tensor lives as long as its model: its address names it without a device read
-    fkey = None if factors is None else (factors.data_ptr(), factors.numel())
+    fkey = None if factors is None else _factors_key(factors)
     key = (n_rot, float(base), float(freq_scale), fkey, pos.device)
     if _POS_BOUND:
         n_need = _POS_BOUND[-1]
@@ -58,8 +60,20 @@ def rope_cache(
             inv = inv / factors[: n_rot // 2].double().to(pos.device)
         p = torch.arange(n, dtype=torch.float64, device=pos.device)
         theta = p[:, None] * (inv * freq_scale)[None, :]
+        if key in _ROPE_TABLES:  # a captured CUDA graph may still index the smaller table
+            _RETIRED_TABLES.append(_ROPE_TABLES[key])
         table = _ROPE_TABLES[key] = (torch.cos(theta).float(), torch.sin(theta).float())
     return table[0][pos], table[1][pos]
+
+
+def _factors_key(factors: torch.Tensor) -> tuple:
+    """The factors' values, read from the device once per tensor (a CUDA-graph capture cannot
+    read them back, and an address could be reused by another model's tensor)."""
+    k = _FACTOR_KEYS.get(id(factors))
+    if k is None:
+        k = _FACTOR_KEYS[id(factors)] = tuple(factors.tolist())
+        weakref.finalize(factors, _FACTOR_KEYS.pop, id(factors), None)  # before id reuse
+    return k
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int) -> torch.Tensor:

@@ -61,3 +61,19 @@ def test_add_rms_norm_and_glu_are_the_plain_ops_on_cpu():
     gate, up = gu.chunk(2, dim=-1)
     assert torch.equal(glu(gu, "silu"), silu(gate) * up)
     assert torch.equal(glu(gu, "gelu_tanh"), gelu_tanh(gate) * up)
+
+
+def test_rope_tables_key_factors_by_value_and_keep_outgrown_tables():
+    """Factors with other values get their own table (not an address-reused stale one), and a
+    table outgrown by a longer context stays alive: a captured CUDA graph may still read it."""
+    from llmkit.core import layers
+
+    f1, f2 = torch.full((4,), 1.0), torch.full((4,), 2.0)
+    pos = torch.tensor([3])
+    c1, _ = rope_cache(pos, 8, 777.0, 1.0, f1)
+    c2, _ = rope_cache(pos, 8, 777.0, 1.0, f2)
+    assert not torch.equal(c1, c2)
+    n_retired = len(layers._RETIRED_TABLES)
+    rope_cache(torch.tensor([5000]), 8, 777.0, 1.0, f1)  # grows f1's table past 1024 rows
+    assert len(layers._RETIRED_TABLES) == n_retired + 1
+    assert torch.equal(rope_cache(pos, 8, 777.0, 1.0, f1)[0], c1)
