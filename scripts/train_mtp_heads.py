@@ -32,7 +32,7 @@ PRESETS = {
     # head makes generation and steps costlier: less text, one draft position (on CPU only draft 1
     # can pay off for it: a verify row costs a whole step there, docs/BENCHMARKS.md).
     "smollm2-135m": dict(
-        generate=300000,
+        generate=150000,
         max_text_tokens=15000,
         gen_len=192,
         gen_batch=48,
