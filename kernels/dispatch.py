@@ -30,6 +30,7 @@ Every prepared byte (packed or dequantized copies, device copies) is counted in
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,17 +106,16 @@ def _merge_same_type(parts: list) -> list:
     """Adjacent fused parts of one type (same row width) become one tensor: one kernel launch
     instead of one per part plus a concatenation (q/k/v and gate/up are usually one type)."""
     out = []
-    for a, qt, shape in parts:
-        if out and out[-1][1] == qt:
-            b, _, s = out[-1]
-            out[-1] = (torch.cat((b, a)), qt, (s[0] + shape[0], *shape[1:]))
-        else:
-            out.append((a, qt, shape))
+    for qt, run in itertools.groupby(parts, key=lambda p: p[1]):
+        run = list(run)
+        rows = sum(shape[0] for _, _, shape in run)
+        data = run[0][0] if len(run) == 1 else torch.cat([a for a, _, _ in run])
+        out.append((data, qt, (rows, *run[0][2][1:])))
     return out
 
 
 class TritonLinear:
-    """GEMV straight from the GGUF bytes (one call per fused part: types may differ); GEMM on a
+    """GEMV straight from the GGUF bytes (one call per run of same-type fused parts); GEMM on a
     per-call dequantized copy. Float-typed weights (F32/F16/BF16) stay in their stored dtype and
     are plain torch matmuls in that dtype (cuBLAS on a GPU: the "bf16 weights and torch matmuls"
     baseline of the benchmarks). Everything lives on the backend device."""
