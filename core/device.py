@@ -13,6 +13,8 @@ import weakref
 
 import torch
 
+from llmkit.core.cuda_graph import GraphDecoder, graphs_enabled
+from llmkit.core.kv_cache import KVCache
 from llmkit.core.weights import QTensor
 
 
@@ -43,9 +45,6 @@ class OnDevice:
         return getattr(self._model, name)
 
     def _graph_decoder(self, tokens, cache, args, kwargs):
-        from llmkit.core.cuda_graph import GraphDecoder, graphs_enabled
-        from llmkit.core.kv_cache import KVCache
-
         if (
             self._device.type != "cuda"
             or tokens.numel() != 1

@@ -256,8 +256,8 @@ def _lut(device: torch.device) -> torch.Tensor:
 
 
 # GPU launch configurations: (block_n, blocks_per_step G, num_warps, dot, programs per SM) per
-# (type, regime); a type missing here uses its block size's row (type None). Split-K is derived
-# at run time from "programs per SM" (_split). Measured on an H100 by
+# (type name, regime); a type missing here uses the row of its block size (32 or 256). Split-K is
+# derived at run time from "programs per SM" (_split). Measured on an H100 by
 # scripts/tune_triton_gemv.py (docs/BENCHMARKS.md).
 #   regime "gemv": M == 1 (broadcast multiply + sum); "small": 2 <= M <= 16 (dot=True: BLOCK_M
 #   = 16 through tl.dot, the padded rows cost no weight bytes)
