@@ -27,6 +27,13 @@ def mtp_train(
     draft_vocab: int = typer.Option(
         16384, "--draft-vocab", help="Draft-head token shortlist size (0: full vocabulary)."
     ),
+    hidden_weight: float = typer.Option(
+        0.0, "--hidden-weight", help="Weight of the hidden-state regression beside the KL loss."
+    ),
+    eval_prompts: str | None = typer.Option(
+        None, "--eval-prompts", help="Prompts file (blank-line separated) to score greedily."
+    ),
+    eval_len: int = typer.Option(64, "--eval-len", help="Greedy tokens per evaluation prompt."),
     seed: int = typer.Option(0, "-s", "--seed", help="RNG seed."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)."),
@@ -76,6 +83,9 @@ def mtp_train(
         lr=lr,
         top_k=top_k,
         draft_vocab=draft_vocab,
+        hidden_weight=hidden_weight,
+        eval_prompts=eval_prompts,
+        eval_len=eval_len,
         seed=seed,
         device=device,
         resume=resume,
@@ -94,4 +104,9 @@ def mtp_train(
         f"wrote {r.out}: {r.steps} steps on {r.train_tokens} tokens, loss {r.first_loss:.3f} -> "
         f"{r.last_loss:.3f}, held-out top-1 agreement per draft position [{agree}], "
         f"{r.seconds['total']:.0f} s"
+        + (
+            f", evaluation prompts [{', '.join(f'{a:.3f}' for a in r.prompt_agree)}]"
+            if r.prompt_agree
+            else ""
+        )
     )

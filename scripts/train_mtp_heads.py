@@ -26,6 +26,7 @@ from llmkit.core.mtp_train.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "tests" / "data" / "mtp_heldout_prompts.txt"
+DEV = ROOT / "tests" / "data" / "mtp_dev_prompts.txt"  # tuning prompts, apart from HELDOUT
 PRESETS = {
     # tokens of self-generated text and of stdlib text, generation length/batch, optimizer steps,
     # sequences per step, draft positions trained, draft-vocabulary shortlist. Gemma's 262k-row
@@ -87,6 +88,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/llmkit-mtp-train", help="data cache / checkpoints")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", default=None, help="checkpoint to continue from")
+    ap.add_argument("--hidden-weight", type=float, default=None, help="override the preset's")
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's")
+    ap.add_argument("--depth", type=int, default=None, help="override the preset's")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -96,6 +101,10 @@ def main() -> None:
     torch.manual_seed(a.seed)
     if a.threads:
         torch.set_num_threads(a.threads)
+    preset = dict(PRESETS[a.model])
+    for k in ("hidden_weight", "steps", "depth"):
+        if getattr(a, k) is not None:
+            preset[k] = getattr(a, k)
     t0 = time.perf_counter()
     r = train(
         TrainConfig(
@@ -105,19 +114,21 @@ def main() -> None:
             ckpt=str(work / f"{a.model}.ckpt"),
             seed=a.seed,
             device=a.device,
-            lr=8e-4,
+            lr=a.lr,
             seq_len=256,
             eval_every=100,
             ckpt_every=50,
             max_minutes=a.minutes,
             resume=a.resume,
             outtype="q8_0",
-            **PRESETS[a.model],
+            eval_prompts=str(DEV),
+            **preset,
         )
     )
     print(
         f"{a.model}: {r.steps} steps, {r.train_tokens} tokens, loss {r.first_loss:.3f} -> "
         f"{r.last_loss:.3f}, held-out top-1 agreement {[round(x, 3) for x in r.val_agree]}, "
+        f"dev prompts {[round(x, 3) for x in r.prompt_agree]}, "
         f"data {r.seconds['data']:.0f} s, train {r.seconds['train']:.0f} s, "
         f"total {time.perf_counter() - t0:.0f} s on {a.device}"
     )

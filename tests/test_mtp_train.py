@@ -14,8 +14,10 @@ from llmkit.core.gguf_file import GGUFFile
 from llmkit.core.model import load_model
 from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
 from llmkit.core.mtp import MTPContext
+from llmkit.core.mtp_train.data import prompt_sequences, to_batch
 from llmkit.core.mtp_train.export import BASE_ID_KEY, base_identity
 from llmkit.core.mtp_train.heads import HEADS_DIR
+from llmkit.core.mtp_train.streams import Batch, hidden_loss
 from llmkit.core.mtp_train.train import TrainConfig, train
 from llmkit.core.sampling import SamplerParams
 from llmkit.core.speculative import SpecStats, speculative_generate
@@ -34,6 +36,7 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("mtp_train")
     base = write_tiny_llama(d / "base.gguf", seed=5)
     (d / "t.txt").write_text(TEXT)
+    (d / "eval.txt").write_text("the dog sat\n\nhello world, the")
     cfg = TrainConfig(
         base=str(base),
         out=str(d / "head.gguf"),
@@ -51,6 +54,9 @@ def trained(tmp_path_factory):
         outtype="f32",
         merge=str(d / "merged.gguf"),
         draft_vocab=48,  # a shortlist below the tiny vocabulary: the lossless test drafts over it
+        hidden_weight=0.5,
+        eval_prompts=str(d / "eval.txt"),
+        eval_len=12,
         quiet=True,
     )
     yield d, base, cfg, train(cfg)
@@ -64,6 +70,50 @@ def test_training_reduces_the_loss(trained):
     losses = state["losses"]
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
     assert len(r.val_agree) == 3 and all(0 <= a <= 1 for a in r.val_agree)
+    assert len(r.prompt_agree) == 3 and all(0 <= a <= 1 for a in r.prompt_agree)
+
+
+def test_evaluation_prompts_score_only_the_greedy_continuation(trained):
+    _, base, _, _ = trained
+    lm = load_model(str(base), weight_dtype=torch.float32)
+    tok = load_tokenizer(lm.metadata)
+    seqs = prompt_sequences(lm, tok, ["the dog sat", "hello world, the cat and"], 10, 4)
+    b = to_batch(seqs)
+    for i, s in enumerate(seqs):
+        n_prompt = len(tok.encode(["the dog sat", "hello world, the cat and"][i], add_special=True))
+        assert s.start == n_prompt and s.tokens.numel() <= n_prompt + 10
+        # greedy: every fed token after the prompt is the teacher's argmax one row earlier
+        assert torch.equal(s.tokens[n_prompt:], s.top_ids[n_prompt - 1 : -1, 0].long())
+        assert not b.valid[i, :n_prompt].any() and b.valid[i, n_prompt : s.tokens.numel()].all()
+
+
+def test_hidden_loss_is_zero_at_the_trunk_hidden_and_scale_free():
+    g = torch.Generator().manual_seed(0)
+    B, T, H = 2, 5, 8
+    hid = torch.randn(B, T, H, generator=g)
+    b = Batch(
+        torch.zeros(B, T, dtype=torch.long),
+        torch.ones(B, T, dtype=torch.bool),
+        hid,
+        torch.zeros(B, T, 2, dtype=torch.long),
+        torch.zeros(B, T, 2),
+        torch.zeros(B, T),
+    )
+    norm = torch.rand(H, generator=g) + 0.5
+    rows = b.valid.clone()
+    rows[0, 0] = False
+    assert float(hidden_loss(norm, 1e-6, hid, b, rows)) < 1e-10
+    assert (
+        float(hidden_loss(norm, 1e-6, 3.0 * hid, b, rows)) < 1e-10
+    )  # the head sees RMS-normed rows
+    other = torch.randn(B, T, H, generator=g, requires_grad=True)
+    loss = hidden_loss(norm, 1e-6, other, b, rows)
+    loss.backward()
+    assert (
+        float(loss.detach()) > 0.1
+        and other.grad[0, 0].abs().sum() == 0
+        and other.grad[1].abs().sum() > 0
+    )
 
 
 def test_written_head_is_lossless_through_llm_run(trained, capsys, monkeypatch):

@@ -29,7 +29,8 @@ class Sequence:
     top_ids: torch.Tensor  # [T, k] int32
     top_logits: torch.Tensor  # [T, k] fp16
     lse: torch.Tensor  # [T] fp32
-    source: str  # "text" | "generated"
+    source: str  # "text" | "generated" | "prompt" (an evaluation prompt's greedy continuation)
+    start: int = 0  # rows before it are context only: not scored (an evaluation prompt's tokens)
 
 
 def read_texts(paths: list[str]) -> list[str]:
@@ -96,6 +97,17 @@ def generated_sequences(lm, tok, paras, n_tokens: int, n_new: int, batch: int, k
     return out
 
 
+def prompt_sequences(lm, tok, prompts: list[str], n_new: int, k: int) -> list[Sequence]:
+    """Greedy continuations (n_new tokens) of evaluation prompts, with the teacher data; only the
+    continuation is scored (`start`), as acceptance is measured on what the model generates."""
+    ids = [tok.encode(p, add_special=True, parse_special=False) for p in prompts]
+    gen = BatchedTrunk(lm).generate(ids, n_new, [0.0] * len(ids), torch.Generator(), tok.is_eog, k)
+    return [
+        Sequence(g.tokens, g.hidden, *g.logits_topk, "prompt", start=len(p))
+        for g, p in zip(gen, ids, strict=True)
+    ]
+
+
 def draft_vocab(seqs: list[Sequence], n: int, n_vocab: int) -> tuple[torch.Tensor | None, float]:
     """The n token ids the teacher most often ranks first (sorted ids) and the share of positions
     whose teacher argmax they cover; (None, 1.0) when n is 0 or not below the vocabulary. Drafting
@@ -113,14 +125,14 @@ def to_batch(seqs: list[Sequence]) -> Batch:
     B, T = len(seqs), max(s.tokens.numel() for s in seqs)
     H, k = seqs[0].hidden.shape[1], seqs[0].top_ids.shape[1]
     tokens = torch.zeros(B, T, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
+    valid = torch.zeros(B, T, dtype=torch.bool)  # rows the loss / agreement scores
     hidden = torch.zeros(B, T, H)
     ids = torch.zeros(B, T, k, dtype=torch.long)
     tl = torch.zeros(B, T, k)
     lse = torch.zeros(B, T)
     for i, s in enumerate(seqs):
         n = s.tokens.numel()
-        tokens[i, :n], valid[i, :n], hidden[i, :n] = s.tokens, True, s.hidden
+        tokens[i, :n], valid[i, s.start : n], hidden[i, :n] = s.tokens, True, s.hidden
         ids[i, :n], tl[i, :n], lse[i, :n] = s.top_ids.long(), s.top_logits.float(), s.lse
     return Batch(tokens, valid, hidden, ids, tl, lse)
 

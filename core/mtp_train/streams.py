@@ -24,7 +24,7 @@ from llmkit.core.models.nextn_dense import block_forward, block_qkv, block_rope,
 @dataclass
 class Batch:
     tokens: torch.Tensor  # [B, T] int64 (right-padded)
-    valid: torch.Tensor  # [B, T] bool
+    valid: torch.Tensor  # [B, T] bool: rows scored (not padding, not an evaluation prompt)
     hidden: torch.Tensor  # [B, T, H] fp32 trunk pre-norm hidden
     top_ids: torch.Tensor  # [B, T, k] int64 teacher top-k token ids
     top_logits: torch.Tensor  # [B, T, k] fp32
@@ -117,6 +117,17 @@ def distill_loss(c, norm, head_w: torch.Tensor, h: torch.Tensor, b: Batch, rows:
     kl = (p * (log_p - log_q)).sum(-1) + tail * (tail.log() - log_q_tail)
     agree = (U[z.argmax(-1)] == ids[:, 0]).float().mean()
     return kl.mean(), agree
+
+
+def hidden_loss(norm: torch.Tensor, eps: float, h: torch.Tensor, b: Batch, rows: torch.Tensor):
+    """Relative squared error between the student's and the trunk's hidden state as the LM head
+    sees them (RMS-normalised, times the trunk's output norm `norm`), for rows [B, T] bool. The
+    NextN output stands in for the trunk's hidden at the same position (EAGLE's feature
+    regression): a dense target per row on top of the top-k distribution, and the input the
+    reused block gets back at the next draft position."""
+    u_s = rms_norm(h[rows], norm, eps)  # [N, H]
+    u_t = rms_norm(b.hidden[rows], norm, eps)
+    return ((u_s - u_t).pow(2).sum(-1) / u_t.pow(2).sum(-1).clamp_min(1e-6)).mean()
 
 
 def loss_rows(b: Batch, d: int) -> torch.Tensor:

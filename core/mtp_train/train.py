@@ -24,7 +24,13 @@ from llmkit.core.errors import LlmkitError
 from llmkit.core.mtp_train import data as D
 from llmkit.core.mtp_train.export import OUT_TYPES, base_identity, write_merged, write_sidecar
 from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
-from llmkit.core.mtp_train.streams import distill_loss, loss_rows, stream_forward, student_logits
+from llmkit.core.mtp_train.streams import (
+    distill_loss,
+    hidden_loss,
+    loss_rows,
+    stream_forward,
+    student_logits,
+)
 
 
 @dataclass
@@ -44,6 +50,9 @@ class TrainConfig:
     lr: float = 1e-3
     warmup: int = 20
     top_k: int = 16  # teacher tokens kept per position
+    hidden_weight: float = 0.0  # weight of the hidden-state regression beside the KL loss
+    eval_prompts: str | None = None  # file of evaluation prompts (blank-line separated)
+    eval_len: int = 64  # greedy tokens continued per evaluation prompt
     draft_vocab: int = 16384  # draft-head shortlist size (0: the full vocabulary)
     seed: int = 0
     device: str = "cpu"
@@ -68,6 +77,8 @@ class TrainConfig:
             raise LlmkitError("--draft-vocab must be >= 0 (0: the full vocabulary)")
         if self.lr <= 0 or self.top_k < 2:
             raise LlmkitError("--lr must be > 0 and --top-k >= 2")
+        if self.hidden_weight < 0 or self.eval_len < 2:
+            raise LlmkitError("--hidden-weight must be >= 0 and --eval-len >= 2")
         if not self.text and self.generate <= 0:
             raise LlmkitError("no training text: give --text FILE or --generate N > 0")
         if not Path(self.out).parent.is_dir():
@@ -83,6 +94,7 @@ class TrainResult:
     first_loss: float
     last_loss: float
     val_agree: list[float]  # full-vocabulary top-1 agreement with the teacher, per draft position
+    prompt_agree: list[float]  # the same on the greedy continuations of --eval-prompts
     seconds: dict
 
 
@@ -222,6 +234,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         step, losses = state["step"], state["losses"]
         log(f"resumed from {cfg.resume} at step {step}")
     head_w = head_matrix(lm)  # frozen: a plain tensor, never a parameter
+    out_norm = lm.model.output_norm.to(cfg.device)
+    dev = []
+    if cfg.eval_prompts:
+        prompts = [p.strip() for p in D.read_texts([cfg.eval_prompts])[0].split("\n\n")]
+        dev = D.prompt_sequences(lm, tok, [p for p in prompts if p], cfg.eval_len, cfg.top_k)
+        n_dev = sum(s.tokens.numel() - s.start for s in dev)
+        log(f"{len(dev)} evaluation prompts, {n_dev} greedy tokens scored")
+
+    def check(step):
+        va = evaluate(cfg, lm, blocks, head_w, val, depth) if val else []
+        pa = evaluate(cfg, lm, blocks, head_w, dev, depth) if dev else []
+        log(
+            f"step {step}: top-1 agreement per draft position, held-out {_fmt(va)}"
+            + (f", evaluation prompts {_fmt(pa)}" if dev else "")
+        )
+        return va, pa
 
     def checkpoint():
         _save_ckpt(
@@ -260,6 +288,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             rows = loss_rows(b, d)
             if rows.any():
                 ld, ad = distill_loss(c, blocks[j].shared_head_norm, head_w, h, b, rows)
+                if cfg.hidden_weight:
+                    ld = ld + cfg.hidden_weight * hidden_loss(out_norm, c.eps, h, b, rows)
                 loss = loss + ld / len(outs)
                 agree.append(float(ad))
         opt.zero_grad(set_to_none=True)
@@ -271,13 +301,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar(step, losses[-1], agree)
         if cfg.ckpt_every and step % cfg.ckpt_every == 0:
             checkpoint()
-        if cfg.eval_every and step % cfg.eval_every == 0 and val:
-            va = evaluate(cfg, lm, blocks, head_w, val, depth)
-            log(f"step {step}: held-out top-1 agreement per draft position {_fmt(va)}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and (val or dev):
+            check(step)
     checkpoint()
     t_train = time.perf_counter() - t0
-    val_agree = evaluate(cfg, lm, blocks, head_w, val, depth) if val else []
-    log(f"final held-out top-1 agreement per draft position {_fmt(val_agree)}")
+    val_agree, prompt_agree = check(f"{step} (final)")
     tensors = {}
     for j, blk in enumerate(blocks):
         tensors |= blk.cpu().gguf_tensors(c.n_layer + j)
@@ -290,6 +318,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "val_top1_agreement": [float(a) for a in val_agree],
         "draft_vocab_coverage": coverage,
     }
+    if prompt_agree:
+        info["eval_prompts_top1_agreement"] = [float(a) for a in prompt_agree]
     out = write_sidecar(cfg.out, lm.gguf, tensors, cfg.blocks, OUT_TYPES[cfg.outtype], info, vocab)
     merged = None
     if cfg.merge:
@@ -304,6 +334,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         losses[0] if losses else 0.0,
         losses[-1] if losses else 0.0,
         val_agree,
+        prompt_agree,
         {"data": t_data, "train": t_train, "total": time.perf_counter() - t_start},
     )
 
