@@ -145,6 +145,11 @@ def bench(
         "--draft-p-min",
         help="Stop drafting below this draft probability (comma list; needs --mtp 1).",
     ),
+    draft_branches: str = typer.Option(
+        "1",
+        "--draft-branches",
+        help="Candidates verified at the first draft position (comma list; needs --mtp 1).",
+    ),
     output: str = typer.Option("md", "-o", "--output", help="md, json, jsonl or csv (stdout)."),
     no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip each test's warm-up run."),
     prompt_file: Path = typer.Option(
@@ -168,6 +173,8 @@ def bench(
         raise LlmkitError("--draft sets the MTP draft length: it needs --mtp 1")
     if draft_p_min != "0" and 1 not in mtp_values:
         raise LlmkitError("--draft-p-min gates MTP drafting: it needs --mtp 1")
+    if draft_branches != "1" and 1 not in mtp_values:
+        raise LlmkitError("--draft-branches shapes MTP drafting: it needs --mtp 1")
     default_threads = os.cpu_count() or 1
     p = BenchParams(
         models=model or [DEFAULT_MODEL],
@@ -182,6 +189,7 @@ def bench(
         mtp=mtp_values,
         draft=_ints("--draft", draft or "3"),
         p_min=_floats("--draft-p-min", draft_p_min),
+        branches=_ints("--draft-branches", draft_branches),
         device=device,
         warmup=not no_warmup,
         prompt_file=str(prompt_file) if prompt_file else None,

@@ -74,6 +74,11 @@ def run(
     draft_p_min: float = typer.Option(
         0.0, "--draft-p-min", help="Stop drafting below this draft probability."
     ),
+    draft_branches: int = typer.Option(
+        1,
+        "--draft-branches",
+        help="Candidates verified at the first draft position (draft tree; greedy only).",
+    ),
     cache_type_k_draft: str = typer.Option(
         "f16", "-ctkd", "--cache-type-k-draft", help="K cache type of the MTP context."
     ),
@@ -104,6 +109,10 @@ def run(
     params.validate()
     if not 0.0 <= draft_p_min <= 1.0:
         raise LlmkitError(f"--draft-p-min must be in [0, 1], got {draft_p_min}")
+    if draft_branches < 1:
+        raise LlmkitError(f"--draft-branches must be >= 1, got {draft_branches}")
+    if draft_branches > 1 and (not mtp or temp > 0):
+        raise LlmkitError("--draft-branches > 1 needs --mtp and greedy decoding (--temp 0)")
     opts = RunOptions(
         model=model,
         n_ctx=ctx_size,
@@ -117,6 +126,7 @@ def run(
         model_draft=model_draft,
         draft=draft,
         draft_p_min=draft_p_min,
+        draft_branches=draft_branches,
         type_k_draft=cache_type_k_draft,
         type_v_draft=cache_type_v_draft,
         moe_n_expert=moe_n_expert,

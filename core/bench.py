@@ -67,6 +67,7 @@ class BenchParams:
     mtp: list[int] = field(default_factory=lambda: [0])
     draft: list[int] = field(default_factory=lambda: [3])
     p_min: list[float] = field(default_factory=lambda: [0.0])  # --draft-p-min values
+    branches: list[int] = field(default_factory=lambda: [1])  # --draft-branches values
     device: str = "cpu"
     warmup: bool = True
     prompts: list[str] | None = None  # real-text prompts (None: the built-in set)
@@ -100,6 +101,7 @@ class BenchParams:
             ("-t", self.threads, 1),
             ("-ub", self.n_ubatch, 1),
             ("--draft", self.draft, 1),
+            ("--draft-branches", self.branches, 1),
         ):
             check(flag, values, low)
         if self.reps < 1:
@@ -135,6 +137,7 @@ class Instance:
     mtp: int = 0
     draft: int | None = None  # draft tokens per round (MTP rows only)
     p_min: float = 0.0  # stop drafting below this draft probability (MTP rows only)
+    branches: int = 1  # candidates verified at the first draft position (MTP rows only)
 
     @property
     def test(self) -> str:
@@ -161,9 +164,10 @@ def rows(p: BenchParams) -> list[Instance]:
                     out.append(Instance(**base, kind="tg", n=n))
                 if 1 in p.mtp:
                     out += [
-                        Instance(**base, kind="tg", n=n, mtp=1, draft=k, p_min=pm)
+                        Instance(**base, kind="tg", n=n, mtp=1, draft=k, p_min=pm, branches=nb)
                         for k in p.draft
                         for pm in p.p_min
+                        for nb in p.branches
                     ]
     return out
 
@@ -294,6 +298,7 @@ class Session:
             gen = speculative_generate(
                 self.model, cache, mtp, ids, greedy, spec, n + 1,
                 ignore_eos=True, n_ubatch=inst.n_ubatch, p_min=inst.p_min,
+                branches=inst.branches,
             )  # fmt: skip
         else:
             gen = generate(
@@ -349,7 +354,9 @@ def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress
     """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats)."""
     torch.set_num_threads(inst.threads)
     name = f"{session.lm.describe()} {inst.test}" + (
-        f" mtp draft {inst.draft}" + (f" p_min {inst.p_min:g}" if inst.p_min else "")
+        f" mtp draft {inst.draft}"
+        + (f" p_min {inst.p_min:g}" if inst.p_min else "")
+        + (f" branches {inst.branches}" if inst.branches > 1 else "")
         if inst.mtp
         else ""
     )

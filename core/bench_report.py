@@ -109,6 +109,7 @@ def make_record(
         "mtp": inst.mtp,
         "n_draft": inst.draft,
         "draft_p_min": inst.p_min if inst.mtp else None,
+        "draft_branches": inst.branches if inst.mtp else None,
         "gen_input": p.gen_input if tg else "random",
         "prompt_file": p.prompt_file if tg and p.text_gen else None,
         "warmup": p.warmup,
@@ -180,6 +181,8 @@ def _columns(records: list[dict], p: BenchParams, default_threads: int) -> list[
         cols.append(("draft", lambda r: _opt("{}", r["n_draft"])))
         if p.p_min != [0.0]:
             cols.append(("p_min", lambda r: _opt("{:g}", r["draft_p_min"])))
+        if p.branches != [1]:
+            cols.append(("branches", lambda r: _opt("{}", r["draft_branches"])))
     cols.append(("test", lambda r: r["test"]))
     cols.append(("t/s", lambda r: f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"))
     if any(r["n_gen"] for r in records):

@@ -128,6 +128,7 @@ class KVCache:
         self._pos: torch.Tensor | None = None  # positions of the current batch
         self._group: _Group | None = None  # group of the layer last updated (for attention)
         self._static: tuple[torch.Tensor, int] | None = None  # see static_batch()
+        self._tree: tuple[torch.Tensor, torch.Tensor] | None = None  # see tree_batch()
 
     @property
     def layers(self) -> list[int]:
@@ -138,6 +139,8 @@ class KVCache:
         so that a multi-sequence batch cache can give every row its own sequence's position."""
         if self._static is not None:
             return self._static[0]
+        if self._tree is not None:
+            return self.n_past + self._tree[0]
         return torch.arange(self.n_past, self.n_past + T, device=self.device)
 
     @contextlib.contextmanager
@@ -154,6 +157,71 @@ class KVCache:
             yield
         finally:
             self._static = None
+
+    @contextlib.contextmanager
+    def tree_batch(self, parents: list[int]):
+        """A batch of draft-tree rows: row i's parent is row parents[i] (-1: the root, row 0; parents
+        come before their children). Row i sits at position n_past + depth(i), in slot n_past + i,
+        and sees the cached positions plus its own ancestors: siblings (alternative drafts for the
+        same position) do not see each other. After the batch, `commit_path` keeps one root-to-node
+        path at consecutive positions. Needs the torch attention path (the Triton kernel masks by
+        slot position, which siblings share)."""
+        if self.attn_kernel != "torch":
+            raise LlmkitError("draft-tree batches need the torch attention path")
+        T = len(parents)
+        if T == 0 or parents[0] != -1 or any(not 0 <= q < i for i, q in enumerate(parents) if i):
+            raise LlmkitError(f"not a draft tree (parents before children): {parents}")
+        depth = [0] * T
+        anc = torch.eye(T, dtype=torch.bool)  # anc[i, j]: row j is row i or one of its ancestors
+        for i in range(1, T):
+            depth[i] = depth[parents[i]] + 1
+            anc[i] |= anc[parents[i]]
+        self._tree = (torch.tensor(depth, device=self.device), anc.to(self.device))
+        try:
+            yield
+        finally:
+            self._tree = None
+
+    def _begin_tree(self, pos: torch.Tensor) -> None:
+        T, p0 = pos.numel(), self.n_past
+        if p0 + T > self.n_ctx:
+            raise LlmkitError(
+                f"context is full: {p0 + T} tokens exceed the context size {self.n_ctx}"
+            )
+        anc = self._tree[1]
+        self._pos = pos
+        for g in self.groups.values():
+            if g.window is not None and g.capacity < self.n_ctx and T + g.window - 1 > g.capacity:
+                raise LlmkitError(
+                    f"draft tree of {T} rows does not fit the sliding-window ring "
+                    f"({g.capacity} slots, window {g.window})"
+                )
+            slots = torch.arange(p0, p0 + T, device=self.device)
+            g.slots = slots if g.window is None else slots % g.capacity
+            g.slot_pos[g.slots] = pos
+            g.n_read = p0 + T if g.window is None else min(g.capacity, p0 + T)
+            kp = g.slot_pos[: g.n_read]
+            dist = pos[:, None] - kp[None, :]
+            g.mask = (kp[None, :] >= 0) & (dist >= 0)
+            if g.window is not None:
+                g.mask &= dist < g.window
+            g.mask[:, g.slots] = anc  # tree rows: ancestors and self only
+        self.n_past = p0 + T
+
+    def commit_path(self, p0: int, path: list[int]) -> None:
+        """After a tree batch begun at position p0: keep rows `path` (row 0 first, then one child
+        per level) at positions p0, p0 + 1, ..., moving their K/V into those slots; forget the rest."""
+        for g in self.groups.values():
+            cap = self.n_ctx if g.window is None else g.capacity  # slot = position mod cap
+            for j, r in enumerate(path):  # r >= j: a destination is never a later source
+                if r != j:
+                    for il in g.layers:
+                        g.k[il][:, (p0 + j) % cap] = g.k[il][:, (p0 + r) % cap]
+                        g.v[il][:, (p0 + j) % cap] = g.v[il][:, (p0 + r) % cap]
+            g.slot_pos[torch.arange(p0, self.n_past, device=self.device) % cap] = -1
+            keep = torch.arange(p0, p0 + len(path), device=self.device)
+            g.slot_pos[keep % cap] = keep
+        self.n_past = p0 + len(path)
 
     def _begin_static(self, pos: torch.Tensor, n_read: int) -> None:
         self._pos = pos
@@ -183,6 +251,8 @@ class KVCache:
         build each group's attention mask [T, S]."""
         if self._static is not None:
             return self._begin_static(*self._static)
+        if self._tree is not None:
+            return self._begin_tree(pos)
         T = pos.numel()
         p0, p1 = int(pos[0]), int(pos[-1]) + 1
         if p0 != self.n_past or p1 - p0 != T:

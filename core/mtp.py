@@ -70,12 +70,15 @@ class MTPContext:
             c.truncate(p)
         self.first_row = [False] * self.n_heads
 
-    def draft(self, last: int, n_draft: int, pick: Pick, p_min: float = 0.0):
+    def draft(self, last: int, n_draft: int, pick: Pick, p_min: float = 0.0, branches: int = 1):
         """Draft up to n_draft tokens after `last` (the sampled token at position n_past, not yet in
-        any cache). Returns (tokens, q distributions). The next `mirror` must start with `last`."""
+        any cache). Returns (tokens, q distributions, alternatives): with branches > 1 (greedy
+        drafting) the alternatives are the first step's next branches - 1 most likely tokens after
+        the drafted one, which a draft tree verifies beside it. The next `mirror` must start with
+        `last`."""
         p0 = self.n_past
         toks, hs = [last], [self.pending_h]
-        drafts, qs = [], []
+        drafts, qs, alts = [], [], []
         ran = [False] * self.n_heads  # caches that now hold the (last, pending_h) row at p0
         for j in range(self.max_draft(n_draft)):
             ran[j if self.chained else 0] = True
@@ -92,6 +95,9 @@ class MTPContext:
             tok, q, prob = pick(logits[0])
             if prob < p_min:  # not confident enough: verify what we have (possibly nothing)
                 break
+            if j == 0 and branches > 1:
+                top = logits[0].topk(branches).indices.tolist()
+                alts = [t for t in top if t != tok][: branches - 1]
             drafts.append(tok)
             qs.append(q)
             toks.append(tok)
@@ -99,7 +105,7 @@ class MTPContext:
         for j, cache in enumerate(self.caches):  # drop the draft rows, keep the mirrored one
             cache.truncate(p0 + ran[j])
         self.first_row = ran
-        return drafts, qs
+        return drafts, qs, alts
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)

@@ -34,6 +34,7 @@ class RunOptions:
     model_draft: str | None = None  # MTP-only sidecar GGUF
     draft: int = 3
     draft_p_min: float = 0.0
+    draft_branches: int = 1  # > 1: draft trees (greedy only)
     type_k_draft: str = "f16"
     type_v_draft: str = "f16"
     moe_n_expert: int | None = None
@@ -176,6 +177,7 @@ class Runner:
                 self.stats,
                 o.draft_p_min,
                 o.n_ubatch,
+                o.draft_branches,
             )
         else:
             gen = generate(

@@ -5,6 +5,11 @@ Each round: the MTP context drafts up to k tokens after the last sampled token; 
 accepted by the rule below; both caches are rolled back to the accepted length and the accepted rows
 are mirrored into the MTP context with the target's hidden states.
 
+Draft tree (greedy, --draft-branches B > 1): beside the drafted chain, the B - 1 next most likely
+tokens of the first draft step are verified as siblings of d0 in the same batch (each sees only its
+ancestors: `KVCache.tree_batch`); the first position is accepted when any of them is the target's
+argmax, and the accepted path is compacted into consecutive cache slots.
+
 Acceptance rule:
   * greedy (temp <= 0): accept d_j while it equals the target's argmax at row j; the first
     mismatching row (or row k when all match) contributes the target's argmax as a bonus token.
@@ -39,6 +44,8 @@ class SpecStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
+    branches: int = 1  # candidates verified at the first draft position (draft tree when > 1)
+    accepted_alternatives: int = 0  # rounds whose first position was accepted on an alternative
     draft_seconds: float = 0.0  # MTP forward passes while drafting
     verify_seconds: float = 0.0  # target verification passes + mirroring accepted rows
 
@@ -58,6 +65,8 @@ class SpecStats:
             if self.draft_tokens
             else 0.0,
             "accepted_per_position": list(self.accepted_per_position),
+            "draft_branches": self.branches,
+            "accepted_alternatives": self.accepted_alternatives,
             "acceptance_per_position": [
                 a / self.drafts if self.drafts else 0.0 for a in self.accepted_per_position
             ],
@@ -135,6 +144,33 @@ def _accept(s: _Sampler, logits, drafts: list[int], qs: list, history: list[int]
     return len(drafts), s.target_token(row(len(drafts)), history + drafts)
 
 
+def _verify(model, cache: KVCache, s: _Sampler, last: int, drafts, qs, alts, history):
+    """One verification batch: the trunk over [last, drafts..., alternatives...] (a draft tree when
+    there are alternatives), the LM head only on the rows the acceptance rule reads. Returns
+    (accepted tokens, next token, the batch rows kept, their tokens [n] and hidden states [n, H])
+    with the cache holding exactly the kept rows."""
+    p0 = cache.n_past
+    batch = torch.tensor([last, *drafts, *alts])
+    if not alts:
+        _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [k+1, H]
+        row = functools.partial(_head_row, model, v_h)
+        n_acc, nxt = _accept(s, row, drafts, qs, history)
+        cache.truncate(p0 + n_acc + 1)  # keep last + accepted drafts; rejected rows vanish
+        return drafts[:n_acc], nxt, batch[: n_acc + 1], v_h[: n_acc + 1]
+    with cache.tree_batch([-1, *range(len(drafts)), *[0] * len(alts)]):
+        _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [1+k+b, H]
+    row = functools.cache(functools.partial(_head_row, model, v_h))
+    t = s.target_token(row(0), history)
+    if t in alts:  # an alternative is the target's token: it and its bonus token
+        r = 1 + len(drafts) + alts.index(t)
+        path, acc, nxt = [0, r], [t], s.target_token(row(r), [*history, t])
+    else:  # the chain, by the linear rule (row 0 already computed)
+        n_acc, nxt = _accept(s, row, drafts, qs, history)
+        path, acc = list(range(n_acc + 1)), drafts[:n_acc]
+    cache.commit_path(p0, path)
+    return acc, nxt, batch[path], v_h[path]
+
+
 def _prefill(
     model, cache: KVCache, mtp: MTPContext, ids: Sequence[int], n_ubatch: int
 ) -> torch.Tensor:
@@ -166,9 +202,14 @@ def speculative_generate(
     stats: GenStats | None = None,
     p_min: float = 0.0,
     n_ubatch: int = 512,
+    branches: int = 1,
 ) -> Iterator[int]:
-    """Like `generate`, with MTP drafting; `spec` collects the speculative statistics."""
+    """Like `generate`, with MTP drafting; `spec` collects the speculative statistics. branches > 1:
+    draft trees (greedy decoding and the torch attention path only)."""
     stats = stats if stats is not None else GenStats()
+    if branches > 1 and (params.temp > 0 or cache.attn_kernel != "torch"):
+        raise LlmkitError("--draft-branches > 1 needs greedy decoding (--temp 0) on the CPU path")
+    spec.branches = branches
     if cache.n_past + len(prompt) > cache.n_ctx:
         raise LlmkitError(
             f"prompt is too long: {cache.n_past + len(prompt)} tokens do not fit the "
@@ -203,27 +244,23 @@ def speculative_generate(
                 stats.stop_reason = "context full"
                 return
             k = min(spec.draft_max, room, n_predict - n_gen - 1 if n_predict >= 0 else room)
+            b = min(branches, room - k + 1)  # the alternatives take room too
             t0 = time.perf_counter()
-            drafts, qs = mtp.draft(last, k, s.pick_draft, p_min) if k > 0 else ([], [])
+            drafts, qs, alts = mtp.draft(last, k, s.pick_draft, p_min, b) if k > 0 else ([], [], [])
             t1 = time.perf_counter()
-            batch = torch.tensor([last, *drafts])
-            # the trunk over all k+1 rows; the LM head row by row, only as far as the acceptance
-            # rule reads (rows after a rejection never pay it: the head is up to half a step)
-            _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [k+1, H]
-            row = functools.partial(_head_row, model, v_h)
-            n_acc, nxt = _accept(s, row, drafts, qs, history)
-            cache.truncate(p0 + n_acc + 1)  # keep last + accepted drafts; rejected rows vanish
-            mtp.mirror(batch[: n_acc + 1], v_h[: n_acc + 1])
+            acc, nxt, kept, kept_h = _verify(model, cache, s, last, drafts, qs, alts, history)
+            mtp.mirror(kept, kept_h)
             t2 = time.perf_counter()
             spec.draft_seconds += t1 - t0
             spec.verify_seconds += t2 - t1
             stats.decode_steps += 1
-            stats.decode_tokens += n_acc + 1
+            stats.decode_tokens += len(acc) + 1
             stats.decode_seconds += t2 - t0
             if drafts:
                 spec.drafts += 1
                 spec.draft_tokens += len(drafts)
-                spec.accepted_tokens += n_acc
-                for i in range(n_acc):
+                spec.accepted_tokens += len(acc)
+                spec.accepted_alternatives += int(bool(acc) and acc[0] != drafts[0])
+                for i in range(len(acc)):
                     spec.accepted_per_position[i] += 1
-            pending = [*drafts[:n_acc], nxt]
+            pending = [*acc, nxt]

@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("-t", default="2", help="threads")
     ap.add_argument("--draft", default="1,2,3")
     ap.add_argument("--p-min", default="0", help="--draft-p-min values (comma list)")
+    ap.add_argument("--branches", default="1", help="--draft-branches values (comma list)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None, help="also write the JSON records here")
     a = ap.parse_args()
@@ -37,13 +38,13 @@ def main() -> None:
     for m in a.models:
         base += ["-m", m]
     base += ["-p", "0", "-n", a.n, "-r", a.r, "-t", a.t, "--mtp", "0,1", "--draft", a.draft]
-    base += ["--draft-p-min", a.p_min]
+    base += ["--draft-p-min", a.p_min, "--draft-branches", a.branches]
     base += ["--prompt-file", str(HELDOUT), "--device", a.device]
     res = subprocess.run([*base, "-o", "json"], check=True, stdout=subprocess.PIPE, text=True)
     if a.json:
         Path(a.json).write_text(res.stdout)
-    print("| model | mtp | draft | p_min | tg t/s | accept/pos | acc len | speedup |")
-    print("| --- | --- | --- | --- | ---: | --- | ---: | ---: |")
+    print("| model | mtp | draft | p_min | branches | tg t/s | accept/pos | acc len | speedup |")
+    print("| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: |")
     for r in json.loads(res.stdout):
         if r.get("n_gen", 0) == 0:
             continue
@@ -54,6 +55,7 @@ def main() -> None:
         print(
             f"| {r['model_type']} | {r['mtp']} | {r.get('n_draft') or '-'} | "
             f"{'-' if r.get('draft_p_min') is None else r['draft_p_min']} | "
+            f"{r.get('draft_branches') or '-'} | "
             f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} | {pos} | {acc} | {sp} |"
         )
 

@@ -143,6 +143,21 @@ def test_draft_p_min_sweep_gates_drafting(tiny, capsys, monkeypatch):
     assert head[5:8] == ["mtp", "draft", "p_min"]
 
 
+def test_draft_branches_sweep_adds_a_column_and_alternatives(tiny, capsys, monkeypatch):
+    args = ["-m", tiny["step35"], *FAST, "--mtp", "1", "--draft", "1", "--draft-branches", "1,3"]
+    recs, _ = bench_json(capsys, monkeypatch, *args)
+    assert [(r["test"], r["draft_branches"]) for r in recs] == [("pp16", None), ("tg8", 1),
+                                                                ("tg8", 3)]  # fmt: skip
+    linear, tree = recs[1:]
+    assert tree["accepted_tokens"] >= linear["accepted_tokens"]
+    rc, out, err = llm(capsys, monkeypatch, "bench", *args, "--no-warmup", "-r", 1)
+    assert rc == 0, err
+    head = [c.strip() for c in out.splitlines()[0].strip("|").split("|")]
+    assert head[5:8] == ["mtp", "draft", "branches"]
+    rc, _, err = llm(capsys, monkeypatch, "bench", "-m", tiny["step35"], "--draft-branches", "2")
+    assert rc == 1 and "--draft-branches shapes MTP drafting: it needs --mtp 1" in err
+
+
 def test_kv_type_and_depth_sweep(tiny, capsys, monkeypatch):
     args = ["-m", tiny["gemma3"], "-p", 8, "-n", 4, "-r", 1, "-d", "0,8", "--no-warmup"]
     recs, _ = bench_json(capsys, monkeypatch, *args, "-ctk", "f16,q8_0", "-ctv", "q4_0")

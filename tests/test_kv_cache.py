@@ -95,3 +95,49 @@ def test_quantized_cache_round_trips_with_ggml_error(kind):
     assert c.nbytes() == 2 * 2 * 16 * (64 // 32) * (34 if kind == "q8_0" else 18)
     with pytest.raises(LlmkitError, match="multiple of 32"):
         KVCache({0: LayerKV(1, 40, 40)}, 8, type_k=kind)
+
+
+def _tree_step(c, parents, values):
+    """A draft-tree batch storing `values` (one per row) as keys; returns positions and masks."""
+    with c.tree_batch(parents):
+        pos = c.positions(len(parents))
+        c.begin(pos)
+        kv = torch.tensor(values, dtype=torch.float32)[:, None, None].expand(-1, 1, 2)
+        return pos, c.update(0, kv, kv), c.update(1, kv, kv)
+
+
+def test_draft_tree_rows_see_only_their_ancestors():
+    c = _cache(window=4, margin=4)  # ring of 8 slots: 5 tree rows + the 3 before
+    for _ in range(9):
+        _step(c, 1)
+    # rows: 0 root, 1 chain child, 2 grandchild, 3 and 4 siblings of row 1
+    pos, (K, _, m_full), (Ks, _, m_swa) = _tree_step(c, [-1, 0, 1, 0, 0], [9, 10, 11, 20, 21])
+    assert pos.tolist() == [9, 10, 11, 10, 10]
+    assert K[0, m_full[3], 0].tolist() == [float(i) for i in range(10)] + [20.0]
+    assert sorted(Ks[0, m_swa[2], 0].tolist()) == [8.0, 9.0, 10.0, 11.0]  # window 4
+    assert sorted(Ks[0, m_swa[4], 0].tolist()) == [7.0, 8.0, 9.0, 21.0]  # not its siblings
+
+
+@pytest.mark.parametrize("path", [[0], [0, 1, 2], [0, 3], [0, 4]])
+def test_commit_path_compacts_the_accepted_rows(path):
+    c = _cache(window=4, margin=4)
+    for _ in range(9):
+        _step(c, 1)
+    values = [9, 10, 11, 20, 21]
+    _tree_step(c, [-1, 0, 1, 0, 0], values)
+    c.commit_path(9, path)
+    assert c.n_past == 9 + len(path)
+    pos, (K, _, m_full), (Ks, _, m_swa) = _step(c, 1)  # the next token sees the kept path only
+    kept = [float(values[r]) for r in path]
+    assert K[0, m_full[0], 0].tolist() == [float(i) for i in range(9)] + kept + [float(pos[0])]
+    want = ([float(i) for i in range(9)] + kept + [float(pos[0])])[-4:]
+    assert sorted(Ks[0, m_swa[0], 0].tolist()) == sorted(want)
+
+
+def test_draft_tree_must_be_a_tree():
+    c = _cache()
+    _step(c, 2)
+    for bad in ([0, 0], [-1, 1], [-1, 0, 3]):
+        with pytest.raises(LlmkitError, match="not a draft tree"):
+            with c.tree_batch(bad):
+                pass

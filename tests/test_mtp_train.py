@@ -121,7 +121,11 @@ def test_written_head_is_lossless_through_llm_run(trained, capsys, monkeypatch):
     args = ["run", "-m", base, "-p", "the cat", "-n", 24, "--temp", 0, "--no-display-prompt"]
     rc, plain, _ = llm(capsys, monkeypatch, *args)
     assert rc == 0 and plain
-    for extra in (["-md", cfg.out, "--mtp", "--draft", 3], ["--mtp", "--draft", 2]):
+    for extra in (
+        ["-md", cfg.out, "--mtp", "--draft", 3],
+        ["--mtp", "--draft", 2],
+        ["--mtp", "--draft", 1, "--draft-branches", 3],  # a draft tree over the trained head
+    ):
         model = base if "-md" in extra else cfg.merge
         rc, out, err = llm(capsys, monkeypatch, *args[:2], model, *args[3:], *extra)
         assert rc == 0, err

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cli_run import llm as run_llm
+from llmkit.core.errors import LlmkitError
 from llmkit.core.sampling import SamplerParams
 from llmkit.core.speculative import _accept, _Sampler
 
@@ -77,14 +78,13 @@ def _plain(lm, prompt, n, kv="f16"):
     return list(generate(lm.model, cache, prompt, make_sampler(SamplerParams(temp=0)), n))
 
 
-def _spec(lm, prompt, n, k, kv="f16", params=None):
+def _spec(lm, prompt, n, k, kv="f16", params=None, branches=1):
     cache = lm.new_cache(N_CTX, MARGIN, kv, kv)
     mtp = MTPContext(lm.model, N_CTX, MARGIN, kv, kv)
     spec, gen = SpecStats(k), GenStats()
+    p = params or SamplerParams(temp=0)
     out = list(
-        speculative_generate(
-            lm.model, cache, mtp, prompt, params or SamplerParams(temp=0), spec, n, stats=gen
-        )
+        speculative_generate(lm.model, cache, mtp, prompt, p, spec, n, stats=gen, branches=branches)
     )
     spec.rounds = gen.decode_steps  # verification rounds, including ones with nothing to draft
     return out, spec, mtp
@@ -243,6 +243,8 @@ def test_cli_mtp_stats_and_bad_input(files, capsys, monkeypatch, tmp_path):
         (["--moe-n-expert", 0], "--moe-n-expert"),
         (["--moe-n-expert", 9], "--moe-n-expert"),
         (["--mtp", "--draft-p-min", 2], "--draft-p-min"),
+        (["--mtp", "--draft-branches", 0], "--draft-branches must be >= 1"),
+        (["--mtp", "--draft-branches", 2, "--temp", 0.7], "needs --mtp and greedy decoding"),
     ]
     for extra, msg in bad:
         rc, out, err = llm(*base, *extra)
@@ -307,13 +309,40 @@ def test_n_predict_limits_match_plain_generation(files):
         assert _spec(lm, PROMPTS[0], n, 3)[0] == _plain(lm, PROMPTS[0], n)
 
 
-@pytest.mark.parametrize("name", ["full", "single"])
-def test_mtp_cache_after_rounds_equals_a_fresh_mirror(files, name):
+@pytest.mark.parametrize(
+    "name, kv, k",
+    [("full", "f16", 1), ("hd32", "q8_0", 3), ("hd32", "f16", 2), ("single", "f16", 3)],
+)
+def test_draft_trees_are_lossless_and_accept_alternatives(files, name, kv, k):
+    """Alternatives at the first draft position, verified as siblings in one batch: the output is
+    still the plain greedy output (through sliding rings that wrap), and some rounds are won by an
+    alternative the linear chain would have lost."""
+    lm = load_model(files[name], mtp=True)
+    alt = linear_acc = tree_acc = 0
+    for prompt in PROMPTS:
+        base = _plain(lm, prompt, 60, kv)
+        out, spec, _ = _spec(lm, prompt, 60, k, kv, branches=3)
+        assert out == base, (name, prompt, k)
+        alt += spec.accepted_alternatives
+        tree_acc += spec.accepted_per_position[0] / spec.drafts
+        lin = _spec(lm, prompt, 60, k, kv)[1]
+        linear_acc += lin.accepted_per_position[0] / lin.drafts
+    assert alt > 0 and tree_acc > linear_acc
+
+
+def test_draft_trees_need_greedy_decoding(files):
+    lm = load_model(files["single"], mtp=True)
+    with pytest.raises(LlmkitError, match="greedy"):
+        _spec(lm, PROMPTS[0], 8, 1, params=SamplerParams(temp=0.8, seed=1), branches=2)
+
+
+@pytest.mark.parametrize("name, branches", [("full", 1), ("single", 1), ("single", 3)])
+def test_mtp_cache_after_rounds_equals_a_fresh_mirror(files, name, branches):
     """Drafting keeps each round's first row (token `last`, the target hidden) as the mirrored
     row: after many rounds the MTP caches hold what mirroring every accepted token would write."""
     lm = load_model(files[name], mtp=True)
     prompt = PROMPTS[0]
-    out, spec, mtp = _spec(lm, prompt, 50, 3)
+    out, spec, mtp = _spec(lm, prompt, 50, 3, branches=branches)
     assert spec.drafts > 0 and 0 < spec.accepted_tokens < spec.draft_tokens
     ids = torch.tensor(prompt + out)[: mtp.n_past]
     cache, fresh = lm.new_cache(N_CTX, MARGIN), MTPContext(lm.model, N_CTX, MARGIN)
