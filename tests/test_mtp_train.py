@@ -184,9 +184,9 @@ def test_sidecar_identity_and_bad_input(trained, tmp_path, capsys, monkeypatch):
 
 # -- shipped heads on the real models --------------------------------------------------------
 SHIPPED = {"smollm2-135m": "smollm_gguf", "gemma3-270m": "gemma_gguf"}
-# regression floors: the shipped heads measure 0.34 (smollm2) and 0.30 (gemma3) in this test; the
-# previous, shorter-trained heads measured 0.22 and 0.17, below these floors
-FLOORS = {"smollm2-135m": 0.25, "gemma3-270m": 0.2}
+# regression floors: the shipped heads measure 0.43 (smollm2) and 0.30 (gemma3) in this test; the
+# previous heads measured 0.34 (smollm2, lr 8e-4 on half the text) and 0.17 (gemma3), below them
+FLOORS = {"smollm2-135m": 0.38, "gemma3-270m": 0.2}
 
 
 @pytest.mark.slow
@@ -208,17 +208,21 @@ def test_shipped_head_loads_and_accepts(name, request):
     assert lm.model.n_mtp_heads >= 1 and lm.config.n_layer == n_main
     tok = load_tokenizer(lm.metadata)
     prompts = [p for p in HELDOUT.read_text().split("\n\n") if p.strip()][:3]  # fixed set
-    spec = SpecStats(draft_max=1)
-    for p in prompts:
-        ids = tok.encode(p)
-        mtp = MTPContext(lm.model, 512, 64)
-        for _ in speculative_generate(
-            lm.model, lm.new_cache(512, 64), mtp, ids, SamplerParams(temp=0), spec, 32
-        ):
-            pass
-    acc = spec.accepted_tokens / spec.draft_tokens
+    acc = {}
+    for branches in (1, 3):
+        spec = SpecStats(draft_max=1)
+        for p in prompts:
+            ids = tok.encode(p)
+            mtp = MTPContext(lm.model, 512, 64)
+            for _ in speculative_generate(
+                lm.model, lm.new_cache(512, 64), mtp, ids, SamplerParams(temp=0), spec, 32,
+                branches=branches,
+            ):  # fmt: skip
+                pass
+        acc[branches] = spec.accepted_tokens / spec.draft_tokens
     # an untrained head gets 0.0; full held-out figures in docs/BENCHMARKS.md (trained MTP heads)
-    assert acc >= FLOORS[name], acc
+    assert acc[1] >= FLOORS[name], acc
+    assert acc[3] > acc[1], acc  # a draft tree also accepts the head's 2nd and 3rd choices
     assert lm.model.draft_vocab is not None  # the head's shortlist is in use
 
 
