@@ -182,32 +182,6 @@ class KVCache:
         finally:
             self._tree = None
 
-    def _begin_tree(self, pos: torch.Tensor) -> None:
-        T, p0 = pos.numel(), self.n_past
-        if p0 + T > self.n_ctx:
-            raise LlmkitError(
-                f"context is full: {p0 + T} tokens exceed the context size {self.n_ctx}"
-            )
-        anc = self._tree[1]
-        self._pos = pos
-        for g in self.groups.values():
-            if g.window is not None and g.capacity < self.n_ctx and T + g.window - 1 > g.capacity:
-                raise LlmkitError(
-                    f"draft tree of {T} rows does not fit the sliding-window ring "
-                    f"({g.capacity} slots, window {g.window})"
-                )
-            slots = torch.arange(p0, p0 + T, device=self.device)
-            g.slots = slots if g.window is None else slots % g.capacity
-            g.slot_pos[g.slots] = pos
-            g.n_read = p0 + T if g.window is None else min(g.capacity, p0 + T)
-            kp = g.slot_pos[: g.n_read]
-            dist = pos[:, None] - kp[None, :]
-            g.mask = (kp[None, :] >= 0) & (dist >= 0)
-            if g.window is not None:
-                g.mask &= dist < g.window
-            g.mask[:, g.slots] = anc  # tree rows: ancestors and self only
-        self.n_past = p0 + T
-
     def commit_path(self, p0: int, path: list[int]) -> None:
         """After a tree batch begun at position p0: keep rows `path` (row 0 first, then one child
         per level) at positions p0, p0 + 1, ..., moving their K/V into those slots; forget the rest."""
@@ -247,22 +221,27 @@ class KVCache:
         return attention(q, K, V, mask, scale)
 
     def begin(self, pos: torch.Tensor) -> None:
-        """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past) and
-        build each group's attention mask [T, S]."""
+        """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past; in a
+        tree batch, n_past + each row's depth) and build each group's attention mask [T, S]. Row i
+        takes slot n_past + i (modulo a sliding ring's capacity)."""
         if self._static is not None:
             return self._begin_static(*self._static)
-        if self._tree is not None:
-            return self._begin_tree(pos)
-        T = pos.numel()
-        p0, p1 = int(pos[0]), int(pos[-1]) + 1
-        if p0 != self.n_past or p1 - p0 != T:
-            raise LlmkitError(f"KV cache expects positions {self.n_past}.., got {p0}..{p1 - 1}")
+        T, p0 = pos.numel(), self.n_past
+        p1 = p0 + T
+        if self._tree is None:
+            slots = pos
+            if int(pos[0]) != p0 or int(pos[-1]) + 1 != p1:
+                raise LlmkitError(
+                    f"KV cache expects positions {p0}.., got {int(pos[0])}..{int(pos[-1])}"
+                )
+        else:
+            slots = torch.arange(p0, p1, device=self.device)
         if p1 > self.n_ctx:
             raise LlmkitError(f"context is full: {p1} tokens exceed the context size {self.n_ctx}")
         self._pos = pos
         for g in self.groups.values():
             if g.window is None:
-                g.slots = pos
+                g.slots = slots
                 g.slot_pos[p0:p1] = pos
                 g.n_read = p1
                 kp = g.slot_pos[:p1]
@@ -274,12 +253,14 @@ class KVCache:
                         f"batch of {T} tokens does not fit the sliding-window ring "
                         f"({g.capacity} slots, window {g.window}); use smaller batches"
                     )
-                g.slots = pos % g.capacity
+                g.slots = slots % g.capacity
                 g.slot_pos[g.slots] = pos
                 g.n_read = min(g.capacity, p1)  # before the ring wraps only slots < p1 were written
                 kp = g.slot_pos[: g.n_read]
                 dist = pos[:, None] - kp[None, :]
                 g.mask = (kp[None, :] >= 0) & (dist >= 0) & (dist < g.window)
+            if self._tree is not None:  # tree rows see their ancestors and themselves only
+                g.mask[:, g.slots] = self._tree[1]
         self.n_past = p1
 
     def update(self, il: int, k: torch.Tensor, v: torch.Tensor):

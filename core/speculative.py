@@ -23,6 +23,7 @@ Acceptance rule:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -146,28 +147,27 @@ def _accept(s: _Sampler, logits, drafts: list[int], qs: list, history: list[int]
 
 def _verify(model, cache: KVCache, s: _Sampler, last: int, drafts, qs, alts, history):
     """One verification batch: the trunk over [last, drafts..., alternatives...] (a draft tree when
-    there are alternatives), the LM head only on the rows the acceptance rule reads. Returns
-    (accepted tokens, next token, the batch rows kept, their tokens [n] and hidden states [n, H])
-    with the cache holding exactly the kept rows."""
+    there are alternatives). Returns (accepted tokens, next token, kept tokens [n], their hidden
+    states [n, H]), the cache then holding exactly the kept rows."""
     p0 = cache.n_past
     batch = torch.tensor([last, *drafts, *alts])
-    if not alts:
-        _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [k+1, H]
-        row = functools.partial(_head_row, model, v_h)
-        n_acc, nxt = _accept(s, row, drafts, qs, history)
-        cache.truncate(p0 + n_acc + 1)  # keep last + accepted drafts; rejected rows vanish
-        return drafts[:n_acc], nxt, batch[: n_acc + 1], v_h[: n_acc + 1]
-    with cache.tree_batch([-1, *range(len(drafts)), *[0] * len(alts)]):
-        _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [1+k+b, H]
+    parents = [-1, *range(len(drafts)), *[0] * len(alts)]
+    with cache.tree_batch(parents) if alts else contextlib.nullcontext():
+        _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [1 + k + b, H]
+    # the LM head row by row, only where the acceptance rule reads (rows after a rejection never
+    # pay it: the head is up to half a step)
     row = functools.cache(functools.partial(_head_row, model, v_h))
-    t = s.target_token(row(0), history)
-    if t in alts:  # an alternative is the target's token: it and its bonus token
+    t = s.target_token(row(0), history) if alts else None
+    if t is not None and t in alts:  # an alternative is the target's token: it and its bonus
         r = 1 + len(drafts) + alts.index(t)
         path, acc, nxt = [0, r], [t], s.target_token(row(r), [*history, t])
-    else:  # the chain, by the linear rule (row 0 already computed)
+    else:  # the chain, by the rule above
         n_acc, nxt = _accept(s, row, drafts, qs, history)
         path, acc = list(range(n_acc + 1)), drafts[:n_acc]
-    cache.commit_path(p0, path)
+    if alts:
+        cache.commit_path(p0, path)
+    else:
+        cache.truncate(p0 + len(path))  # keep last + accepted drafts; rejected rows vanish
     return acc, nxt, batch[path], v_h[path]
 
 
