@@ -8,8 +8,8 @@ seed; no download) plus text each base model writes itself from varied prompts
 (core/mtp_train/prompts.py). The held-out evaluation prompts (tests/data/mtp_heldout_prompts.txt)
 are checked to appear nowhere in the training text; the dev prompts (tests/data/mtp_dev_prompts.txt,
 written apart from them) are scored during training and were the only ones used to pick settings.
-Settings per model below; `--minutes` caps
-training-loop time (the data step comes first and is not capped).
+Settings per model below; `--minutes` caps training-loop time (the data step comes first and is not
+capped).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ PRESETS = {
     # shortlist. Gemma's 262k-row head makes generation and steps costlier: less text, one draft
     # position (on CPU only draft 1 can pay off for it: a verify row costs a whole step there,
     # docs/BENCHMARKS.md). SmolLM2's lr of 2e-3 reached in 600 steps the held-out agreement that
-    # 8e-4 reached in 2100 (docs/BENCHMARKS.md).
+    # 8e-4 reached near step 900, and went on past 8e-4's plateau (docs/BENCHMARKS.md).
     "smollm2-135m": dict(
         generate=300000,
         lr=2e-3,
