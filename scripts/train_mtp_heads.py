@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="override the preset's")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's")
     ap.add_argument("--depth", type=int, default=None, help="override the preset's")
+    ap.add_argument("--generate", type=int, default=None, help="override the preset's")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -108,7 +109,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     preset = dict(PRESETS[a.model])
-    for k in ("hidden_weight", "steps", "depth", "lr"):
+    for k in ("hidden_weight", "steps", "depth", "lr", "generate"):
         if getattr(a, k) is not None:
             preset[k] = getattr(a, k)
     t0 = time.perf_counter()
