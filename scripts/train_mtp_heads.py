@@ -35,7 +35,7 @@ PRESETS = {
     # shortlist. Gemma's 262k-row head makes generation and steps costlier: less text, one draft
     # position (on CPU only draft 1 can pay off for it: a verify row costs a whole step there,
     # docs/BENCHMARKS.md). SmolLM2's lr of 2e-3 reached in 600 steps the held-out agreement that
-    # 8e-4 reached near step 900, and went on past 8e-4's plateau; the same lr with 2.5x the text
+    # 8e-4 reached near step 900, and went on past 8e-4's plateau; the same lr with about twice the text
     # raised Gemma's held-out acceptance from 0.27 to 0.32 (docs/BENCHMARKS.md). The shipped heads
     # ran with --minutes 40 (smollm2) and --minutes 30 (gemma3).
     "smollm2-135m": dict(

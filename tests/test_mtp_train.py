@@ -186,7 +186,7 @@ def test_sidecar_identity_and_bad_input(trained, tmp_path, capsys, monkeypatch):
 SHIPPED = {"smollm2-135m": "smollm_gguf", "gemma3-270m": "gemma_gguf"}
 # regression floors: the shipped heads measure 0.43 (smollm2) and 0.41 (gemma3) in this test; the
 # previous heads measured 0.34 (smollm2, lr 8e-4 on half the text) and 0.30 (gemma3, lr 8e-4 on
-# 40% of the text), below them
+# half the text), below them
 FLOORS = {"smollm2-135m": 0.38, "gemma3-270m": 0.35}
 
 
