@@ -43,7 +43,7 @@ _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback
     (set LLMKIT_DEBUG=1 to see one)."""
-    from llmkit.core.errors import LlmkitError
+    from llmkit.errors import LlmkitError
 
     debug = os.environ.get("LLMKIT_DEBUG") == "1"
     try:

@@ -11,7 +11,7 @@ import typer
 
 def _floats(flag: str, value: str) -> list[float]:
     """A comma list of numbers, duplicates dropped (order kept)."""
-    from llmkit.core.errors import LlmkitError
+    from llmkit.errors import LlmkitError
 
     out = []
     for part in value.split(","):
@@ -26,7 +26,7 @@ def _floats(flag: str, value: str) -> list[float]:
 
 def _ints(flag: str, value: str) -> list[int]:
     """A comma list of integers, duplicates dropped (order kept)."""
-    from llmkit.core.errors import LlmkitError
+    from llmkit.errors import LlmkitError
 
     out = []
     for part in value.split(","):
@@ -161,10 +161,11 @@ def bench(
     """Benchmark models like llama-bench: pp/tg tests, sweeps over comma lists, MTP acceptance."""
     import torch
 
-    from llmkit.core.bench import BenchParams, check_mtp, read_prompt_file, run_bench
-    from llmkit.core.bench_report import FORMATS, environment, render
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.model_cache import DEFAULT_MODEL, resolve_model
+    from llmkit.core.bench.params import BenchParams, read_prompt_file
+    from llmkit.core.bench.report import FORMATS, environment, render
+    from llmkit.core.bench.runner import check_mtp, run_bench
+    from llmkit.core.model.catalog import DEFAULT_MODEL, resolve_model
+    from llmkit.errors import LlmkitError
 
     if output not in FORMATS:
         raise LlmkitError(f"-o: unknown output format {output!r} (use {', '.join(FORMATS)})")

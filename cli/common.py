@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 
 def read_prompt(prompt: str | None, file: Path | None, required: bool = False) -> str | None:

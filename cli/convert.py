@@ -25,8 +25,8 @@ def convert(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from llmkit.cli.common import eprint
-    from llmkit.core.convert import convert as run_convert
-    from llmkit.core.errors import LlmkitError
+    from llmkit.core.convert.hf import convert as run_convert
+    from llmkit.errors import LlmkitError
 
     if no_mtp and mtp_only:
         raise LlmkitError("--no-mtp and --mtp-only exclude each other")

@@ -11,8 +11,8 @@ def models(
     ),
 ) -> None:
     """List cached models; --fetch NAME puts a known model (gemma3-270m, smollm2-135m) in the cache."""
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.model_cache import KNOWN_MODELS, cache_dir, cached_models, resolve_model
+    from llmkit.core.model.catalog import KNOWN_MODELS, cache_dir, cached_models, resolve_model
+    from llmkit.errors import LlmkitError
 
     if fetch:
         if fetch not in KNOWN_MODELS:

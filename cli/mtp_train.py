@@ -57,9 +57,9 @@ def mtp_train(
     import torch
 
     from llmkit.cli.common import eprint
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.model_cache import resolve_model
+    from llmkit.core.model.catalog import resolve_model
     from llmkit.core.mtp_train.train import TrainConfig, train
+    from llmkit.errors import LlmkitError
 
     if device not in ("cpu", "cuda"):
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")

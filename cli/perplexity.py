@@ -27,11 +27,11 @@ def perplexity(
 ) -> None:
     """Perplexity over chunks of -c tokens, scoring the second half of each (llama-perplexity's method)."""
     from llmkit.cli.common import eprint, read_prompt, set_threads
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.model import load_model
-    from llmkit.core.model_cache import resolve_model
+    from llmkit.core.model.catalog import resolve_model
+    from llmkit.core.model.loader import load_model
     from llmkit.core.perplexity import BaseLogprobs, perplexity
     from llmkit.core.tokenizer import load_tokenizer
+    from llmkit.errors import LlmkitError
 
     if kl and kl_base is None:
         raise LlmkitError("--kl-divergence needs --kl-divergence-base FILE (from a base run)")

@@ -28,11 +28,11 @@ def quantize(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.gguf_file import GGUFFile
-    from llmkit.core.gguf_write import write_gguf_streaming
+    from llmkit.core.gguf.imatrix import load_imatrix
+    from llmkit.core.gguf.reader import GGUFFile
+    from llmkit.core.gguf.writer import write_gguf_streaming
+    from llmkit.errors import LlmkitError
     from llmkit.quant.dequant import dequantize
-    from llmkit.quant.imatrix import load_imatrix
     from llmkit.quant.mix import FTYPES, ModelInfo, choose_types, layer_of, parse_type
     from llmkit.quant.quantize import quantize as quantize_tensor
 

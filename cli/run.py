@@ -91,9 +91,9 @@ def run(
 ) -> None:
     """Generate text with a GGUF model; streams tokens, prints llama.cpp-style timings to stderr."""
     from llmkit.cli.common import read_prompt, set_threads
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.runner import Runner, RunOptions
-    from llmkit.core.sampling import SamplerParams
+    from llmkit.core.decode.sampling import SamplerParams
+    from llmkit.core.session import Runner, RunOptions
+    from llmkit.errors import LlmkitError
 
     text = read_prompt(prompt, file)
     if text is None and not conversation:

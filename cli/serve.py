@@ -55,12 +55,12 @@ def serve(
     """Serve a GGUF model: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models,
     /health, /slots, /metrics; parallel slots with continuous batching and a paged KV cache."""
     from llmkit.cli.common import eprint, set_threads
-    from llmkit.core.errors import LlmkitError
-    from llmkit.core.model import load_model
-    from llmkit.core.model_cache import resolve_model
+    from llmkit.core.model.catalog import resolve_model
+    from llmkit.core.model.loader import load_model
     from llmkit.core.serve.engine import ServeOptions
     from llmkit.core.serve.server import HttpOptions, Server
     from llmkit.core.tokenizer import load_tokenizer
+    from llmkit.errors import LlmkitError
 
     for flag, v, lo in (("-np", parallel, 1), ("-ub", batch_size, 1), ("-c", ctx_size, 0)):
         if v < lo:

@@ -26,8 +26,8 @@ def tokenize(
 ) -> None:
     """Tokenize text with the GGUF's tokenizer (ids identical to llama.cpp's)."""
     from llmkit.cli.common import read_prompt
-    from llmkit.core.gguf_file import GGUFFile
-    from llmkit.core.model_cache import resolve_model
+    from llmkit.core.gguf.reader import GGUFFile
+    from llmkit.core.model.catalog import resolve_model
     from llmkit.core.tokenizer import load_tokenizer
 
     text = read_prompt(prompt, file, required=True)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 
 @dataclass

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.weights import QTensor
+from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import _f16, _k_scale_min, _nibbles
+from llmkit.quant.tensor import QTensor
 
 GROUP = 32
 N_MULTIPLE = 16  # the packing kernel's requirement on out_features

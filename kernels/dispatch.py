@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.weights import QTensor
+from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_int4
 from llmkit.quant.dequant import SUPPORTED_TYPES
+from llmkit.quant.tensor import QTensor
 
 GEMV_MAX_ROWS = 16  # M <= this is the GEMV regime (decode, MTP verify); larger M is GEMM (prefill)
 INT4_MAX_ROWS = 64  # packed int4 beats dequantize + fp32 GEMM up to about this M (measured)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634

@@ -15,7 +15,7 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.kernels.triton_gemv import _ALIGN, _CODES, _decode, _lut
 
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 ACT_SILU, ACT_GELU_TANH = 0, 1
 _ACTS = {"silu": ACT_SILU, "gelu_tanh": ACT_GELU_TANH}

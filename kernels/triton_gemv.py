@@ -28,7 +28,7 @@ import triton.language as tl
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 # QTYPE codes (constexpr) for the kernel's static dispatch.
 _CODES = {

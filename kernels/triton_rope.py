@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 ROPE_NORM, ROPE_NEOX = 0, 2  # ggml rope modes (the same codes as core.layers)
 

@@ -37,7 +37,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 # Blocks decoded per step: big enough to amortize Python overhead, small enough that the
 # uint8/fp32 temporaries of one step stay in cache and never grow with the tensor.

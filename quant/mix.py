@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 # llm quantize TYPE -> (llama.cpp ftype number, default tensor type)
 FTYPES: dict[str, tuple[int, QT]] = {

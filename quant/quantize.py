@@ -21,7 +21,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.quant import iquants as iq
 from llmkit.quant import kquants as kq
 

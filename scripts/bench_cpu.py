@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from llmkit.core.model import load_model
-from llmkit.core.model_cache import resolve_model
+from llmkit.core.model.catalog import resolve_model
+from llmkit.core.model.loader import load_model
 
 
 def bench(path, threads, reps, n_prompt, n_gen, dtype):

@@ -44,7 +44,7 @@ def bench_random(types, rows, cols, repeat, imatrix):
 
 
 def bench_model(types, path):
-    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.gguf.reader import GGUFFile
     from llmkit.quant.dequant import dequantize
 
     g = GGUFFile(path)

@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (the SPM vocabulary)
 
-from llmkit.core.gguf_write import write_gguf_streaming  # noqa: E402
+from llmkit.core.gguf.writer import write_gguf_streaming  # noqa: E402
 from llmkit.quant.quantize import quantize  # noqa: E402
 from tests.tiny_models import spm_vocab  # noqa: E402
 

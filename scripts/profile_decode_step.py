@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from llmkit.core import layers
-    from llmkit.core.cuda_graph import GraphDecoder
-    from llmkit.core.model import load_model
+    from llmkit.core.decode.cuda_graph import GraphDecoder
+    from llmkit.core.model.loader import load_model
     from llmkit.kernels import triton_rope
 
     lm = load_model(args.model, device="cuda")

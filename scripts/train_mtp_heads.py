@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.core.model_cache import resolve_model
+from llmkit.core.model.catalog import resolve_model
 from llmkit.core.mtp_train.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]

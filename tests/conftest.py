@@ -18,13 +18,13 @@ def _real_model(ensure):
 
 @pytest.fixture(scope="session")
 def gemma_gguf():
-    from llmkit.core.model_cache import ensure_gemma
+    from llmkit.core.model.catalog import ensure_gemma
 
     return _real_model(ensure_gemma)
 
 
 @pytest.fixture(scope="session")
 def smollm_gguf():
-    from llmkit.core.model_cache import ensure_smollm
+    from llmkit.core.model.catalog import ensure_smollm
 
     return _real_model(ensure_smollm)

@@ -160,7 +160,7 @@ def write_hf_step35(d: Path, gguf_path: Path) -> dict:
     """A Step3.5 hub-layout checkpoint holding the (dequantized) weights of a tiny step35 GGUF."""
     from safetensors.torch import save_file
 
-    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.gguf.reader import GGUFFile
     from llmkit.quant.dequant import dequantize
 
     d.mkdir(parents=True, exist_ok=True)

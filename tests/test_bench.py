@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from cli_run import llm
-from llmkit.core.bench import BUILTIN_PROMPTS, BenchParams, Session, mean_std, plan, rows
-from llmkit.core.bench_report import _params, _size
+from llmkit.core.bench.params import BUILTIN_PROMPTS, BenchParams, mean_std, plan, rows
+from llmkit.core.bench.report import _params, _size
+from llmkit.core.bench.runner import Session
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 from tiny_step35 import write_tiny_step35
 
@@ -184,7 +185,7 @@ def test_prompt_file_gives_real_text_tg_rows(tiny, capsys, monkeypatch):
 
 
 def test_text_context_and_plan_order(tiny):
-    from llmkit.core.model import load_model
+    from llmkit.core.model.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
 
     lm = load_model(tiny["llama"])
@@ -206,8 +207,8 @@ def test_text_context_and_plan_order(tiny):
 
 
 def test_every_repetition_gets_a_new_cache(tiny, monkeypatch):
-    from llmkit.core import model as model_mod
-    from llmkit.core.bench import run_bench
+    from llmkit.core.bench.runner import run_bench
+    from llmkit.core.model import loader as model_mod
 
     calls = []
     orig = model_mod.LoadedModel.new_cache

@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from cli_run import llm
-from llmkit.core.gguf_write import RawTensor
+from llmkit.core.gguf.writer import RawTensor
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 
@@ -211,9 +211,9 @@ def test_chat_mode_reuses_the_cached_prefix(tiny, capsys, monkeypatch, tmp_path)
     s = json.loads(stats.read_text())
     assert s["generated_tokens"] == 10  # -n applies per turn
     # turn 2 only evaluates what follows the cached conversation, not the whole transcript again
-    from llmkit.core.chat import CHATML, render_chat
-    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.gguf.reader import GGUFFile
     from llmkit.core.tokenizer import load_tokenizer
+    from llmkit.core.tokenizer.chat import CHATML, render_chat
 
     tok = load_tokenizer(GGUFFile(tiny["llama"]).metadata)
     sys_msg, u1, u2 = (

@@ -7,10 +7,10 @@ import torch
 
 from hf_checkpoints import write_hf_gemma3, write_hf_llama
 from llmkit.cli.app import main
-from llmkit.core.convert import convert
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.model import load_model
+from llmkit.core.convert.hf import convert
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.model.loader import load_model
+from llmkit.errors import LlmkitError
 
 pytest.importorskip("transformers")
 
@@ -102,9 +102,9 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
 
 def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
     from hf_checkpoints import write_hf_step35
-    from llmkit.core.mtp import MTPContext
-    from llmkit.core.sampling import SamplerParams
-    from llmkit.core.speculative import SpecStats, speculative_generate
+    from llmkit.core.decode.drafter import MTPContext
+    from llmkit.core.decode.sampling import SamplerParams
+    from llmkit.core.decode.speculative import SpecStats, speculative_generate
     from llmkit.quant.dequant import dequantize
     from tiny_step35 import write_tiny_step35
 
@@ -151,7 +151,7 @@ def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    import llmkit.core.convert as conv
+    import llmkit.core.convert.hf as conv
 
     write_hf_llama(tmp_path / "hf")
     calls = {"n": 0}

@@ -5,10 +5,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.weights import QTensor
 from llmkit.kernels import cpu_int4
 from llmkit.kernels.dispatch import GEMV_MAX_ROWS, Backend, DenseLinear, make_linear
 from llmkit.quant.quantize import quantize
+from llmkit.quant.tensor import QTensor
 
 pytestmark = pytest.mark.skipif(not cpu_int4.available(), reason="no packed int4 ops in torch")
 

@@ -15,10 +15,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from llmkit.core import cuda_graph  # noqa: E402
-from llmkit.core.cuda_graph import GraphDecoder  # noqa: E402
-from llmkit.core.errors import LlmkitError  # noqa: E402
-from llmkit.core.model import load_model  # noqa: E402
+from llmkit.core.decode import cuda_graph  # noqa: E402
+from llmkit.core.decode.cuda_graph import GraphDecoder  # noqa: E402
+from llmkit.core.model.loader import load_model  # noqa: E402
+from llmkit.errors import LlmkitError  # noqa: E402
 from tiny_models import write_tiny_gemma3, write_tiny_llama  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,7 +8,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.quant import dequant
 from llmkit.quant.dequant import SUPPORTED_TYPES, dequantize, row_bytes, row_elems
 

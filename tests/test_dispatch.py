@@ -4,8 +4,8 @@ rows (what keeps MTP verification lossless), fused weights split back exactly.""
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.weights import QTensor
 from llmkit.kernels.dispatch import GEMV_MAX_ROWS, Backend, make_linear
+from llmkit.quant.tensor import QTensor
 
 
 def _qt(name, w):

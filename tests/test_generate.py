@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from llmkit.core.chat import CHATML, GEMMA, chat_template, render_chat
-from llmkit.core.errors import LlmkitError
-from llmkit.core.generate import GenStats, generate, prefill
-from llmkit.core.model import load_model
-from llmkit.core.model_cache import resolve_model
+from llmkit.core.decode.loop import GenStats, generate, prefill
+from llmkit.core.model.catalog import resolve_model
+from llmkit.core.model.loader import load_model
+from llmkit.core.tokenizer.chat import CHATML, GEMMA, chat_template, render_chat
+from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_gemma3
 
 

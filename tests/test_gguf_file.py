@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_llama
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.kv_cache import KVCache, LayerKV
+from llmkit.core.cache.kv import KVCache, LayerKV
+from llmkit.errors import LlmkitError
 
 
 def _cache(window=4, margin=3, n_ctx=32):
@@ -84,7 +84,7 @@ def test_plan_reports_bytes_per_group():
 def test_quantized_cache_round_trips_with_ggml_error(kind):
     from gguf import quants as gq
 
-    from llmkit.core.kv_cache import KV_TYPES
+    from llmkit.core.cache.kv import KV_TYPES
 
     c = KVCache({0: LayerKV(2, 64, 64)}, 16, 4, type_k=kind, type_v=kind)
     k = torch.randn(3, 2, 64)

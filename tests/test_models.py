@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmkit.core.model import load_model
+from llmkit.core.model.loader import load_model
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 

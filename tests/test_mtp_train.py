@@ -10,17 +10,15 @@ import pytest
 import torch
 
 from cli_run import llm
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.model import load_model
-from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
-from llmkit.core.mtp import MTPContext
+from llmkit.core.decode.drafter import MTPContext
+from llmkit.core.decode.sampling import SamplerParams
+from llmkit.core.decode.speculative import SpecStats, speculative_generate
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.model.loader import load_model
+from llmkit.core.model.sidecar import BASE_ID_KEY, DRAFT_VOCAB_KEY, HEADS_DIR, base_identity
 from llmkit.core.mtp_train.data import prompt_sequences, to_batch
-from llmkit.core.mtp_train.export import BASE_ID_KEY, base_identity
-from llmkit.core.mtp_train.heads import HEADS_DIR
 from llmkit.core.mtp_train.streams import Batch, hidden_loss
 from llmkit.core.mtp_train.train import TrainConfig, train
-from llmkit.core.sampling import SamplerParams
-from llmkit.core.speculative import SpecStats, speculative_generate
 from llmkit.core.tokenizer import load_tokenizer
 from tiny_models import write_tiny_llama
 

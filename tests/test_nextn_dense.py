@@ -7,15 +7,15 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.model import load_model
-from llmkit.core.mtp import MTPContext
+from llmkit.core.decode.drafter import MTPContext
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.model.loader import load_model
 from llmkit.core.mtp_train.batchgen import BatchedTrunk, topk_teacher
 from llmkit.core.mtp_train.data import Sequence, draft_vocab, to_batch
 from llmkit.core.mtp_train.export import write_merged, write_sidecar
 from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
 from llmkit.core.mtp_train.streams import stream_forward, student_logits
+from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 

@@ -4,11 +4,11 @@ blocks freed, and a batched multi-sequence forward that is bit-identical to lone
 import pytest
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.kv_cache import LayerKV
-from llmkit.core.model import load_model
-from llmkit.core.multiseq import BatchCache
-from llmkit.core.paged_kv import PagedKV
+from llmkit.core.cache.batch import BatchCache
+from llmkit.core.cache.kv import LayerKV
+from llmkit.core.cache.paged import PagedKV
+from llmkit.core.model.loader import load_model
+from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 

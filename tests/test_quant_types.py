@@ -10,9 +10,9 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
+from llmkit.core.gguf.imatrix import load_imatrix
+from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import dequantize
-from llmkit.quant.imatrix import load_imatrix
 from llmkit.quant.mix import ModelInfo, choose_types, parse_type
 from llmkit.quant.quantize import quantize
 

@@ -6,7 +6,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import dequantize
 from llmkit.quant.quantize import quantize
 

@@ -7,9 +7,9 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants as gq
 
 from cli_run import llm
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.gguf_write import RawTensor, encode_tensor
-from llmkit.core.model import load_model
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.gguf.writer import RawTensor, encode_tensor
+from llmkit.core.model.loader import load_model
 from tiny_models import write_tiny_llama
 from tiny_step35 import write_tiny_step35
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.core.generate import generate
-from llmkit.core.model import load_model
+from llmkit.core.decode.loop import generate
+from llmkit.core.model.loader import load_model
 
 DATA = Path(__file__).parent / "data"
 MARGIN = 0.35

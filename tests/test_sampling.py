@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.sampling import SamplerParams, apply_repeat_penalty, filtered_probs, make_sampler
+from llmkit.core.decode.sampling import (
+    SamplerParams,
+    apply_repeat_penalty,
+    filtered_probs,
+    make_sampler,
+)
+from llmkit.errors import LlmkitError
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 3.0, -1.0, 0.0])
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from cli_run import llm as run_llm
-from llmkit.core.errors import LlmkitError
-from llmkit.core.sampling import SamplerParams
-from llmkit.core.speculative import _accept, _Sampler
+from llmkit.core.decode.sampling import SamplerParams
+from llmkit.core.decode.speculative import _accept, _Sampler
+from llmkit.errors import LlmkitError
 
 V = 6
 
@@ -45,11 +45,11 @@ def test_rejection_sampling_reproduces_the_target_distribution():
 
 
 # -- end to end on tiny step35 models ---------------------------------------------------------
-from llmkit.core.generate import GenStats, generate  # noqa: E402
-from llmkit.core.model import load_model  # noqa: E402
-from llmkit.core.mtp import MTPContext  # noqa: E402
-from llmkit.core.sampling import make_sampler  # noqa: E402
-from llmkit.core.speculative import SpecStats, speculative_generate  # noqa: E402
+from llmkit.core.decode.drafter import MTPContext  # noqa: E402
+from llmkit.core.decode.loop import GenStats, generate  # noqa: E402
+from llmkit.core.decode.sampling import make_sampler  # noqa: E402
+from llmkit.core.decode.speculative import SpecStats, speculative_generate  # noqa: E402
+from llmkit.core.model.loader import load_model  # noqa: E402
 from tiny_step35 import write_tiny_step35  # noqa: E402
 
 N_CTX, MARGIN = 160, 8  # rings of window + 8 slots: they wrap many times in these runs

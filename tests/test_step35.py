@@ -10,13 +10,14 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.config import read_config
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.kv_cache import KVCache
+from llmkit.core.cache.kv import KVCache
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.model.config import read_config
+from llmkit.core.model.weights import load_tensors
 from llmkit.core.models import step35
-from llmkit.core.weights import QTensor, load_tensors
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import Backend, make_expert_linear
+from llmkit.quant.tensor import QTensor
 from tiny_step35 import write_tiny_step35
 
 TOKENS = torch.tensor([1, 17, 300, 5, 260, 261, 44, 9, 270, 120, 3, 77, 265, 290, 8, 263])

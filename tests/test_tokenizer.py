@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.tokenizer import CONTROL, NORMAL, USER_DEFINED, Tokenizer, load_tokenizer
 from llmkit.core.tokenizer.stlmap import iteration_order, stl_hash
 from llmkit.core.tokenizer.unicode import BYTE_TO_UNICODE, byte_encode
+from llmkit.errors import LlmkitError
 
 REFS_PATH = Path(__file__).parent / "data" / "tokenizer_refs.json"
 REFS = json.loads(REFS_PATH.read_text())
@@ -33,7 +33,7 @@ STRINGS = REFS["strings"]
 
 
 def _read_metadata(path: Path) -> dict:
-    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.gguf.reader import GGUFFile
 
     return GGUFFile(path).metadata
 

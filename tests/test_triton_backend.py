@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
-from llmkit.core.errors import LlmkitError  # noqa: E402
-from llmkit.core.generate import generate  # noqa: E402
-from llmkit.core.model import load_model  # noqa: E402
+from llmkit.core.decode.loop import generate  # noqa: E402
+from llmkit.core.model.loader import load_model  # noqa: E402
+from llmkit.errors import LlmkitError  # noqa: E402
 from llmkit.kernels.dispatch import Backend, TritonLinear, make_linear  # noqa: E402
 from tiny_models import write_tiny_gemma3, write_tiny_llama  # noqa: E402
 from tiny_step35 import write_tiny_step35  # noqa: E402
@@ -63,8 +63,8 @@ def test_tiny_models_match_the_fp32_path(tmp_path):
 def test_unsupported_type_names_it():
     from gguf import GGMLQuantizationType as QT
 
-    from llmkit.core.weights import QTensor
     from llmkit.quant.quantize import quantize
+    from llmkit.quant.tensor import QTensor
 
     w = quantize(torch.randn(8, 256), QT.Q3_K)
     with pytest.raises(LlmkitError, match="Q3_K"):
@@ -75,7 +75,7 @@ def test_unsupported_type_names_it():
 def test_quantized_kv_cache_read_in_kernel(tmp_path, kv):
     """A q8_0 / q4_0 cache on the Triton path hands the kernel its raw blocks: the logits equal
     the torch path's over the same cache (which dequantizes the blocks before attention)."""
-    from llmkit.core.kv_cache import KVCache
+    from llmkit.core.cache.kv import KVCache
 
     lm = load_model(
         write_tiny_llama(tmp_path / "l.gguf", n_embd=128), device=DEVICE, kernels="triton"

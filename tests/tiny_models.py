@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.gguf_write import encode_tensor, write_gguf
+from llmkit.core.gguf.writer import encode_tensor, write_gguf
 
 PIECES = [
     "▁the",

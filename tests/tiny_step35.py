@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.gguf_write import encode_tensor, write_gguf
+from llmkit.core.gguf.writer import encode_tensor, write_gguf
 from tiny_models import spm_vocab
 
 # per-layer weight types: a mix of block quantizations and floats (all exercised by dequant)

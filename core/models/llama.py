@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.config import gguf
-from llmkit.core.errors import LlmkitError
-from llmkit.core.kv_cache import KVCache, LayerKV
+from llmkit.core.cache.kv import KVCache, LayerKV
 from llmkit.core.layers import ROPE_NORM, add_rms_norm, apply_rope, glu, rms_norm, rope_cache
-from llmkit.core.models.base import Embedding, lm_head, select_rows
+from llmkit.core.model.config import gguf
+from llmkit.core.model.weights import TensorSpec
+from llmkit.core.models.common import Embedding, lm_head, select_rows
 from llmkit.core.models.nextn_dense import (
     DenseNextN,
     build_heads,
@@ -25,8 +25,9 @@ from llmkit.core.models.nextn_dense import (
     nextn_specs,
     split_layers,
 )
-from llmkit.core.weights import QTensor, TensorSpec
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import Backend, make_linear
+from llmkit.quant.tensor import QTensor
 
 
 @dataclass

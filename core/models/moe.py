@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import ExpertLinear
 
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2  # llama.cpp's expert_gating_func enum values

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.kv_cache import KVCache, LayerKV
+from llmkit.core.cache.kv import KVCache, LayerKV
 from llmkit.core.layers import (
     ROPE_NEOX,
     ROPE_NORM,
@@ -39,13 +38,13 @@ from llmkit.core.layers import (
     rope_cache,
     silu,
 )
-from llmkit.core.models.base import begin_mtp_batch, select_rows
-from llmkit.core.weights import QTensor, TensorSpec
+from llmkit.core.model.weights import TensorSpec
+from llmkit.core.models.common import begin_mtp_batch, select_rows
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import make_linear
+from llmkit.quant.tensor import QTensor
 
 KINDS = ("llama", "gemma3")
-# metadata key of a trained head's draft shortlist: uint32 token ids, sorted (core/mtp_train)
-DRAFT_VOCAB_KEY = "llmkit.mtp.draft_vocab"
 NEXTN_NORMS = ("enorm", "hnorm", "shared_head_norm")
 # attend(q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv], scale) -> o [N, Hq * Dv]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]

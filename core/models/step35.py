@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.config import gguf, per_layer
-from llmkit.core.errors import LlmkitError
-from llmkit.core.kv_cache import KVCache, LayerKV
+from llmkit.core.cache.kv import KVCache, LayerKV
 from llmkit.core.layers import ROPE_NEOX, apply_rope, rms_norm, rope_cache
-from llmkit.core.models.base import Embedding, begin_mtp_batch, lm_head, select_rows
+from llmkit.core.model.config import gguf, per_layer
+from llmkit.core.model.weights import TensorSpec
+from llmkit.core.models.common import Embedding, begin_mtp_batch, lm_head, select_rows
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
-from llmkit.core.weights import QTensor, TensorSpec
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import Backend, make_expert_linear, make_linear
+from llmkit.quant.tensor import QTensor
 
 PARTS = ("trunk", "mtp")
 

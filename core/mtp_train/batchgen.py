@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.layers import rms_norm
 from llmkit.core.models.nextn_dense import block_forward, block_rope
+from llmkit.errors import LlmkitError
 
 
 @dataclass

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.mtp_train.batchgen import BatchedTrunk, topk_teacher
 from llmkit.core.mtp_train.prompts import make_prompts
 from llmkit.core.mtp_train.streams import Batch
+from llmkit.errors import LlmkitError
 
 
 @dataclass

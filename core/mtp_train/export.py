@@ -9,7 +9,6 @@ quantization, so one head serves every quant of the same weights) with the embed
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,34 +16,13 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.gguf_write import RawTensor, write_gguf
-from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.gguf.writer import RawTensor, write_gguf
+from llmkit.core.model.sidecar import BASE_ID_KEY, DRAFT_VOCAB_KEY, base_identity
+from llmkit.errors import LlmkitError
 from llmkit.quant.quantize import QUANTIZERS, quantize
 
-BASE_ID_KEY = "llmkit.mtp.base_id"
 OUT_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0}
-
-
-def base_identity(gf: GGUFFile) -> str:
-    """16 hex digits identifying a trunk's weights across quantizations."""
-    arch = gf.architecture
-    md = gf.metadata
-    n_main = int(md.get(f"{arch}.block_count", 0)) - int(md.get(f"{arch}.nextn_predict_layers", 0))
-    emb = gf.tensors.get("token_embd.weight")
-    if emb is None or n_main <= 0:
-        raise LlmkitError(f"{gf.path}: not a base model (no token_embd.weight or no layers)")
-    h = hashlib.sha256(f"{arch}|{list(emb.shape)}|{n_main}".encode())
-    for name in (
-        "output_norm.weight",
-        "blk.0.attn_norm.weight",
-        f"blk.{n_main - 1}.ffn_norm.weight",
-    ):
-        if name in gf.tensors:
-            h.update(name.encode())
-            h.update(gf.torch_raw(name).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _encode(t: torch.Tensor, qtype: QT) -> np.ndarray | RawTensor:

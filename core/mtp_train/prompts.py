@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from llmkit.core.chat import chat_template, render_chat
+from llmkit.core.tokenizer.chat import chat_template, render_chat
 
 TEMPLATES = (
     "Explain {t} to a curious teenager.",

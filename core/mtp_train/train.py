@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.core.errors import LlmkitError
+from llmkit.core.model.sidecar import base_identity
 from llmkit.core.mtp_train import data as D
-from llmkit.core.mtp_train.export import OUT_TYPES, base_identity, write_merged, write_sidecar
+from llmkit.core.mtp_train.export import OUT_TYPES, write_merged, write_sidecar
 from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
 from llmkit.core.mtp_train.streams import (
     distill_loss,
@@ -31,6 +31,7 @@ from llmkit.core.mtp_train.streams import (
     stream_forward,
     student_logits,
 )
+from llmkit.errors import LlmkitError
 
 
 @dataclass
@@ -165,7 +166,7 @@ def _save_ckpt(path: Path, state: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    from llmkit.core.model import load_model
+    from llmkit.core.model.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
 
     cfg.validate()

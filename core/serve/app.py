@@ -19,13 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.serve import anthropic_api, openai_api
 from llmkit.core.serve.engine import Engine
 from llmkit.core.serve.fields import ApiError, Limits
 from llmkit.core.serve.prompt import Prompter
 from llmkit.core.serve.request import Event
 from llmkit.core.serve.request import Request as GenRequest
+from llmkit.errors import LlmkitError
 
 
 def _is_anthropic(request: Request) -> bool:

@@ -27,17 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.multiseq import BatchCache
-from llmkit.core.paged_kv import PagedKV
-from llmkit.core.sampling import make_sampler
+from llmkit.core.cache.batch import BatchCache
+from llmkit.core.cache.paged import PagedKV
+from llmkit.core.decode.sampling import make_sampler
+from llmkit.core.decode.speculative import _accept, _Sampler
 from llmkit.core.serve.metrics import Metrics
 from llmkit.core.serve.mtp_batch import BatchedMTP, DraftJob
 from llmkit.core.serve.policy import DraftPolicy
 from llmkit.core.serve.request import Event, Request
 from llmkit.core.serve.slot import Slot
 from llmkit.core.serve.text import TextOut
-from llmkit.core.speculative import _accept, _Sampler
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import GEMV_MAX_ROWS
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.sampling import SamplerParams
+from llmkit.core.decode.sampling import SamplerParams
+from llmkit.errors import LlmkitError
 
 
 class ApiError(Exception):

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.multiseq import BatchCache
-from llmkit.core.paged_kv import PagedKV, SeqKV
+from llmkit.core.cache.batch import BatchCache
+from llmkit.core.cache.paged import PagedKV, SeqKV
+from llmkit.errors import LlmkitError
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmkit.core.chat import chat_template, render_chat
+from llmkit.core.tokenizer.chat import chat_template, render_chat
 
 
 class Prompter:

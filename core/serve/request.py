@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmkit.core.sampling import SamplerParams
+from llmkit.core.decode.sampling import SamplerParams
 
 _ids = itertools.count(1)
 

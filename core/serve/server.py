@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.serve.app import create_app
 from llmkit.core.serve.engine import Engine, ServeOptions
 from llmkit.core.serve.prompt import Prompter
+from llmkit.errors import LlmkitError
 
 
 @dataclass

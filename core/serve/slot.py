@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from llmkit.core.paged_kv import SeqKV
+from llmkit.core.cache.paged import SeqKV
 from llmkit.core.serve.request import Request
 from llmkit.core.serve.text import TextOut
 

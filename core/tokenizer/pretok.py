@@ -17,7 +17,8 @@ import warnings
 from dataclasses import dataclass
 from itertools import accumulate, pairwise
 
-from ..errors import LlmkitError
+from llmkit.errors import LlmkitError
+
 from .unicode import CATEGORY_ASCII, COLLAPSED, ascii_whitespace, collapse
 
 

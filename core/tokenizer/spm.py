@@ -22,7 +22,8 @@ import struct
 import numpy as np
 import sentencepiece
 
-from ..errors import LlmkitError
+from llmkit.errors import LlmkitError
+
 from .vocab import Vocab
 
 _NORMAL, _UNKNOWN, _BPE = 1, 2, 2

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..errors import LlmkitError
+from llmkit.errors import LlmkitError
+
 from .bpe import BpeEngine
 from .partition import SpecialSplitter
 from .spm import SpmEngine

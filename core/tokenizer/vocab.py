@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import LlmkitError
+from llmkit.errors import LlmkitError
+
 from .pretok import PreTokenizer, pre_tokenizer
 from .stlmap import iteration_order
 

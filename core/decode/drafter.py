@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from llmkit.core.kv_cache import KVCache
+from llmkit.core.cache.kv import KVCache
 
 # pick(logits [V]) -> (token, q) where q is the dense draft distribution it was drawn from (None if
 # greedy) and its probability of the chosen token is used by --draft-p-min

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmkit.core.config import read_config
-from llmkit.core.device import OnDevice, tensors_to
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.core.kv_cache import KVCache
-from llmkit.core.models.nextn_dense import DRAFT_VOCAB_KEY
-from llmkit.core.weights import QTensor, load_tensors, weights_by_type
+from llmkit.core.cache.kv import KVCache
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.model.config import read_config
+from llmkit.core.model.device import OnDevice, tensors_to
+from llmkit.core.model.sidecar import DRAFT_VOCAB_KEY
+from llmkit.core.model.weights import load_tensors, weights_by_type
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import Backend
+from llmkit.quant.tensor import QTensor
 
 # general.architecture -> module under llmkit.core.models (aliases map several names to one file)
 ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3", "step35": "step35"}
@@ -142,7 +143,7 @@ _TRAINED_HEAD_KEY = "llmkit.mtp.base_id"
 def _shipped_head(gf: GGUFFile) -> GGUFFile | None:
     if gf.architecture not in ("llama", "gemma3"):
         return None
-    from llmkit.core.mtp_train.heads import shipped_head
+    from llmkit.core.model.sidecar import shipped_head
 
     p = shipped_head(gf)
     return GGUFFile(p) if p is not None else None
@@ -173,7 +174,7 @@ def load_model(
     if mtp and gd is None and not gf.metadata.get(f"{arch}.nextn_predict_layers"):
         gd = _shipped_head(gf)  # a head trained by `llm mtp-train` and shipped for this model
     if gd is not None and _TRAINED_HEAD_KEY in gd.metadata:
-        from llmkit.core.mtp_train.heads import check_sidecar
+        from llmkit.core.model.sidecar import check_sidecar
 
         check_sidecar(gf, gd)  # no embedding copy: the recorded base identity must match
     elif gd is not None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.layers import attention
+from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import dequantize, row_bytes
 from llmkit.quant.quantize import quantize
 

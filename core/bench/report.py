@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from llmkit.core.bench import BANDWIDTH_BASIS, BUILTIN_PROMPTS, BenchParams, Instance, mean_std
+from llmkit.core.bench.params import (
+    BANDWIDTH_BASIS,
+    BUILTIN_PROMPTS,
+    BenchParams,
+    Instance,
+    mean_std,
+)
 
 FORMATS = ("md", "json", "jsonl", "csv")
 
@@ -81,7 +87,7 @@ def make_record(
 ) -> dict:
     """The record of one instance (every key present in every record, None where it does not
     apply, so CSV columns line up)."""
-    from llmkit.core.generate import GenStats
+    from llmkit.core.decode.loop import GenStats
 
     ts = [inst.n * 1e9 / ns for ns in samples_ns]
     avg_ns, std_ns = mean_std(samples_ns)

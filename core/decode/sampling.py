@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 
 @dataclass

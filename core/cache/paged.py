@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llmkit.core.errors import LlmkitError
-
 # KVCache's typed buffers and writer: the pool uses the same per-layer layout and element types
-from llmkit.core.kv_cache import KV_TYPES, LayerKV, _alloc, _store
+from llmkit.core.cache.kv import KV_TYPES, LayerKV, _alloc, _store
+from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import dequantize
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 L = r"model\.layers\.(\d+)\."
 

@@ -25,8 +25,8 @@ import os
 
 import torch
 
-from llmkit.core.errors import LlmkitError
 from llmkit.core.layers import positions_below
+from llmkit.errors import LlmkitError
 
 MIN_BUCKET = 256
 

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 T = TypeVar("T")
 _MISSING = dataclasses.MISSING

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.weights import QTensor
+from llmkit.errors import LlmkitError
 from llmkit.kernels.dispatch import Backend, make_linear
+from llmkit.quant.tensor import QTensor
 
 
 class Embedding:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.kv_cache import KVCache
+from llmkit.core.cache.kv import KVCache
+from llmkit.errors import LlmkitError
 
 
 @dataclass

@@ -13,10 +13,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmkit.core.chat import chat_template, render_chat
-from llmkit.core.errors import LlmkitError
-from llmkit.core.generate import GenStats, generate
-from llmkit.core.sampling import SamplerParams, make_sampler
+from llmkit.core.decode.loop import GenStats, generate
+from llmkit.core.decode.sampling import SamplerParams, make_sampler
+from llmkit.core.tokenizer.chat import chat_template, render_chat
+from llmkit.errors import LlmkitError
 
 
 @dataclass
@@ -81,8 +81,8 @@ class Runner:
 
     @classmethod
     def open(cls, opts: RunOptions) -> Runner:
-        from llmkit.core.model import load_model
-        from llmkit.core.model_cache import resolve_model
+        from llmkit.core.model.catalog import resolve_model
+        from llmkit.core.model.loader import load_model
         from llmkit.core.tokenizer import load_tokenizer
 
         path = resolve_model(opts.model)
@@ -107,8 +107,8 @@ class Runner:
         cache = lm.new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
         runner = cls(lm, tok, cache, opts)
         if opts.mtp:
-            from llmkit.core.mtp import MTPContext
-            from llmkit.core.speculative import SpecStats
+            from llmkit.core.decode.drafter import MTPContext
+            from llmkit.core.decode.speculative import SpecStats
 
             heads = lm.model.n_mtp_heads
             limit = heads if heads > 1 else 16
@@ -162,7 +162,7 @@ class Runner:
         self.history = self.history[:start]
         m, o = self.lm.model, self.opts
         if self.mtp:
-            from llmkit.core.speculative import speculative_generate
+            from llmkit.core.decode.speculative import speculative_generate
 
             gen = speculative_generate(
                 m,

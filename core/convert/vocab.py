@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 # regexes of known BPE pre-tokenizers (the Split pattern in tokenizer.json) -> llama.cpp pre name
 LLAMA3_RE = (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 
 def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
@@ -31,7 +31,7 @@ def load_imatrix(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _load_gguf(path: Path) -> dict[str, np.ndarray]:
-    from llmkit.core.gguf_file import GGUFFile
+    from llmkit.core.gguf.reader import GGUFFile
 
     gf = GGUFFile(path)
     out = {}

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
 from gguf import quants as gq
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 
 @dataclass

@@ -24,10 +24,10 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
 
-from llmkit.core.convert_archs import ArchPlan, Mapped, plan_for
-from llmkit.core.convert_vocab import vocab_metadata
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_write import add_kv
+from llmkit.core.convert.archs import ArchPlan, Mapped, plan_for
+from llmkit.core.convert.vocab import vocab_metadata
+from llmkit.core.gguf.writer import add_kv
+from llmkit.errors import LlmkitError
 
 OUTTYPES = {"f32": (QT.F32, 0), "f16": (QT.F16, 1), "bf16": (QT.BF16, 32), "q8_0": (QT.Q8_0, 7)}
 SHARED = ("token_embd.weight", "output_norm.weight", "output.weight")

@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.core.errors import LlmkitError
-from llmkit.core.generate import GenStats
-from llmkit.core.kv_cache import KVCache
-from llmkit.core.mtp import MTPContext
-from llmkit.core.sampling import SamplerParams, apply_repeat_penalty, filtered_probs
+from llmkit.core.cache.kv import KVCache
+from llmkit.core.decode.drafter import MTPContext
+from llmkit.core.decode.loop import GenStats
+from llmkit.core.decode.sampling import SamplerParams, apply_repeat_penalty, filtered_probs
+from llmkit.errors import LlmkitError
 
 
 @dataclass

@@ -1,7 +1,6 @@
-"""Model weights as they are stored in the GGUF file, plus the name/shape contract per architecture.
+"""The name/shape contract of an architecture's weights, checked against a GGUF file.
 
-A `QTensor` is a zero-copy view of a tensor's bytes in the memory-mapped file (quantized blocks stay
-quantized). Architectures declare the tensors they expect as data (`TensorSpec`s); `load_tensors`
+Architectures declare the tensors they expect as data (`TensorSpec`s); `load_tensors`
 checks them against the file and fails with one line naming the first missing, unexpected or
 wrongly-shaped tensor.
 """
@@ -11,31 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-from gguf import GGMLQuantizationType as QT
-
-from llmkit.core.errors import LlmkitError
-from llmkit.core.gguf_file import GGUFFile
-from llmkit.quant.dequant import SUPPORTED_TYPES, dequantize
-
-
-@dataclass
-class QTensor:
-    name: str
-    qtype: QT
-    shape: tuple[int, ...]  # numpy order, e.g. (out_features, in_features)
-    raw: torch.Tensor  # uint8 [*shape[:-1], row_bytes], a view of the mmapped file
-
-    @property
-    def nbytes(self) -> int:
-        return self.raw.numel()
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.raw, self.qtype, self.shape, dtype=dtype)
-
-    def rows(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Dequantize only the selected rows (embedding lookup): [len(idx), shape[-1]]."""
-        return dequantize(self.raw[idx], self.qtype, dtype=dtype)
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.errors import LlmkitError
+from llmkit.quant.dequant import SUPPORTED_TYPES
+from llmkit.quant.tensor import QTensor
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.core.errors import LlmkitError
+from llmkit.core.cache.paged import PagedKV, SeqKV, SeqView
 from llmkit.core.layers import attention
-from llmkit.core.paged_kv import PagedKV, SeqKV, SeqView
+from llmkit.errors import LlmkitError
 
 
 class BatchCache:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from llmkit.core.errors import LlmkitError
+from llmkit.errors import LlmkitError
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"

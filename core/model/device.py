@@ -13,9 +13,9 @@ import weakref
 
 import torch
 
-from llmkit.core.cuda_graph import GraphDecoder, graphs_enabled
-from llmkit.core.kv_cache import KVCache
-from llmkit.core.weights import QTensor
+from llmkit.core.cache.kv import KVCache
+from llmkit.core.decode.cuda_graph import GraphDecoder, graphs_enabled
+from llmkit.quant.tensor import QTensor
 
 
 def tensors_to(tensors: dict[str, QTensor], device: torch.device) -> dict[str, QTensor]:
