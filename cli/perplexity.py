@@ -28,7 +28,7 @@ def perplexity(
     """Perplexity over chunks of -c tokens, scoring the second half of each (llama-perplexity's method)."""
     from llmkit.cli.common import eprint, read_prompt, set_threads
     from llmkit.core.model.catalog import resolve_model
-    from llmkit.core.model.loader import load_model
+    from llmkit.core.models.loader import load_model
     from llmkit.core.perplexity import BaseLogprobs, perplexity
     from llmkit.core.tokenizer import load_tokenizer
     from llmkit.errors import LlmkitError

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+
+from llmkit.cli.common import eprint
 
 
 def run(
@@ -90,9 +93,9 @@ def run(
     ),
 ) -> None:
     """Generate text with a GGUF model; streams tokens, prints llama.cpp-style timings to stderr."""
-    from llmkit.cli.common import read_prompt, set_threads
-    from llmkit.core.decode.sampling import SamplerParams
-    from llmkit.core.session import Runner, RunOptions
+    from llmkit.cli.common import read_prompt, set_threads, write_json_atomic
+    from llmkit.cli.report import chat_loop, print_plan, print_timings
+    from llmkit.core.api import LLM, sampler_params
     from llmkit.errors import LlmkitError
 
     text = read_prompt(prompt, file)
@@ -105,21 +108,17 @@ def run(
     if batch_size < 1:
         raise LlmkitError(f"-ub must be >= 1, got {batch_size}")
     n_threads = set_threads(threads)
-    params = SamplerParams(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
-    params.validate()
-    if not 0.0 <= draft_p_min <= 1.0:
-        raise LlmkitError(f"--draft-p-min must be in [0, 1], got {draft_p_min}")
-    if draft_branches < 1:
-        raise LlmkitError(f"--draft-branches must be >= 1, got {draft_branches}")
+    params = sampler_params(
+        temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n, seed=seed,
+    )  # fmt: skip
     if draft_branches > 1 and (not mtp or temp > 0):
         raise LlmkitError("--draft-branches > 1 needs --mtp and greedy decoding (--temp 0)")
-    opts = RunOptions(
-        model=model,
+    llm = LLM.load(
+        model,
         n_ctx=ctx_size,
         n_ubatch=batch_size,
         device=device,
-        threads=n_threads,
-        verbose=verbose,
         type_k=cache_type_k,
         type_v=cache_type_v,
         mtp=mtp,
@@ -131,13 +130,20 @@ def run(
         type_v_draft=cache_type_v_draft,
         moe_n_expert=moe_n_expert,
     )
-    runner = Runner.open(opts)
+    for w in llm.warnings:
+        eprint(f"warning: {w}")
     if verbose:
-        runner.print_plan()
+        print_plan(llm)
     if conversation:
-        runner.chat(text, system, params, n_predict, ignore_eos)
+        chat_loop(llm, text, system, params, n_predict, ignore_eos, verbose)
     else:
-        runner.complete(text, params, n_predict, ignore_eos, echo_prompt=not no_display_prompt)
-    runner.print_timings()
+        if not no_display_prompt:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        for piece in llm.stream(llm.tokenize(text), params, n_predict, ignore_eos):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    print_timings(llm)
     if stats_json:
-        runner.write_stats(stats_json)
+        write_json_atomic(stats_json, llm.stats_dict(n_threads))

@@ -56,7 +56,7 @@ def serve(
     /health, /slots, /metrics; parallel slots with continuous batching and a paged KV cache."""
     from llmkit.cli.common import eprint, set_threads
     from llmkit.core.model.catalog import resolve_model
-    from llmkit.core.model.loader import load_model
+    from llmkit.core.models.loader import load_model
     from llmkit.core.serve.engine import ServeOptions
     from llmkit.core.serve.server import HttpOptions, Server
     from llmkit.core.tokenizer import load_tokenizer

@@ -124,7 +124,9 @@ def perplexity(
             cache = new_cache(n_ctx)
             t = torch.tensor(chunk)
             # rows first .. n_ctx-2 predict tokens first+1 .. n_ctx-1
-            logits = model.forward(t, cache, logits=slice(first, n_ctx - 1))  # [n_ctx-1-first, V]
+            logits = model.forward(
+                t, cache, logits=slice(first, n_ctx - 1)
+            ).logits  # [n_ctx-1-first, V]
             logp = torch.log_softmax(logits.double(), -1)
             target = torch.tensor(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
             nll = -logp.gather(1, target[:, None])[:, 0]

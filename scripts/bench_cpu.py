@@ -17,7 +17,7 @@ import time
 import torch
 
 from llmkit.core.model.catalog import resolve_model
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 
 
 def bench(path, threads, reps, n_prompt, n_gen, dtype):
@@ -39,7 +39,7 @@ def bench(path, threads, reps, n_prompt, n_gen, dtype):
             lm.model.forward(tok, cache)
             t0 = time.perf_counter()
             for _ in range(n_gen):
-                tok = lm.model.forward(tok, cache)[0].argmax().view(1)
+                tok = lm.model.forward(tok, cache).logits[0].argmax().view(1)
             t_tg = time.perf_counter() - t0
             if r:
                 pp.append(n_prompt / t_pp)

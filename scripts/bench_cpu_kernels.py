@@ -19,8 +19,8 @@ import time
 import torch
 
 from llmkit.core.model.catalog import resolve_model
-from llmkit.core.model.loader import load_model
-from llmkit.kernels.dispatch import DenseLinear, _dense_matmul
+from llmkit.core.models.loader import load_model
+from llmkit.kernels.linear_torch import DenseLinear, _dense_matmul
 
 
 def _median_us(fn, reps: int) -> float:
@@ -52,8 +52,8 @@ def stored_bytes(lin) -> int:
 
 
 def kernels(lm, reps: int) -> None:
-    layer = lm.model.layers[1]
-    lins = {n: getattr(layer, n) for n in ("wqkv", "wo", "w_gate_up", "w_down")}
+    weights = lm.model.blocks[1].w
+    lins = {n: getattr(weights, n) for n in ("wqkv", "wo", "w_gate_up", "w_down")}
     lins["output"] = lm.model.output
     for name, lin in lins.items():
         n, k = lin.out_features, lin.in_features

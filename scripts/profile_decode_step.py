@@ -31,12 +31,6 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(times)
 
 
-def _model_modules():
-    from llmkit.core.models import gemma3, llama, nextn_dense, step35
-
-    return (llama, gemma3, step35, nextn_dense)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -48,24 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from torch.profiler import ProfilerActivity, profile
 
-    from llmkit.core import layers
-    from llmkit.core.decode.cuda_graph import GraphDecoder
-    from llmkit.core.model.loader import load_model
-    from llmkit.kernels import triton_rope
+    from llmkit.core.model.cuda_graph import GraphDecoder
+    from llmkit.core.models.loader import load_model
+    from llmkit.kernels import ops, torch_ops, triton_rope
 
     lm = load_model(args.model, device="cuda")
-    model = getattr(lm.model, "_model", lm.model)
-    fused_rope = triton_rope.rope
-    apply_rope = layers.apply_rope
+    model = lm.model.model  # the architecture's model inside OnDevice
+    table_rope = ops.rope  # the kernel table's choice, restored after the variants
     rows = []
     for variant in ("triton-rope", "torch-rope"):
-        if variant == "triton-rope":  # every mode through the kernel (default: NEOX only)
-            rope_fn = fused_rope
-        else:
-            rope_fn = layers.apply_rope_torch
-        for mod in _model_modules():
-            if hasattr(mod, "apply_rope"):
-                mod.apply_rope = rope_fn
+        # every mode through the Triton kernel (the table: NEOX only), or every mode in torch
+        ops.rope = triton_rope.rope if variant == "triton-rope" else torch_ops.rope
         with torch.inference_mode():
             cache = lm.new_cache(args.ctx)
             model.forward(torch.arange(3, 3 + args.prompt, device="cuda"), cache)
@@ -86,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             eager = (time.perf_counter() - t0) / 20 * 1e3
         rows.append((variant, kernels, replay, eager))
-    for mod in _model_modules():
-        if hasattr(mod, "apply_rope"):
-            mod.apply_rope = apply_rope
+    ops.rope = table_rope
     print(f"{torch.cuda.get_device_name()}: {args.model}, position {args.prompt}")
     print("| variant | CUDA kernels per step | graph replay ms | tok/s | eager step ms |")
     print("|---|---:|---:|---:|---:|")

@@ -8,7 +8,7 @@ import time
 import httpx
 import torch
 
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from llmkit.core.serve.engine import ServeOptions
 from llmkit.core.serve.server import HttpOptions, Server
 from llmkit.core.tokenizer import load_tokenizer

@@ -185,7 +185,7 @@ def test_prompt_file_gives_real_text_tg_rows(tiny, capsys, monkeypatch):
 
 
 def test_text_context_and_plan_order(tiny):
-    from llmkit.core.model.loader import load_model
+    from llmkit.core.models.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
 
     lm = load_model(tiny["llama"])
@@ -208,7 +208,7 @@ def test_text_context_and_plan_order(tiny):
 
 def test_every_repetition_gets_a_new_cache(tiny, monkeypatch):
     from llmkit.core.bench.runner import run_bench
-    from llmkit.core.model import loader as model_mod
+    from llmkit.core.models import loader as model_mod
 
     calls = []
     orig = model_mod.LoadedModel.new_cache

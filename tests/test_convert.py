@@ -9,7 +9,7 @@ from hf_checkpoints import write_hf_gemma3, write_hf_llama
 from llmkit.cli.app import main
 from llmkit.core.convert.hf import convert
 from llmkit.core.gguf.reader import GGUFFile
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from llmkit.errors import LlmkitError
 
 pytest.importorskip("transformers")
@@ -26,7 +26,7 @@ def _ours(path, n):
     with torch.inference_mode():
         return lm.model.forward(
             torch.tensor(IDS[:n]), lm.new_cache(64, 64, "f32", "f32"), logits="all"
-        )
+        ).logits
 
 
 @pytest.mark.parametrize(
@@ -102,9 +102,10 @@ def test_bad_input(tmp_path, capsys, monkeypatch):
 
 def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
     from hf_checkpoints import write_hf_step35
-    from llmkit.core.decode.drafter import MTPContext
-    from llmkit.core.decode.sampling import SamplerParams
-    from llmkit.core.decode.speculative import SpecStats, speculative_generate
+    from llmkit.core.decode.drafter import MTPDrafter
+    from llmkit.core.decode.loop import Speculation, generate
+    from llmkit.core.decode.sampling import Sampler, SamplerParams
+    from llmkit.core.decode.speculative import SpecConfig, SpecStats
     from llmkit.quant.dequant import dequantize
     from tiny_step35 import write_tiny_step35
 
@@ -132,17 +133,10 @@ def test_step35_mtp_layers_kept_dropped_and_sidecar(tmp_path):
 
     def run(lm):
         spec = SpecStats(3)
-        mtp = MTPContext(lm.model, 128, 16)
+        mtp = Speculation(MTPDrafter(lm.model.mtp, 128, 16), SpecConfig(3), spec)
+        greedy = Sampler(SamplerParams(temp=0))
         out = list(
-            speculative_generate(
-                lm.model,
-                lm.new_cache(128, 16),
-                mtp,
-                [1, 5, 9, 40, 77],
-                SamplerParams(temp=0),
-                spec,
-                30,
-            )
+            generate(lm.model, lm.new_cache(128, 16), [1, 5, 9, 40, 77], greedy, 30, spec=mtp)
         )
         return out, spec.accepted_per_position
 

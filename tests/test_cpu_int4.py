@@ -6,7 +6,9 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.kernels import cpu_int4
-from llmkit.kernels.dispatch import GEMV_MAX_ROWS, Backend, DenseLinear, make_linear
+from llmkit.kernels.backend import GEMV_MAX_ROWS, Backend
+from llmkit.kernels.linear_torch import DenseLinear
+from llmkit.kernels.ops import make_linear
 from llmkit.quant.quantize import quantize
 from llmkit.quant.tensor import QTensor
 

@@ -15,9 +15,10 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from llmkit.core.decode import cuda_graph  # noqa: E402
-from llmkit.core.decode.cuda_graph import GraphDecoder  # noqa: E402
-from llmkit.core.model.loader import load_model  # noqa: E402
+from llmkit.core.model import cuda_graph  # noqa: E402
+from llmkit.core.model.cuda_graph import GraphDecoder  # noqa: E402
+from llmkit.core.model.device import OnDevice  # noqa: E402
+from llmkit.core.models.loader import load_model  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
 from tiny_models import write_tiny_gemma3, write_tiny_llama  # noqa: E402
 
@@ -25,7 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inner(lm):
-    return getattr(lm.model, "_model", lm.model)  # the architecture's model (no OnDevice)
+    return lm.model.model if isinstance(lm.model, OnDevice) else lm.model  # the architecture's
 
 
 @pytest.mark.parametrize("arch,kv", [("llama", "f16"), ("gemma3", "q8_0")])
@@ -49,7 +50,7 @@ def test_static_steps_equal_eager_steps(tmp_path, monkeypatch, arch, kv):
             model.forward(toks[:5].to(dev), c)
 
         def step(t):
-            a = model.forward(toks[t : t + 1].to(dev), ref).float().cpu()
+            a = model.forward(toks[t : t + 1].to(dev), ref).logits.float().cpu()
             b = dec(toks[t : t + 1]).float().cpu()
             assert st.n_past == ref.n_past == t + 1
             assert ((a - b).norm() / a.norm()) < 1e-5, t

@@ -5,7 +5,7 @@ import torch
 
 from llmkit.core.decode.loop import GenStats, generate, prefill
 from llmkit.core.model.catalog import resolve_model
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from llmkit.core.tokenizer.chat import CHATML, GEMMA, chat_template, render_chat
 from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_gemma3

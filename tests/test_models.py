@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
 
@@ -113,7 +113,7 @@ def test_forward_matches_naive_reference(tiny, arch):
     lm = load_model(tiny[arch], weight_dtype=torch.float32)
     with torch.inference_mode():
         cache = lm.new_cache(64, margin=32, type_k="f32", type_v="f32")
-        got = lm.model.forward(TOKENS, cache, logits="all")
+        got = lm.model.forward(TOKENS, cache, logits="all").logits
         ref = naive_llama(lm, TOKENS) if arch == "llama" else naive_gemma3(lm, TOKENS, window=8)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -122,17 +122,17 @@ def test_forward_matches_naive_reference(tiny, arch):
 def test_incremental_decode_equals_one_batch(tiny, arch):
     lm = load_model(tiny[arch], weight_dtype=torch.float32)
     with torch.inference_mode():
-        full = lm.model.forward(TOKENS, lm.new_cache(64, margin=32), logits="all")
+        full = lm.model.forward(TOKENS, lm.new_cache(64, margin=32), logits="all").logits
         cache = lm.new_cache(64, margin=4)  # ring of 8 + 4 slots: it wraps during this run
-        steps = [lm.model.forward(TOKENS[:3], cache, logits="all")]
-        steps += [lm.model.forward(TOKENS[i : i + 1], cache) for i in range(3, len(TOKENS))]
+        steps = [lm.model.forward(TOKENS[:3], cache, logits="all").logits]
+        steps += [lm.model.forward(TOKENS[i : i + 1], cache).logits for i in range(3, len(TOKENS))]
     torch.testing.assert_close(torch.cat(steps), full, rtol=1e-4, atol=1e-4)
 
 
 def test_gemma3_window_matters(tiny):
     lm = load_model(tiny["gemma3"], weight_dtype=torch.float32)
     with torch.inference_mode():
-        got = lm.model.forward(TOKENS, lm.new_cache(64, 32, "f32", "f32"), logits="all")
+        got = lm.model.forward(TOKENS, lm.new_cache(64, 32, "f32", "f32"), logits="all").logits
         no_window = naive_gemma3(lm, TOKENS, window=None)
     # identical while the sequence fits the window (8), different after
     torch.testing.assert_close(got[:8], no_window[:8], rtol=1e-4, atol=1e-4)
@@ -143,7 +143,7 @@ def test_bf16_backend_stays_close(tiny):
     ref = load_model(tiny["llama"], weight_dtype=torch.float32)
     lm = load_model(tiny["llama"])
     with torch.inference_mode():
-        a = ref.model.forward(TOKENS, ref.new_cache(64), logits="all")
-        b = lm.model.forward(TOKENS, lm.new_cache(64), logits="all")
+        a = ref.model.forward(TOKENS, ref.new_cache(64), logits="all").logits
+        b = lm.model.forward(TOKENS, lm.new_cache(64), logits="all").logits
     assert (a - b).abs().max() < 0.02 * a.abs().max()
     assert lm.backend.extra_bytes > 0 and lm.memory_plan()["backend_weight_dtype"] == "bfloat16"

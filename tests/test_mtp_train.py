@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cli_run import llm
-from llmkit.core.decode.drafter import MTPContext
-from llmkit.core.decode.sampling import SamplerParams
-from llmkit.core.decode.speculative import SpecStats, speculative_generate
+from llmkit.core.decode.drafter import MTPDrafter
+from llmkit.core.decode.loop import Speculation, generate
+from llmkit.core.decode.sampling import Sampler, SamplerParams
+from llmkit.core.decode.speculative import SpecConfig, SpecStats
 from llmkit.core.gguf.reader import GGUFFile
-from llmkit.core.model.loader import load_model
 from llmkit.core.model.sidecar import BASE_ID_KEY, DRAFT_VOCAB_KEY, HEADS_DIR, base_identity
+from llmkit.core.models.loader import load_model
 from llmkit.core.mtp_train.data import prompt_sequences, to_batch
 from llmkit.core.mtp_train.streams import Batch, hidden_loss
 from llmkit.core.mtp_train.train import TrainConfig, train
@@ -136,13 +137,13 @@ def test_head_carries_its_draft_vocabulary(trained):
         ids = GGUFFile(cfg.out).metadata[DRAFT_VOCAB_KEY]
         assert len(ids) == 48 and list(ids) == sorted(set(int(i) for i in ids))
         lm = load_model(path, mtp=True, **kw)
-        assert lm.model.draft_vocab.tolist() == [int(i) for i in ids]
-        mtp = MTPContext(lm.model, 32, 8, "f16", "f16")
-        logits, h = lm.model.forward(torch.tensor([1, 5, 9]), lm.new_cache(32, 8), "all", True)
-        mtp.mirror(torch.tensor([1, 5]), h[:2])
-        z, _ = lm.model.mtp_forward(0, torch.tensor([9]), mtp.pending_h[None], mtp.caches[0])
+        assert lm.model.mtp.draft_vocab.tolist() == [int(i) for i in ids]
+        mtp = MTPDrafter(lm.model.mtp, 32, 8, "f16", "f16")
+        logits, h = lm.model.forward(torch.tensor([1, 5, 9]), lm.new_cache(32, 8), "all")
+        mtp.observe(0, torch.tensor([1, 5]), h[:2])
+        z, _ = lm.model.mtp.forward(0, torch.tensor([9]), mtp.state.pending_h[None], mtp.caches[0])
         outside = torch.ones(lm.config.n_vocab, dtype=torch.bool)
-        outside[lm.model.draft_vocab] = False
+        outside[lm.model.mtp.draft_vocab] = False
         assert torch.isneginf(z[0, outside]).all() and torch.isfinite(z[0, ~outside]).all()
 
 
@@ -204,7 +205,7 @@ def test_shipped_head_loads_and_accepts(name, request):
         gd.metadata[f"{arch}.block_count"] == n_main + gd.metadata[f"{arch}.nextn_predict_layers"]
     )
     lm = load_model(base, mtp=True)  # no -md: the shipped head is found by identity
-    assert lm.model.n_mtp_heads >= 1 and lm.config.n_layer == n_main
+    assert lm.model.mtp.n_heads >= 1 and lm.config.n_layer == n_main
     tok = load_tokenizer(lm.metadata)
     prompts = [p for p in HELDOUT.read_text().split("\n\n") if p.strip()][:3]  # fixed set
     acc = {}
@@ -212,17 +213,15 @@ def test_shipped_head_loads_and_accepts(name, request):
         spec = SpecStats(draft_max=1)
         for p in prompts:
             ids = tok.encode(p)
-            mtp = MTPContext(lm.model, 512, 64)
-            for _ in speculative_generate(
-                lm.model, lm.new_cache(512, 64), mtp, ids, SamplerParams(temp=0), spec, 32,
-                branches=branches,
-            ):  # fmt: skip
+            mtp = Speculation(MTPDrafter(lm.model.mtp, 512, 64), SpecConfig(1, 0.0, branches), spec)
+            sampler = Sampler(SamplerParams(temp=0))
+            for _ in generate(lm.model, lm.new_cache(512, 64), ids, sampler, 32, spec=mtp):
                 pass
         acc[branches] = spec.accepted_tokens / spec.draft_tokens
     # an untrained head gets 0.0; full held-out figures in docs/BENCHMARKS.md (trained MTP heads)
     assert acc[1] >= FLOORS[name], acc
     assert acc[3] > acc[1], acc  # a draft tree also accepts the head's 2nd and 3rd choices
-    assert lm.model.draft_vocab is not None  # the head's shortlist is in use
+    assert lm.model.mtp.draft_vocab is not None  # the head's shortlist is in use
 
 
 def test_lr_schedule_follows_the_step_or_time_budget():

@@ -7,9 +7,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.decode.drafter import MTPContext
+from llmkit.core.decode.drafter import MTPDrafter
 from llmkit.core.gguf.reader import GGUFFile
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import arch_module, load_model
 from llmkit.core.mtp_train.batchgen import BatchedTrunk, topk_teacher
 from llmkit.core.mtp_train.data import Sequence, draft_vocab, to_batch
 from llmkit.core.mtp_train.export import write_merged, write_sidecar
@@ -33,7 +33,8 @@ def _blocks(lm, n: int, seed: int = 0):
     c = lm.config
     blocks = []
     for _ in range(n):
-        b = TrainBlock(lm.arch, c, init_from_trunk(lm.arch, c, lm.tensors, 3.0, gen))
+        arch = arch_module(lm.arch)
+        b = TrainBlock(arch, init_from_trunk(arch, c, lm.tensors, 3.0, gen))
         with torch.no_grad():  # move away from the init so every weight matters
             for p in b.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
@@ -55,7 +56,7 @@ def base(request, tmp_path):
 
 
 def _teacher(lm, ids):
-    logits, h = lm.model.forward(torch.tensor(ids), lm.new_cache(64, 16), "all", True)
+    logits, h = lm.model.forward(torch.tensor(ids), lm.new_cache(64, 16), "all")
     top = topk_teacher(logits, 8)
     return Sequence(torch.tensor(ids), h, *top, "text")
 
@@ -66,7 +67,7 @@ def test_written_head_reproduces_training_logits(base, tmp_path, n_blocks):
     blocks = _blocks(lm32, n_blocks)
     head = _write_head(lm32, blocks, tmp_path / "head.gguf")
     lm = load_model(base, weight_dtype=torch.float32, mtp=True, draft_path=head)
-    assert lm.model.n_mtp_heads == n_blocks
+    assert lm.model.mtp.n_heads == n_blocks
     ids = [1, 40, 7, 99, 12, 5, 300, 17, 8, 42, 9, 11, 260, 3, 77, 18]
     seq = _teacher(lm, ids)
     b = to_batch([seq])
@@ -74,22 +75,22 @@ def test_written_head_reproduces_training_logits(base, tmp_path, n_blocks):
     emb = lm.model.embed(b.tokens.reshape(-1)).view(1, len(ids), -1)
     head_w = lm.tensors["token_embd.weight"].dequantize()
     with torch.no_grad():
-        outs = stream_forward(lm.arch, c, blocks, emb, b, 3, c.n_layer)
+        outs = stream_forward(lm.model.block, c, blocks, emb, b, 3, c.n_layer)
     # inference: for each round start r, mirror [0, r) then draft with the true tokens
     for r in range(1, len(ids) - 3):
-        mtp = MTPContext(lm.model, 64, 16, "f32", "f32")
-        mtp.mirror(torch.tensor(ids[:r]), seq.hidden[:r])
-        hs = [mtp.pending_h]
+        mtp = MTPDrafter(lm.model.mtp, 64, 16, "f32", "f32")
+        mtp.observe(0, torch.tensor(ids[:r]), seq.hidden[:r])
+        hs = [mtp.state.pending_h]
         for d in range(1, 4):
             toks = ids[r : r + d]
             j = 0 if n_blocks == 1 else d - 1
             if n_blocks > 1:
                 mtp.caches[j].truncate(r)
-                got, h_out = lm.model.mtp_forward(
+                got, h_out = lm.model.mtp.forward(
                     j, torch.tensor(toks), torch.stack(hs), mtp.caches[j], "last"
                 )
             else:
-                got, h_out = lm.model.mtp_forward(
+                got, h_out = lm.model.mtp.forward(
                     0, torch.tensor(toks[-1:]), hs[-1][None], mtp.caches[0], "last"
                 )
             hs.append(h_out[-1])
@@ -115,13 +116,13 @@ def test_gguf_contract_and_layouts(base, tmp_path):
         tensors |= b.gguf_tensors(c.n_layer + j)
     merged = write_merged(tmp_path / "m.gguf", lm32.gguf, tensors, 2, None, {"steps": 0})
     lm = load_model(merged, mtp=True)
-    layout = lm.model.mtp_kv_layout()
+    layout = lm.model.mtp.kv_layout()
     assert sorted(layout) == [c.n_layer, c.n_layer + 1]
     if lm.arch == "gemma3":  # NextN blocks continue the local/global pattern: 7 and 8 are local
         assert all(v.window == c.sliding_window for v in layout.values())
     assert lm.model.kv_layout().keys() == set(range(c.n_layer))
     plain = load_model(merged)  # without --mtp the NextN blocks are never read
-    assert plain.model.n_mtp_heads == 0 and plain.config.n_layer == c.n_layer
+    assert plain.model.mtp is None and plain.config.n_layer == c.n_layer
 
 
 def test_batched_generation_matches_the_trunk(base):
@@ -132,7 +133,7 @@ def test_batched_generation_matches_the_trunk(base):
     for p, g in zip(prompts, out, strict=True):
         ids = g.tokens.tolist()
         assert ids[: len(p)] == p and len(ids) == len(p) + 11
-        logits, h = lm.model.forward(g.tokens, lm.new_cache(64, 16), "all", True)
+        logits, h = lm.model.forward(g.tokens, lm.new_cache(64, 16), "all")
         assert logits.argmax(-1)[len(p) - 1 : -1].tolist() == ids[len(p) :]  # greedy
         torch.testing.assert_close(g.hidden, h, rtol=1e-3, atol=1e-2)  # the cache keeps f16 K/V
         torch.testing.assert_close(
@@ -148,10 +149,11 @@ def test_draft_vocabulary_restricts_draft_logits(base, tmp_path):
     seq = _teacher(lm, ids)
     full = []
     for vocab in (None, torch.tensor([3, 5, 17, 40, 41, 99, 200])):
-        lm.model.set_draft_vocab(vocab)
-        mtp = MTPContext(lm.model, 64, 16, "f32", "f32")
-        mtp.mirror(torch.tensor(ids[:5]), seq.hidden[:5])
-        z, _ = lm.model.mtp_forward(0, torch.tensor(ids[5:6]), mtp.pending_h[None], mtp.caches[0])
+        lm.model.mtp.set_draft_vocab(vocab)
+        mtp = MTPDrafter(lm.model.mtp, 64, 16, "f32", "f32")
+        mtp.observe(0, torch.tensor(ids[:5]), seq.hidden[:5])
+        pending = mtp.state.pending_h[None]
+        z, _ = lm.model.mtp.forward(0, torch.tensor(ids[5:6]), pending, mtp.caches[0])
         full.append(z[0])
     z_all, z_short = full
     keep = torch.tensor([3, 5, 17, 40, 41, 99, 200])
@@ -160,7 +162,7 @@ def test_draft_vocabulary_restricts_draft_logits(base, tmp_path):
     rest[keep] = False
     assert torch.isneginf(z_short[rest]).all()
     with pytest.raises(LlmkitError, match="draft vocabulary"):
-        lm.model.set_draft_vocab(torch.tensor([0, lm.config.n_vocab]))
+        lm.model.mtp.set_draft_vocab(torch.tensor([0, lm.config.n_vocab]))
 
 
 def test_draft_vocab_ranks_teacher_argmaxes():

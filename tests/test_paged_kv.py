@@ -7,7 +7,7 @@ import torch
 from llmkit.core.cache.batch import BatchCache
 from llmkit.core.cache.kv import LayerKV
 from llmkit.core.cache.paged import PagedKV
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
@@ -163,11 +163,11 @@ def tiny(request, tmp_path_factory):
 
 def _greedy_lone(lm, pool, prompt, n):
     seq = pool.admit(prompt, len(prompt) + n, 128, share=False)
-    logits = lm.model.forward(torch.tensor(prompt), BatchCache(pool, [seq], [len(prompt)]))
+    logits = lm.model.forward(torch.tensor(prompt), BatchCache(pool, [seq], [len(prompt)])).logits
     out = [int(logits[0].argmax())]
     rows = []
     for _ in range(n - 1):
-        logits = lm.model.forward(torch.tensor(out[-1:]), BatchCache(pool, [seq], [1]))
+        logits = lm.model.forward(torch.tensor(out[-1:]), BatchCache(pool, [seq], [1])).logits
         rows.append(logits[0])
         out.append(int(logits[0].argmax()))
     pool.release(seq)
@@ -177,9 +177,9 @@ def _greedy_lone(lm, pool, prompt, n):
 def test_paged_forward_matches_the_contiguous_cache(tiny):
     prompt = [1, 40, 41, 42, 43, 44, 45]
     cache = tiny.new_cache(128, margin=16)
-    want = [int(tiny.model.forward(torch.tensor(prompt), cache)[0].argmax())]
+    want = [int(tiny.model.forward(torch.tensor(prompt), cache).logits[0].argmax())]
     for _ in range(11):
-        want.append(int(tiny.model.forward(torch.tensor(want[-1:]), cache)[0].argmax()))
+        want.append(int(tiny.model.forward(torch.tensor(want[-1:]), cache).logits[0].argmax()))
     pool = PagedKV(tiny.model.kv_layout(), 512, 4, n_seq_max=4, max_batch=16)
     with torch.inference_mode():
         got, _ = _greedy_lone(tiny, pool, prompt, 12)
@@ -200,16 +200,16 @@ def test_batched_decode_is_bit_identical_to_lone_runs(tiny):
             outs.append(
                 [
                     int(
-                        tiny.model.forward(torch.tensor(p), BatchCache(pool, [s], [len(p)]))[
-                            0
-                        ].argmax()
+                        tiny.model.forward(torch.tensor(p), BatchCache(pool, [s], [len(p)]))
+                        .logits[0]
+                        .argmax()
                     )
                 ]
             )
         rows = [[] for _ in prompts]
         for _ in range(n - 1):
             toks = torch.tensor([o[-1] for o in outs])
-            logits = tiny.model.forward(toks, BatchCache(pool, seqs, [1] * 3), logits="all")
+            logits = tiny.model.forward(toks, BatchCache(pool, seqs, [1] * 3), logits="all").logits
             for i, o in enumerate(outs):
                 rows[i].append(logits[i])
                 o.append(int(logits[i].argmax()))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cli_run import llm
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from llmkit.core.perplexity import perplexity
 from llmkit.core.tokenizer import load_tokenizer
 from tiny_models import write_tiny_llama

@@ -9,7 +9,7 @@ from gguf import quants as gq
 from cli_run import llm
 from llmkit.core.gguf.reader import GGUFFile
 from llmkit.core.gguf.writer import RawTensor, encode_tensor
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 from tiny_models import write_tiny_llama
 from tiny_step35 import write_tiny_step35
 
@@ -41,8 +41,8 @@ def test_quantize_loads_and_runs(f16_llama, tmp_path, monkeypatch, capsys, qtype
     lm = load_model(out, weight_dtype=torch.float32)
     toks = torch.tensor([1, 260, 261, 262, 263])
     with torch.inference_mode():
-        a = ref.model.forward(toks, ref.new_cache(32), logits="all")
-        b = lm.model.forward(toks, lm.new_cache(32), logits="all")
+        a = ref.model.forward(toks, ref.new_cache(32), logits="all").logits
+        b = lm.model.forward(toks, lm.new_cache(32), logits="all").logits
     assert torch.isfinite(b).all()
     assert torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1] > 0.9
 

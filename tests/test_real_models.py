@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmkit.core.decode.loop import generate
-from llmkit.core.model.loader import load_model
+from llmkit.core.models.loader import load_model
 
 DATA = Path(__file__).parent / "data"
 MARGIN = 0.35

@@ -37,7 +37,7 @@ def test_mtp_memory_is_reserved_at_start_and_the_last_slot_works(server):
     plan = snap["mtp"]
     assert plan["slots"] == 4 and plan["heads"] == 3
     assert plan["bytes"] == 4 * plan["bytes_per_slot"] > 0
-    pools = server.engine.drafter.pools
+    pools = server.engine.drafter.kv.pools
     assert all(g.used == 0 for p in pools for g in p.groups.values())  # reserved, none in use
     text, t = _run(server, PROMPTS[0], id_slot=3)
     assert t["id_slot"] == 3 and t["predicted_n"] == 24 and t["draft_n"] > 0

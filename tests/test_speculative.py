@@ -5,34 +5,34 @@ import pytest
 import torch
 
 from cli_run import llm as run_llm
-from llmkit.core.decode.sampling import SamplerParams
-from llmkit.core.decode.speculative import _accept, _Sampler
+from llmkit.core.decode.sampling import Sampler, SamplerParams
+from llmkit.core.decode.speculative import accept
 from llmkit.errors import LlmkitError
 
 V = 6
 
 
 def test_greedy_acceptance_counts_matching_prefix():
-    s = _Sampler(SamplerParams(temp=0))
+    s = Sampler(SamplerParams(temp=0))
     logits = torch.full((4, V), -5.0)
     for row, tok in enumerate([2, 3, 1, 5]):  # target argmax per verify row
         logits[row, tok] = 5.0
-    assert _accept(s, logits, [2, 3, 1], [None] * 3, []) == (3, 5)  # all accepted + bonus
-    assert _accept(s, logits, [2, 4, 1], [None] * 3, []) == (1, 3)  # stops at the mismatch
-    assert _accept(s, logits, [0, 3, 1], [None] * 3, []) == (0, 2)
+    assert accept(s, logits, [2, 3, 1], [None] * 3, []) == (3, 5)  # all accepted + bonus
+    assert accept(s, logits, [2, 4, 1], [None] * 3, []) == (1, 3)  # stops at the mismatch
+    assert accept(s, logits, [0, 3, 1], [None] * 3, []) == (0, 2)
 
 
 def test_rejection_sampling_reproduces_the_target_distribution():
     # target p (row 0) and a deliberately different draft q: the first emitted token must follow p
     params = SamplerParams(temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11)
-    s = _Sampler(params)
+    s = Sampler(params)
     logits = torch.tensor([[1.0, 0.2, -0.5, 2.0, 0.0, -1.0], [0.0] * V])
     p = torch.softmax(logits[0], -1)
     q = torch.softmax(torch.tensor([2.5, 0.0, 0.5, -1.0, 1.0, 0.0]), -1)
     n, counts, accepted = 20000, torch.zeros(V), 0
     for _ in range(n):
         d = s.draw(q)
-        n_acc, nxt = _accept(s, logits, [d], [q], [])
+        n_acc, nxt = accept(s, logits, [d], [q], [])
         counts[d if n_acc == 1 else nxt] += 1
         accepted += n_acc
     expected = p * n
@@ -45,11 +45,11 @@ def test_rejection_sampling_reproduces_the_target_distribution():
 
 
 # -- end to end on tiny step35 models ---------------------------------------------------------
-from llmkit.core.decode.drafter import MTPContext  # noqa: E402
-from llmkit.core.decode.loop import GenStats, generate  # noqa: E402
+from llmkit.core.decode.drafter import MTPDrafter  # noqa: E402
+from llmkit.core.decode.loop import GenStats, Speculation, generate  # noqa: E402
 from llmkit.core.decode.sampling import make_sampler  # noqa: E402
-from llmkit.core.decode.speculative import SpecStats, speculative_generate  # noqa: E402
-from llmkit.core.model.loader import load_model  # noqa: E402
+from llmkit.core.decode.speculative import SpecConfig, SpecStats  # noqa: E402
+from llmkit.core.models.loader import load_model  # noqa: E402
 from tiny_step35 import write_tiny_step35  # noqa: E402
 
 N_CTX, MARGIN = 160, 8  # rings of window + 8 slots: they wrap many times in these runs
@@ -78,13 +78,15 @@ def _plain(lm, prompt, n, kv="f16"):
     return list(generate(lm.model, cache, prompt, make_sampler(SamplerParams(temp=0)), n))
 
 
-def _spec(lm, prompt, n, k, kv="f16", params=None, branches=1):
+def _spec(lm, prompt, n, k, kv="f16", params=None, branches=1, p_min=0.0):
     cache = lm.new_cache(N_CTX, MARGIN, kv, kv)
-    mtp = MTPContext(lm.model, N_CTX, MARGIN, kv, kv)
-    spec, gen = SpecStats(k), GenStats()
-    p = params or SamplerParams(temp=0)
+    mtp = MTPDrafter(lm.model.mtp, N_CTX, MARGIN, kv, kv)
+    cfg, spec, gen = SpecConfig(k, p_min, branches), SpecStats(k, branches=branches), GenStats()
+    sampler = Sampler(params or SamplerParams(temp=0))
+    cfg.check(mtp.max_draft, "test", cache.attn_kernel)
+    cfg.check_sampling(sampler.greedy)  # what the caller that builds the config checks
     out = list(
-        speculative_generate(lm.model, cache, mtp, prompt, p, spec, n, stats=gen, branches=branches)
+        generate(lm.model, cache, prompt, sampler, n, stats=gen, spec=Speculation(mtp, cfg, spec))
     )
     spec.rounds = gen.decode_steps  # verification rounds, including ones with nothing to draft
     return out, spec, mtp
@@ -122,7 +124,7 @@ def test_counters_add_up_and_all_paths_occur(files):
     full_accept = partial = reject = 0
     for prompt in PROMPTS:
         out, spec, _ = _spec(lm, prompt, 64, 3)
-        d = spec.to_dict(type("G", (), {"generated_tokens": len(out)})())
+        d = spec.to_dict(len(out))
         assert spec.accepted_tokens <= spec.draft_tokens
         per = spec.accepted_per_position
         assert all(a >= b for a, b in zip(per, per[1:])) and sum(per) == spec.accepted_tokens
@@ -139,14 +141,14 @@ def test_counters_add_up_and_all_paths_occur(files):
 
 def test_kv_filter(files):
     plain = load_model(files["full"])
-    n_main = plain.config.n_main
+    n_main = plain.config.n_layer
     assert not [
         n for n in plain.tensors if n.startswith(tuple(f"blk.{i}." for i in range(n_main, 7)))
     ]
     assert sorted(plain.model.kv_layout()) == list(range(n_main))
     lm = load_model(files["full"], mtp=True)
-    mtp = MTPContext(lm.model, N_CTX, MARGIN)
-    assert mtp.plan()["layers"] == list(range(n_main, lm.config.n_layer))
+    mtp = MTPDrafter(lm.model.mtp, N_CTX, MARGIN)
+    assert mtp.plan()["layers"] == list(range(n_main, lm.config.n_layer_all))
     assert sorted(lm.new_cache(N_CTX).plan()["layers"]) == list(range(n_main))
 
 
@@ -157,7 +159,7 @@ def test_sampling_with_mtp_is_exact_in_distribution(files):
     base = SamplerParams(temp=1.0, top_k=2, top_p=1.0, min_p=0.0)
 
     def probs(ids):
-        logits = lm.model.forward(torch.tensor(ids), lm.new_cache(N_CTX, MARGIN))[0]
+        logits = lm.model.forward(torch.tensor(ids), lm.new_cache(N_CTX, MARGIN)).logits[0]
         v, i = logits.topk(2)
         return dict(zip(i.tolist(), torch.softmax(v, 0).tolist()))
 
@@ -257,13 +259,7 @@ def test_cli_mtp_stats_and_bad_input(files, capsys, monkeypatch, tmp_path):
 
 def test_draft_p_min_stops_drafting(files):
     lm = load_model(files["full"], mtp=True)
-    cache, mtp, spec = lm.new_cache(N_CTX, MARGIN), None, SpecStats(3)
-    mtp = MTPContext(lm.model, N_CTX, MARGIN)
-    out = list(
-        speculative_generate(
-            lm.model, cache, mtp, PROMPTS[0], SamplerParams(temp=0), spec, 30, p_min=1.0
-        )
-    )
+    out, spec, _ = _spec(lm, PROMPTS[0], 30, 3, p_min=1.0)
     assert out == _plain(lm, PROMPTS[0], 30) and spec.draft_tokens == 0
 
 
@@ -345,13 +341,14 @@ def test_mtp_cache_after_rounds_equals_a_fresh_mirror(files, name, branches):
     out, spec, mtp = _spec(lm, prompt, 50, 3, branches=branches)
     assert spec.drafts > 0 and 0 < spec.accepted_tokens < spec.draft_tokens
     ids = torch.tensor(prompt + out)[: mtp.n_past]
-    cache, fresh = lm.new_cache(N_CTX, MARGIN), MTPContext(lm.model, N_CTX, MARGIN)
+    cache, fresh = lm.new_cache(N_CTX, MARGIN), MTPDrafter(lm.model.mtp, N_CTX, MARGIN)
     for s in range(0, len(ids), MARGIN):  # chunks that fit the sliding-window rings
-        _, h = lm.model.forward(ids[s : s + MARGIN], cache, "all", True)
-        fresh.mirror(ids[s : s + MARGIN], h)
-    torch.testing.assert_close(mtp.pending_h, fresh.pending_h, rtol=1e-3, atol=1e-3)
-    for j in range(mtp.n_heads):
-        probe = (torch.tensor([out[-1]]), mtp.pending_h[None])
-        a, _ = lm.model.mtp_forward(j, *probe, mtp.caches[j], "last")
-        b, _ = lm.model.mtp_forward(j, *probe, fresh.caches[j], "last")
+        _, h = lm.model.forward(ids[s : s + MARGIN], cache, "all")
+        fresh.observe(s, ids[s : s + MARGIN], h)
+    pending = mtp.state.pending_h
+    torch.testing.assert_close(pending, fresh.state.pending_h, rtol=1e-3, atol=1e-3)
+    for j in range(lm.model.mtp.n_heads):
+        probe = (torch.tensor([out[-1]]), pending[None])
+        a, _ = lm.model.mtp.forward(j, *probe, mtp.caches[j], "last")
+        b, _ = lm.model.mtp.forward(j, *probe, fresh.caches[j], "last")
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)

@@ -16,7 +16,8 @@ from llmkit.core.model.config import read_config
 from llmkit.core.model.weights import load_tensors
 from llmkit.core.models import step35
 from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import Backend, make_expert_linear
+from llmkit.kernels.backend import Backend
+from llmkit.kernels.ops import make_expert_linear
 from llmkit.quant.tensor import QTensor
 from tiny_step35 import write_tiny_step35
 
@@ -34,8 +35,9 @@ def load(path, parts=("trunk",), **over):
     n_vocab = gf.tensors["token_embd.weight"].shape[0]
     cfg = read_config(step35.Config, gf.metadata, "step35", n_vocab=n_vocab, **over)
     specs = [s for p in parts for s in step35.tensor_specs(cfg, p, gf.tensors)]
-    keep = {il for p in parts for il in step35.part_layers(cfg, p)}
-    ignore = tuple(f"blk.{il}." for il in range(cfg.n_layer) if il not in keep)
+    ranges = {"trunk": range(cfg.n_layer), "mtp": range(cfg.n_layer, cfg.n_layer_all)}
+    keep = {il for p in parts for il in ranges[p]}
+    ignore = tuple(f"blk.{il}." for il in range(cfg.n_layer_all) if il not in keep)
     return cfg, load_tensors(gf, specs, ignore_prefixes=ignore)
 
 
@@ -172,7 +174,7 @@ def naive_block(c, t, il, x, clamp=True):
 def naive_trunk(m, tokens, clamp=True):
     c, t = m.config, m.tensors
     x = _W(t, "token_embd.weight")[tokens]
-    for il in range(c.n_main):
+    for il in range(c.n_layer):
         x = naive_block(c, t, il, x, clamp)
     head = t.get("output.weight") or t["token_embd.weight"]
     return _rms(x, _W(t, "output_norm.weight"), c.eps) @ head.dequantize().T, x
@@ -180,7 +182,7 @@ def naive_trunk(m, tokens, clamp=True):
 
 def naive_mtp(m, head, tokens, h):
     c, t = m.config, m.tensors
-    il = c.n_main + head
+    il = c.n_layer + head
     b = f"blk.{il}.nextn."
     E = t.get(b + "embed_tokens.weight") or t["token_embd.weight"]
     e = _rms(E.dequantize()[tokens], _W(t, b + "enorm.weight"), c.eps)
@@ -203,14 +205,14 @@ def shifted(h):  # MTP row p pairs token p with the trunk hidden of p-1 (zeros f
 def test_trunk_and_mtp_match_naive(files, name):
     m = model(files[name], ("trunk", "mtp"))
     with torch.inference_mode():
-        got, h = m.forward(TOKENS, f32_cache(m.kv_layout()), "all", hidden=True)
+        got, h = m.forward(TOKENS, f32_cache(m.kv_layout()), "all")
         ref, ref_h = naive_trunk(m, TOKENS)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(h, ref_h, rtol=1e-4, atol=1e-4)
-        assert m.n_mtp_heads == 3
-        for head in range(m.n_mtp_heads):
+        assert m.mtp.n_heads == 3
+        for head in range(m.mtp.n_heads):
             hin = shifted(h)
-            lg, ho = m.mtp_forward(head, TOKENS, hin, f32_cache(m.mtp_kv_layout()), "all")
+            lg, ho = m.mtp.forward(head, TOKENS, hin, f32_cache(m.mtp.kv_layout()), "all")
             ref_lg, ref_ho = naive_mtp(m, head, TOKENS, hin)
             torch.testing.assert_close(lg, ref_lg, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(ho, ref_ho, rtol=1e-4, atol=1e-4)
@@ -218,7 +220,7 @@ def test_trunk_and_mtp_match_naive(files, name):
 
 def test_clamps_bite(full):
     with torch.inference_mode():
-        got = full.forward(TOKENS, f32_cache(full.kv_layout()), "all")
+        got = full.forward(TOKENS, f32_cache(full.kv_layout()), "all").logits
         unclamped, _ = naive_trunk(full, TOKENS, clamp=False)
     assert (got - unclamped).abs().max() > 1e-2  # the tiny model's clamps really bite
     c = full.config
@@ -227,28 +229,27 @@ def test_clamps_bite(full):
 
 def test_hidden_is_pre_norm_for_all_rows(full):
     with torch.inference_mode():
-        last, h = full.forward(TOKENS, f32_cache(full.kv_layout()), "last", hidden=True)
-        lg, ho = full.mtp_forward(0, TOKENS, shifted(h), f32_cache(full.mtp_kv_layout()))
+        last, h = full.forward(TOKENS, f32_cache(full.kv_layout()), "last")
+        lg, ho = full.mtp.forward(0, TOKENS, shifted(h), f32_cache(full.mtp.kv_layout()))
     assert h.shape == (T, 64) and last.shape == (1, 320)
-    assert step35.Model.mtp_hidden == "pre_norm"
     c, t = full.config, full.tensors
     head = _rms(h[-1:], _W(t, "output_norm.weight"), c.eps) @ _W(t, "output.weight").T
     torch.testing.assert_close(last, head, rtol=1e-4, atol=1e-4)
-    assert lg.shape == (1, 320) and ho.shape == (1, 64)  # "last": one row of each
+    assert lg.shape == (1, 320) and ho.shape == (T, 64)  # "last": one logits row, every hidden
 
 
 def test_incremental_decode_equals_one_batch(full):
     with torch.inference_mode():
-        ref, h = full.forward(TOKENS, f32_cache(full.kv_layout()), "all", hidden=True)
+        ref, h = full.forward(TOKENS, f32_cache(full.kv_layout()), "all")
         cache = f32_cache(full.kv_layout(), margin=3)  # ring of 4 + 3 slots: wraps
-        steps = [full.forward(TOKENS[:3], cache, "all")]
-        steps += [full.forward(TOKENS[i : i + 1], cache) for i in range(3, T)]
+        steps = [full.forward(TOKENS[:3], cache, "all").logits]
+        steps += [full.forward(TOKENS[i : i + 1], cache).logits for i in range(3, T)]
         torch.testing.assert_close(torch.cat(steps), ref, rtol=1e-4, atol=1e-4)
         hin = shifted(h)
-        ref_lg, _ = full.mtp_forward(1, TOKENS, hin, f32_cache(full.mtp_kv_layout()), "all")
-        mc = f32_cache(full.mtp_kv_layout(), margin=3)
+        ref_lg, _ = full.mtp.forward(1, TOKENS, hin, f32_cache(full.mtp.kv_layout()), "all")
+        mc = f32_cache(full.mtp.kv_layout(), margin=3)
         lgs = [
-            full.mtp_forward(1, TOKENS[i : i + 2], hin[i : i + 2], mc, "all")[0]
+            full.mtp.forward(1, TOKENS[i : i + 2], hin[i : i + 2], mc, "all").logits
             for i in range(0, T, 2)
         ]
         torch.testing.assert_close(torch.cat(lgs), ref_lg, rtol=1e-4, atol=1e-4)
@@ -257,8 +258,8 @@ def test_incremental_decode_equals_one_batch(full):
 def test_bf16_backend_stays_close(files, full):
     lm = model(files["full"], dtype=torch.bfloat16)
     with torch.inference_mode():
-        a = full.forward(TOKENS, f32_cache(full.kv_layout()), "all")
-        b = lm.forward(TOKENS, f32_cache(lm.kv_layout()), "all")
+        a = full.forward(TOKENS, f32_cache(full.kv_layout()), "all").logits
+        b = lm.forward(TOKENS, f32_cache(lm.kv_layout()), "all").logits
     assert (a - b).abs().max() < 0.05 * a.abs().max()
     assert lm.backend.extra_bytes > 0
 
@@ -300,9 +301,9 @@ def test_only_selected_experts_run_once_each(full, monkeypatch):
 
 def test_moe_n_expert_override(files, full):
     with torch.inference_mode():
-        ref = full.forward(TOKENS, f32_cache(full.kv_layout()), "all")
+        ref = full.forward(TOKENS, f32_cache(full.kv_layout()), "all").logits
         one = model(files["full"], n_expert_used_override=1)
-        got = one.forward(TOKENS, f32_cache(one.kv_layout()), "all")
+        got = one.forward(TOKENS, f32_cache(one.kv_layout()), "all").logits
         naive, _ = naive_trunk(one, TOKENS)
     assert (got - ref).abs().max() > 1e-2
     torch.testing.assert_close(got, naive, rtol=1e-4, atol=1e-4)
@@ -337,16 +338,14 @@ def test_expert_linear_regimes():
 
 def test_trunk_only_load_skips_nextn(files):
     cfg, t = load(files["full"])
-    assert cfg.n_main == 4 and cfg.n_layer == 7 and cfg.n_nextn == 3
+    assert cfg.n_layer == 4 and cfg.n_layer_all == 7 and cfg.n_nextn == 3
     assert not [n for n in t if n.startswith(("blk.4.", "blk.5.", "blk.6."))]
     assert step35.moe_layers(GGUFFile(files["full"]).tensors) == {2, 3}
     m = build(cfg, t)
-    assert m.n_mtp_heads == 0 and m.mtp_kv_layout() == {} and sorted(m.kv_layout()) == [0, 1, 2, 3]
-    with pytest.raises(LlmkitError, match="not loaded"):
-        m.mtp_forward(0, TOKENS[:1], torch.zeros(1, 64), f32_cache({}))
+    assert m.mtp is None and sorted(m.kv_layout()) == [0, 1, 2, 3]  # no NextN heads loaded
     # a trunk-only file that still declares the NextN blocks loads the same trunk
     cfg2, t2 = load(files["trunk"])
-    assert cfg2.n_layer == 7 and set(t2) == set(t)
+    assert cfg2.n_layer_all == 7 and set(t2) == set(t)
 
 
 def test_trunk_file_plus_sidecar_equals_full(files, full):
@@ -354,15 +353,15 @@ def test_trunk_file_plus_sidecar_equals_full(files, full):
     _, side = load(files["mtp"], ("mtp",))
     assert not [n for n in side if n.startswith("blk.") and int(n.split(".")[1]) < 4]
     m = build(cfg, {**t, **side}, mtp=True)
-    assert sorted(m.mtp_kv_layout()) == [4, 5, 6]
+    assert sorted(m.mtp.kv_layout()) == [4, 5, 6]
     with torch.inference_mode():
-        a, ha = full.forward(TOKENS, f32_cache(full.kv_layout()), "all", hidden=True)
-        b, hb = m.forward(TOKENS, f32_cache(m.kv_layout()), "all", hidden=True)
+        a, ha = full.forward(TOKENS, f32_cache(full.kv_layout()), "all")
+        b, hb = m.forward(TOKENS, f32_cache(m.kv_layout()), "all")
         assert torch.equal(a, b)
         for head in range(3):
-            x = full.mtp_forward(head, TOKENS, shifted(ha), f32_cache(full.mtp_kv_layout()), "all")
-            y = m.mtp_forward(head, TOKENS, shifted(hb), f32_cache(m.mtp_kv_layout()), "all")
-            assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+            x = full.mtp.forward(head, TOKENS, shifted(ha), f32_cache(full.mtp.kv_layout()), "all")
+            y = m.mtp.forward(head, TOKENS, shifted(hb), f32_cache(m.mtp.kv_layout()), "all")
+            assert torch.equal(x.logits, y.logits) and torch.equal(x.hidden, y.hidden)
 
 
 def test_missing_and_extra_tensors_error(files, tmp_path):
@@ -398,7 +397,7 @@ def test_config_errors(files, tmp_path):
     # a conversion without NextN blocks: no nextn key, trunk only; asking for MTP is an error
     p = write_tiny_step35(tmp_path / "nomtp.gguf", n_nextn=0)
     cfg0, t0 = load(p)
-    assert cfg0.n_main == cfg0.n_layer == 4 and build(cfg0, t0).n_mtp_heads == 0
+    assert cfg0.n_layer == cfg0.n_layer_all == 4 and build(cfg0, t0).mtp is None
     with pytest.raises(LlmkitError, match="declares no NextN"):
         build(cfg0, t0, mtp=True)
 
@@ -412,21 +411,21 @@ def spec_greedy(m, prompt, n_new):
     KV is rebuilt from the target hidden states every round (simple, not fast)."""
     H = m.config.n_embd
     cache = f32_cache(m.kv_layout(), n_ctx=128, margin=8)
-    lg, h = m.forward(prompt, cache, "last", hidden=True)
+    lg, h = m.forward(prompt, cache, "last")
     seq, hs, stats = prompt.tolist(), [h], Counter()
     while len(seq) - len(prompt) < n_new:
         id_last, pos0 = int(lg[-1].argmax()), len(seq)
         h_rows = shifted(torch.cat(hs + [torch.zeros(1, H)]))  # [pos0 + 1, H]
         drafts, chain_h = [], []
-        for k in range(m.n_mtp_heads):
-            il = m.config.n_main + k
-            hc = f32_cache({il: m.mtp_kv_layout()[il]}, n_ctx=128, margin=128)
+        for k in range(m.mtp.n_heads):
+            il = m.config.n_layer + k
+            hc = f32_cache({il: m.mtp.kv_layout()[il]}, n_ctx=128, margin=128)
             toks = torch.tensor(seq + [id_last] + drafts)
-            dl, ho = m.mtp_forward(k, toks, torch.cat([h_rows] + chain_h), hc)
+            dl, ho = m.mtp.forward(k, toks, torch.cat([h_rows] + chain_h), hc)
             drafts.append(int(dl[-1].argmax()))
-            chain_h.append(ho)
+            chain_h.append(ho[-1:])  # the last row: what this head drafted from
         batch = [id_last] + drafts
-        vl, hv = m.forward(torch.tensor(batch), cache, "all", hidden=True)
+        vl, hv = m.forward(torch.tensor(batch), cache, "all")
         n_acc = 0
         while n_acc < len(drafts) and int(vl[n_acc].argmax()) == drafts[n_acc]:
             n_acc += 1
@@ -440,11 +439,11 @@ def spec_greedy(m, prompt, n_new):
 
 def plain_greedy(m, prompt, n_new):
     cache = f32_cache(m.kv_layout(), n_ctx=128, margin=8)
-    lg = m.forward(prompt, cache)
+    lg = m.forward(prompt, cache).logits
     out = []
     for _ in range(n_new):
         out.append(int(lg[-1].argmax()))
-        lg = m.forward(torch.tensor(out[-1:]), cache)
+        lg = m.forward(torch.tensor(out[-1:]), cache).logits
     return out
 
 

@@ -15,9 +15,11 @@ pytest.importorskip("triton")
 pytest.importorskip("numpy")
 
 from llmkit.core.decode.loop import generate  # noqa: E402
-from llmkit.core.model.loader import load_model  # noqa: E402
+from llmkit.core.models.loader import load_model  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
-from llmkit.kernels.dispatch import Backend, TritonLinear, make_linear  # noqa: E402
+from llmkit.kernels.backend import Backend  # noqa: E402
+from llmkit.kernels.linear_triton import TritonLinear  # noqa: E402
+from llmkit.kernels.ops import make_linear  # noqa: E402
 from tiny_models import write_tiny_gemma3, write_tiny_llama  # noqa: E402
 from tiny_step35 import write_tiny_step35  # noqa: E402
 
@@ -33,8 +35,8 @@ def _greedy(lm, prompt, n):
 def _logits(lm, prompt):
     with torch.inference_mode():
         cache = lm.new_cache(64, margin=32)
-        out = lm.model.forward(torch.tensor(prompt[:-1]), cache, logits="all")  # GEMM regime
-        last = lm.model.forward(torch.tensor(prompt[-1:]), cache)  # GEMV regime
+        out = lm.model.forward(torch.tensor(prompt[:-1]), cache, logits="all").logits  # GEMM regime
+        last = lm.model.forward(torch.tensor(prompt[-1:]), cache).logits  # GEMV regime
         return torch.cat((out, last)).float().cpu()
 
 
@@ -85,7 +87,7 @@ def test_quantized_kv_cache_read_in_kernel(tmp_path, kv):
     for attn in ("triton", "torch"):
         cache = KVCache(lm.model.kv_layout(), 64, 32, kv, kv, lm.backend.device, attn)
         with torch.inference_mode():
-            a = lm.model.forward(prompt[:-1], cache, logits="all")
-            b = lm.model.forward(prompt[-1:], cache)
+            a = lm.model.forward(prompt[:-1], cache, logits="all").logits
+            b = lm.model.forward(prompt[-1:], cache).logits
         out.append(torch.cat((a, b)).float().cpu())
     assert ((out[0] - out[1]).norm() / out[1].norm()) < 1e-4

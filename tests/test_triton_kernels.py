@@ -17,9 +17,10 @@ pytest.importorskip("numpy")  # the interpreter needs it
 
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from llmkit.core.layers import ROPE_NEOX, ROPE_NORM, apply_rope, rope_cache  # noqa: E402
-from llmkit.core.layers import attention as ref_attention  # noqa: E402
 from llmkit.errors import LlmkitError  # noqa: E402
+from llmkit.kernels.ops import attention_torch as ref_attention  # noqa: E402
+from llmkit.kernels.rope import ROPE_NEOX, ROPE_NORM, rope_cache  # noqa: E402
+from llmkit.kernels.torch_ops import rope as apply_rope  # noqa: E402
 from llmkit.kernels.triton_attention import attention  # noqa: E402
 from llmkit.kernels.triton_dequant import qdequant  # noqa: E402
 from llmkit.kernels.triton_gemv import qgemv  # noqa: E402

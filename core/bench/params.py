@@ -28,7 +28,6 @@ BUILTIN_PROMPTS = (
     "to make their own food. It takes place mainly in the leaves, where",
 )
 KV_TYPE_NAMES = tuple(KV_TYPES)
-MAX_DRAFT_SINGLE_HEAD = 16  # one reused NextN block: the same verify-batch limit as `llm run`
 WARMUP_TG_TOKENS = 8  # enough decode steps to touch every kernel once
 BANDWIDTH_BASIS = (
     "backend.extra_bytes (prepared weights read per token) x t/s, as gpt-fast prints it"

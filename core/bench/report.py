@@ -87,14 +87,13 @@ def make_record(
 ) -> dict:
     """The record of one instance (every key present in every record, None where it does not
     apply, so CSV columns line up)."""
-    from llmkit.core.decode.loop import GenStats
 
     ts = [inst.n * 1e9 / ns for ns in samples_ns]
     avg_ns, std_ns = mean_std(samples_ns)
     avg_ts, std_ts = mean_std(ts)
     tg = inst.kind == "tg"
     wbytes = lm.backend.extra_bytes
-    acc = spec.to_dict(GenStats()) if spec is not None else {}
+    acc = spec.to_dict(0) if spec is not None else {}
     return {
         **env,
         "device": p.device,

@@ -24,7 +24,6 @@ import torch
 
 from llmkit.core.bench.params import (
     BUILTIN_PROMPTS,
-    MAX_DRAFT_SINGLE_HEAD,
     WARMUP_TG_TOKENS,
     BenchParams,
     Instance,
@@ -32,27 +31,24 @@ from llmkit.core.bench.params import (
     rows,
 )
 from llmkit.core.bench.report import make_record, set_speedups
+from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT
 from llmkit.errors import LlmkitError
 
 
 def check_mtp(path: Path, drafts: list[int]) -> None:
     """Fail before any measurement when the model has no NextN blocks or a draft is too long."""
     from llmkit.core.gguf.reader import GGUFFile
-    from llmkit.core.model.loader import arch_module
+    from llmkit.core.model.sidecar import shipped_head
 
     gf = GGUFFile(path)
     arch = gf.architecture
-    if getattr(arch_module(arch).Model, "mtp_hidden", None) is None:
-        raise LlmkitError(f"--mtp 1: {path}: architecture {arch} has no NextN (MTP) blocks")
     heads = int(gf.metadata.get(f"{arch}.nextn_predict_layers", 0))
-    if heads == 0 and arch in ("llama", "gemma3"):  # a head shipped for this model (mtp-train)
-        from llmkit.core.model.sidecar import shipped_head
-
+    if heads == 0:  # a head shipped for this model (`llm mtp-train`)
         head = shipped_head(gf)
         heads = int(GGUFFile(head).metadata[f"{arch}.nextn_predict_layers"]) if head else 0
     if heads == 0:
         raise LlmkitError(f"--mtp 1: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0)")
-    limit = heads if heads > 1 else MAX_DRAFT_SINGLE_HEAD
+    limit = heads if heads > 1 else SINGLE_HEAD_MAX_DRAFT
     if max(drafts) > limit:
         why = f"its {heads} chained NextN blocks" if heads > 1 else "the verify batch limit"
         raise LlmkitError(f"--draft must be between 1 and {limit} for {path} ({why})")
@@ -80,8 +76,14 @@ class Session:
 
     def _cache(self, inst: Instance, n_ctx: int):
         # ring margin: a prompt chunk and a whole verify batch (the rule of `llm run`)
-        margin = max(inst.n_ubatch, 64, (inst.draft or 0) + 1)
+        margin = max(inst.n_ubatch, 64, self._spec_config(inst).verify_rows)
         return self.lm.new_cache(n_ctx + 1, margin, inst.type_k, inst.type_v), margin
+
+    @staticmethod
+    def _spec_config(inst: Instance):
+        from llmkit.core.decode.speculative import SpecConfig
+
+        return SpecConfig(inst.draft or 0, inst.p_min, inst.branches if inst.mtp else 0)
 
     def _random(self, n: int, seed: int) -> list[int]:
         g = torch.Generator().manual_seed(seed)
@@ -128,35 +130,32 @@ class Session:
         return head + self.texts[rep % len(self.texts)]
 
     def _tg_text(self, inst: Instance, n: int, rep: int):
-        from llmkit.core.decode.loop import generate
-        from llmkit.core.decode.sampling import SamplerParams, make_sampler
+        from llmkit.core.decode.loop import Speculation, generate
+        from llmkit.core.decode.sampling import Sampler, SamplerParams
 
         ids = self.text_context(rep, inst.depth)
         cache, margin = self._cache(inst, len(ids) + n + (inst.draft or 0))
-        greedy, spec = SamplerParams(temp=0), None
+        spec = None
         if inst.mtp:
-            from llmkit.core.decode.drafter import MTPContext
-            from llmkit.core.decode.speculative import SpecStats, speculative_generate
+            from llmkit.core.decode.drafter import MTPDrafter
+            from llmkit.core.decode.speculative import SpecStats
 
-            mtp = MTPContext(self.model, cache.n_ctx, margin, inst.type_k, inst.type_v, self.device)
-            spec = SpecStats(draft_max=inst.draft)
-            gen = speculative_generate(
-                self.model, cache, mtp, ids, greedy, spec, n + 1,
-                ignore_eos=True, n_ubatch=inst.n_ubatch, p_min=inst.p_min,
-                branches=inst.branches,
-            )  # fmt: skip
-        else:
-            gen = generate(
-                self.model, cache, ids, make_sampler(greedy), n + 1,
-                ignore_eos=True, n_ubatch=inst.n_ubatch,
-            )  # fmt: skip
+            drafter = MTPDrafter(
+                self.model.mtp, cache.n_ctx, margin, inst.type_k, inst.type_v, self.device
+            )
+            cfg = self._spec_config(inst)
+            spec = Speculation(drafter, cfg, SpecStats(cfg.draft, branches=cfg.branches))
+        gen = generate(
+            self.model, cache, ids, Sampler(SamplerParams(temp=0)), n + 1,
+            ignore_eos=True, n_ubatch=inst.n_ubatch, spec=spec,
+        )  # fmt: skip
         next(gen)  # the prompt and its first token: not timed
         _sync(self.device)
         t0 = time.perf_counter_ns()
         for _ in gen:
             pass
         _sync(self.device)
-        return time.perf_counter_ns() - t0, spec
+        return time.perf_counter_ns() - t0, spec.stats if spec is not None else None
 
     def run_once(self, inst: Instance, n: int, rep: int, text: bool):
         """One timed run of `n` tokens: (nanoseconds, SpecStats or None)."""
@@ -221,7 +220,7 @@ def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress
 
 def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress | None = None):
     """Measure every instance of `plan(p)`; return one record per instance in table order."""
-    from llmkit.core.model.loader import load_model
+    from llmkit.core.models.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
 
     progress = progress or Progress()

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from llmkit.core.cache.paged import PagedKV, SeqKV, SeqView
-from llmkit.core.layers import attention
 from llmkit.errors import LlmkitError
+from llmkit.kernels import ops
 
 
 class BatchCache:
@@ -54,7 +54,7 @@ class BatchCache:
     def attention(self, q, Ks, Vs, masks, scale: float) -> torch.Tensor:
         return torch.cat(
             [
-                attention(q[r0:r1], K, V, m, scale)
+                ops.attention_torch(q[r0:r1], K, V, m, scale)
                 for (r0, r1), K, V, m in zip(self.rows, Ks, Vs, masks)
             ]
         )
@@ -63,3 +63,7 @@ class BatchCache:
         """After the forward: offer the prompt blocks it completed to later requests."""
         for s in self.seqs:
             self.pool.publish(s)
+
+    def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
+        """update + attention for layer il (the call a model block makes)."""
+        return self.attention(q, *self.update(il, k, v), scale)

@@ -18,53 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.layers import attention
+from llmkit.core.cache.layout import LayerKV
+from llmkit.core.cache.store import KV_TYPES, alloc, load, store
 from llmkit.errors import LlmkitError
-from llmkit.quant.dequant import dequantize, row_bytes
-from llmkit.quant.quantize import quantize
-
-# Cache element types: float dtypes are stored as is; ggml block types are quantized on write (ggml's
-# reference formulas, per head vector) and dequantized to fp32 for attention.
-KV_TYPES = {
-    "f16": torch.float16,
-    "f32": torch.float32,
-    "bf16": torch.bfloat16,
-    "q8_0": QT.Q8_0,
-    "q4_0": QT.Q4_0,
-}
-
-
-def _alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
-    t = KV_TYPES[kind]
-    if isinstance(t, torch.dtype):
-        return torch.zeros(n_head, cap, dim, dtype=t, device=device)
-    if dim % 32:
-        raise LlmkitError(
-            f"{kind} KV cache needs a head dimension that is a multiple of 32 (got {dim})"
-        )
-    return torch.zeros(n_head, cap, row_bytes(t, dim), dtype=torch.uint8, device=device)
-
-
-def _store(buf: torch.Tensor, kind: str, slots: torch.Tensor, x: torch.Tensor) -> None:
-    # x: [T, H, D] -> buf[:, slots]
-    t = KV_TYPES[kind]
-    x = x.transpose(0, 1)
-    buf[:, slots] = x.to(t) if isinstance(t, torch.dtype) else quantize(x, t)
-
-
-def _load(buf: torch.Tensor, kind: str, n: int) -> torch.Tensor:
-    t = KV_TYPES[kind]
-    return buf[:, :n] if isinstance(t, torch.dtype) else dequantize(buf[:, :n], t)
-
-
-@dataclass(frozen=True)
-class LayerKV:
-    """What one attention layer needs from the cache (the model's declared layout)."""
-
-    n_head_kv: int
-    head_dim_k: int
-    head_dim_v: int
-    window: int | None = None  # sliding window in tokens (None = full attention)
+from llmkit.kernels import ops
 
 
 @dataclass
@@ -115,16 +72,15 @@ class KVCache:
                 pos = torch.full((cap,), -1, dtype=torch.int64, device=device)
                 g = self.groups[gname] = _Group(gname, spec.window, cap, [], pos)
             g.layers.append(il)
-            g.k[il] = _alloc(type_k, spec.n_head_kv, cap, spec.head_dim_k, device)
-            g.v[il] = _alloc(type_v, spec.n_head_kv, cap, spec.head_dim_v, device)
+            g.k[il] = alloc(type_k, spec.n_head_kv, cap, spec.head_dim_k, device)
+            g.v[il] = alloc(type_v, spec.n_head_kv, cap, spec.head_dim_v, device)
             self.group_of[il] = g
         self.n_past = 0  # positions 0..n_past-1 are cached
         self.device = torch.device(device)
-        # "torch" (SDPA over a [T, S] mask) or "triton" (kernels/triton_attention.py: reads f16 KV
-        # as stored and skips tiles outside the window); GPUs default to Triton
-        self.attn_kernel = attn_kernel or ("triton" if self.device.type == "cuda" else "torch")
-        if self.attn_kernel not in ("torch", "triton"):
-            raise LlmkitError(f"unknown attention kernel {self.attn_kernel!r}")
+        # the kernel table picks by device (kernels/ops.py): "torch" (SDPA over a [T, S] mask) or
+        # "triton" (reads the cache as stored, masks by slot position)
+        self.attn_kernel = attn_kernel or ops.attention_kernel(ops.kernel_family(self.device))
+        ops.check_attention_kernel(self.attn_kernel)
         self._pos: torch.Tensor | None = None  # positions of the current batch
         self._group: _Group | None = None  # group of the layer last updated (for attention)
         self._static: tuple[torch.Tensor, int] | None = None  # see static_batch()
@@ -150,8 +106,11 @@ class KVCache:
         (slot bookkeeping by index), every group's attention reads its first min(n_read, capacity)
         slots (empty or later ones are masked by their positions), and n_past is the caller's to
         advance. Needs the Triton attention kernel (it masks by slot positions; no [T, S] mask)."""
-        if self.attn_kernel != "triton":
-            raise LlmkitError("static (CUDA-graph) batches need the triton attention kernel")
+        if not ops.supports_graph_capture(self.attn_kernel):
+            raise LlmkitError(
+                f"static (CUDA-graph) batches need the triton attention kernel (it masks by slot "
+                f"position), not {self.attn_kernel}"
+            )
         self._static = (pos, n_read)
         try:
             yield
@@ -166,8 +125,10 @@ class KVCache:
         same position) do not see each other. After the batch, `commit_path` keeps one root-to-node
         path at consecutive positions. Needs the torch attention path (the Triton kernel masks by
         slot position, which siblings share)."""
-        if self.attn_kernel != "torch":
-            raise LlmkitError("draft-tree batches need the torch attention path")
+        if not ops.supports_tree_masks(self.attn_kernel):
+            raise LlmkitError(
+                f"draft-tree batches need the torch attention path, not {self.attn_kernel}"
+            )
         T = len(parents)
         if T == 0 or parents[0] != -1 or any(not 0 <= q < i for i, q in enumerate(parents) if i):
             raise LlmkitError(f"not a draft tree (parents before children): {parents}")
@@ -206,19 +167,21 @@ class KVCache:
             g.mask = None
 
     def attention(self, q, K, V, mask, scale: float) -> torch.Tensor:
-        """Attention over what update() returned; a multi-sequence cache overrides this to attend
-        per sequence (keeps every row's arithmetic that of a lone run)."""
+        """Attention over what update() returned (the kernel table's choice for this cache)."""
         if self.attn_kernel == "triton":
-            from llmkit.kernels.triton_attention import attention as triton_attention
-
             g = self._group  # update() for this layer ran just before
             kpos = g.slot_pos[: g.n_read]
             # ggml block types are named to the kernel (it dequantizes them); float types are not
             kt, vt = (
                 t if isinstance(KV_TYPES[t], QT) else None for t in (self.type_k, self.type_v)
             )
-            return triton_attention(q, K, V, kpos, self._pos, scale, g.window, k_type=kt, v_type=vt)
-        return attention(q, K, V, mask, scale)
+            return ops.attention_triton(q, K, V, kpos, self._pos, scale, g.window, kt, vt)
+        return ops.attention_torch(q, K, V, mask, scale)
+
+    def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
+        """Write this batch's k/v for layer il and attend q over the layer's cache: the one call a
+        model block makes (q [T, Hq, D], k/v [T, Hkv, D]) -> [T, Hq * Dv]."""
+        return self.attention(q, *self.update(il, k, v), scale)
 
     def begin(self, pos: torch.Tensor) -> None:
         """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past; in a
@@ -266,11 +229,11 @@ class KVCache:
     def update(self, il: int, k: torch.Tensor, v: torch.Tensor):
         """Write this batch's k/v [T, Hkv, D] for layer il; return (K [Hkv,S,D], V, mask [T,S])."""
         g = self._group = self.group_of[il]
-        _store(g.k[il], self.type_k, g.slots, k)
-        _store(g.v[il], self.type_v, g.slots, v)
+        store(g.k[il], self.type_k, g.slots, k)
+        store(g.v[il], self.type_v, g.slots, v)
         if self.attn_kernel == "triton":  # the kernel reads q8_0 / q4_0 blocks itself
             return g.k[il][:, : g.n_read], g.v[il][:, : g.n_read], g.mask
-        return _load(g.k[il], self.type_k, g.n_read), _load(g.v[il], self.type_v, g.n_read), g.mask
+        return load(g.k[il], self.type_k, g.n_read), load(g.v[il], self.type_v, g.n_read), g.mask
 
     def truncate(self, p: int) -> None:
         """Forget positions >= p (rollback). Sliding rings must still hold the window before p."""

@@ -27,16 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# KVCache's typed buffers and writer: the pool uses the same per-layer layout and element types
-from llmkit.core.cache.kv import KV_TYPES, LayerKV, _alloc, _store
+# the contiguous cache's typed buffers and writer: the same per-layer layout and element types
+from llmkit.core.cache.layout import LayerKV
+from llmkit.core.cache.store import KV_TYPES, alloc, gather, store
 from llmkit.errors import LlmkitError
-from llmkit.quant.dequant import dequantize
-
-
-def _gather(buf: torch.Tensor, kind: str, idx: torch.Tensor) -> torch.Tensor:
-    t = KV_TYPES[kind]
-    x = buf[:, idx]
-    return x if isinstance(t, torch.dtype) else dequantize(x, t)
 
 
 @dataclass
@@ -135,8 +129,8 @@ class PagedKV:
                 g.ref, g.free = [0] * n, list(range(n - 1, -1, -1))
             cells = g.n_blocks * block_size
             g.layers.append(il)
-            g.k[il] = _alloc(type_k, spec.n_head_kv, cells, spec.head_dim_k, device)
-            g.v[il] = _alloc(type_v, spec.n_head_kv, cells, spec.head_dim_v, device)
+            g.k[il] = alloc(type_k, spec.n_head_kv, cells, spec.head_dim_k, device)
+            g.v[il] = alloc(type_v, spec.n_head_kv, cells, spec.head_dim_v, device)
             self.group_of[il] = g
         self.prefix_hits = 0  # requests that reused at least one cached block
         self.prefix_tokens = 0  # prompt tokens those requests did not recompute
@@ -271,12 +265,12 @@ class PagedKV:
 
     def write(self, il: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         g = self.group_of[il]
-        _store(g.k[il], self.type_k, slots, k)
-        _store(g.v[il], self.type_v, slots, v)
+        store(g.k[il], self.type_k, slots, k)
+        store(g.v[il], self.type_v, slots, v)
 
     def read(self, il: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.group_of[il]
-        return _gather(g.k[il], self.type_k, idx), _gather(g.v[il], self.type_v, idx)
+        return gather(g.k[il], self.type_k, idx), gather(g.v[il], self.type_v, idx)
 
     def truncate(self, seq: SeqKV, p: int) -> None:
         """Forget positions >= p (speculative rollback); blocks past the end go back to the pool."""

@@ -1,123 +1,324 @@
-"""The MTP (NextN) draft context: its own KV caches holding only the NextN layers, fed with the
-target's hidden states.
+"""Drafters: what proposes tokens for speculative decoding. Every drafter speaks `Drafter` (one
+sequence: `llm run`, `llm bench`) and the NextN one also drafts for many sequences at once
+(`NextNDrafter`: the server's slots), so the decode loop and the server never special-case a kind.
 
-Alignment (llama.cpp's contract): the MTP row for the token at position p carries the trunk hidden
-state of position p-1 and predicts the token at p+1. Every target batch is *mirrored* here (prompt
-chunks during prefill, accepted tokens after each verification), so each NextN layer's cache holds
-exactly the positions the target has accepted.
+The NextN (MTP) drafter keeps its own KV for the NextN layers, fed with the target's hidden states.
+Alignment (llama.cpp's contract): the NextN row for the token at position p carries the trunk
+hidden state of position p - 1 and predicts the token at p + 1. Every target batch is *observed*
+(prompt chunks, the rows kept after each verification) and mirrored into the NextN caches, so each
+holds exactly the positions the target has accepted. Observed rows queue until `catch_up` (the
+server mirrors a slot only when it drafts again); rows a cache already holds are skipped.
 
 Several NextN blocks (Step3.5 has 3) are *chained*: draft step j runs block j over the whole draft
-prefix [last, d0, ..., d_{j-1}] (each block has its own KV, which only covers positions before the
-round), so the draft length is capped at the number of blocks. A single block is reused
-autoregressively, one new row per step on top of the KV it wrote. After drafting, every cache is
-trimmed back to the round's start: draft rows are re-mirrored from the target after verification.
+prefix [last, d0, ..., d_{j-1}] (each block has its own KV, covering positions before the round),
+so the draft length is capped at the number of blocks. A single block is reused autoregressively,
+one new row per step on top of the KV it wrote. After drafting every cache is trimmed back to the
+round's start, except the row of `last` at p0: that row (token `last`, the hidden of p0 - 1) is
+exactly what mirroring would write, so the next mirror of that block starts one row later.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from llmkit.core.cache.batch import BatchCache
 from llmkit.core.cache.kv import KVCache
+from llmkit.core.cache.paged import PagedKV
+from llmkit.core.model.protocol import DraftHeads
+from llmkit.errors import LlmkitError
 
-# pick(logits [V]) -> (token, q) where q is the dense draft distribution it was drawn from (None if
-# greedy) and its probability of the chosen token is used by --draft-p-min
+SINGLE_HEAD_MAX_DRAFT = 16  # one reused NextN block: drafts are capped by the verify batch
+# pick(logits [V]) -> (token, q, p): q the dense draft distribution it was drawn from (None when
+# greedy), p its probability of the token (for --draft-p-min)
 Pick = Callable[[torch.Tensor], tuple[int, torch.Tensor | None, float]]
 
 
-class MTPContext:
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    qs: list = field(default_factory=list)  # draft distributions (sampling) or None (greedy)
+    alts: list[int] = field(default_factory=list)  # siblings of tokens[0] for a draft tree
+
+
+class Drafter(Protocol):
+    """One sequence's drafter, as the decode loop uses it."""
+
+    max_draft: int  # the longest draft it can make
+
+    def observe(self, p0: int, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+        """The target evaluated `tokens` at positions p0.. with pre-norm hidden states."""
+
+    def draft(self, last: int, k: int, pick: Pick, p_min: float, branches: int) -> Draft:
+        """Up to k tokens after `last` (sampled at position n_past, in no cache yet)."""
+
+    def rollback(self, p: int) -> None:
+        """Forget positions >= p."""
+
+    def plan(self) -> dict: ...
+
+
+# -- where a NextN drafter's KV lives ---------------------------------------------------------------
+
+
+class ContiguousKV:
+    """One KVCache per NextN head for one sequence (`llm run`): a batch is the cache itself."""
+
     def __init__(
-        self, model, n_ctx: int, margin: int, type_k: str = "f16", type_v: str = "f16", device="cpu"
+        self, heads: DraftHeads, n_ctx: int, margin: int, type_k: str, type_v: str, device
     ):
-        self.model = model
-        layout = model.mtp_kv_layout()  # {il: LayerKV}, NextN layers only
         # one cache per NextN layer: chained heads decode different rows at different times
         self.caches = [
             KVCache({il: spec}, n_ctx, margin, type_k, type_v, device)
-            for il, spec in sorted(layout.items())
+            for il, spec in sorted(heads.kv_layout().items())
         ]
-        self.n_heads = len(self.caches)
-        self.chained = self.n_heads > 1
-        self.pending_h: torch.Tensor | None = None  # [H] trunk hidden paired with the next token
-        # cache j already holds the row of the last draft round's first token: that row (token
-        # `last`, the target's hidden pending_h) is exactly what mirroring would write, so
-        # drafting keeps it and the next mirror starts one row later (none at all on rejection)
-        self.first_row = [False] * self.n_heads
+        self.max_batch = margin
 
-    @property
-    def n_past(self) -> int:
-        return self.caches[0].n_past
+    def open(self) -> list:
+        return list(self.caches)
 
-    def max_draft(self, requested: int) -> int:
-        return min(requested, self.n_heads) if self.chained else requested
+    def close(self, seqs: list) -> None:
+        pass
 
-    def mirror(self, tokens: torch.Tensor, h: torch.Tensor) -> None:
-        """Teacher-force a target batch: tokens [T] at the next positions, h [T, H] the target's
-        hidden states for those same rows. Row i is paired with h[i-1] (the first row with the
-        hidden carried over from the previous batch, zeros at position 0)."""
-        prev = self.pending_h if self.pending_h is not None else torch.zeros_like(h[0])
-        h_in = torch.cat((prev[None], h[:-1]))  # [T, H]
-        for j, cache in enumerate(self.caches):
-            skip = int(self.first_row[j])  # after a draft round tokens[0] is its `last`
-            if tokens.numel() > skip:  # KV only, no LM head
-                self.model.mtp_forward(j, tokens[skip:], h_in[skip:], cache, logits=None)
-            self.first_row[j] = False
-        self.pending_h = h[-1]
+    def batch(self, head: int, seqs: list, counts: list[int]):
+        return seqs[0]  # one sequence
 
-    def truncate(self, p: int) -> None:
-        for c in self.caches:
-            c.truncate(p)
-        self.first_row = [False] * self.n_heads
-
-    def draft(self, last: int, n_draft: int, pick: Pick, p_min: float = 0.0, branches: int = 1):
-        """Draft up to n_draft tokens after `last` (the sampled token at position n_past, not yet in
-        any cache). Returns (tokens, q distributions, alternatives): with branches > 1 (greedy
-        drafting) the alternatives are the first step's next branches - 1 most likely tokens after
-        the drafted one, which a draft tree verifies beside it. The next `mirror` must start with
-        `last`."""
-        p0 = self.n_past
-        toks, hs = [last], [self.pending_h]
-        drafts, qs, alts = [], [], []
-        ran = [False] * self.n_heads  # caches that now hold the (last, pending_h) row at p0
-        for j in range(self.max_draft(n_draft)):
-            ran[j if self.chained else 0] = True
-            if self.chained:  # block j re-decodes the whole draft prefix over its own KV
-                cache = self.caches[j]
-                cache.truncate(p0)
-                logits, h_out = self.model.mtp_forward(
-                    j, torch.tensor(toks), torch.stack(hs), cache, logits="last"
-                )
-            else:  # one block, one new row per step
-                logits, h_out = self.model.mtp_forward(
-                    0, torch.tensor(toks[-1:]), hs[-1][None], self.caches[0], logits="last"
-                )
-            tok, q, prob = pick(logits[0])
-            if prob < p_min:  # not confident enough: verify what we have (possibly nothing)
-                break
-            if j == 0 and branches > 1:
-                top = logits[0].topk(branches).indices.tolist()
-                alts = [t for t in top if t != tok][: branches - 1]
-            drafts.append(tok)
-            qs.append(q)
-            toks.append(tok)
-            hs.append(h_out[-1])
-        for j, cache in enumerate(self.caches):  # drop the draft rows, keep the mirrored one
-            cache.truncate(p0 + ran[j])
-        self.first_row = ran
-        return drafts, qs, alts
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.caches)
+    def truncate(self, head: int, seq: KVCache, p: int) -> None:
+        seq.truncate(p)
 
     def plan(self) -> dict:
         plans = [c.plan() for c in self.caches]
         return {
             "layers": [il for p in plans for il in p["layers"]],
-            "bytes": self.nbytes(),
+            "bytes": sum(c.nbytes() for c in self.caches),
             "type_k": plans[0]["type_k"] if plans else None,
             "type_v": plans[0]["type_v"] if plans else None,
             "groups": {
                 f"{name}.blk{p['layers'][0]}": g for p in plans for name, g in p["groups"].items()
             },
         }
+
+
+class PagedDraftKV:
+    """The NextN layers' KV of every server slot in paged pools, one per head, reserved at start-up
+    for n_slots sequences of n_ctx tokens (sized from the single-sequence shape of the NextN
+    layers: a reserve-only plan, so opening a slot's state never fails or allocates). A batch
+    over several sequences attends per sequence (BatchCache)."""
+
+    def __init__(
+        self, heads: DraftHeads, n_slots, n_ctx, block_size, max_batch, type_k, type_v, device
+    ):
+        self.pools = [
+            PagedKV(
+                {il: spec}, n_ctx * n_slots, block_size, n_slots, max_batch, type_k, type_v, device
+            )
+            for il, spec in sorted(heads.kv_layout().items())
+        ]
+        self.n_slots, self.n_ctx, self.max_batch = n_slots, n_ctx, max_batch
+
+    def open(self) -> list:
+        seqs = [p.admit([], self.n_ctx, self.n_ctx, share=False) for p in self.pools]
+        if any(s is None for s in seqs):  # the pools hold n_slots sequences: a bug if reached
+            raise LlmkitError("MTP pools are full: more draft states open than slots")
+        return seqs
+
+    def close(self, seqs: list) -> None:
+        for pool, seq in zip(self.pools, seqs, strict=True):
+            pool.release(seq)
+
+    def batch(self, head: int, seqs: list, counts: list[int]):
+        return BatchCache(self.pools[head], seqs, counts)
+
+    def truncate(self, head: int, seq, p: int) -> None:
+        self.pools[head].truncate(seq, p)
+
+    def plan(self) -> dict:
+        total = sum(p.nbytes() for p in self.pools)
+        return {
+            "slots": self.n_slots,
+            "heads": len(self.pools),
+            "bytes": total,
+            "bytes_per_slot": total // self.n_slots,
+            "pools": [p.stats()["groups"] for p in self.pools],
+        }
+
+
+# -- the NextN drafter ----------------------------------------------------------------------------
+
+
+@dataclass
+class DraftState:
+    """One sequence's draft context: its KV in every head, the rows observed but not mirrored
+    yet (position, tokens, paired hiddens), and the target hidden of the last observed row."""
+
+    seqs: list  # per head: a KVCache or a paged SeqKV
+    end: int = 0  # positions observed so far (mirrored or queued)
+    pending_h: torch.Tensor | None = None  # [H] hidden of row end - 1: pairs with the next row
+    lag: list = field(default_factory=list)
+
+
+@dataclass
+class DraftJob:
+    state: DraftState
+    last: int  # the sampled token at position state.end, in no cache yet
+    k: int  # tokens to draft
+    pick: Pick  # the sequence's own draft sampler
+    branches: int = 1  # > 1: also return the first step's next most likely tokens
+
+
+class NextNDrafter:
+    """Drafting with a model's NextN heads for any number of sequences: each draft step and each
+    mirror round is one heads.forward over the rows of every sequence involved."""
+
+    def __init__(self, heads: DraftHeads, kv):
+        self.heads, self.kv = heads, kv
+        self.n_heads = heads.n_heads
+        self.chained = self.n_heads > 1
+
+    def max_draft(self, requested: int) -> int:
+        return min(requested, self.n_heads) if self.chained else requested
+
+    def open(self) -> DraftState:
+        return DraftState(self.kv.open())
+
+    def close(self, st: DraftState) -> None:
+        self.kv.close(st.seqs)
+
+    def observe(self, st: DraftState, p0: int, tokens: torch.Tensor, h: torch.Tensor) -> None:
+        """Queue the target's rows at positions p0.. (h [T, H] their hidden states): row p is
+        paired with the hidden of p - 1 (zeros at position 0). Rows before `st.end` are known."""
+        T = tokens.numel()
+        if p0 > st.end:
+            raise LlmkitError(f"MTP context holds {st.end} positions, got rows from {p0}")
+        skip = st.end - p0
+        if skip < T:
+            prev = st.pending_h if skip == 0 else h[skip - 1]
+            prev = prev if prev is not None else torch.zeros_like(h[0])
+            h_in = torch.cat((prev[None], h[skip:-1]))
+            st.lag.append((st.end, tokens[skip:], h_in))
+            st.end, st.pending_h = p0 + T, h[-1]
+
+    def rollback(self, st: DraftState, p: int) -> None:
+        """Forget positions >= p (queued rows too); the hidden pairing with row p comes from the
+        next observed batch (the target re-evaluates at least the row before it)."""
+        if p >= st.end:
+            return
+        lag, st.lag = st.lag, []
+        for q, toks, h_in in lag:
+            if q < p:
+                st.lag.append((q, toks[: p - q], h_in[: p - q]))
+        for j, seq in enumerate(st.seqs):
+            if seq.n_past > p:
+                self.kv.truncate(j, seq, p)
+        st.end, st.pending_h = p, None
+
+    def catch_up(self, states: list[DraftState]) -> None:
+        """Mirror every state's queued rows: rounds of up to kv.max_batch rows per state, each
+        round one forward per head over all states; a head skips the rows it already holds."""
+        work = []
+        for st in states:
+            if st.lag:
+                p0 = st.lag[0][0]
+                work.append((st, p0, torch.cat([t for _, t, _ in st.lag]),
+                             torch.cat([x for _, _, x in st.lag])))  # fmt: skip
+                st.lag = []
+        for j in range(self.n_heads):
+            rows = []  # (state, tokens, paired hiddens) this head lacks
+            for st, p0, toks, h_in in work:
+                skip = max(0, st.seqs[j].n_past - p0)
+                if skip < toks.numel():
+                    rows.append((st, toks[skip:], h_in[skip:]))
+            for off in range(0, max((t.numel() for _, t, _ in rows), default=0), self.kv.max_batch):
+                rnd = [(st, t[off : off + self.kv.max_batch], x[off : off + self.kv.max_batch])
+                       for st, t, x in rows if t.numel() > off]  # fmt: skip
+                cache = self.kv.batch(
+                    j, [st.seqs[j] for st, _, _ in rnd], [t.numel() for _, t, _ in rnd]
+                )
+                toks = torch.cat([t for _, t, _ in rnd])
+                self.heads.forward(j, toks, torch.cat([x for _, _, x in rnd]), cache, logits=None)
+
+    def draft(self, jobs: list[DraftJob], p_min: float = 0.0) -> list[Draft]:
+        """Draft for every job together (states caught up). Caches are trimmed back to each
+        round's start, keeping the row of `last` in every head that ran."""
+        for j in jobs:
+            if j.state.lag:
+                raise LlmkitError("draft before catch_up: the MTP context lags the target")
+        p0 = [j.state.end for j in jobs]
+        toks = [[j.last] for j in jobs]
+        hs = [[j.state.pending_h] for j in jobs]
+        out = [Draft() for _ in jobs]
+        live = [j.k > 0 for j in jobs]
+        ran = [[False] * self.n_heads for _ in jobs]
+        for step in range(max((self.max_draft(j.k) for j in jobs), default=0)):
+            act = [i for i, j in enumerate(jobs) if live[i] and self.max_draft(j.k) > step]
+            if not act:
+                break
+            head = step if self.chained else 0
+            if self.chained:  # head `step` re-decodes the whole draft prefix over its own KV
+                rows = [toks[i] for i in act]
+                h_rows = [torch.stack(hs[i]) for i in act]
+                for i in act:
+                    self.kv.truncate(head, jobs[i].state.seqs[head], p0[i])
+            else:  # one head, one new row per step on top of the KV it wrote
+                rows = [toks[i][-1:] for i in act]
+                h_rows = [hs[i][-1][None] for i in act]
+            counts = [len(r) for r in rows]
+            cache = self.kv.batch(head, [jobs[i].state.seqs[head] for i in act], counts)
+            t = torch.tensor([x for r in rows for x in r])
+            res = self.heads.forward(head, t, torch.cat(h_rows), cache, logits="all")
+            end = 0
+            for i, n in zip(act, counts, strict=True):
+                end += n
+                ran[i][head] = True
+                logits = res.logits[end - 1]
+                tok, q, prob = jobs[i].pick(logits)
+                if prob < p_min:  # not confident: verify what this sequence has (maybe nothing)
+                    live[i] = False
+                    continue
+                if step == 0 and jobs[i].branches > 1:
+                    top = logits.topk(jobs[i].branches).indices.tolist()
+                    out[i].alts = [a for a in top if a != tok][: jobs[i].branches - 1]
+                out[i].tokens.append(tok)
+                out[i].qs.append(q)
+                toks[i].append(tok)
+                hs[i].append(res.hidden[end - 1])
+        for i, j in enumerate(jobs):  # drop the draft rows, keep the mirrored one
+            for head, seq in enumerate(j.state.seqs):
+                self.kv.truncate(head, seq, p0[i] + ran[i][head])
+        return out
+
+
+class MTPDrafter:
+    """The `Drafter` of one sequence over the model's NextN heads (`llm run`, `llm bench`)."""
+
+    def __init__(
+        self, heads: DraftHeads, n_ctx: int, margin: int, type_k="f16", type_v="f16", device="cpu"
+    ):
+        self.kv = ContiguousKV(heads, n_ctx, margin, type_k, type_v, device)
+        self.core = NextNDrafter(heads, self.kv)
+        self.state = self.core.open()
+        self.max_draft = heads.n_heads if self.core.chained else SINGLE_HEAD_MAX_DRAFT
+
+    @property
+    def caches(self) -> list[KVCache]:
+        return self.kv.caches
+
+    @property
+    def n_past(self) -> int:
+        return self.state.end
+
+    def observe(self, p0: int, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.core.observe(self.state, p0, tokens, hidden)
+        self.core.catch_up([self.state])  # mirror now: its cost belongs to the verify step
+
+    def draft(self, last: int, k: int, pick: Pick, p_min: float = 0.0, branches: int = 1) -> Draft:
+        return self.core.draft([DraftJob(self.state, last, k, pick, branches)], p_min)[0]
+
+    def rollback(self, p: int) -> None:
+        self.core.rollback(self.state, p)
+
+    def plan(self) -> dict:
+        return self.kv.plan()

@@ -7,7 +7,7 @@ The draw uses a seeded `torch.Generator`: the same seed gives the same tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,18 +67,53 @@ def filtered_probs(logits: torch.Tensor, p: SamplerParams) -> tuple[torch.Tensor
     return ids, torch.softmax(vals / p.temp, -1)
 
 
-def make_sampler(p: SamplerParams) -> Callable[[torch.Tensor, Sequence[int]], int]:
-    """Returns sample(logits [n_vocab], history) -> token id."""
-    p.validate()
-    gen = torch.Generator()
-    gen.manual_seed(p.seed if p.seed >= 0 else torch.seed())
+class Sampler:
+    """The run's sampler, one seeded generator: `sample` draws the tokens a generation emits
+    (llama.cpp's chain, above), and `dist` / `pick_draft` / `uniform` give what speculative
+    acceptance needs (core/decode/speculative.py): the target's and the draft's distributions."""
 
-    def sample(logits: torch.Tensor, history: Sequence[int] = ()) -> int:
-        recent = history[-p.repeat_last_n :] if p.repeat_last_n > 0 else history
-        logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
-        if p.temp <= 0:
+    def __init__(self, p: SamplerParams):
+        p.validate()
+        self.p, self.greedy = p, p.temp <= 0
+        self.gen = torch.Generator()
+        self.gen.manual_seed(p.seed if p.seed >= 0 else torch.seed())
+
+    def _penalized(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        n = self.p.repeat_last_n
+        recent = history[-n:] if n > 0 else history
+        return apply_repeat_penalty(logits, recent, self.p.repeat_penalty)
+
+    def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """The next token for logits [n_vocab] after `history` (greedy when temp <= 0)."""
+        logits = self._penalized(logits, history)
+        if self.greedy:
             return int(torch.argmax(logits))
-        ids, probs = filtered_probs(logits, p)
-        return int(ids[torch.multinomial(probs, 1, generator=gen)])
+        ids, probs = filtered_probs(logits, self.p)
+        return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
 
-    return sample
+    __call__ = sample
+
+    def dist(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        """The sampling distribution as a dense [n_vocab] vector."""
+        ids, probs = filtered_probs(self._penalized(logits, history), self.p)
+        return torch.zeros(logits.numel(), dtype=torch.float32).index_put_((ids,), probs.float())
+
+    def draw(self, probs: torch.Tensor) -> int:
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self.gen))
+
+    def pick_draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
+        """(token, q, q[token]) for a draft step: greedy drafts carry no distribution."""
+        if self.greedy:
+            tok = int(torch.argmax(logits))
+            return tok, None, float(torch.softmax(logits.float(), -1)[tok])
+        q = self.dist(logits, ())
+        tok = self.draw(q)
+        return tok, q, float(q[tok])
+
+
+def make_sampler(p: SamplerParams) -> Sampler:
+    """sample(logits [n_vocab], history) -> token id."""
+    return Sampler(p)

@@ -1,12 +1,11 @@
-"""Speculative decoding with the model's own MTP (NextN) blocks as the draft.
+"""Speculative decoding: the settings (validated once), the acceptance rule, one verification
+batch, and the statistics. The round itself is part of the one decode loop (core/decode/loop.py).
 
-Each round: the MTP context drafts up to k tokens after the last sampled token; the target verifies
-[last, d0, ..., d_{k-1}] in ONE forward pass (k+1 rows of logits and hidden states); tokens are
-accepted by the rule below; both caches are rolled back to the accepted length and the accepted rows
-are mirrored into the MTP context with the target's hidden states.
-
-Draft tree (greedy, --draft-branches B > 1): beside the drafted chain, the B - 1 next most likely
-tokens of the first draft step are verified as siblings of d0 in the same batch (each sees only its
+Each round the drafter proposes up to k tokens after the last sampled token; the target verifies
+[last, d0, ..., d_{k-1}] in ONE forward pass; tokens are accepted by the rule below; the cache is
+rolled back to the accepted length and the kept rows go to the drafter with their hidden states.
+Draft tree (greedy, branches > 1): beside the drafted chain, the B - 1 next most likely tokens of
+the first draft step are verified as siblings of d0 in the same batch (each sees only its
 ancestors: `KVCache.tree_batch`); the first position is accepted when any of them is the target's
 argmax, and the accepted path is compacted into consecutive cache slots.
 
@@ -17,25 +16,61 @@ Acceptance rule:
   * sampling: d_j was drawn from the draft distribution q_j (same sampler settings); accept it with
     probability min(1, p_j(d_j) / q_j(d_j)) where p_j is the target's sampling distribution at row j;
     on rejection draw from normalize(max(p_j - q_j, 0)) and stop; if all k are accepted, draw a bonus
-    token from p_k. The output distribution is exactly the target's (Leviathan et al. 2023), and
-    acceptance is higher than llama.cpp's sample-target-then-compare rule.
+    token from p_k. The output distribution is exactly the target's (Leviathan et al. 2023).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.core.cache.kv import KVCache
-from llmkit.core.decode.drafter import MTPContext
-from llmkit.core.decode.loop import GenStats
-from llmkit.core.decode.sampling import SamplerParams, apply_repeat_penalty, filtered_probs
+from llmkit.core.decode.drafter import Draft
+from llmkit.core.decode.sampling import Sampler
 from llmkit.errors import LlmkitError
+from llmkit.kernels import ops
+
+
+@dataclass
+class SpecConfig:
+    """How to draft: `draft` tokens per round at most (--draft), stop below a draft probability
+    of `p_min` (--draft-p-min), verify `branches` candidates at the first position (a draft
+    tree, --draft-branches)."""
+
+    draft: int = 3
+    p_min: float = 0.0
+    branches: int = 1
+
+    def check_values(self) -> None:
+        """Ranges that hold for every drafter (what a CLI checks before loading anything)."""
+        if not 0.0 <= self.p_min <= 1.0:
+            raise LlmkitError(f"--draft-p-min must be in [0, 1], got {self.p_min}")
+        if self.branches < 1:
+            raise LlmkitError(f"--draft-branches must be >= 1, got {self.branches}")
+
+    def check(self, max_draft: int, why: str, attn_kernel: str) -> None:
+        """Everything the loaded drafter and cache decide (`why`: what limits the draft)."""
+        self.check_values()
+        if not 1 <= self.draft <= max_draft:
+            raise LlmkitError(
+                f"--draft must be between 1 and {max_draft} ({why}), got {self.draft}"
+            )
+        if self.branches > 1 and not ops.supports_tree_masks(attn_kernel):
+            raise LlmkitError(
+                f"--draft-branches > 1 needs the torch attention path, not {attn_kernel}"
+            )
+
+    def check_sampling(self, greedy: bool) -> None:
+        """What the sampler of a generation decides: draft trees are greedy."""
+        if self.branches > 1 and not greedy:
+            raise LlmkitError("--draft-branches > 1 needs --mtp and greedy decoding (--temp 0)")
+
+    @property
+    def verify_rows(self) -> int:
+        """Rows of the largest verification batch (a cache's ring margin must hold them)."""
+        return self.draft + self.branches
 
 
 @dataclass
@@ -47,14 +82,24 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
     branches: int = 1  # candidates verified at the first draft position (draft tree when > 1)
     accepted_alternatives: int = 0  # rounds whose first position was accepted on an alternative
-    draft_seconds: float = 0.0  # MTP forward passes while drafting
-    verify_seconds: float = 0.0  # target verification passes + mirroring accepted rows
+    draft_seconds: float = 0.0  # drafter forward passes
+    verify_seconds: float = 0.0  # target verification passes + mirroring the kept rows
 
     def __post_init__(self):
         self.accepted_per_position = self.accepted_per_position or [0] * self.draft_max
 
-    def to_dict(self, gen: GenStats) -> dict:
-        n = max(0, gen.generated_tokens - 1)  # tokens produced by verification rounds
+    def record(self, draft: Draft, accepted: list[int]) -> None:
+        if not draft.tokens:
+            return
+        self.drafts += 1
+        self.draft_tokens += len(draft.tokens)
+        self.accepted_tokens += len(accepted)
+        self.accepted_alternatives += int(bool(accepted) and accepted[0] != draft.tokens[0])
+        for i in range(len(accepted)):
+            self.accepted_per_position[i] += 1
+
+    def to_dict(self, generated_tokens: int) -> dict:
+        n = max(0, generated_tokens - 1)  # tokens produced by verification rounds
         total = self.draft_seconds + self.verify_seconds
         return {
             "type": "mtp",
@@ -81,59 +126,14 @@ class SpecStats:
         }
 
 
-class _Sampler:
-    """Target and draft distributions with the run's sampler settings, one seeded generator."""
-
-    def __init__(self, p: SamplerParams):
-        p.validate()
-        self.p, self.greedy = p, p.temp <= 0
-        self.gen = torch.Generator()
-        self.gen.manual_seed(p.seed if p.seed >= 0 else torch.seed())
-
-    def _penalized(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        n = self.p.repeat_last_n
-        return apply_repeat_penalty(
-            logits, history[-n:] if n > 0 else history, self.p.repeat_penalty
-        )
-
-    def dist(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        ids, probs = filtered_probs(self._penalized(logits, history), self.p)
-        return torch.zeros(logits.numel(), dtype=torch.float32).index_put_((ids,), probs.float())
-
-    def target_token(self, logits: torch.Tensor, history: Sequence[int]) -> int:
-        if self.greedy:
-            return int(torch.argmax(self._penalized(logits, history)))
-        return self.draw(self.dist(logits, history))
-
-    def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.gen))
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self.gen))
-
-    def pick_draft(self, logits: torch.Tensor):
-        """(token, q, its probability) for the MTP draft."""
-        if self.greedy:
-            tok = int(torch.argmax(logits))
-            return tok, None, float(torch.softmax(logits.float(), -1)[tok])
-        q = self.dist(logits, ())
-        tok = self.draw(q)
-        return tok, q, float(q[tok])
-
-
-def _head_row(model, h: torch.Tensor, j: int) -> torch.Tensor:
-    """Logits [V] of verify row j from its pre-norm hidden (h [k+1, H])."""
-    return model.lm_logits(h[j : j + 1])[0]
-
-
-def _accept(s: _Sampler, logits, drafts: list[int], qs: list, history: list[int]):
+def accept(s: Sampler, logits, drafts: list[int], qs: list, history: list[int]) -> tuple[int, int]:
     """Apply the acceptance rule to verify logits [k+1, V] (a tensor, or a function giving row j,
     called only for the rows the rule reads): (number accepted, next token)."""
     row = logits.__getitem__ if isinstance(logits, torch.Tensor) else logits
     for j, d in enumerate(drafts):
         hist = history + drafts[:j]
         if s.greedy:
-            t = s.target_token(row(j), hist)
+            t = s.sample(row(j), hist)
             if t != d:
                 return j, t
             continue
@@ -142,125 +142,36 @@ def _accept(s: _Sampler, logits, drafts: list[int], qs: list, history: list[int]
             continue
         resid = (p - q).clamp_min(0)
         return j, s.draw(resid / resid.sum() if resid.sum() > 0 else p)
-    return len(drafts), s.target_token(row(len(drafts)), history + drafts)
+    return len(drafts), s.sample(row(len(drafts)), history + drafts)
 
 
-def _verify(model, cache: KVCache, s: _Sampler, last: int, drafts, qs, alts, history):
-    """One verification batch: the trunk over [last, drafts..., alternatives...] (a draft tree when
-    there are alternatives). Returns (accepted tokens, next token, kept tokens [n], their hidden
-    states [n, H]), the cache then holding exactly the kept rows."""
+def verify(model, cache, s, last: int, draft: Draft, history: list[int], hidden: bool):
+    """One verification batch: the target over [last, drafts..., alternatives...] (a draft tree
+    when there are alternatives). Returns (accepted tokens, next token, kept tokens [n], their
+    hidden states [n, H]), the cache then holding exactly the kept rows. Without drafts and
+    without a need for the `hidden` states this is one plain decode step (the logits row only,
+    which a CUDA graph can replay); `s` is then any `sample(logits, history)`, else a Sampler."""
+    drafts, alts = draft.tokens, draft.alts
+    if not drafts and not hidden:
+        out = model.forward(torch.tensor([last]), cache, logits="last")
+        return [], s(out.logits[0], history), torch.tensor([last]), out.hidden
     p0 = cache.n_past
     batch = torch.tensor([last, *drafts, *alts])
     parents = [-1, *range(len(drafts)), *[0] * len(alts)]
     with cache.tree_batch(parents) if alts else contextlib.nullcontext():
-        _, v_h = model.forward(batch, cache, logits=None, hidden=True)  # v_h [1 + k + b, H]
+        h = model.forward(batch, cache, logits=None).hidden  # [1 + k + b, H]
     # the LM head row by row, only where the acceptance rule reads (rows after a rejection never
     # pay it: the head is up to half a step)
-    row = functools.cache(functools.partial(_head_row, model, v_h))
-    t = s.target_token(row(0), history) if alts else None
+    row = functools.cache(lambda j: model.lm_logits(h[j : j + 1])[0])
+    t = s.sample(row(0), history) if alts else None
     if t is not None and t in alts:  # an alternative is the target's token: it and its bonus
         r = 1 + len(drafts) + alts.index(t)
-        path, acc, nxt = [0, r], [t], s.target_token(row(r), [*history, t])
+        path, acc, nxt = [0, r], [t], s.sample(row(r), [*history, t])
     else:  # the chain, by the rule above
-        n_acc, nxt = _accept(s, row, drafts, qs, history)
+        n_acc, nxt = accept(s, row, drafts, draft.qs, history)
         path, acc = list(range(n_acc + 1)), drafts[:n_acc]
     if alts:
         cache.commit_path(p0, path)
     else:
         cache.truncate(p0 + len(path))  # keep last + accepted drafts; rejected rows vanish
-    return acc, nxt, batch[path], v_h[path]
-
-
-def _prefill(
-    model, cache: KVCache, mtp: MTPContext, ids: Sequence[int], n_ubatch: int
-) -> torch.Tensor:
-    """Evaluate the prompt with hidden states and mirror every row the MTP context lacks."""
-    n_ubatch = max(1, min(n_ubatch, cache.margin))
-    t = torch.tensor(list(ids), dtype=torch.long)
-    for s in range(0, t.numel(), n_ubatch):
-        chunk = t[s : s + n_ubatch]
-        p0 = cache.n_past
-        logits, h = model.forward(chunk, cache, logits="last", hidden=True)
-        skip = max(0, mtp.n_past - p0)  # rows whose MTP entries survived a chat-turn rollback
-        if skip:
-            mtp.pending_h = h[skip - 1]
-        if skip < chunk.numel():
-            mtp.mirror(chunk[skip:], h[skip:])
-    return logits[0]
-
-
-def speculative_generate(
-    model,
-    cache: KVCache,
-    mtp: MTPContext,
-    prompt: Sequence[int],
-    params: SamplerParams,
-    spec: SpecStats,
-    n_predict: int = -1,
-    is_eog: Callable[[int], bool] = lambda t: False,
-    ignore_eos: bool = False,
-    stats: GenStats | None = None,
-    p_min: float = 0.0,
-    n_ubatch: int = 512,
-    branches: int = 1,
-) -> Iterator[int]:
-    """Like `generate`, with MTP drafting; `spec` collects the speculative statistics. branches > 1:
-    draft trees (greedy decoding and the torch attention path only)."""
-    stats = stats if stats is not None else GenStats()
-    if branches > 1 and (params.temp > 0 or cache.attn_kernel != "torch"):
-        raise LlmkitError("--draft-branches > 1 needs greedy decoding (--temp 0) on the CPU path")
-    spec.branches = branches
-    if cache.n_past + len(prompt) > cache.n_ctx:
-        raise LlmkitError(
-            f"prompt is too long: {cache.n_past + len(prompt)} tokens do not fit the "
-            f"context size {cache.n_ctx} (raise -c)"
-        )
-    s = _Sampler(params)
-    history = list(prompt)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        logits = _prefill(model, cache, mtp, prompt, n_ubatch)
-        stats.prompt_tokens += len(prompt)
-        stats.prompt_seconds += time.perf_counter() - t0
-        if n_predict == 0:
-            stats.stop_reason = "limit"
-            return
-        pending = [s.target_token(logits, history)]  # sampled, not yet in any cache
-        n_gen = 0
-        while True:
-            for tok in pending:  # emit in order; stop at EOG / the limit
-                if is_eog(tok) and not ignore_eos:
-                    stats.stop_reason = "eog"
-                    return
-                stats.record(tok, history)
-                n_gen += 1
-                yield tok
-                if 0 <= n_predict <= n_gen:
-                    stats.stop_reason = "limit"
-                    return
-            last, p0 = pending[-1], cache.n_past
-            room = cache.n_ctx - p0 - 1  # the verify batch occupies positions p0 .. p0 + k
-            if room < 0:
-                stats.stop_reason = "context full"
-                return
-            k = min(spec.draft_max, room, n_predict - n_gen - 1 if n_predict >= 0 else room)
-            b = min(branches, room - k + 1)  # the alternatives take room too
-            t0 = time.perf_counter()
-            drafts, qs, alts = mtp.draft(last, k, s.pick_draft, p_min, b) if k > 0 else ([], [], [])
-            t1 = time.perf_counter()
-            acc, nxt, kept, kept_h = _verify(model, cache, s, last, drafts, qs, alts, history)
-            mtp.mirror(kept, kept_h)
-            t2 = time.perf_counter()
-            spec.draft_seconds += t1 - t0
-            spec.verify_seconds += t2 - t1
-            stats.decode_steps += 1
-            stats.decode_tokens += len(acc) + 1
-            stats.decode_seconds += t2 - t0
-            if drafts:
-                spec.drafts += 1
-                spec.draft_tokens += len(drafts)
-                spec.accepted_tokens += len(acc)
-                spec.accepted_alternatives += int(bool(acc) and acc[0] != drafts[0])
-                for i in range(len(acc)):
-                    spec.accepted_per_position[i] += 1
-            pending = [*acc, nxt]
+    return acc, nxt, batch[path], h[path]

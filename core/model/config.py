@@ -1,6 +1,7 @@
 """Typed architecture configs read from GGUF metadata.
 
-Each architecture declares a `@dataclass` whose fields name their GGUF key in `field(metadata=...)`:
+Each architecture declares a `@dataclass(kw_only=True)` subclass of `ModelConfig` whose fields name
+their GGUF key in `field(metadata=...)`:
 `gguf("attention.head_count")` reads `{arch}.attention.head_count`; a key starting with "@" is absolute.
 Fields without a default are required: a missing key is a one-line error naming it.
 """
@@ -8,10 +9,12 @@ Fields without a default are required: a missing key is a one-line error naming 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
+from llmkit.core.cache.layout import LayerKV
 from llmkit.errors import LlmkitError
 
 T = TypeVar("T")
@@ -21,6 +24,33 @@ _MISSING = dataclasses.MISSING
 def gguf(key: str, default: Any = _MISSING, **kw):
     """A config field read from `{arch}.{key}` (or from `key[1:]` when key starts with '@')."""
     return dataclasses.field(default=default, metadata={"gguf": key}, **kw)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """What every architecture's config has. `n_layer` counts the trunk's layers only; the GGUF's
+    block_count (`n_layer_all`) also counts the trailing NextN (MTP) blocks, il = n_layer ..
+    n_layer_all - 1. Per-layer metadata arrays have n_layer_all entries."""
+
+    n_vocab: int  # rows of token_embd (set by the loader)
+    n_embd: int = gguf("embedding_length")
+    n_layer_all: int = gguf("block_count")
+    n_nextn: int = gguf("nextn_predict_layers", 0)
+    eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-5)
+    n_ctx_train: int = gguf("context_length", 4096)
+    softcap: float = 0.0  # final logit soft-cap (0: none); Gemma reads it from the file
+    n_layer: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        if not 0 <= self.n_nextn < self.n_layer_all:
+            raise LlmkitError(
+                f"nextn_predict_layers {self.n_nextn} must be below block_count {self.n_layer_all}"
+            )
+        self.n_layer = self.n_layer_all - self.n_nextn
+
+    def layer_kv(self, il: int) -> LayerKV:
+        """The cache geometry of layer il (trunk or NextN block)."""
+        raise NotImplementedError(f"{type(self).__module__} declares no layer_kv")
 
 
 def read_config(cls: type[T], md: dict[str, Any], arch: str, **overrides) -> T:

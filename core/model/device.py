@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from typing import ClassVar
 
 import torch
 
 from llmkit.core.cache.kv import KVCache
-from llmkit.core.decode.cuda_graph import GraphDecoder, graphs_enabled
+from llmkit.core.model.cuda_graph import GraphDecoder, graphs_enabled
+from llmkit.core.model.protocol import CausalLM, DraftHeads, ForwardOutput, Rows
+from llmkit.kernels import ops
 from llmkit.quant.tensor import QTensor
 
 
@@ -24,53 +27,69 @@ def tensors_to(tensors: dict[str, QTensor], device: torch.device) -> dict[str, Q
     return {n: dataclasses.replace(t, raw=t.raw.to(device)) for n, t in tensors.items()}
 
 
-def _cpu(x):
-    if isinstance(x, torch.Tensor):
-        return x.cpu()
-    if isinstance(x, tuple):
-        return tuple(_cpu(v) for v in x)
-    return x
+def _cpu(out: ForwardOutput) -> ForwardOutput:
+    logits = out.logits.cpu() if out.logits is not None else None
+    return ForwardOutput(logits, out.hidden.cpu())
+
+
+class _HeadsOnDevice:
+    """The model's NextN heads with CPU tensors in and out."""
+
+    def __init__(self, heads: DraftHeads, device: torch.device):
+        self._heads, self._device = heads, device
+        self.n_heads = heads.n_heads
+
+    def kv_layout(self) -> dict:
+        return self._heads.kv_layout()
+
+    def set_draft_vocab(self, ids) -> None:
+        self._heads.set_draft_vocab(ids)
+
+    def forward(self, head: int, tokens, h, cache, logits: Rows = "last") -> ForwardOutput:
+        d = self._device
+        return _cpu(self._heads.forward(head, tokens.to(d), h.to(d), cache, logits))
 
 
 class OnDevice:
-    """Wraps an architecture's Model: same methods, CPU tensors in and out. On a CUDA device a
-    plain decode step (one token, its logits, a KVCache read by the Triton attention kernel) is
-    replayed as a CUDA graph (core/cuda_graph.py), one GraphDecoder per cache."""
+    """Wraps an architecture's Model (the CausalLM contract, CPU tensors in and out). On a CUDA
+    device a plain decode step (one token, its logits, a KVCache whose attention kernel can be
+    captured) is replayed as a CUDA graph (core/model/cuda_graph.py), one GraphDecoder per
+    cache."""
 
-    def __init__(self, model, device: torch.device):
-        self._model, self._device = model, device
+    supports_cuda_graphs: ClassVar[bool] = False  # the wrapped model's graphs are inside
+
+    def __init__(self, model: CausalLM, device: torch.device):
+        self.model, self._device = model, device
+        self.config = model.config
+        self.mtp = _HeadsOnDevice(model.mtp, device) if model.mtp is not None else None
         self._graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
+    def kv_layout(self) -> dict:
+        return self.model.kv_layout()
 
-    def _graph_decoder(self, tokens, cache, args, kwargs):
+    def _graph_decoder(self, tokens: torch.Tensor, cache, logits: Rows) -> GraphDecoder | None:
         if (
             self._device.type != "cuda"
             or tokens.numel() != 1
-            or args
-            or kwargs.get("logits", "last") != "last"
-            or kwargs.get("hidden", False)
-            or not getattr(self._model, "cuda_graphs", True)
+            or logits != "last"
+            or not self.model.supports_cuda_graphs
             or type(cache) is not KVCache
-            or cache.attn_kernel != "triton"
+            or not ops.supports_graph_capture(cache.attn_kernel)
             or not graphs_enabled()
         ):
             return None
         dec = self._graphs.get(cache)
         if dec is None:
-            dec = self._graphs[cache] = GraphDecoder(self._model, cache)
+            dec = self._graphs[cache] = GraphDecoder(self.model, cache)
         return dec
 
-    def forward(self, tokens: torch.Tensor, cache, *args, **kwargs):
-        dec = self._graph_decoder(tokens, cache, args, kwargs)
+    def forward(self, tokens: torch.Tensor, cache, logits: Rows = "last") -> ForwardOutput:
+        """A graph-replayed step returns the logits only: its hidden is not kept (an empty
+        [0, H] tensor); callers that need hidden states ask for other rows or drafts."""
+        dec = self._graph_decoder(tokens, cache, logits)
         if dec is not None:
-            return dec(tokens).cpu()
-        return _cpu(self._model.forward(tokens.to(self._device), cache, *args, **kwargs))
+            return ForwardOutput(dec(tokens).cpu(), torch.empty(0, self.config.n_embd))
+        return _cpu(self.model.forward(tokens.to(self._device), cache, logits))
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._model.lm_logits(x.to(self._device)).cpu()
-
-    def mtp_forward(self, j: int, tokens: torch.Tensor, h: torch.Tensor, cache, *args, **kwargs):
-        d = self._device
-        return _cpu(self._model.mtp_forward(j, tokens.to(d), h.to(d), cache, *args, **kwargs))
+        return self.model.lm_logits(x.to(self._device)).cpu()

@@ -58,3 +58,11 @@ def weights_by_type(tensors: dict[str, QTensor]) -> dict[str, dict[str, int]]:
         count[t.qtype.name] += 1
         size[t.qtype.name] += t.nbytes
     return {k: {"tensors": count[k], "bytes": size[k]} for k in sorted(count)}
+
+
+def ignore_prefixes(c, part: str) -> tuple[str, ...]:
+    """`blk.N.` prefixes outside `part` ("trunk" or "mtp"), for load_tensors(ignore_prefixes=...)."""
+    if part not in ("trunk", "mtp"):
+        raise ValueError(f"part must be trunk or mtp, not {part!r}")
+    mine = range(c.n_layer) if part == "trunk" else range(c.n_layer, c.n_layer_all)
+    return tuple(f"blk.{il}." for il in range(c.n_layer_all) if il not in mine)

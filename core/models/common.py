@@ -1,19 +1,27 @@
-"""What every architecture file provides, and the two pieces they all share (embedding, LM head).
+"""What the architecture files share: the embedding, the LM head, block weights loaded from a
+declared name table, and `DecoderLM`, the one forward pass (embed, blocks, norm, head).
 
-An architecture module defines `Config` (a dataclass read from GGUF metadata), `tensor_specs(cfg)`
-(the tensor contract as data) and `Model` with:
-  * `kv_layout() -> {layer: LayerKV}`: the cache geometry it needs (full or sliding, per layer);
-  * `forward(tokens [T], cache, logits="last"|"all") -> [n, n_vocab]` logits in fp32.
-Positions come from `cache.positions(T)` and attention from `cache.attention(...)`, so a
-multi-sequence batch cache (core/multiseq.py) can give each row its own sequence.
+An architecture module (one file per `general.architecture`, see core/model/loader.py) defines:
+  * `Config`, a `ModelConfig` dataclass read from GGUF metadata, with `layer_kv(il)`;
+  * `tensor_specs(cfg, part, names)`, its tensor contract as data ("trunk" or "mtp");
+  * `Block`, one decoder block: `rope` (the key of its RoPE table) and `__call__(x, rope, att)`;
+  * `Model(DecoderLM)`, which builds its blocks.
+The NextN (MTP) heads reuse the architecture's own Block (core/models/nextn.py).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import ClassVar
+
 import torch
 
-from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import Backend, make_linear
+from llmkit.core.model.config import ModelConfig
+from llmkit.core.model.protocol import ForwardOutput, Rows
+from llmkit.core.model.weights import TensorSpec
+from llmkit.kernels import ops
+from llmkit.kernels.backend import Backend
+from llmkit.kernels.rope import rope_cache
 from llmkit.quant.tensor import QTensor
 
 
@@ -30,10 +38,16 @@ class Embedding:
 
 def lm_head(backend: Backend, tensors: dict[str, QTensor]):
     """`output.weight`, or the token embedding when the head is tied (no output tensor)."""
-    return make_linear(backend, tensors.get("output.weight") or tensors["token_embd.weight"])
+    return ops.make_linear(backend, tensors.get("output.weight") or tensors["token_embd.weight"])
 
 
-def select_rows(x: torch.Tensor, logits) -> torch.Tensor:
+def head_logits(c: ModelConfig, head, norm: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """head(rms(x)), soft-capped when the model declares a cap: logits [n, V] fp32."""
+    out = head(ops.rms_norm(x, norm, c.eps))
+    return torch.tanh(out / c.softcap) * c.softcap if c.softcap > 0 else out
+
+
+def select_rows(x: torch.Tensor, logits: Rows) -> torch.Tensor:
     """Rows that get logits: "last", "all", or a slice (perplexity scores only part of a chunk)."""
     if logits == "last":
         return x[-1:]
@@ -41,17 +55,70 @@ def select_rows(x: torch.Tensor, logits) -> torch.Tensor:
         return x
     if isinstance(logits, slice):
         return x[logits]
-    raise ValueError(f"logits must be 'last', 'all' or a slice, not {logits!r}")
+    raise ValueError(f"logits must be 'last', 'all', a slice or None, not {logits!r}")
 
 
-def begin_mtp_batch(model, head: int, tokens: torch.Tensor, h: torch.Tensor, cache) -> torch.Tensor:
-    """The checks and cache set-up every `mtp_forward` starts with: `head` is loaded, h is [T, H]
-    (one hidden row per token). Returns the batch positions [T]."""
-    if not 0 <= head < model.n_mtp_heads:
-        raise LlmkitError(f"MTP head {head} is not loaded ({model.n_mtp_heads} heads)")
-    T, H = tokens.numel(), model.config.n_embd
-    if tuple(h.shape) != (T, H):
-        raise LlmkitError(f"MTP hidden must be [{T}, {H}], got {list(h.shape)}")
-    pos = cache.positions(T)
-    cache.begin(pos)
-    return pos
+def block_specs(c, il: int, linears: dict, norms: dict, shapes) -> list[TensorSpec]:
+    """TensorSpecs of block il from a name table: `linears` maps an attribute to the GGUF parts
+    it fuses, `norms` an attribute to its GGUF name, `shapes(c, gguf_name)` gives each shape."""
+    names = [n for parts in linears.values() for n in parts] + list(norms.values())
+    return [TensorSpec(f"blk.{il}.{n}.weight", shapes(c, n)) for n in names]
+
+
+def load_block_weights(t: dict[str, QTensor], il: int, backend: Backend, linears, norms):
+    """Block il's weights under the table's attribute names: fused linears and fp32 norms."""
+    b = f"blk.{il}."
+    w = {
+        a: ops.make_linear(backend, *(t[b + n + ".weight"] for n in ps))
+        for a, ps in linears.items()
+    }
+    w |= {a: t[b + n + ".weight"].dequantize() for a, n in norms.items()}
+    return SimpleNamespace(**w)
+
+
+def rope_rows(rope: tuple, pos: torch.Tensor, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of a block's RoPE table (n_rot, base, freq_scale, factors or None) at `pos`,
+    computed once per batch and table."""
+    key = (*rope[:3], id(rope[3]))  # factors by identity: a tensor compares elementwise
+    rows = memo.get(key)
+    if rows is None:
+        rows = memo[key] = rope_cache(pos, *rope)
+    return rows
+
+
+class DecoderLM:
+    """The forward pass every architecture shares. A subclass implements `load_block(il)` and
+    calls `build` from its __init__."""
+
+    supports_cuda_graphs: ClassVar[bool] = True
+
+    def build(self, c, tensors, backend: Backend, embed: Embedding) -> None:
+        """The trunk: blocks 0 .. n_layer - 1, output norm and head (the NextN heads, when
+        loaded, are set by the subclass: `self.mtp = NextNHeads(self)`)."""
+        self.config, self.tensors, self.backend, self.embed = c, tensors, backend, embed
+        self.blocks = [self.load_block(il) for il in range(c.n_layer)]
+        self.output_norm = tensors["output_norm.weight"].dequantize()
+        self.output = lm_head(backend, tensors)
+
+    def load_block(self, il: int):
+        """The architecture's decoder block il (trunk layer or NextN block body)."""
+        raise NotImplementedError(f"{type(self).__module__} defines no load_block")
+
+    def kv_layout(self) -> dict:
+        return {il: self.config.layer_kv(il) for il in range(self.config.n_layer)}
+
+    def forward(self, tokens: torch.Tensor, cache, logits: Rows = "last") -> ForwardOutput:
+        """tokens [T] -> logits [n, V] fp32 for the requested rows, and the pre-norm hidden state
+        of every row [T, H]."""
+        pos = cache.positions(tokens.numel())
+        cache.begin(pos)
+        memo: dict = {}
+        x = self.embed(tokens)  # [T, H]
+        for blk in self.blocks:
+            x = blk(x, rope_rows(blk.rope, pos, memo), cache)
+        out = None if logits is None else self.lm_logits(select_rows(x, logits))
+        return ForwardOutput(out, x)
+
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
+        return head_logits(self.config, self.output, self.output_norm, x)

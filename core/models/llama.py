@@ -12,29 +12,29 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.cache.kv import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NORM, add_rms_norm, apply_rope, glu, rms_norm, rope_cache
-from llmkit.core.model.config import gguf
+from llmkit.core.cache.layout import LayerKV
+from llmkit.core.model.config import ModelConfig, gguf
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import Embedding, lm_head, select_rows
-from llmkit.core.models.nextn_dense import (
-    DenseNextN,
-    build_heads,
-    head_logits,
-    ignore_prefixes,  # noqa: F401  (the loader's MTP contract)
-    nextn_specs,
-    split_layers,
-)
+from llmkit.core.models.common import DecoderLM, Embedding, block_specs, load_block_weights
+from llmkit.core.models.nextn import NextNHeads, nextn_specs
 from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import Backend, make_linear
+from llmkit.kernels import ops
+from llmkit.kernels.backend import Backend
+from llmkit.kernels.rope import ROPE_NORM
 from llmkit.quant.tensor import QTensor
 
+# Block weights as data: attribute -> the GGUF tensors it fuses along the output dim / norm name
+LINEARS = {
+    "wqkv": ("attn_q", "attn_k", "attn_v"),
+    "wo": ("attn_output",),
+    "w_gate_up": ("ffn_gate", "ffn_up"),
+    "w_down": ("ffn_down",),
+}
+NORMS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 
-@dataclass
-class Config:
-    n_vocab: int
-    n_embd: int = gguf("embedding_length")
-    n_layer: int = gguf("block_count")
+
+@dataclass(kw_only=True)
+class Config(ModelConfig):
     n_ff: int = gguf("feed_forward_length")
     n_head: int = gguf("attention.head_count")
     n_head_kv: int | None = gguf("attention.head_count_kv", None)
@@ -43,13 +43,10 @@ class Config:
     rope_base: float = gguf("rope.freq_base", 10000.0)
     rope_scaling: str | None = gguf("rope.scaling.type", None)
     rope_factor: float | None = gguf("rope.scaling.factor", None)
-    eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-5)
     attn_scale: float | None = gguf("attention.scale", None)
-    n_nextn: int = gguf("nextn_predict_layers", 0)  # trailing NextN (MTP) blocks
-    n_ctx_train: int = gguf("context_length", 4096)
 
     def __post_init__(self):
-        split_layers(self, "llama")  # n_layer = trunk layers from here on
+        super().__post_init__()
         for name in ("n_head", "n_head_kv"):
             v = getattr(self, name)
             if isinstance(v, list):  # per-layer arrays: only uniform ones are supported here
@@ -72,88 +69,76 @@ class Config:
         )
         self.scale = self.attn_scale or self.head_dim**-0.5
 
+    def layer_kv(self, il: int) -> LayerKV:
+        return LayerKV(self.n_head_kv, self.head_dim, self.head_dim)
+
+
+def _shape(c: Config, name: str) -> tuple[int, ...]:
+    H, D = c.n_embd, c.head_dim
+    return {
+        "attn_q": (c.n_head * D, H),
+        "attn_k": (c.n_head_kv * D, H),
+        "attn_v": (c.n_head_kv * D, H),
+        "attn_output": (H, c.n_head * D),
+        "ffn_gate": (c.n_ff, H),
+        "ffn_up": (c.n_ff, H),
+        "ffn_down": (H, c.n_ff),
+    }.get(name, (H,))  # norms
+
 
 def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
-    """Trunk tensors, or (part="mtp") the NextN blocks (core/models/nextn_dense.py)."""
+    """Trunk tensors, or (part="mtp") the NextN blocks (core/models/nextn.py)."""
+    specs_of = lambda il: block_specs(c, il, LINEARS, NORMS, _shape)  # noqa: E731
     if part == "mtp":
-        return nextn_specs(tensor_specs, c)
-    H, D = c.n_embd, c.head_dim
+        return nextn_specs(c, specs_of)
+    H = c.n_embd
     specs = [
         TensorSpec("token_embd.weight", (c.n_vocab, H)),
         TensorSpec("output_norm.weight", (H,)),
         TensorSpec("output.weight", (c.n_vocab, H), optional=True),
         TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),
     ]
-    for i in range(c.n_layer):
-        b = f"blk.{i}."
-        specs += [
-            TensorSpec(b + "attn_norm.weight", (H,)),
-            TensorSpec(b + "attn_q.weight", (c.n_head * D, H)),
-            TensorSpec(b + "attn_k.weight", (c.n_head_kv * D, H)),
-            TensorSpec(b + "attn_v.weight", (c.n_head_kv * D, H)),
-            TensorSpec(b + "attn_output.weight", (H, c.n_head * D)),
-            TensorSpec(b + "ffn_norm.weight", (H,)),
-            TensorSpec(b + "ffn_gate.weight", (c.n_ff, H)),
-            TensorSpec(b + "ffn_up.weight", (c.n_ff, H)),
-            TensorSpec(b + "ffn_down.weight", (H, c.n_ff)),
-        ]
-    return specs
+    return specs + [s for il in range(c.n_layer) for s in specs_of(il)]
 
 
-class Layer:
-    def __init__(self, c: Config, t: dict[str, QTensor], i: int, backend: Backend):
-        b = f"blk.{i}."
-        self.attn_norm = t[b + "attn_norm.weight"].dequantize()
-        self.ffn_norm = t[b + "ffn_norm.weight"].dequantize()
-        self.wqkv = make_linear(
-            backend, t[b + "attn_q.weight"], t[b + "attn_k.weight"], t[b + "attn_v.weight"]
-        )
-        self.wo = make_linear(backend, t[b + "attn_output.weight"])
-        self.w_gate_up = make_linear(backend, t[b + "ffn_gate.weight"], t[b + "ffn_up.weight"])
-        self.w_down = make_linear(backend, t[b + "ffn_down.weight"])
+class Block:
+    """One llama block; `w` holds the weights under the LINEARS / NORMS names (loaded from the
+    GGUF, or the trainer's differentiable modules)."""
+
+    def __init__(self, c: Config, il: int, w, rope_factors: torch.Tensor | None = None):
+        self.c, self.il, self.w = c, il, w
+        self.rope = (c.n_rot, c.rope_base, c.freq_scale, rope_factors)
+        self.nq, self.nkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+
+    def qkv(self, x: torch.Tensor, rope) -> tuple:
+        """Attention inputs on rows x [T, H]: (q, k, v, scale) with q and k roped."""
+        c, w, T = self.c, self.w, x.shape[0]
+        qkv = w.wqkv(ops.rms_norm(x, w.attn_norm, c.eps))  # [T, (Hq + 2 Hkv) * D]
+        # rotate q and k heads in one call: [T, Hq + Hkv, D]
+        qk = ops.rope(qkv[:, : self.nq + self.nkv].view(T, -1, c.head_dim), *rope, ROPE_NORM)
+        v = qkv[:, self.nq + self.nkv :].view(T, c.n_head_kv, c.head_dim)
+        return qk[:, : c.n_head], qk[:, c.n_head :], v, c.scale
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The rest after attention (o [T, Hq * D]): output projection, FFN, residuals."""
+        w = self.w
+        x, f = ops.add_rms_norm(x, w.wo(o), w.ffn_norm, self.c.eps)
+        return x + w.w_down(ops.glu(w.w_gate_up(f), "silu"))
+
+    def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
+        return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
 
 
-class Model(DenseNextN):
-    nextn_kind = "llama"
-
+class Model(DecoderLM):
     def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend, mtp: bool = False):
-        self.config, self.tensors, self.backend = c, tensors, backend
-        self.embed = Embedding(tensors["token_embd.weight"])
-        self.layers = [Layer(c, tensors, i, backend) for i in range(c.n_layer)]
-        self.output_norm = tensors["output_norm.weight"].dequantize()
-        self.output = lm_head(backend, tensors)
         rf = tensors.get("rope_freqs.weight")
         self.rope_factors = rf.dequantize() if rf is not None else None
-        self.heads = build_heads(self, Layer, mtp)  # NextN blocks, only with --mtp
+        self.build(c, tensors, backend, Embedding(tensors["token_embd.weight"]))
+        self.mtp = NextNHeads(self) if mtp else None
 
-    def kv_layout(self) -> dict[int, LayerKV]:
-        c = self.config
-        return {i: LayerKV(c.n_head_kv, c.head_dim, c.head_dim) for i in range(c.n_layer)}
+    def load_block(self, il: int) -> Block:
+        return self.block(il, load_block_weights(self.tensors, il, self.backend, LINEARS, NORMS))
 
-    def forward(
-        self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
-    ):
-        """tokens [T] -> logits [n, V] fp32; with hidden=True also the pre-norm hidden [T, H].
-        logits=None: no LM head (the caller applies `lm_logits` to the rows it needs)."""
-        c = self.config
-        T = tokens.numel()
-        pos = cache.positions(T)
-        cache.begin(pos)
-        cos, sin = rope_cache(pos, c.n_rot, c.rope_base, c.freq_scale, self.rope_factors)
-        nq, nkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-        x = self.embed(tokens)  # [T, H]
-        for i, L in enumerate(self.layers):
-            a = rms_norm(x, L.attn_norm, c.eps)
-            qkv = L.wqkv(a)  # [T, (Hq + 2 Hkv) * D]
-            # rotate q and k heads in one call: [T, Hq + Hkv, D]
-            qk = apply_rope(qkv[:, : nq + nkv].view(T, -1, c.head_dim), cos, sin, ROPE_NORM)
-            q, k = qk[:, : c.n_head], qk[:, c.n_head :]
-            K, V, mask = cache.update(i, k, qkv[:, nq + nkv :].view(T, c.n_head_kv, c.head_dim))
-            x, f = add_rms_norm(x, L.wo(cache.attention(q, K, V, mask, c.scale)), L.ffn_norm, c.eps)
-            x = x + L.w_down(glu(L.w_gate_up(f), "silu"))
-        out = None if logits is None else self.lm_logits(select_rows(x, logits))
-        return (out, x) if hidden else out
-
-    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
-        return head_logits(self.config, self.output, self.output_norm, x)
+    def block(self, il: int, w) -> Block:
+        """Block il over weights `w` (loaded, or the trainer's differentiable ones)."""
+        return Block(self.config, il, w, self.rope_factors)

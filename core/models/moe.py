@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import ExpertLinear
+from llmkit.kernels.linear_torch import ExpertLinear
 
 GATING_SOFTMAX, GATING_SIGMOID = 1, 2  # llama.cpp's expert_gating_func enum values
 WEIGHTS_SUM_MIN = 6.103515625e-5  # llama.cpp clamps the weight sum before normalising (fp16 min)

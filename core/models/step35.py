@@ -1,12 +1,12 @@
 """Step-3.5 / Step-3.7 Flash (`step35`): GQA decoder with interleaved sliding-window attention,
 head-wise attention gates, routed MoE + shared expert, and NextN (MTP) draft blocks, as llama.cpp.
 
-x = embd[tok]; per trunk layer il < n_main: a = rms(x); q/k/v = W a; per-head rms(q), rms(k); NEOX
+x = embd[tok]; per trunk layer il < n_layer: a = rms(x); q/k/v = W a; per-head rms(q), rms(k); NEOX
 rope (full layers: the first rope.dimension_count/2 dims, rope.freq_base, rope_freqs factors; sliding
 layers: all rope.dimension_count dims, rope.freq_base_swa, window sliding_window); o = attn(q,k,v)
 * sigmoid(Wg a) per head; x += Wo o; f = rms(x); x += swiglu(f) (dense) or moe(f) + swiglu_sh(f)
 (SwiGLU clamped where swiglu_clamp_* > 0); h = x (pre-norm, fed to NextN); logits = output(rms(h)).
-NextN block il = n_main + k: x0 = eh_proj [rms(embd[tok], enorm) | rms(h_prev, hnorm)]; one decoder
+NextN block il = n_layer + k (core/models/nextn.py): x0 = eh_proj [rms(embd[tok], enorm) | rms(h_prev, hnorm)]; one decoder
 block il (its own kind); h_out = block output (pre-norm); logits = head(rms(h_out, shared_head_norm)).
 A layer is MoE iff its router `blk.N.ffn_gate_inp.weight` is in the file (as llama.cpp decides).
 Per-layer hparam arrays have block_count entries (trunk + NextN). GGUF norms include the +1.
@@ -16,33 +16,31 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from llmkit.core.cache.kv import KVCache, LayerKV
-from llmkit.core.layers import ROPE_NEOX, apply_rope, rms_norm, rope_cache
-from llmkit.core.model.config import gguf, per_layer
+from llmkit.core.cache.layout import LayerKV
+from llmkit.core.model.config import ModelConfig, gguf, per_layer
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import Embedding, begin_mtp_batch, lm_head, select_rows
+from llmkit.core.models.common import DecoderLM, Embedding
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
+from llmkit.core.models.nextn import NextNHeads, nextn_specs
 from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import Backend, make_expert_linear, make_linear
+from llmkit.kernels import ops
+from llmkit.kernels.backend import Backend
+from llmkit.kernels.rope import ROPE_NEOX
 from llmkit.quant.tensor import QTensor
 
-PARTS = ("trunk", "mtp")
 
-
-@dataclass
-class Config:
-    n_vocab: int
-    n_embd: int = gguf("embedding_length")
-    n_layer: int = gguf("block_count")  # trunk + NextN blocks
+@dataclass(kw_only=True)
+class Config(ModelConfig):
+    n_ctx_train: int = gguf("context_length", 262144)
     n_ff: int = gguf("feed_forward_length")
     n_head: int | list[int] = gguf("attention.head_count")  # per-layer array or scalar
     n_head_kv: int | list[int] = gguf("attention.head_count_kv")
     head_dim: int = gguf("attention.key_length")
     head_dim_v: int | None = gguf("attention.value_length", None)
-    eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-5)
     sliding_window: int = gguf("attention.sliding_window", 0)
     swa_pattern: bool | list[bool] = gguf("attention.sliding_window_pattern", False)
     rope_base: float = gguf("rope.freq_base", 10000.0)
@@ -59,17 +57,11 @@ class Config:
     expert_gating_func: int = gguf("expert_gating_func", GATING_SIGMOID)
     swiglu_clamp_exp: float | list[float] = gguf("swiglu_clamp_exp", 0.0)
     swiglu_clamp_shexp: float | list[float] = gguf("swiglu_clamp_shexp", 0.0)
-    n_nextn: int = gguf("nextn_predict_layers", 0)
-    n_ctx_train: int = gguf("context_length", 262144)
     n_expert_used_override: int | None = None  # --moe-n-expert (set by the loader, not in GGUF)
 
     def __post_init__(self):
-        n = self.n_layer
-        if not 0 <= self.n_nextn < n:
-            raise LlmkitError(
-                f"step35: nextn_predict_layers {self.n_nextn} must be below block_count {n}"
-            )
-        self.n_main = n - self.n_nextn
+        super().__post_init__()
+        n = self.n_layer_all  # per-layer arrays cover the trunk and the NextN blocks
         self.n_head = [int(v) for v in per_layer(self.n_head, n, "step35.attention.head_count")]
         self.n_head_kv = [
             int(v) for v in per_layer(self.n_head_kv, n, "step35.attention.head_count_kv")
@@ -133,24 +125,13 @@ def moe_layers(names: Iterable[str]) -> set[int]:
     return out
 
 
-def part_layers(c: Config, part: str) -> range:
-    if part == "trunk":
-        return range(c.n_main)
-    if part == "mtp":
-        return range(c.n_main, c.n_layer)
-    raise ValueError(f"part must be one of {PARTS}, not {part!r}")
-
-
-def ignore_prefixes(c: Config, part: str) -> tuple[str, ...]:
-    """`blk.N.` prefixes of the blocks outside `part`, for load_tensors(ignore_prefixes=...)."""
-    mine = part_layers(c, part)
-    return tuple(f"blk.{il}." for il in range(c.n_layer) if il not in mine)
-
-
 def tensor_specs(c: Config, part: str = "trunk", names: Iterable[str] = ()) -> list[TensorSpec]:
-    """The tensors of `part` ("trunk": embedding, head and blocks < n_main; "mtp": embedding, head
-    and the NextN blocks). `names` = the file's tensor names: they decide which layers are MoE."""
+    """The tensors of `part` ("trunk": embedding, head and blocks < n_layer; "mtp": the NextN
+    blocks, core/models/nextn.py). `names` = the file's tensor names: they decide which layers
+    are MoE."""
     moe = moe_layers(names)
+    if part == "mtp":
+        return nextn_specs(c, lambda il: _block_specs(c, il, il in moe))
     H, V = c.n_embd, c.n_vocab
     specs = [
         TensorSpec("token_embd.weight", (V, H)),
@@ -158,19 +139,7 @@ def tensor_specs(c: Config, part: str = "trunk", names: Iterable[str] = ()) -> l
         TensorSpec("output.weight", (V, H), optional=True),  # tied to token_embd when absent
         TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),
     ]
-    for il in part_layers(c, part):
-        specs += _block_specs(c, il, il in moe)
-        if part == "mtp":
-            b = f"blk.{il}.nextn."
-            specs += [
-                TensorSpec(b + "eh_proj.weight", (H, 2 * H)),
-                TensorSpec(b + "enorm.weight", (H,)),
-                TensorSpec(b + "hnorm.weight", (H,)),
-                TensorSpec(b + "shared_head_norm.weight", (H,), optional=True),
-                TensorSpec(b + "shared_head_head.weight", (V, H), optional=True),
-                TensorSpec(b + "embed_tokens.weight", (V, H), optional=True),
-            ]
-    return specs
+    return specs + [s for il in range(c.n_layer) for s in _block_specs(c, il, il in moe)]
 
 
 def _block_specs(c: Config, il: int, moe: bool) -> list[TensorSpec]:
@@ -215,9 +184,15 @@ def _block_specs(c: Config, il: int, moe: bool) -> list[TensorSpec]:
 class Block:
     """One step35 decoder block: a trunk layer, or the body of a NextN block."""
 
-    def __init__(self, c: Config, t: dict[str, QTensor], il: int, backend: Backend):
+    def __init__(self, c: Config, t: dict[str, QTensor], il: int, backend: Backend, factors=None):
         b = f"blk.{il}."
         self.c, self.il, self.swa = c, il, c.swa[il]
+        # two kinds of layer: sliding (all rope dims) and full (half the dims, factors, scaling)
+        self.rope = (
+            (c.n_rot, c.rope_base_swa, 1.0, None)
+            if self.swa
+            else (c.n_rot_full, c.rope_base, c.freq_scale, factors)
+        )
         self.n_head, self.n_head_kv = c.n_head[il], c.n_head_kv[il]
         self.attn_norm = t[b + "attn_norm.weight"].dequantize()
         self.q_norm = t[b + "attn_q_norm.weight"].dequantize()
@@ -226,11 +201,11 @@ class Block:
         # q, k, v and the head gate all read the same normed input: one fused matmul
         gate = t.get(b + "attn_gate.weight")
         qkv = [t[b + n + ".weight"] for n in ("attn_q", "attn_k", "attn_v")]
-        self.w_in = make_linear(backend, *qkv, *([gate] if gate is not None else []))
+        self.w_in = ops.make_linear(backend, *qkv, *([gate] if gate is not None else []))
         D, Dv = c.head_dim, c.head_dim_v
         self.split = [self.n_head * D, self.n_head_kv * D, self.n_head_kv * Dv]
         self.split += [self.n_head] if gate is not None else []
-        self.wo = make_linear(backend, t[b + "attn_output.weight"])
+        self.wo = ops.make_linear(backend, t[b + "attn_output.weight"])
         self.limit_sh = c.swiglu_clamp_shexp[il]  # dense FFN and shared expert
         self.moe = None
         if b + "ffn_gate_inp.weight" in t:
@@ -238,24 +213,25 @@ class Block:
             ffn = ("ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp")
         else:
             ffn = ("ffn_gate", "ffn_up", "ffn_down")
-        self.w_gate_up = make_linear(backend, t[b + ffn[0] + ".weight"], t[b + ffn[1] + ".weight"])
-        self.w_down = make_linear(backend, t[b + ffn[2] + ".weight"])
+        self.w_gate_up = ops.make_linear(
+            backend, t[b + ffn[0] + ".weight"], t[b + ffn[1] + ".weight"]
+        )
+        self.w_down = ops.make_linear(backend, t[b + ffn[2] + ".weight"])
 
-    def __call__(self, x: torch.Tensor, cache: KVCache, rope) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
         c, T = self.c, x.shape[0]
         D, Dv = c.head_dim, c.head_dim_v
-        a = rms_norm(x, self.attn_norm, c.eps)  # [T, H]
+        a = ops.rms_norm(x, self.attn_norm, c.eps)  # [T, H]
         q, k, v, *g = self.w_in(a).split(self.split, dim=-1)
-        q = rms_norm(q.view(T, self.n_head, D), self.q_norm, c.eps)  # per-head norm before rope
-        k = rms_norm(k.view(T, self.n_head_kv, D), self.k_norm, c.eps)
-        qk = apply_rope(torch.cat((q, k), dim=1), *rope, ROPE_NEOX)  # [T, Hq + Hkv, D]
+        q = ops.rms_norm(q.view(T, self.n_head, D), self.q_norm, c.eps)  # per-head, before rope
+        k = ops.rms_norm(k.view(T, self.n_head_kv, D), self.k_norm, c.eps)
+        qk = ops.rope(torch.cat((q, k), dim=1), *rope, ROPE_NEOX)  # [T, Hq + Hkv, D]
         q, k = qk[:, : self.n_head], qk[:, self.n_head :]
-        K, V, mask = cache.update(self.il, k, v.view(T, self.n_head_kv, Dv))
-        o = cache.attention(q, K, V, mask, D**-0.5)  # [T, Hq * Dv]
+        o = att.attend(self.il, q, k, v.view(T, self.n_head_kv, Dv), D**-0.5)  # [T, Hq * Dv]
         if g:  # head-wise sigmoid gate: one scalar per head and token
             o = (o.view(T, self.n_head, Dv) * g[0].sigmoid()[..., None]).view(T, -1)
         x = x + self.wo(o)
-        f = rms_norm(x, self.ffn_norm, c.eps)
+        f = ops.rms_norm(x, self.ffn_norm, c.eps)
         gate, up = self.w_gate_up(f).chunk(2, dim=-1)
         y = self.w_down(swiglu(gate, up, self.limit_sh))  # dense FFN or shared expert
         if self.moe is not None:
@@ -272,7 +248,7 @@ def _routed_experts(c: Config, t: dict[str, QTensor], il: int, backend: Backend)
         router.to(backend.device),
         bias.dequantize().to(backend.device) if bias is not None else None,
         *(
-            make_expert_linear(backend, t[b + n + ".weight"])
+            ops.make_expert_linear(backend, t[b + n + ".weight"])
             for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
         ),
         gating=c.expert_gating_func,
@@ -282,110 +258,17 @@ def _routed_experts(c: Config, t: dict[str, QTensor], il: int, backend: Backend)
     )
 
 
-class NextN:
-    """A NextN (MTP) block: input projection of [embedding | trunk hidden], a decoder block, and
-    its shared head (falling back to the trunk's embedding, output norm and head)."""
-
-    def __init__(self, c: Config, t: dict[str, QTensor], il: int, backend: Backend, trunk: Model):
-        b = f"blk.{il}.nextn."
-        self.block = Block(c, t, il, backend)
-        self.eh_proj = make_linear(backend, t[b + "eh_proj.weight"])  # [H, 2H]
-        self.enorm = t[b + "enorm.weight"].dequantize()
-        self.hnorm = t[b + "hnorm.weight"].dequantize()
-        norm, head, emb = (
-            t.get(b + n + ".weight")
-            for n in ("shared_head_norm", "shared_head_head", "embed_tokens")
-        )
-        self.head_norm = norm.dequantize() if norm is not None else trunk.output_norm
-        self.head = make_linear(backend, head) if head is not None else trunk.output
-        self.embed = Embedding(emb) if emb is not None else trunk.embed
-
-
-class Model:
-    # The trunk hidden fed to NextN is the residual after the last trunk layer, before output_norm;
-    # a NextN block exports its output before shared_head_norm (llama.cpp's Step3.5 contract).
-    mtp_hidden = "pre_norm"
+class Model(DecoderLM):
     # MoE routing reads the selected experts back to the host (one GEMV per expert in use), which
-    # a CUDA graph cannot capture: decode steps stay eager (core/device.py)
-    cuda_graphs = False
+    # a CUDA graph cannot capture: decode steps stay eager (core/model/device.py)
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def __init__(self, c: Config, tensors: dict[str, QTensor], backend: Backend, mtp: bool = False):
-        self.config, self.tensors, self.backend = c, tensors, backend
         c.top_k()  # validates --moe-n-expert before any weight is prepared
-        if mtp and c.n_nextn == 0:
-            raise LlmkitError("step35: this model declares no NextN (MTP) blocks")
-        self.embed = Embedding(tensors["token_embd.weight"])
-        self.blocks = [Block(c, tensors, il, backend) for il in range(c.n_main)]
-        self.output_norm = tensors["output_norm.weight"].dequantize()
-        self.output = lm_head(backend, tensors)
         rf = tensors.get("rope_freqs.weight")
         self.rope_factors = rf.dequantize() if rf is not None else None
-        self.heads = (
-            [NextN(c, tensors, il, backend, self) for il in range(c.n_main, c.n_layer)]
-            if mtp
-            else []
-        )
+        self.build(c, tensors, backend, Embedding(tensors["token_embd.weight"]))
+        self.mtp = NextNHeads(self) if mtp else None
 
-    @property
-    def n_mtp_heads(self) -> int:
-        return len(self.heads)
-
-    def kv_layout(self) -> dict[int, LayerKV]:
-        return {il: self.config.layer_kv(il) for il in range(self.config.n_main)}
-
-    def mtp_kv_layout(self) -> dict[int, LayerKV]:
-        """The loaded NextN blocks' cache geometry (empty without MTP); head k is layer n_main + k."""
-        return {h.block.il: self.config.layer_kv(h.block.il) for h in self.heads}
-
-    def _rope(self, pos: torch.Tensor, swa: bool, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        # two kinds of layer: full (half the dims, factors) and sliding (all dims); once per batch
-        if swa not in memo:
-            c = self.config
-            memo[swa] = (
-                rope_cache(pos, c.n_rot, c.rope_base_swa)
-                if swa
-                else rope_cache(pos, c.n_rot_full, c.rope_base, c.freq_scale, self.rope_factors)
-            )
-        return memo[swa]
-
-    def forward(
-        self, tokens: torch.Tensor, cache: KVCache, logits: str = "last", hidden: bool = False
-    ):
-        """tokens [T] -> logits [n, V] fp32 (n = 1 or T); with hidden=True also the pre-norm
-        trunk hidden h [T, H] for every row (what the NextN blocks take). logits=None: no LM head
-        (the caller applies `lm_logits` to the rows it needs)."""
-        T = tokens.numel()
-        pos = cache.positions(T)
-        cache.begin(pos)
-        memo: dict = {}
-        x = self.embed(tokens)  # [T, H]
-        for blk in self.blocks:
-            x = blk(x, cache, self._rope(pos, blk.swa, memo))
-        out = None if logits is None else self.lm_logits(select_rows(x, logits))
-        return (out, x) if hidden else out
-
-    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""
-        c = self.config
-        return self.output(rms_norm(x, self.output_norm, c.eps))
-
-    def mtp_forward(
-        self,
-        head: int,
-        tokens: torch.Tensor,
-        h: torch.Tensor,
-        cache: KVCache,
-        logits: str = "last",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """NextN block `head` on rows (token at p, hidden of p-1): -> (logits [n, V], h_out [n, H]),
-        h_out pre-norm (feeds the next chained head). `cache` holds layer n_main + head.
-        logits=None skips the LM head (a mirror pass only fills the KV): (None, h_out [T, H])."""
-        pos = begin_mtp_batch(self, head, tokens, h, cache)
-        c, n = self.config, self.heads[head]
-        e = rms_norm(n.embed(tokens), n.enorm, c.eps)
-        u = torch.cat((e, rms_norm(h.float(), n.hnorm, c.eps)), dim=-1)  # [T, 2H], embedding first
-        x = n.block(n.eh_proj(u), cache, self._rope(pos, n.block.swa, {}))
-        if logits is None:
-            return None, x
-        x = select_rows(x, logits)
-        return n.head(rms_norm(x, n.head_norm, c.eps)), x
+    def load_block(self, il: int) -> Block:
+        return Block(self.config, self.tensors, il, self.backend, self.rope_factors)

@@ -3,9 +3,8 @@ its own training text at several times the single-sequence decode speed, and eve
 hidden state and logits (the teacher) are kept instead of being recomputed.
 
 Prompts are left-padded to a common length; a row's position is its column minus its padding, and
-padded keys are masked (gemma3's local layers also by the window). Every layer runs
-`nextn_dense.block_forward` (the trunk's own per-layer math) over [B * T] rows with a dense
-per-layer KV buffer.
+padded keys are masked (sliding layers also by the window). Every layer runs the model's own Block
+over [B * T] rows with a dense per-layer KV buffer.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.layers import rms_norm
-from llmkit.core.models.nextn_dense import block_forward, block_rope
+from llmkit.core.mtp_train.streams import FnAttention
 from llmkit.errors import LlmkitError
+from llmkit.kernels.rope import rope_cache
 
 
 @dataclass
@@ -41,7 +40,7 @@ class BatchedTrunk:
     def __init__(self, lm):
         if lm.arch not in ("llama", "gemma3"):
             raise LlmkitError(f"mtp-train: architecture {lm.arch} is not supported")
-        self.lm, self.m, self.c, self.kind = lm, lm.model, lm.config, lm.arch
+        self.lm, self.m, self.c = lm, lm.model, lm.config
 
     def _step(self, tokens, pos, valid_k, kv, logits_rows):
         """tokens/pos [B, T]; valid_k [B, S] bool key validity over all columns so far (S includes
@@ -54,12 +53,12 @@ class BatchedTrunk:
         causal = torch.arange(S)[None, :] <= qcol[:, None]  # [T, S]
         mask = causal[None] & valid_k[:, None, :]  # [B, T, S]
         mask = mask | torch.eye(S, dtype=torch.bool)[S - T :][None]  # padded rows see themselves
-        window = getattr(c, "sliding_window", 0)
         # a row's pad cancels in q - k: the column distance is the position distance
-        near = (qcol[:, None] - torch.arange(S)[None, :]) < window
-        for il, L in enumerate(m.layers):
-            lmask = mask & near[None] if self.kind == "gemma3" and c.is_swa(il) else mask
-            rope = block_rope(self.kind, c, il, pos.reshape(-1), getattr(m, "rope_factors", None))
+        dist = qcol[:, None] - torch.arange(S)[None, :]
+        for il, blk in enumerate(m.blocks):
+            window = c.layer_kv(il).window
+            lmask = mask & (dist < window)[None] if window else mask
+            rope = rope_cache(pos.reshape(-1), *blk.rope)
 
             def attend(q, k, v, scale, il=il, lmask=lmask):
                 k, v = k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:])
@@ -76,12 +75,10 @@ class BatchedTrunk:
                 )  # [B, Hq, T, Dv]
                 return o.transpose(1, 2).reshape(B * T, -1)
 
-            x = block_forward(self.kind, c, L, x, rope, attend)
+            x = blk(x, rope, FnAttention(attend))
         h = x.view(B, T, -1)
         rows = h[:, -1:] if logits_rows == "last" else h
-        out = m.output(rms_norm(rows.reshape(-1, h.shape[-1]), m.output_norm, c.eps))
-        if getattr(c, "softcap", 0.0) > 0:
-            out = torch.tanh(out / c.softcap) * c.softcap
+        out = m.lm_logits(rows.reshape(-1, h.shape[-1]))
         return out.view(B, rows.shape[1], -1), h
 
     @torch.inference_mode()
@@ -105,7 +102,7 @@ class BatchedTrunk:
         cols = torch.arange(P)[None].expand(B, P)
         valid = cols >= pad[:, None]
         pos = (cols - pad[:, None]).clamp_min(0)
-        kv: list = [None] * len(self.m.layers)
+        kv: list = [None] * len(self.m.blocks)
         logits, h = self._step(toks, pos, valid, kv, "all")
         # teacher top-k per step: full [B, T, V] logits would be GBs for a 262k vocabulary
         rows_tok, rows_h, rows_valid = [toks], [h], [valid]

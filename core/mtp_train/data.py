@@ -2,7 +2,7 @@
 and its top-k next-token distribution per position, computed once and cached on disk.
 
 Two sources: the user's text files (chunked, BOS first, evaluated by the trunk's own `forward`
-with `hidden=True`), and text the base model writes itself from varied prompts (batched generation,
+with their hidden states), and text the base model writes itself from varied prompts (batched generation,
 `batchgen.py`), whose hidden states and logits are kept from the generation passes themselves.
 """
 
@@ -70,7 +70,7 @@ def text_sequences(lm, tok, texts: list[str], seq_len: int, k: int, max_tokens: 
             if len(chunk) < 16:
                 continue
             t = torch.tensor(chunk)
-            logits, h = lm.model.forward(t, lm.new_cache(len(chunk), margin=16), "all", True)
+            logits, h = lm.model.forward(t, lm.new_cache(len(chunk), margin=16), "all")
             top_ids, top_logits, lse = topk_teacher(logits, k)
             out.append(Sequence(t, h.clone(), top_ids, top_logits, lse, "text"))
             done += len(chunk)

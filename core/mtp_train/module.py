@@ -1,5 +1,6 @@
-"""The trainable NextN block: fp32 `nn.Parameter`s with the trunk Layer's attribute names, so
-`nextn_dense.block_forward` (the inference math) runs on it with autograd.
+"""The trainable NextN block: fp32 `nn.Parameter`s under the attribute names of the architecture's
+block weight table (its LINEARS and NORMS), so the architecture's own `Block` math runs on it with
+autograd: `arch.Block(c, il, train_block)`.
 
 Initialisation (why): the block body starts as a copy of the trunk's last layer (a working decoder
 block for this residual stream), eh_proj as [0.01 * noise | I] scaled to the trunk hidden's typical
@@ -12,21 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmkit.core.models.nextn_dense import NEXTN_NORMS
-
-LAYER_NORMS = {
-    "llama": ("attn_norm", "ffn_norm"),
-    "gemma3": ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm"),
-}
-# trainer attribute -> GGUF tensor name suffix (blk.N.<suffix>.weight)
-GGUF_NORM_NAMES = {
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-    "q_norm": "attn_q_norm",
-    "k_norm": "attn_k_norm",
-    "post_attn_norm": "post_attention_norm",
-    "post_ffw_norm": "post_ffw_norm",
-}
+from llmkit.core.models.nextn import NEXTN_NORMS
 
 
 def _linear(w: torch.Tensor) -> nn.Linear:
@@ -37,54 +24,42 @@ def _linear(w: torch.Tensor) -> nn.Linear:
 
 
 class TrainBlock(nn.Module):
-    """One NextN block (block body + eh_proj, enorm, hnorm, shared_head_norm) in fp32."""
+    """One NextN block (block body + eh_proj, enorm, hnorm, shared_head_norm) in fp32. `arch` is
+    the architecture module (its LINEARS / NORMS tables name the weights)."""
 
-    def __init__(self, kind: str, c, init: dict[str, torch.Tensor]):
+    def __init__(self, arch, init: dict[str, torch.Tensor]):
         super().__init__()
-        self.kind = kind
-        self.split = self._split(kind, c)
-        self.wqkv = _linear(torch.cat([init["attn_q"], init["attn_k"], init["attn_v"]]))
-        self.wo = _linear(init["attn_output"])
-        self.w_gate_up = _linear(torch.cat([init["ffn_gate"], init["ffn_up"]]))
-        self.w_down = _linear(init["ffn_down"])
+        self.linears, self.norms = arch.LINEARS, arch.NORMS
+        # rows of each GGUF part inside a fused linear, to split it back on export
+        self.split = {a: [init[p].shape[0] for p in parts] for a, parts in self.linears.items()}
+        for a, parts in self.linears.items():
+            setattr(self, a, _linear(torch.cat([init[p] for p in parts])))
         self.eh_proj = _linear(init["eh_proj"])
-        for n in LAYER_NORMS[kind] + NEXTN_NORMS:
+        for n in (*self.norms, *NEXTN_NORMS):
             setattr(self, n, nn.Parameter(init[n].clone().float()))
-
-    @staticmethod
-    def _split(kind: str, c) -> tuple[int, int, int]:
-        dv = c.head_dim if kind == "llama" else c.head_dim_v
-        return (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * dv)
 
     def gguf_tensors(self, il: int) -> dict[str, torch.Tensor]:
         """The block's tensors under their GGUF names (fp32, numpy-order shapes)."""
         b = f"blk.{il}."
-        q, k, v = self.wqkv.weight.detach().split(self.split)
-        gate, up = self.w_gate_up.weight.detach().chunk(2)
-        out = {
-            b + "attn_q.weight": q,
-            b + "attn_k.weight": k,
-            b + "attn_v.weight": v,
-            b + "attn_output.weight": self.wo.weight.detach(),
-            b + "ffn_gate.weight": gate,
-            b + "ffn_up.weight": up,
-            b + "ffn_down.weight": self.w_down.weight.detach(),
-            b + "nextn.eh_proj.weight": self.eh_proj.weight.detach(),
-        }
-        for n in LAYER_NORMS[self.kind]:
-            out[b + GGUF_NORM_NAMES[n] + ".weight"] = getattr(self, n).detach()
+        out = {b + "nextn.eh_proj.weight": self.eh_proj.weight.detach()}
+        for a, parts in self.linears.items():
+            w = getattr(self, a).weight.detach().split(self.split[a])
+            out |= {b + p + ".weight": t for p, t in zip(parts, w, strict=True)}
+        for a, name in self.norms.items():
+            out[b + name + ".weight"] = getattr(self, a).detach()
         for n in NEXTN_NORMS:
             out[b + f"nextn.{n}.weight"] = getattr(self, n).detach()
         return {k: t.contiguous().clone() for k, t in out.items()}
 
 
-def init_from_trunk(kind: str, c, tensors, h_rms: float, gen: torch.Generator) -> dict:
-    """Initial weights for a NextN block from the trunk's last layer (see the module docstring)."""
+def init_from_trunk(arch, c, tensors, h_rms: float, gen: torch.Generator) -> dict:
+    """Initial weights for a NextN block from the trunk's last layer (see the module docstring):
+    GGUF part names for the linears, attribute names for the norms."""
     b = f"blk.{c.n_layer - 1}."
-    names = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-    init = {n: tensors[b + n + ".weight"].dequantize() for n in names}
-    for n in LAYER_NORMS[kind]:
-        init[n] = tensors[b + GGUF_NORM_NAMES[n] + ".weight"].dequantize()
+    parts = [p for ps in arch.LINEARS.values() for p in ps]
+    init = {p: tensors[b + p + ".weight"].dequantize() for p in parts}
+    for a, name in arch.NORMS.items():
+        init[a] = tensors[b + name + ".weight"].dequantize()
     H = c.n_embd
     e_part = torch.randn(H, H, generator=gen) * (0.01 / H**0.5)
     init["eh_proj"] = torch.cat((e_part, torch.eye(H) * h_rms), dim=1)

@@ -7,7 +7,7 @@ the trunk's distribution at q. Attention follows the MTP cache at inference: a d
 started at r = q-d+1 sees the teacher-forced (stream 1) rows at positions <= r, then the round's own
 draft rows: stream i's row at r+i-1 for i = 2..d. One block reused (K = 1) computes every stream's
 K/V once; chained blocks (K > 1, stream d uses block d-1) recompute the earlier streams' K/V with
-their own weights, as `MTPContext.draft` re-decodes the draft prefix per block.
+their own weights, as the NextN drafter re-decodes the draft prefix per block (core/decode/drafter.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from llmkit.core.layers import rms_norm
-from llmkit.core.models.nextn_dense import block_forward, block_qkv, block_rope, nextn_input
+from llmkit.core.models.nextn import nextn_input
+from llmkit.kernels.ops import rms_norm
+from llmkit.kernels.rope import rope_cache
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Batch:
 
 
 def _shift(h: torch.Tensor) -> torch.Tensor:
-    """H(q-1) at q (zeros at position 0, as MTPContext.mirror pairs the first row)."""
+    """H(q-1) at q (zeros at position 0, as the drafter pairs the first row)."""
     return torch.cat((torch.zeros_like(h[:, :1]), h[:, :-1]), 1)
 
 
@@ -49,28 +50,40 @@ def _stream_mask(T: int, d: int, window: int | None, device) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def stream_forward(kind: str, c, blocks, embed: torch.Tensor, b: Batch, depth: int, n_main: int):
-    """Outputs H_1..H_depth, each [B, T, H] (pre-norm). `embed` [B, T, H] = trunk embeddings."""
+class FnAttention:
+    """A block's `att` argument over an attention function (q, k, v, scale) -> o."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
+        return self.fn(q, k, v, scale)
+
+
+def stream_forward(make_block, c, blocks, embed: torch.Tensor, b: Batch, depth: int, n_main: int):
+    """Outputs H_1..H_depth, each [B, T, H] (pre-norm). `make_block(il, weights)` is the model's
+    own Block over the trainable weights (`lm.model.block`); `embed` [B, T, H] = trunk
+    embeddings."""
     B, T, H = b.hidden.shape
     pos = torch.arange(T)
     kvs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
     outs = [b.hidden]  # outs[i] = H_i
     for d in range(1, depth + 1):
         j = 0 if len(blocks) == 1 else d - 1
-        blk, il = blocks[j], n_main + j
-        cos, sin = (t.to(b.hidden.device) for t in block_rope(kind, c, il, pos))
+        w, il = blocks[j], n_main + j
+        blk = make_block(il, w)
+        cos, sin = (t.to(b.hidden.device) for t in rope_cache(pos, *blk.rope))
         rope = (cos.repeat(B, 1), sin.repeat(B, 1))
-        swa = kind == "gemma3" and c.is_swa(il)
 
-        def x_in(i, blk=blk):  # the block's input rows for stream i
-            x = nextn_input(c, blk.eh_proj, blk.enorm, blk.hnorm, embed, _shift(outs[i - 1]))
+        def x_in(i, w=w):  # the block's input rows for stream i
+            x = nextn_input(c, w.eh_proj, w.enorm, w.hnorm, embed, _shift(outs[i - 1]))
             return x.reshape(B * T, H)
 
         for i in range(1, d):
             if (j, i) not in kvs:
-                _, k, v, _ = block_qkv(kind, c, blk, x_in(i), rope)
+                _, k, v, _ = blk.qkv(x_in(i), rope)
                 kvs[(j, i)] = (k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:]))
-        mask = _stream_mask(T, d, c.sliding_window if swa else None, b.hidden.device)
+        mask = _stream_mask(T, d, c.layer_kv(il).window, b.hidden.device)
 
         def attend(q, k, v, scale, j=j, d=d, mask=mask):
             kvs[(j, d)] = (k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:]))
@@ -86,15 +99,14 @@ def stream_forward(kind: str, c, blocks, embed: torch.Tensor, b: Batch, depth: i
             )
             return o.transpose(1, 2).reshape(B * T, -1)
 
-        outs.append(block_forward(kind, c, blk, x_in(d), rope, attend).view(B, T, H))
+        outs.append(blk(x_in(d), rope, FnAttention(attend)).view(B, T, H))
     return outs[1:]
 
 
 def student_logits(c, norm: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Head logits of hidden rows h [N, H] over the head rows w [u, H] (all or a candidate set)."""
     z = rms_norm(h, norm, c.eps) @ w.T
-    softcap = getattr(c, "softcap", 0.0)
-    return torch.tanh(z / softcap) * softcap if softcap > 0 else z
+    return torch.tanh(z / c.softcap) * c.softcap if c.softcap > 0 else z
 
 
 def distill_loss(c, norm, head_w: torch.Tensor, h: torch.Tensor, b: Batch, rows: torch.Tensor):

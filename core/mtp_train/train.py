@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from llmkit.core.model.sidecar import base_identity
+from llmkit.core.models.loader import arch_module
 from llmkit.core.mtp_train import data as D
 from llmkit.core.mtp_train.export import OUT_TYPES, write_merged, write_sidecar
 from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
@@ -139,14 +140,14 @@ def head_matrix(lm) -> torch.Tensor:
 
 def evaluate(cfg, lm, blocks, head_w, val, depth: int) -> list[float]:
     """Full-vocabulary top-1 agreement of each draft position with the teacher's argmax."""
-    c, kind = lm.config, lm.arch
+    c = lm.config
     agree, total = [0.0] * depth, [0] * depth
     with torch.no_grad():
         for i in range(0, len(val), cfg.batch):
             b = D.to_batch(val[i : i + cfg.batch]).to(cfg.device)
             emb = lm.model.embed(b.tokens.reshape(-1).cpu()).to(cfg.device)
             emb = emb.view(*b.tokens.shape, -1)
-            outs = stream_forward(kind, c, blocks, emb, b, depth, c.n_layer)
+            outs = stream_forward(lm.model.block, c, blocks, emb, b, depth, c.n_layer)
             for d, h in enumerate(outs, 1):
                 rows = loss_rows(b, d)
                 j = 0 if len(blocks) == 1 else d - 1
@@ -166,7 +167,7 @@ def _save_ckpt(path: Path, state: dict) -> None:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    from llmkit.core.model.loader import load_model
+    from llmkit.core.models.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
 
     cfg.validate()
@@ -179,7 +180,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if lm.config.n_nextn:
         raise LlmkitError(f"{cfg.base} already has NextN blocks: train on a trunk-only model")
     tok = load_tokenizer(lm.metadata)
-    c, kind = lm.config, lm.arch
+    c, arch = lm.config, arch_module(lm.arch)
     ckpt_path = Path(cfg.ckpt or cfg.out + ".ckpt")
     data_path = ckpt_path.with_name(ckpt_path.name + ".data.pt")
     base_id = base_identity(lm.gguf)
@@ -223,7 +224,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     depth = cfg.blocks if cfg.blocks > 1 else cfg.depth
     h_rms = float(torch.cat([s.hidden for s in train_set[:64]]).pow(2).mean().sqrt())
     blocks = torch.nn.ModuleList(
-        TrainBlock(kind, c, init_from_trunk(kind, c, lm.tensors, h_rms, gen))
+        TrainBlock(arch, init_from_trunk(arch, c, lm.tensors, h_rms, gen))
         for _ in range(cfg.blocks)
     ).to(cfg.device)
     opt = torch.optim.AdamW(blocks.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         with torch.no_grad():
             emb = lm.model.embed(b.tokens.reshape(-1).cpu()).to(cfg.device)
             emb = emb.view(*b.tokens.shape, -1)
-        outs = stream_forward(kind, c, blocks, emb, b, depth, c.n_layer)
+        outs = stream_forward(lm.model.block, c, blocks, emb, b, depth, c.n_layer)
         loss, agree = 0.0, []
         for d, h in enumerate(outs, 1):
             j = 0 if len(blocks) == 1 else d - 1

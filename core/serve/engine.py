@@ -10,10 +10,11 @@ Each step:
     accepted rows, with their own hidden states, for its own MTP context;
  4. one prompt chunk (n_ubatch tokens) of one prefilling slot, round-robin, so long prompts do not
     stall the slots that are generating.
-Decode forwards carry at most `max_rows` (16) rows: kernels/dispatch.py runs such matmuls row by
-row through the M=1 bf16 kernel, and BatchCache attends per sequence, so a row's logits do not
-depend on its neighbours and greedy output is the same alone or beside 7 other requests. A step
-with more rows runs several forwards.
+Decode forwards carry at most `max_rows` (16) rows: the kernel table's CPU matmuls are batch-
+invariant in that regime (kernels/ops.py), and BatchCache attends per sequence, so a row's logits
+do not depend on its neighbours and greedy output is the same alone or beside 7 other requests. A
+step with more rows runs several forwards. MTP slots draft through the one NextN drafter
+(core/decode/drafter.py) over paged pools reserved at start-up for every slot.
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ import torch
 
 from llmkit.core.cache.batch import BatchCache
 from llmkit.core.cache.paged import PagedKV
-from llmkit.core.decode.sampling import make_sampler
-from llmkit.core.decode.speculative import _accept, _Sampler
+from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT, DraftJob, NextNDrafter, PagedDraftKV
+from llmkit.core.decode.sampling import Sampler
+from llmkit.core.decode.speculative import accept
 from llmkit.core.serve.metrics import Metrics
-from llmkit.core.serve.mtp_batch import BatchedMTP, DraftJob
 from llmkit.core.serve.policy import DraftPolicy
 from llmkit.core.serve.request import Event, Request
 from llmkit.core.serve.slot import Slot
 from llmkit.core.serve.text import TextOut
 from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import GEMV_MAX_ROWS
+from llmkit.kernels.backend import GEMV_MAX_ROWS
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Engine:
             lm.backend.device,
         )
         self.drafter = self._reserve_mtp() if opts.mtp else None
-        self.mtp_plan = self.drafter.plan() if self.drafter else None
+        self.mtp_plan = self.drafter.kv.plan() if self.drafter else None
         self.slots = [Slot(i, opts.mtp) for i in range(opts.n_slots)]
         self.policy = (
             DraftPolicy(opts.draft, opts.draft_policy == "adaptive", opts.max_rows)
@@ -104,16 +105,16 @@ class Engine:
         self.snapshot: dict = {}
         self._publish_snapshot()
 
-    def _reserve_mtp(self) -> BatchedMTP:
-        """The draft KV of every slot, allocated once at start-up (see core/serve/mtp_batch.py)."""
-        o, heads = self.opts, getattr(self.model, "n_mtp_heads", 0)
-        if not heads:
+    def _reserve_mtp(self) -> NextNDrafter:
+        """The draft KV of every slot, allocated once at start-up (a reserve-only plan)."""
+        o, heads = self.opts, self.model.mtp
+        if heads is None:
             raise LlmkitError("--mtp: this model has no NextN (MTP) blocks loaded")
-        limit = min(heads if heads > 1 else o.max_rows - 1, o.max_rows - 1)
+        limit = min(heads.n_heads if heads.n_heads > 1 else SINGLE_HEAD_MAX_DRAFT, o.max_rows - 1)
         if not 1 <= o.draft <= limit:
             raise LlmkitError(f"--draft must be between 1 and {limit}, got {o.draft}")
-        return BatchedMTP(
-            self.model,
+        kv = PagedDraftKV(
+            heads,
             o.n_slots,
             o.n_ctx,
             o.kv_block_size,
@@ -122,6 +123,7 @@ class Engine:
             o.type_v_draft,
             self.lm.backend.device,
         )
+        return NextNDrafter(heads, kv)
 
     # -- public (any thread) ----------------------------------------------------------------------
     def n_tokens(self, req: Request) -> int:
@@ -237,11 +239,9 @@ class Engine:
         s.text = TextOut(self.tok, p.stop)
         s.req_spec = type(s.req_spec)()
         s.n_requests += 1
+        s.sampler = Sampler(p.sampler)
         if mtp:
-            s.spec, s.sample = _Sampler(p.sampler), None
             s.draft = self.drafter.open()
-        else:
-            s.spec, s.sample = None, make_sampler(p.sampler)
         if seq.n_shared:
             self.metrics.prefix_cache_hits.inc()
 
@@ -251,19 +251,16 @@ class Engine:
         ids = torch.tensor(prompt[s.n_eval : s.n_eval + self.opts.n_ubatch])
         t0 = time.perf_counter()
         bc = BatchCache(self.pool, [s.seq], [ids.numel()])
-        if s.use_mtp:
-            logits, h = self.model.forward(ids, bc, logits="last", hidden=True)
-            s.draft.lag.append((ids, h))  # mirrored when the slot first drafts
-        else:
-            logits = self.model.forward(ids, bc, logits="last")
+        p0 = s.seq.n_past
+        out = self.model.forward(ids, bc, logits="last")
+        if s.use_mtp:  # mirrored when the slot first drafts
+            self.drafter.observe(s.draft, p0, ids, out.hidden)
         bc.publish()
         s.n_eval += ids.numel()
         s.prompt_s += time.perf_counter() - t0
         if s.n_eval == len(prompt):
             s.state = "decode"
-            hist = s.history
-            tok = s.spec.target_token(logits[0], hist) if s.use_mtp else s.sample(logits[0], hist)
-            self._emit(s, [tok])
+            self._emit(s, [s.sampler.sample(out.logits[0], s.history)])
 
     # -- generation ------------------------------------------------------------------------------
     def _decode(self, slots: list[Slot]) -> None:
@@ -288,7 +285,7 @@ class Engine:
             room = self.opts.n_ctx - s.seq.n_past - 1  # verify rows occupy p0 .. p0 + k
             k = max(0, min(k_step, room, s.req.params.max_tokens - s.n_gen - 1))
             if s.use_mtp and k > 0:
-                jobs.append(DraftJob(s.draft, s.last, k, s.spec.pick_draft))
+                jobs.append(DraftJob(s.draft, s.last, k, s.sampler.pick_draft))
                 owners.append(s)
         drafted = {}
         if jobs:
@@ -299,7 +296,7 @@ class Engine:
             self.policy.observe_draft(sum(j.k for j in jobs), dt)
             for s, r in zip(owners, results):
                 s.decode_s += dt
-                drafted[s.id] = r
+                drafted[s.id] = (r.tokens, r.qs)
         plans = []
         for s in slots:
             drafts, qs = drafted.get(s.id, ([], []))
@@ -309,12 +306,9 @@ class Engine:
     def _verify(self, group: list[_Plan]) -> None:
         toks = torch.tensor([t for p in group for t in p.rows])
         bc = BatchCache(self.pool, [p.slot.seq for p in group], [len(p.rows) for p in group])
-        hidden = any(p.slot.use_mtp for p in group)
         t0 = time.perf_counter()
-        if hidden:
-            logits, h = self.model.forward(toks, bc, logits="all", hidden=True)
-        else:
-            logits, h = self.model.forward(toks, bc, logits="all"), None
+        out = self.model.forward(toks, bc, logits="all")
+        logits, h = out.logits, out.hidden
         dt = time.perf_counter() - t0
         self.metrics.n_decode.inc()
         if self.policy is not None:
@@ -324,9 +318,10 @@ class Engine:
             s, n = p.slot, len(p.rows)
             s.decode_s += dt
             if s.use_mtp:
-                n_acc, nxt = _accept(s.spec, logits[r : r + n], p.drafts, p.qs, s.history)
+                n_acc, nxt = accept(s.sampler, logits[r : r + n], p.drafts, p.qs, s.history)
                 self.pool.truncate(s.seq, p.p0 + n_acc + 1)
-                s.draft.lag.append((toks[r : r + n_acc + 1], h[r : r + n_acc + 1]))
+                kept = slice(r, r + n_acc + 1)
+                self.drafter.observe(s.draft, p.p0, toks[kept], h[kept])
                 s.req_spec.add(len(p.drafts), n_acc)
                 s.total_spec.add(len(p.drafts), n_acc)
                 self.metrics.speculative_round(len(p.drafts), n_acc)
@@ -334,7 +329,7 @@ class Engine:
                     self.policy.observe_accept(len(p.drafts), n_acc)
                 out = [*p.drafts[:n_acc], nxt]
             else:
-                out = [s.sample(logits[r], s.history)]
+                out = [s.sampler.sample(logits[r], s.history)]
             r += n
             self._emit(s, out)
 
@@ -396,7 +391,7 @@ class Engine:
         if s.draft is not None:
             self.drafter.close(s.draft)
             s.draft = None
-        s.req, s.seq, s.state, s.spec, s.sample, s.text = None, None, "idle", None, None, None
+        s.req, s.seq, s.state, s.sampler, s.text = None, None, "idle", None, None
 
     # -- reporting --------------------------------------------------------------------------------
     def _publish_snapshot(self) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmkit.core.cache.paged import SeqKV
+from llmkit.core.decode.drafter import DraftState
+from llmkit.core.decode.sampling import Sampler
 from llmkit.core.serve.request import Request
 from llmkit.core.serve.text import TextOut
 
@@ -49,9 +50,8 @@ class Slot:
     n_eval: int = 0  # prompt tokens whose K/V the sequence holds
     last: int = -1  # the last sampled token: emitted, not yet in the cache
     history: list[int] = field(default_factory=list)  # prompt + generated (repeat penalty)
-    draft: object | None = None  # DraftState of the current MTP request (core/serve/mtp_batch.py)
-    sample: Callable | None = None  # plain sampler
-    spec: object | None = None  # speculative sampler (target + draft distributions)
+    draft: DraftState | None = None  # the current MTP request's draft context
+    sampler: Sampler | None = None  # the request's sampler (tokens, and draft distributions)
     text: TextOut | None = None
     n_gen: int = 0
     prompt_s: float = 0.0

@@ -1,10 +1,11 @@
-"""Matmul dispatch: regimes agree with fp32 math, GEMV-regime batches are bit-identical to single
+"""The kernel table's matmuls (kernels/ops.py make_linear): regimes agree with fp32 math, GEMV-regime
 rows (what keeps MTP verification lossless), fused weights split back exactly."""
 
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.kernels.dispatch import GEMV_MAX_ROWS, Backend, make_linear
+from llmkit.kernels.backend import GEMV_MAX_ROWS, Backend
+from llmkit.kernels.ops import make_linear
 from llmkit.quant.tensor import QTensor
 
 

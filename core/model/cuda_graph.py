@@ -25,8 +25,8 @@ import os
 
 import torch
 
-from llmkit.core.layers import positions_below
 from llmkit.errors import LlmkitError
+from llmkit.kernels.rope import positions_below
 
 MIN_BUCKET = 256
 
@@ -56,7 +56,7 @@ class GraphDecoder:
 
     def _step(self, n_read: int) -> torch.Tensor:
         with self.cache.static_batch(self.pos, n_read), positions_below(n_read):
-            return self.model.forward(self.tok, self.cache)  # [1, V] fp32
+            return self.model.forward(self.tok, self.cache).logits  # [1, V] fp32
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         """token: int [1] (any device) -> logits [1, V] fp32 on the cache's device."""

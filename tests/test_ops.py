@@ -1,10 +1,15 @@
-"""Norm, RoPE and attention building blocks against naive references."""
+"""The kernel table's small ops (norm, RoPE, attention, GLU) and the RoPE tables against naive
+references."""
 
 import math
 
 import torch
 
-from llmkit.core.layers import ROPE_NEOX, ROPE_NORM, apply_rope, attention, rms_norm, rope_cache
+from llmkit.kernels import rope as rope_tables
+from llmkit.kernels.ops import attention_torch as attention
+from llmkit.kernels.ops import rms_norm
+from llmkit.kernels.ops import rope as apply_rope
+from llmkit.kernels.rope import ROPE_NEOX, ROPE_NORM, rope_cache
 
 
 def test_rms_norm():
@@ -51,7 +56,7 @@ def test_attention_gqa_with_mask():
 
 
 def test_add_rms_norm_and_glu_are_the_plain_ops_on_cpu():
-    from llmkit.core.layers import add_rms_norm, gelu_tanh, glu, rms_norm, silu
+    from llmkit.kernels.ops import add_rms_norm, gelu_tanh, glu, silu
 
     g = torch.Generator().manual_seed(3)
     x, r, w = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g), torch.rand(40)
@@ -66,14 +71,12 @@ def test_add_rms_norm_and_glu_are_the_plain_ops_on_cpu():
 def test_rope_tables_key_factors_by_value_and_keep_outgrown_tables():
     """Factors with other values get their own table (not an address-reused stale one), and a
     table outgrown by a longer context stays alive: a captured CUDA graph may still read it."""
-    from llmkit.core import layers
-
     f1, f2 = torch.full((4,), 1.0), torch.full((4,), 2.0)
     pos = torch.tensor([3])
     c1, _ = rope_cache(pos, 8, 777.0, 1.0, f1)
     c2, _ = rope_cache(pos, 8, 777.0, 1.0, f2)
     assert not torch.equal(c1, c2)
-    n_retired = len(layers._RETIRED_TABLES)
+    n_retired = len(rope_tables._RETIRED_TABLES)
     rope_cache(torch.tensor([5000]), 8, 777.0, 1.0, f1)  # grows f1's table past 1024 rows
-    assert len(layers._RETIRED_TABLES) == n_retired + 1
+    assert len(rope_tables._RETIRED_TABLES) == n_retired + 1
     assert torch.equal(rope_cache(pos, 8, 777.0, 1.0, f1)[0], c1)

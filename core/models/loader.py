@@ -2,7 +2,7 @@
 
 lm = load_model("model.gguf")
 cache = lm.new_cache(n_ctx=4096)
-logits = lm.model.forward(torch.tensor(ids), cache)
+logits = lm.model.forward(torch.tensor(ids), cache).logits
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import torch
 
 from llmkit.core.cache.kv import KVCache
 from llmkit.core.gguf.reader import GGUFFile
-from llmkit.core.model.config import read_config
+from llmkit.core.model.config import ModelConfig, read_config
 from llmkit.core.model.device import OnDevice, tensors_to
-from llmkit.core.model.sidecar import DRAFT_VOCAB_KEY
-from llmkit.core.model.weights import load_tensors, weights_by_type
+from llmkit.core.model.protocol import CausalLM
+from llmkit.core.model.sidecar import BASE_ID_KEY, DRAFT_VOCAB_KEY, check_sidecar, shipped_head
+from llmkit.core.model.weights import ignore_prefixes, load_tensors, weights_by_type
 from llmkit.errors import LlmkitError
-from llmkit.kernels.dispatch import Backend
+from llmkit.kernels.backend import Backend
+from llmkit.kernels.ops import attention_kernel
 from llmkit.quant.tensor import QTensor
 
 # general.architecture -> module under llmkit.core.models (aliases map several names to one file)
@@ -35,8 +37,8 @@ class LoadedModel:
     path: Path
     gguf: GGUFFile
     arch: str
-    config: object
-    model: object
+    config: ModelConfig
+    model: CausalLM
     tensors: dict[str, QTensor]
     backend: Backend
     load_seconds: float
@@ -48,9 +50,14 @@ class LoadedModel:
     def new_cache(
         self, n_ctx: int, margin: int = 512, type_k: str = "f16", type_v: str = "f16"
     ) -> KVCache:
-        attn = "triton" if self.backend.kernels == "triton" else "torch"
         return KVCache(
-            self.model.kv_layout(), n_ctx, margin, type_k, type_v, self.backend.device, attn
+            self.model.kv_layout(),
+            n_ctx,
+            margin,
+            type_k,
+            type_v,
+            self.backend.device,
+            attention_kernel(self.backend.kernels),
         )
 
     def weights_bytes(self) -> int:
@@ -112,19 +119,13 @@ def arch_module(arch: str):
     return importlib.import_module(f"llmkit.core.models.{name}")
 
 
-def _supports_mtp(mod) -> bool:
-    return getattr(mod.Model, "mtp_hidden", None) is not None
-
-
 def _load_weights(mod, cfg, gf: GGUFFile, gd: GGUFFile | None, mtp: bool) -> dict[str, QTensor]:
     """Trunk tensors from the model file; with `mtp`, the NextN blocks from the sidecar (if given)
     or from the model file. Without `mtp` no NextN tensor is mapped (nothing of them is read)."""
-    if not _supports_mtp(mod):
-        return load_tensors(gf, mod.tensor_specs(cfg))
     tensors = load_tensors(
         gf,
         mod.tensor_specs(cfg, "trunk", gf.tensors),
-        ignore_prefixes=mod.ignore_prefixes(cfg, "trunk"),
+        ignore_prefixes=ignore_prefixes(cfg, "trunk"),
     )
     if mtp:
         src = gd or gf
@@ -132,19 +133,12 @@ def _load_weights(mod, cfg, gf: GGUFFile, gd: GGUFFile | None, mtp: bool) -> dic
         # the sidecar repeats the embedding/head; the model file's copies are the ones used
         shared = ("token_embd.", "output.", "output_norm.", "rope_freqs.")
         tensors.update(
-            load_tensors(src, specs, ignore_prefixes=mod.ignore_prefixes(cfg, "mtp") + shared)
+            load_tensors(src, specs, ignore_prefixes=ignore_prefixes(cfg, "mtp") + shared)
         )
     return tensors
 
 
-_TRAINED_HEAD_KEY = "llmkit.mtp.base_id"
-
-
 def _shipped_head(gf: GGUFFile) -> GGUFFile | None:
-    if gf.architecture not in ("llama", "gemma3"):
-        return None
-    from llmkit.core.model.sidecar import shipped_head
-
     p = shipped_head(gf)
     return GGUFFile(p) if p is not None else None
 
@@ -160,7 +154,7 @@ def load_model(
 ) -> LoadedModel:
     """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
     sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models;
-    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/dispatch.py)."""
+    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/ops.py)."""
     t0 = time.perf_counter()
     gf = GGUFFile(path)
     arch = gf.architecture
@@ -168,14 +162,10 @@ def load_model(
     emb = gf.tensors.get("token_embd.weight")
     if emb is None:
         raise LlmkitError(f"{path}: missing tensor token_embd.weight")
-    if mtp and not _supports_mtp(mod):
-        raise LlmkitError(f"--mtp: architecture {arch} has no NextN (MTP) blocks")
     gd = GGUFFile(draft_path) if draft_path else None
     if mtp and gd is None and not gf.metadata.get(f"{arch}.nextn_predict_layers"):
         gd = _shipped_head(gf)  # a head trained by `llm mtp-train` and shipped for this model
-    if gd is not None and _TRAINED_HEAD_KEY in gd.metadata:
-        from llmkit.core.model.sidecar import check_sidecar
-
+    if gd is not None and BASE_ID_KEY in gd.metadata:
         check_sidecar(gf, gd)  # no embedding copy: the recorded base identity must match
     elif gd is not None:
         d_emb = gd.tensors.get("token_embd.weight")
@@ -192,7 +182,7 @@ def load_model(
         overrides["n_expert_used_override"] = moe_n_expert
     # the sidecar declares the NextN blocks (block_count, per-layer arrays) for both files
     cfg = read_config(mod.Config, (gd or gf).metadata, arch, **overrides)
-    if mtp and getattr(cfg, "n_nextn", 0) == 0:
+    if mtp and cfg.n_nextn == 0:
         raise LlmkitError(
             f"--mtp: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0); "
             "give an MTP sidecar with -md (`llm mtp-train` makes one)"
@@ -205,14 +195,10 @@ def load_model(
     backend = Backend(torch.device(device), weight_dtype, kernels)
     if backend.device.type != "cpu":
         tensors = tensors_to(tensors, backend.device)
-    model = (
-        mod.Model(cfg, tensors, backend, mtp=mtp)
-        if _supports_mtp(mod)
-        else mod.Model(cfg, tensors, backend)
-    )
+    model = mod.Model(cfg, tensors, backend, mtp=mtp)
     vocab = (gd or gf).metadata.get(DRAFT_VOCAB_KEY) if mtp else None
-    if vocab is not None and hasattr(model, "set_draft_vocab"):
-        model.set_draft_vocab(torch.as_tensor(np.asarray(vocab, dtype=np.int64)))
+    if vocab is not None:
+        model.mtp.set_draft_vocab(torch.as_tensor(np.asarray(vocab, dtype=np.int64)))
     if backend.device.type != "cpu":
         model = OnDevice(model, backend.device)
     return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)

@@ -1,0 +1,152 @@
+"""NextN (MTP) draft heads, one implementation for every architecture: the architecture's own
+decoder Block plus the input projection and the shared head (DeepSeek / Step3.5's contract, which
+llama.cpp follows; llmkit also trains such heads for llama and gemma3, core/mtp_train).
+
+GGUF layout: `{arch}.block_count` = trunk layers + K NextN blocks, `{arch}.nextn_predict_layers` =
+K; block il = n_layer + j carries the architecture's ordinary block tensors plus
+`blk.il.nextn.{eh_proj, enorm, hnorm}` and optionally `shared_head_norm`, `shared_head_head` and
+`embed_tokens` (else the trunk's output norm, head and embedding).
+
+Dataflow: x0 = eh_proj [rms(embd[tok], enorm) | rms(h_prev, hnorm)] (embedding first); one decoder
+block il; h_out = its output before any norm (it seeds the next draft step); logits =
+head(rms(h_out, shared_head_norm)), soft-capped like the trunk's. The trunk hidden fed in is the
+residual after the last trunk layer, before output_norm. A NextN block's cache geometry is the
+architecture's layer il (Gemma 3's block 18 + j continues the 5-local/1-global pattern: a sliding
+window, so its cache is a ring like the trunk's local layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.core.model.protocol import Cache, ForwardOutput, Rows
+from llmkit.core.model.weights import TensorSpec
+from llmkit.core.models.common import Embedding, head_logits, select_rows
+from llmkit.errors import LlmkitError
+from llmkit.kernels import ops
+from llmkit.kernels.rope import rope_cache
+from llmkit.quant.tensor import QTensor
+
+NEXTN_NORMS = ("enorm", "hnorm", "shared_head_norm")
+
+
+def nextn_specs(c, block_specs: Callable[[int], list[TensorSpec]]) -> list[TensorSpec]:
+    """Embedding/head (the trunk's, optional in a sidecar) and every NextN block: its decoder
+    block tensors (`block_specs(il)`, the architecture's) and the nextn.* tensors."""
+    H, V = c.n_embd, c.n_vocab
+    specs = [
+        TensorSpec("token_embd.weight", (V, H), optional=True),
+        TensorSpec("output_norm.weight", (H,), optional=True),
+        TensorSpec("output.weight", (V, H), optional=True),
+    ]
+    for il in range(c.n_layer, c.n_layer_all):
+        b = f"blk.{il}.nextn."
+        specs += block_specs(il) + [
+            TensorSpec(b + "eh_proj.weight", (H, 2 * H)),
+            TensorSpec(b + "enorm.weight", (H,)),
+            TensorSpec(b + "hnorm.weight", (H,)),
+            TensorSpec(b + "shared_head_norm.weight", (H,), optional=True),
+            TensorSpec(b + "shared_head_head.weight", (V, H), optional=True),
+            TensorSpec(b + "embed_tokens.weight", (V, H), optional=True),
+        ]
+    return specs
+
+
+def nextn_input(c, eh_proj, enorm, hnorm, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x0 = eh_proj [rms(e, enorm) | rms(h, hnorm)] (embedding first, as Step3.5/DeepSeek)."""
+    return eh_proj(torch.cat((ops.rms_norm(e, enorm, c.eps), ops.rms_norm(h, hnorm, c.eps)), -1))
+
+
+@dataclass
+class NextNHead:
+    block: object  # the architecture's Block at index il
+    eh_proj: object
+    enorm: torch.Tensor
+    hnorm: torch.Tensor
+    head_norm: torch.Tensor
+    head: object  # linear over the head rows
+    head_weight: QTensor  # the head's GGUF tensor (a draft vocabulary selects rows of it)
+    embed: Embedding
+    draft_head: object | None = None  # head restricted to the draft vocabulary
+
+
+class NextNHeads:
+    """The DraftHeads of a model (core/model/protocol.py) built from its NextN blocks."""
+
+    def __init__(self, model):
+        """`model.load_block(il)` builds the architecture's Block for layer il."""
+        c, t, backend = model.config, model.tensors, model.backend
+        if c.n_nextn == 0:
+            raise LlmkitError("this model declares no NextN (MTP) blocks")
+        self.config, self.backend = c, backend
+        self.heads = []
+        for il in range(c.n_layer, c.n_layer_all):
+            b = f"blk.{il}.nextn."
+            norm, head, emb = (t.get(b + n) for n in ("shared_head_norm.weight",
+                               "shared_head_head.weight", "embed_tokens.weight"))  # fmt: skip
+            trunk_head = t.get("output.weight") or t["token_embd.weight"]
+            self.heads.append(
+                NextNHead(
+                    model.load_block(il),
+                    ops.make_linear(backend, t[b + "eh_proj.weight"]),
+                    t[b + "enorm.weight"].dequantize(),
+                    t[b + "hnorm.weight"].dequantize(),
+                    norm.dequantize() if norm is not None else model.output_norm,
+                    ops.make_linear(backend, head) if head is not None else model.output,
+                    head if head is not None else trunk_head,
+                    Embedding(emb, model.embed.scale) if emb is not None else model.embed,
+                )
+            )
+        self.n_heads = len(self.heads)
+        self.draft_vocab: torch.Tensor | None = None  # [n] int64 shortlist (None: all tokens)
+
+    def kv_layout(self) -> dict:
+        return {h.block.il: self.config.layer_kv(h.block.il) for h in self.heads}
+
+    def set_draft_vocab(self, ids) -> None:
+        """Draft over a token shortlist (`ids`, e.g. the trained head's most frequent teacher
+        argmaxes; None: the full vocabulary). The draft head then multiplies only those rows of
+        the head matrix (Gemma 3: 16k of 262k) and every other token gets -inf. Verification
+        keeps the full head, so greedy output stays lossless; a draft outside the list is just
+        never proposed."""
+        if ids is None:
+            self.draft_vocab = None
+            return
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        for n in self.heads:
+            w = n.head_weight
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]:
+                raise LlmkitError(f"draft vocabulary ids must lie in [0, {w.shape[0]})")
+            raw = w.raw[ids.to(w.raw.device)]
+            sub = QTensor(w.name + "[draft_vocab]", w.qtype, (ids.numel(), *w.shape[1:]), raw)
+            n.draft_head = ops.make_linear(self.backend, sub)
+        self.draft_vocab = ids.to(self.backend.device)
+
+    def forward(
+        self, head: int, tokens: torch.Tensor, h: torch.Tensor, cache: Cache, logits: Rows = "last"
+    ) -> ForwardOutput:
+        """NextN block `head` on rows (token at p, trunk or draft hidden of p - 1) -> logits for
+        the requested rows and h_out [T, H] pre-norm. `cache` holds layer n_layer + head;
+        logits=None skips the head (mirroring only fills the block's KV)."""
+        if not 0 <= head < self.n_heads:
+            raise LlmkitError(f"MTP head {head} is not loaded ({self.n_heads} heads)")
+        c, n = self.config, self.heads[head]
+        T = tokens.numel()
+        if tuple(h.shape) != (T, c.n_embd):
+            raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
+        pos = cache.positions(T)
+        cache.begin(pos)
+        x0 = nextn_input(c, n.eh_proj, n.enorm, n.hnorm, n.embed(tokens), h.float())
+        x = n.block(x0, rope_cache(pos, *n.block.rope), cache)
+        if logits is None:
+            return ForwardOutput(None, x)
+        rows = select_rows(x, logits)
+        if self.draft_vocab is None:
+            return ForwardOutput(head_logits(c, n.head, n.head_norm, rows), x)
+        z = head_logits(c, n.draft_head, n.head_norm, rows)  # [n, len(draft_vocab)]
+        full = z.new_full((z.shape[0], c.n_vocab), float("-inf"))
+        full[:, self.draft_vocab] = z
+        return ForwardOutput(full, x)
