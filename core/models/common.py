@@ -65,6 +65,19 @@ def block_specs(c, il: int, linears: dict, norms: dict, shapes) -> list[TensorSp
     return [TensorSpec(f"blk.{il}.{n}.weight", shapes(c, n)) for n in names]
 
 
+def trunk_specs(c, specs_of, extra: tuple[TensorSpec, ...] = ()) -> list[TensorSpec]:
+    """The trunk's tensors: embedding, output norm, the head (absent when tied to the
+    embedding), `extra` globals, and blocks 0 .. n_layer - 1 (`specs_of(il)`)."""
+    H, V = c.n_embd, c.n_vocab
+    specs = [
+        TensorSpec("token_embd.weight", (V, H)),
+        TensorSpec("output_norm.weight", (H,)),
+        TensorSpec("output.weight", (V, H), optional=True),
+        *extra,
+    ]
+    return specs + [s for il in range(c.n_layer) for s in specs_of(il)]
+
+
 def load_block_weights(t: dict[str, QTensor], il: int, backend: Backend, linears, norms):
     """Block il's weights under the table's attribute names: fused linears and fp32 norms."""
     b = f"blk.{il}."

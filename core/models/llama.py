@@ -15,7 +15,13 @@ import torch
 from llmkit.core.cache.layout import LayerKV
 from llmkit.core.model.config import ModelConfig, gguf
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import DecoderLM, Embedding, block_specs, load_block_weights
+from llmkit.core.models.common import (
+    DecoderLM,
+    Embedding,
+    block_specs,
+    load_block_weights,
+    trunk_specs,
+)
 from llmkit.core.models.nextn import NextNHeads, nextn_specs
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
@@ -91,14 +97,9 @@ def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
     specs_of = lambda il: block_specs(c, il, LINEARS, NORMS, _shape)  # noqa: E731
     if part == "mtp":
         return nextn_specs(c, specs_of)
-    H = c.n_embd
-    specs = [
-        TensorSpec("token_embd.weight", (c.n_vocab, H)),
-        TensorSpec("output_norm.weight", (H,)),
-        TensorSpec("output.weight", (c.n_vocab, H), optional=True),
-        TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),
-    ]
-    return specs + [s for il in range(c.n_layer) for s in specs_of(il)]
+    return trunk_specs(
+        c, specs_of, (TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),)
+    )
 
 
 class Block:

@@ -23,7 +23,7 @@ import torch
 from llmkit.core.cache.layout import LayerKV
 from llmkit.core.model.config import ModelConfig, gguf, per_layer
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import DecoderLM, Embedding
+from llmkit.core.models.common import DecoderLM, Embedding, trunk_specs
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
 from llmkit.core.models.nextn import NextNHeads, nextn_specs
 from llmkit.errors import LlmkitError
@@ -130,16 +130,12 @@ def tensor_specs(c: Config, part: str = "trunk", names: Iterable[str] = ()) -> l
     blocks, core/models/nextn.py). `names` = the file's tensor names: they decide which layers
     are MoE."""
     moe = moe_layers(names)
+    specs_of = lambda il: _block_specs(c, il, il in moe)  # noqa: E731
     if part == "mtp":
-        return nextn_specs(c, lambda il: _block_specs(c, il, il in moe))
-    H, V = c.n_embd, c.n_vocab
-    specs = [
-        TensorSpec("token_embd.weight", (V, H)),
-        TensorSpec("output_norm.weight", (H,)),
-        TensorSpec("output.weight", (V, H), optional=True),  # tied to token_embd when absent
-        TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),
-    ]
-    return specs + [s for il in range(c.n_layer) for s in _block_specs(c, il, il in moe)]
+        return nextn_specs(c, specs_of)
+    return trunk_specs(
+        c, specs_of, (TensorSpec("rope_freqs.weight", (c.n_rot // 2,), optional=True),)
+    )
 
 
 def _block_specs(c: Config, il: int, moe: bool) -> list[TensorSpec]:

@@ -1,0 +1,369 @@
+"""Native CPU matmul on GGUF weight blocks: y = x @ W^T straight from the file's bytes.
+
+What it computes: Y[M, N] = X[M, K] @ W[N, K]^T for W in any of SUPPORTED_TYPES, read in place
+(the mmap'd GGUF bytes, never a dequantized copy). As in llama.cpp, each activation row is first
+rounded to the weight type's activation format: q8_0 blocks of 32 (Q4_0, Q5_0, Q8_0, IQ4_NL),
+q8_1 (Q4_1, Q5_1: q8_0 plus s = d * sum(q) in fp16, for the min term), q8_K blocks of 256 with
+fp32 d and 16-value sums (K-quants, IQ4_XS), fp16 (F16), bf16 (BF16) or fp32 (F32). Every block
+dot product is exact in int32; the fp32 accumulation across blocks is the only rounding, so the
+result equals llama.cpp's to fp32 summation order.
+
+Cost per call: bytes = weight bytes + M*K*4 + M*N*4, flops = 2*M*N*K. M = 1 (decode) streams
+each weight byte once, prefetching ahead into L2. On x86 the vector lanes are 8 weight rows (their
+blocks transposed on the fly from the GGUF bytes), so an activation row costs a few int8 dot
+instructions per block for 8 outputs; M = 2..16 (MTP verify) decodes each weight block once per
+tile of up to 16 activation rows (AVX-512; 4 on AVX2, 8 for K-quants and float types); larger M
+walks ~16 KB of weight rows at a time past every tile.
+
+Batch invariance: output (m, n) is bit-identical whatever M is, whatever the thread count, and
+whichever rows share the call: each output element is computed by one kernel call whose
+per-element sequence of fp32 operations does not depend on the tile, group or thread it lands
+in; threads split N, never K. Paths may differ from each other in the last bits (AVX2 and
+AVX-512 happen to agree bit for bit).
+
+ISA: chosen at load time from the CPU's features (x86-64: AVX-512 F/BW/VL + VNNI, else AVX2 + FMA
++ F16C, else portable C; aarch64: NEON dotprod from HWCAP, else portable C); the library itself
+is built without -march flags and selects per function. `use_isa("scalar")` forces a path (tests).
+The aarch64 path has been run only under qemu-user (kernels/native/selftest.c), not on arm64
+hardware.
+
+Threads: a persistent pool in C, the caller included (`set_threads`, default: the CPUs of the
+process's affinity mask). Each call is cut into a few chunks of N claimed by whichever thread is
+free, so a worker descheduled by a busy machine (or by torch's own threads spinning between ops)
+delays nothing it has not claimed. Idle workers spin ~100 us (`set_spin_us`) for the next call,
+then sleep.
+
+The library is `llmkit/kernels/_llk*.so`, built by the package's setup.py (a plain shared
+library loaded with ctypes; ctypes releases the GIL during the call). Without it `available()`
+is False and `unavailable_reason()` says why; importing this module never fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.machinery
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.errors import LlmkitError
+
+SUPPORTED_TYPES: frozenset[QT] = frozenset(
+    {
+        QT.F32, QT.F16, QT.BF16,
+        QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL,
+        QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS,
+    }
+)  # fmt: skip
+ISAS = ("scalar", "avx2", "avx512_vnni", "neon_dotprod")  # llk.h's LLK_ISA_* order
+
+_ERRORS = {-1: "unsupported weight type", -2: "bad shape", -3: "out of memory", -4: "bad ISA"}
+
+
+class _Part(ctypes.Structure):
+    """llk.h's llk_part."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("row_stride", ctypes.c_int64),
+        ("n", ctypes.c_int64),
+        ("col", ctypes.c_int64),
+        ("type", ctypes.c_int32),
+        ("reserved", ctypes.c_int32),
+    ]
+
+
+def _library_path() -> Path | None:
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        p = here / f"_llk{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    path = _library_path()
+    if path is None:
+        return None, "the native library _llk was not built (reinstall: pip install -e .)"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"cannot load {path.name}: {e}"
+    i64, i32, vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    sigs = {
+        "llk_matmul": (ctypes.c_int, [vp, i64, i64, i64, vp, i32, vp, i64]),
+        "llk_set_threads": (ctypes.c_int, [ctypes.c_int]),
+        "llk_get_threads": (ctypes.c_int, []),
+        "llk_set_spin_us": (None, [ctypes.c_int]),
+        "llk_get_isa": (ctypes.c_int, []),
+        "llk_best_isa": (ctypes.c_int, []),
+        "llk_isa_supported": (ctypes.c_int, [ctypes.c_int]),
+        "llk_set_isa": (ctypes.c_int, [ctypes.c_int]),
+        "llk_quantize_q8_1": (ctypes.c_int, [vp, i64, vp, vp, vp, vp]),
+        "llk_quantize_q8_K": (ctypes.c_int, [vp, i64, vp, vp, vp]),
+        "llk_read_probe": (ctypes.c_uint64, [vp, i64]),
+    }
+    try:
+        for name, (res, args) in sigs.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+    except AttributeError as e:
+        return None, f"{path.name} is stale or foreign ({e}); rebuild it"
+    return lib, ""
+
+
+_lib, _reason = _load()
+_MATMUL = _lib.llk_matmul if _lib is not None else None
+
+
+def available() -> bool:
+    """The native library is built and loaded."""
+    return _lib is not None
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' when it is True)."""
+    return _reason
+
+
+def _need() -> ctypes.CDLL:
+    if _lib is None:
+        raise LlmkitError(f"native CPU kernels unavailable: {_reason}")
+    return _lib
+
+
+def isa() -> str:
+    """The instruction-set path in use: 'avx512_vnni', 'avx2', 'neon_dotprod' or 'scalar'."""
+    return ISAS[_need().llk_get_isa()]
+
+
+def supported_isas() -> list[str]:
+    """The paths this CPU can run, best last."""
+    lib = _need()
+    return [name for i, name in enumerate(ISAS) if lib.llk_isa_supported(i)]
+
+
+def set_isa(name: str) -> None:
+    """Force a path (e.g. 'scalar' in tests); 'best' restores the CPU's best."""
+    lib = _need()
+    i = lib.llk_best_isa() if name == "best" else ISAS.index(name) if name in ISAS else -1
+    if i < 0 or lib.llk_set_isa(i) != 0:
+        raise LlmkitError(f"ISA {name!r} not available here (supported: {supported_isas()})")
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run a block on another path, then restore the previous one."""
+    prev = isa()
+    set_isa(name)
+    try:
+        yield
+    finally:
+        set_isa(prev)
+
+
+def set_threads(n: int) -> None:
+    """Threads per call, the caller included (n < 1: every CPU of the affinity mask)."""
+    _need().llk_set_threads(int(n))
+
+
+def get_threads() -> int:
+    return _need().llk_get_threads()
+
+
+def set_spin_us(us: int) -> None:
+    """How long idle workers wait for the next call before sleeping (default 100 us)."""
+    _need().llk_set_spin_us(int(us))
+
+
+def _elems_per_row(qtype: QT, row_bytes: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    if row_bytes % size:
+        raise LlmkitError(
+            f"{qtype.name} rows of {row_bytes} bytes are not whole {size}-byte blocks"
+        )
+    return row_bytes // size * block
+
+
+def _check_type(qtype) -> QT:
+    try:
+        qtype = QT(qtype)
+    except ValueError:
+        raise LlmkitError(f"unknown tensor type {qtype!r}") from None
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise LlmkitError(f"native CPU matmul does not support {qtype.name} weights ({names})")
+    return qtype
+
+
+def _weight_bytes(w: torch.Tensor, qtype: QT, k: int | None, name: str) -> torch.Tensor:
+    """w as uint8 [N, row_bytes] whose rows hold k elements each (checked)."""
+    if w.device.type != "cpu":
+        raise LlmkitError(f"{name}: native CPU matmul needs CPU weights, got {w.device}")
+    if w.dtype != torch.uint8:
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+            raise LlmkitError(f"{name}: weight bytes must be uint8, got {w.dtype}")
+        w = w.view(torch.uint8)
+    if w.dim() != 2 or w.stride(1) != 1:
+        raise LlmkitError(
+            f"{name}: weight bytes must be [N, row_bytes] with contiguous rows, "
+            f"got shape {tuple(w.shape)} strides {w.stride()}"
+        )
+    block = GGML_QUANT_SIZES[qtype][0]
+    if k is not None and k % block:
+        raise LlmkitError(
+            f"{name}: {qtype.name} needs K to be a multiple of its {block}-value blocks, got K={k}"
+        )
+    kw = _elems_per_row(qtype, w.shape[1])
+    if k is not None and kw != k:
+        raise LlmkitError(
+            f"{name}: {qtype.name} rows of {w.shape[1]} bytes hold {kw} values, not {k}"
+        )
+    return w
+
+
+def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
+    if x.device.type != "cpu":
+        raise LlmkitError(f"native CPU matmul needs CPU activations, got {x.device}")
+    if x.shape[-1] != k:
+        raise LlmkitError(f"activations of shape {tuple(x.shape)} do not have K={k} columns")
+    x = x.reshape(-1, k)
+    if x.dtype != torch.float32 or x.stride(1) != 1:
+        x = x.to(torch.float32).contiguous()
+    return x
+
+
+def _call(x: torch.Tensor, parts, n_parts: int, out: torch.Tensor) -> None:
+    rc = _need().llk_matmul(
+        x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), parts, n_parts,
+        out.data_ptr(), out.stride(0),
+    )  # fmt: skip
+    if rc:
+        raise LlmkitError(f"native matmul failed: {_ERRORS.get(rc, rc)}")
+
+
+def _output(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=torch.float32)
+    if (
+        out.dtype != torch.float32
+        or out.device.type != "cpu"
+        or out.dim() != 2
+        or tuple(out.shape) != (m, n)
+        or out.stride(1) != 1
+    ):
+        raise LlmkitError(f"out must be fp32 CPU [{m}, {n}] with contiguous rows")
+    return out
+
+
+def matmul(
+    x: torch.Tensor, w: torch.Tensor, qtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x fp32 [M, K] @ W^T -> fp32 [M, N], W the GGUF bytes uint8 [N, row_bytes] of `qtype`
+    (rows may be a slice of a bigger buffer). `out`, if given, is written and returned."""
+    qtype = _check_type(qtype)
+    if x.dim() != 2:
+        raise LlmkitError(f"matmul wants x of shape [M, K], got {tuple(x.shape)}")
+    w = _weight_bytes(w, qtype, x.shape[1], "matmul")
+    x = _activations(x, x.shape[1])
+    y = _output(out, x.shape[0], w.shape[0])
+    part = _Part(w.data_ptr(), w.stride(0), w.shape[0], 0, int(qtype), 0)
+    _call(x, ctypes.byref(part), 1, y)
+    return y
+
+
+class NativeLinear:
+    """One linear layer over one or several GGUF weights fused along N (q/k/v, gate/up).
+
+    parts: (bytes uint8 [N_i, row_bytes], qtype, (N_i, K)) each; the types may differ. A call
+    writes every part's columns into its slice of one [..., sum N_i] output in one native call.
+    The weight views are kept (no copies): they must stay valid, e.g. the GGUF mmap.
+    x: [..., K] (converted to contiguous fp32 if it is not). Returns fp32 [..., sum N_i], or
+    writes and returns `out` (fp32 [M, sum N_i] with contiguous rows) when given.
+    """
+
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, object, tuple[int, int]]]):
+        _need()
+        if not parts:
+            raise LlmkitError("NativeLinear needs at least one weight")
+        if len(parts) > 64:
+            raise LlmkitError("NativeLinear fuses at most 64 weights")
+        self.in_features = int(parts[0][2][1])
+        self._weights: list[torch.Tensor] = []
+        descs, col = [], 0
+        for i, (w, qtype, shape) in enumerate(parts):
+            qtype = _check_type(qtype)
+            n, k = (int(s) for s in shape)
+            if k != self.in_features:
+                raise LlmkitError(f"part {i} has K={k}, part 0 has K={self.in_features}")
+            w = _weight_bytes(w, qtype, k, f"part {i} ({qtype.name} {n}x{k})")
+            if w.shape[0] != n:
+                raise LlmkitError(f"part {i}: {w.shape[0]} rows of bytes for shape {(n, k)}")
+            self._weights.append(w)
+            descs.append((w.data_ptr(), w.stride(0), n, col, int(qtype), 0))
+            col += n
+        self.out_features = col
+        self.qtypes = tuple(QT(p[1]) for p in parts)
+        self._n_parts = len(descs)
+        self._parts = (_Part * len(descs))(*descs)
+        self.weight_bytes = sum(w.shape[0] * w.shape[1] for w in self._weights)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        # fast path (decode: hundreds of calls per token): contiguous fp32 [M, K], fresh output
+        if (
+            out is None
+            and x.dtype == torch.float32
+            and x.dim() == 2
+            and x.shape[1] == k
+            and x.is_cpu
+            and x.is_contiguous()
+        ):
+            m = x.shape[0]
+            y = torch.empty(m, n, dtype=torch.float32)  # whatever torch's default dtype
+            rc = _MATMUL(x.data_ptr(), m, k, k, self._parts, self._n_parts, y.data_ptr(), n)
+            if rc:
+                raise LlmkitError(f"native matmul failed: {_ERRORS.get(rc, rc)}")
+            return y
+        lead = x.shape[:-1]
+        x2 = _activations(x, self.in_features)
+        y = _output(out, x2.shape[0], self.out_features)
+        _call(x2, self._parts, self._n_parts, y)
+        return y.view(*lead, self.out_features) if out is None else y
+
+    def __repr__(self) -> str:
+        types = "+".join(t.name for t in self.qtypes)
+        return f"NativeLinear({types}, {self.in_features} -> {self.out_features})"
+
+
+def _quantize_rows(x: torch.Tensor, kind: str):
+    """Test hook: the current path's activation quantizer on one fp32 row [K].
+    'q8_1' -> (qs int8 [K], d fp32 [K/32], s fp32 [K/32], isum int32 [K/32]); 'q8_K' -> (qs,
+    d [K/256], bsums int16 [K/16])."""
+    lib = _need()
+    x = x.to(torch.float32).contiguous().view(-1)
+    k = x.numel()
+    qs = torch.empty(k, dtype=torch.int8)
+    if kind == "q8_1":
+        d, s, i = (
+            torch.empty(k // 32, dtype=torch.float32),
+            torch.empty(k // 32, dtype=torch.float32),
+            torch.empty(k // 32, dtype=torch.int32),
+        )
+        rc = lib.llk_quantize_q8_1(
+            x.data_ptr(), k, qs.data_ptr(), d.data_ptr(), s.data_ptr(), i.data_ptr()
+        )
+        if rc == 0:
+            return qs, d, s, i
+    else:
+        d = torch.empty(k // 256, dtype=torch.float32)
+        s = torch.empty(k // 16, dtype=torch.int16)
+        rc = lib.llk_quantize_q8_K(x.data_ptr(), k, qs.data_ptr(), d.data_ptr(), s.data_ptr())
+    if rc:
+        raise LlmkitError(f"cannot quantize a row of {k} values to {kind}")
+    return qs, d, s

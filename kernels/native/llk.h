@@ -1,0 +1,113 @@
+/* llk.h: the C ABI of llmkit's native CPU matmul on GGUF weight blocks (loaded with ctypes).
+ *
+ * Computes Y[M, N] = X[M, K] @ W[N, K]^T where W is stored exactly as in the GGUF file (the mmap'd
+ * bytes, any block type listed below) and X is fp32. As in llama.cpp, X is first rounded to the
+ * weight type's activation format (q8_0 / q8_1 / q8_K blocks, fp16, bf16 or fp32) and every block
+ * dot product is exact in int32 before the fp32 accumulation across blocks.
+ *
+ * Guarantee: Y[m, n] is bit-identical whatever M is, whatever the thread count and whichever other
+ * rows share the call, for a fixed instruction-set path (llk_get_isa).
+ */
+#ifndef LLK_H
+#define LLK_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define LLK_API __declspec(dllexport)
+#else
+#define LLK_API __attribute__((visibility("default")))
+#endif
+
+/* Weight types: ggml's type ids. */
+enum {
+    LLK_F32 = 0,
+    LLK_F16 = 1,
+    LLK_Q4_0 = 2,
+    LLK_Q4_1 = 3,
+    LLK_Q5_0 = 6,
+    LLK_Q5_1 = 7,
+    LLK_Q8_0 = 8,
+    LLK_Q2_K = 10,
+    LLK_Q3_K = 11,
+    LLK_Q4_K = 12,
+    LLK_Q5_K = 13,
+    LLK_Q6_K = 14,
+    LLK_IQ4_NL = 20,
+    LLK_IQ4_XS = 23,
+    LLK_BF16 = 30,
+};
+
+/* Instruction-set paths. Each one is batch-invariant on its own; they may differ from each other
+ * in the last bits of the fp32 sums (the two x86 paths happen to agree bit for bit). */
+enum {
+    LLK_ISA_SCALAR = 0,
+    LLK_ISA_AVX2 = 1,        /* x86-64 AVX2 + FMA + F16C */
+    LLK_ISA_AVX512_VNNI = 2, /* x86-64 AVX-512 F/BW/VL + VNNI */
+    LLK_ISA_NEON_DOTPROD = 3, /* aarch64 NEON + dotprod */
+    LLK_ISA_COUNT = 4,
+};
+
+/* Error codes (negative returns). */
+enum {
+    LLK_OK = 0,
+    LLK_E_TYPE = -1,  /* unsupported weight type */
+    LLK_E_SHAPE = -2, /* K not a multiple of the type's block size, or bad sizes */
+    LLK_E_NOMEM = -3, /* scratch allocation failed */
+    LLK_E_ISA = -4,   /* ISA not compiled in or not supported by this CPU */
+};
+
+/* One weight matrix of a (possibly fused) linear layer: rows n of `type`, each `row_stride` bytes
+ * apart (>= the row's size: a row slice of a bigger buffer is fine), written to output columns
+ * [col, col + n). Layout is part of the ABI (mirrored by ctypes in cpu_native.py). */
+typedef struct {
+    const void *w;
+    int64_t row_stride;
+    int64_t n;
+    int64_t col;
+    int32_t type;
+    int32_t reserved;
+} llk_part;
+
+/* y[m, parts[i].col + j] = x[m, :] . row j of part i, for m < M. x rows are `ldx` floats apart, y
+ * rows `ldy` floats apart. Returns LLK_OK or an error code (nothing is written on error). */
+LLK_API int llk_matmul(const float *x, int64_t m, int64_t k, int64_t ldx, const llk_part *parts,
+                       int32_t n_parts, float *y, int64_t ldy);
+
+/* Block size (elements) and block bytes of a type; 0 if unsupported. */
+LLK_API int llk_block_size(int32_t type);
+LLK_API int llk_type_size(int32_t type);
+
+/* Threads: the caller plus n - 1 persistent workers. Workers spin `spin_us` microseconds for the
+ * next call before sleeping. */
+LLK_API int llk_set_threads(int n);
+LLK_API int llk_get_threads(void);
+LLK_API void llk_set_spin_us(int us);
+
+/* The path used by llk_matmul; llk_best_isa is what this CPU supports best. */
+LLK_API int llk_get_isa(void);
+LLK_API int llk_best_isa(void);
+LLK_API int llk_isa_supported(int isa);
+LLK_API int llk_set_isa(int isa);
+LLK_API const char *llk_isa_name(int isa);
+
+/* Benchmark helper: reads `bytes` at p with every thread (one contiguous slice each) and returns
+ * a checksum; time it for the machine's read bandwidth. */
+LLK_API uint64_t llk_read_probe(const void *p, int64_t bytes);
+
+/* Test hooks: one row of activation quantization with the current ISA path.
+ * q8_0/q8_1: k % 32 == 0; qs[k], d[k/32], s[k/32] (d, s: the fp16-rounded values as fp32),
+ * isum[k/32] (exact sums of q). q8_K: k % 256 == 0; qs[k], d[k/256] (fp32), bsums[k/16]. */
+LLK_API int llk_quantize_q8_1(const float *x, int64_t k, int8_t *qs, float *d, float *s,
+                              int32_t *isum);
+LLK_API int llk_quantize_q8_K(const float *x, int64_t k, int8_t *qs, float *d, int16_t *bsums);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
