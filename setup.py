@@ -12,7 +12,7 @@ from setuptools import Extension, setup
 
 NATIVE = Path("kernels/native")
 SOURCES = [
-    "threadpool.c", "quantize_act.c", "matmul.c", "probe.c",
+    "threadpool.c", "quantize_act.c", "matmul.c", "probe.c", "linear.c", "rowops.c", "attention.c",
     "dot_scalar.c", "dot_avx2.c", "dot_avx512.c", "dot_neon.c",
 ]  # fmt: skip
 

@@ -23,10 +23,15 @@ def read_prompt(prompt: str | None, file: Path | None, required: bool = False) -
 
 
 def set_threads(threads: int | None) -> int:
+    """-t: the threads of the native kernels and of PyTorch (0: every core)."""
     import torch
+
+    from llmkit.kernels import cpu_native
 
     n = threads if threads and threads > 0 else (os.cpu_count() or 1)
     torch.set_num_threads(n)
+    if cpu_native.available():
+        cpu_native.set_threads(n)
     return n
 
 

@@ -77,6 +77,24 @@ class _Part(ctypes.Structure):
     ]
 
 
+class _Fuse(ctypes.Structure):
+    """llk.h's llk_fuse: what llk_linear fuses around the matmul."""
+
+    _fields_ = [
+        ("norm_w", ctypes.c_void_p),
+        ("norm_eps", ctypes.c_float),
+        ("glu", ctypes.c_int32),
+        ("post_w", ctypes.c_void_p),
+        ("post_eps", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+        ("residual", ctypes.c_void_p),
+        ("ldr", ctypes.c_int64),
+    ]
+
+
+GLU_ACTS = {"silu": 0, "gelu_tanh": 1}
+
+
 def _library_path() -> Path | None:
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
@@ -94,7 +112,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"cannot load {path.name}: {e}"
-    i64, i32, vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+    i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
     sigs = {
         "llk_matmul": (ctypes.c_int, [vp, i64, i64, i64, vp, i32, vp, i64]),
         "llk_set_threads": (ctypes.c_int, [ctypes.c_int]),
@@ -107,6 +125,40 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_quantize_q8_1": (ctypes.c_int, [vp, i64, vp, vp, vp, vp]),
         "llk_quantize_q8_K": (ctypes.c_int, [vp, i64, vp, vp, vp]),
         "llk_read_probe": (ctypes.c_uint64, [vp, i64]),
+        "llk_linear": (ctypes.c_int, [vp, i64, i64, i64, vp, vp, i32, vp, i64]),
+        "llk_rms_norm": (ctypes.c_int, [vp, i64, i64, i64, vp, f32, vp, i64]),
+        "llk_rope": (ctypes.c_int, [vp, i64, i64, i64, i64, i64, i32, vp, vp, vp, f32, f32]),
+        "llk_glu": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i64]),
+        "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
+        "llk_attention": (
+            ctypes.c_int,
+            [
+                vp,
+                i64,
+                i64,
+                i64,
+                i64,
+                vp,
+                i32,
+                i64,
+                i64,
+                vp,
+                i32,
+                i64,
+                i64,
+                i64,
+                i64,
+                i64,
+                vp,
+                vp,
+                vp,
+                i64,
+                vp,
+                f32,
+                vp,
+                i64,
+            ],
+        ),
     }
     try:
         for name, (res, args) in sigs.items():
@@ -119,6 +171,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 _lib, _reason = _load()
 _MATMUL = _lib.llk_matmul if _lib is not None else None
+_LINEAR = _lib.llk_linear if _lib is not None else None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (LlmkitError naming the reason when it is not built)."""
+    return _need()
 
 
 def available() -> bool:
@@ -335,6 +393,32 @@ class NativeLinear:
         y = _output(out, x2.shape[0], self.out_features)
         _call(x2, self._parts, self._n_parts, y)
         return y.view(*lead, self.out_features) if out is None else y
+
+    def fused(self, x: torch.Tensor, norm=None, glu: str | None = None, post_norm=None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One native call: y = residual + post_norm(glu(norm(x)) @ W^T); `norm` and
+        `post_norm` are (weight fp32 [n], eps), `glu` "silu" or "gelu_tanh" over an [M, 2K]
+        input. x: contiguous fp32 [M, K] (or [M, 2K]); residual: contiguous fp32 [M, N]."""
+        k_in = x.shape[1]
+        m, n = x.shape[0], self.out_features
+        if k_in != (2 * self.in_features if glu else self.in_features):
+            raise LlmkitError(f"{self!r}: input of {k_in} columns" + (" (GLU)" if glu else ""))
+        f = _Fuse(
+            norm[0].data_ptr() if norm is not None else None,
+            norm[1] if norm is not None else 0.0,
+            GLU_ACTS[glu] if glu else -1,
+            post_norm[0].data_ptr() if post_norm is not None else None,
+            post_norm[1] if post_norm is not None else 0.0,
+            0,
+            residual.data_ptr() if residual is not None else None,
+            n,
+        )
+        y = torch.empty(m, n, dtype=torch.float32)
+        rc = _LINEAR(x.data_ptr(), m, k_in, k_in, ctypes.byref(f), self._parts, self._n_parts,
+                     y.data_ptr(), n)  # fmt: skip
+        if rc:
+            raise LlmkitError(f"native linear failed: {_ERRORS.get(rc, rc)}")
+        return y
 
     def __repr__(self) -> str:
         types = "+".join(t.name for t in self.qtypes)

@@ -1,27 +1,28 @@
 """The kernel table: the one place that decides which implementation runs each op, by device,
-weight type and regime. Models call these functions and never look at the device themselves.
+kernel family (kernels/backend.py), weight type and regime. Models call these functions and never
+look at the device themselves.
 
-  op            | device cpu                                  | device cuda ("triton" family)
-  --------------+---------------------------------------------+-------------------------------------
-  linear        | Q4_0 Q4_1 Q4_K (bf16 mode): packed int4      | Q8_0 Q4_0 Q4_1 Q5_0 Q4_K Q5_K Q6_K
-  (make_linear) |   (cpu_int4) for M <= 64, else dequantize   |   IQ4_XS: triton_gemv on the GGUF
-                |   the blocks per call + fp32 GEMM           |   bytes for M <= 16, else
-                | other types: dense copy in weight_dtype     |   triton_dequant + cuBLAS;
-                |   (linear_torch: bf16 M=1 kernel, row by    | F32 F16 BF16: torch in the stored
-                |   row on CPUs without native bf16)         |   dtype; others: LlmkitError
-  attention     | torch SDPA over a [T, S] bool mask          | triton_attention (reads the cache in
-                |   (the cache dequantizes q8_0/q4_0 rows)    |   place, masks by slot position)
-  rope          | torch                                       | Triton for NEOX; torch for NORM
-                |                                             |   (measured faster in a graph)
-  rms_norm      | torch                                       | torch
-  add_rms_norm  | torch (add, then norm)                      | triton_fused (one launch)
-  glu           | torch                                       | triton_fused (one launch)
+  op           | "cpu" (native, default on a CPU)  | "torch" (reference)  | "triton" (GPU)
+  -------------+-----------------------------------+----------------------+------------------------
+  linear       | cpu_native.NativeLinear on the     | dense copy in        | Q8_0 Q4_0 Q4_1 Q5_0
+  (make_linear,|   GGUF bytes, every type; the      |   weight_dtype,      |   Q4_K Q5_K Q6_K IQ4_XS:
+   linear)     |   norm / GLU before and the post-  |   F.linear; the      |   triton_gemv (M <= 16)
+               |   norm / residual after fused in   |   fused steps as     |   or triton_dequant +
+               |   one call                         |   torch ops          |   cuBLAS; F32/F16/BF16
+               |                                    |                      |   in their dtype
+  attention    | cpu_ops.attention: the cache as    | SDPA over a [T, S]   | triton_attention (the
+               |   stored, masked by position (or a |   mask, q-types      |   cache as stored,
+               |   tree mask), batch-invariant      |   dequantized        |   masked by position)
+  rope, norm,  | cpu_ops (one native call; RoPE     | torch                | NEOX RoPE, RMSNorm,
+  glu          |   with the per-head norm fused)    |                      |   GLU: Triton
 
-Regimes: GEMV (M <= GEMV_MAX_ROWS rows: decode, MTP verify) and GEMM (prefill chunks). Weights
-that consume the same input (q/k/v, gate/up) are fused into one call when they can be. Every
-prepared byte (packed or dequantized copies, device copies) is counted in `Backend.extra_bytes`.
-Capabilities that depend on the attention kernel (draft-tree masks, CUDA-graph capture) are
-answered here too, so callers do not test kernel names.
+The small ops (rope, rms_norm, glu) are chosen by the tensor's device: native on a CPU when the
+library is built, else torch; Triton for the fused GPU ones. Regimes: GEMV (M <= GEMV_MAX_ROWS
+rows: decode, MTP verify) and GEMM (prefill chunks); the native CPU kernels use one arithmetic for
+every M (a row's result never depends on the batch: what keeps MTP verification lossless).
+Weights that consume the same input (q/k/v, gate/up) are fused into one call. Every prepared
+byte (dense or device copies) is counted in `Backend.extra_bytes`. Capabilities that depend on
+the attention kernel (draft-tree masks, CUDA-graph capture) are answered here too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu_int4, torch_ops
+from llmkit.kernels import cpu_native, cpu_ops, torch_ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.linear_torch import DenseLinear, ExpertLinear
 from llmkit.kernels.linear_triton import FLOAT_TYPES, TritonLinear
@@ -37,8 +38,8 @@ from llmkit.kernels.rope import ROPE_NEOX
 from llmkit.quant.dequant import SUPPORTED_TYPES
 from llmkit.quant.tensor import QTensor
 
-INT4_MAX_ROWS = 64  # packed int4 beats dequantize + fp32 GEMM up to about this M (measured)
-ATTENTION_KERNELS = ("torch", "triton")
+ATTENTION_KERNELS = ("native", "torch", "triton")
+_NATIVE = cpu_native.available()
 
 # -- linear ---------------------------------------------------------------------------------------
 
@@ -48,6 +49,8 @@ def _check_types(weights: tuple[QTensor, ...], kernels: str) -> None:
         from llmkit.kernels.triton_gemv import SUPPORTED_TYPES as quantized
 
         supported = quantized | FLOAT_TYPES
+    elif kernels == "cpu":
+        supported = cpu_native.SUPPORTED_TYPES
     else:
         supported = SUPPORTED_TYPES
     for w in weights:
@@ -58,16 +61,6 @@ def _check_types(weights: tuple[QTensor, ...], kernels: str) -> None:
             )
 
 
-def _int4_ok(backend: Backend, weights: tuple[QTensor, ...]) -> bool:
-    return (
-        backend.weight_dtype == torch.bfloat16
-        and cpu_int4.available()
-        and all(w.qtype in cpu_int4.PACKABLE_TYPES and len(w.shape) == 2 for w in weights)
-        and weights[0].shape[-1] % cpu_int4.GROUP == 0
-        and sum(w.shape[0] for w in weights) % cpu_int4.N_MULTIPLE == 0
-    )
-
-
 def make_linear(backend: Backend, *weights: QTensor):
     """A matmul over one weight, or over several fused along the output dim (same input width):
     a callable x [M, in] fp32 -> [M, out] fp32 with `in_features` and `out_features`."""
@@ -75,18 +68,41 @@ def make_linear(backend: Backend, *weights: QTensor):
     if len(in_features) != 1:
         raise LlmkitError(f"cannot fuse {[w.name for w in weights]}: different input widths")
     _check_types(weights, backend.kernels)
+    if backend.kernels == "cpu":  # the GGUF bytes in place: nothing prepared
+        backend.linear_bytes += sum(w.nbytes for w in weights)
+        return cpu_native.NativeLinear(
+            [(w.raw.reshape(w.shape[0], -1).view(torch.uint8), w.qtype, w.shape) for w in weights]
+        )
     if backend.kernels == "triton":
         lin = TritonLinear(list(weights), backend.device)
         backend.extra_bytes += lin.nbytes
-        return lin
-    if _int4_ok(backend, weights):
-        lin = cpu_int4.Int4Linear(list(weights), INT4_MAX_ROWS)
-        backend.extra_bytes += lin.nbytes
+        backend.linear_bytes += lin.nbytes
         return lin
     parts = [w.dequantize(torch.float32).to(backend.weight_dtype) for w in weights]
     dense = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    backend.extra_bytes += dense.numel() * dense.element_size()
+    nbytes = dense.numel() * dense.element_size()
+    backend.extra_bytes += nbytes
+    backend.linear_bytes += nbytes
     return DenseLinear(dense)
+
+
+def linear(lin, x: torch.Tensor, norm=None, glu_act: str | None = None, post_norm=None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """y = residual + post_norm(lin(glu(norm(x)))), each step optional: `norm` / `post_norm` are
+    (weight, eps) RMSNorms, `glu_act` "silu" or "gelu_tanh" for a GLU over an [M, 2K] input. One
+    native call on a CPU; the same ops one by one elsewhere."""
+    if (
+        isinstance(lin, cpu_native.NativeLinear)
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and (residual is None or residual.is_contiguous())
+    ):
+        return lin.fused(x, norm, glu_act, post_norm, residual)
+    h = rms_norm(x, *norm) if norm is not None else x
+    h = lin(glu(h, glu_act) if glu_act else h)
+    if post_norm is not None:
+        h = rms_norm(h, *post_norm)
+    return h if residual is None else residual + h
 
 
 def make_expert_linear(backend: Backend, qt: QTensor) -> ExpertLinear:
@@ -106,19 +122,18 @@ def make_expert_linear(backend: Backend, qt: QTensor) -> ExpertLinear:
 
 # -- small ops --------------------------------------------------------------------------------------
 
-rms_norm = torch_ops.rms_norm  # one fused torch op on every device
 gelu_tanh, silu = torch_ops.gelu_tanh, torch_ops.silu
 
 
-def add_rms_norm(
-    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, rms_norm(s)) with s = x + r: the residual step and the next norm."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x [..., n] / sqrt(mean(x^2) + eps) * weight (GGUF norms already include Gemma's +1)."""
     if x.is_cuda:
-        from llmkit.kernels.triton_fused import rms_norm as fused
+        from llmkit.kernels.triton_fused import rms_norm as triton_rms_norm
 
-        return fused(x, weight, eps, residual=r)
-    return torch_ops.add_rms_norm(x, r, weight, eps)
+        return triton_rms_norm(x, weight, eps)
+    if _NATIVE and not x.requires_grad:
+        return cpu_ops.rms_norm(x, weight, eps)
+    return torch_ops.rms_norm(x, weight, eps)
 
 
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
@@ -127,32 +142,37 @@ def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
         from llmkit.kernels.triton_fused import glu as fused
 
         return fused(gate_up, act)
+    if _NATIVE and not gate_up.requires_grad:
+        return cpu_ops.glu(gate_up, act)
     return torch_ops.glu(gate_up, act)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int) -> torch.Tensor:
-    """x [T, H, D]: rotate the first 2 * cos.shape[-1] dims (NORM: adjacent pairs, NEOX: halves).
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int, norm=None,
+         scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """x [T, H, D]: the per-head RMSNorm `norm` (weight, eps) first when given, then rotate the
+    first 2 * cos.shape[-1] dims (NORM: adjacent pairs, NEOX: halves), then times `scale`.
     NORM stays on torch on a GPU: its 2 kernels measured faster than the Triton launch in a
     graph-replayed step (1.83 against 1.92 ms per step of a 1.1B llama on an H100)."""
+    if _NATIVE and not x.is_cuda and not x.requires_grad:
+        return cpu_ops.rope(x, cos, sin, mode, norm, scale)
+    if norm is not None:
+        x = rms_norm(x, *norm)
     if x.is_cuda and mode == ROPE_NEOX:
         from llmkit.kernels.triton_rope import rope as triton_rope
 
-        return triton_rope(x, cos, sin, mode)
-    return torch_ops.rope(x, cos, sin, mode)
+        y = triton_rope(x, cos, sin, mode)
+    else:
+        y = torch_ops.rope(x, cos, sin, mode)
+    return y * scale if scale != 1.0 else y
 
 
 # -- attention ----------------------------------------------------------------------------------------
 
 
-def kernel_family(device: torch.device | str) -> str:
-    """The kernel family a device runs by default: "triton" on a GPU, else "cpu"."""
-    return "triton" if torch.device(device).type == "cuda" else "cpu"
-
-
 def attention_kernel(family: str) -> str:
     """The attention implementation of a kernel family: the Triton kernel for "triton" (on a GPU,
-    or under TRITON_INTERPRET=1 in tests), SDPA over a mask for "cpu"."""
-    return "triton" if family == "triton" else "torch"
+    or under TRITON_INTERPRET=1 in tests), the native kernel for "cpu", SDPA for "torch"."""
+    return {"triton": "triton", "cpu": "native"}.get(family, "torch")
 
 
 def check_attention_kernel(kernel: str) -> None:
@@ -164,8 +184,8 @@ def check_attention_kernel(kernel: str) -> None:
 
 def supports_tree_masks(kernel: str) -> bool:
     """Draft-tree batches need an arbitrary [T, S] mask (siblings share a position): the torch
-    path takes one; the Triton kernel masks by slot position."""
-    return kernel == "torch"
+    and native paths take one; the Triton kernel masks by slot position."""
+    return kernel in ("torch", "native")
 
 
 def supports_graph_capture(kernel: str) -> bool:
@@ -176,6 +196,17 @@ def supports_graph_capture(kernel: str) -> bool:
 def attention_torch(q, k, v, mask, scale: float) -> torch.Tensor:
     """SDPA over a [T, S] mask (the torch row of the table)."""
     return torch_ops.attention(q, k, v, mask, scale)
+
+
+kv_store_native = cpu_ops.kv_store  # rows into cache slots, converted or quantized on write
+
+
+def attention_native(q, k, k_kind, v, v_kind, dv: int, n_read: int, kpos, qpos, scale: float,
+                     window, mask=None, slot_idx=None) -> torch.Tensor:  # fmt: skip
+    """The native kernel over the cache as stored: k/v [Hkv, cap, row] of their element types,
+    V rows of dv values; visible by position, or by an explicit mask (draft trees, paged)."""
+    return cpu_ops.attention(q, k, k_kind, v, v_kind, dv, n_read, kpos, qpos, scale, window,
+                             mask, slot_idx)  # fmt: skip
 
 
 def attention_triton(q, k, v, kpos, qpos, scale: float, window, k_type=None, v_type=None):

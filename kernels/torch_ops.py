@@ -17,14 +17,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def add_rms_norm(
-    x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual step and the next norm: (s, rms_norm(s)) with s = x + r."""
-    s = x + r
-    return s, rms_norm(s, weight, eps)
-
-
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int) -> torch.Tensor:
     """x: [T, H, D] fp32; rotates the first n_rot = 2*cos.shape[-1] dims, passes the rest through.
 

@@ -44,13 +44,13 @@ def bench(path, threads, reps, n_prompt, n_gen, dtype):
             if r:
                 pp.append(n_prompt / t_pp)
                 tg.append(n_gen / t_tg)
-    wbytes = lm.backend.extra_bytes
+    wbytes = lm.backend.linear_bytes
     med_tg = statistics.median(tg)
     print(
         f"{lm.describe():<24} threads {threads} weights {str(dtype)[6:]:<8} "
         f"pp{n_prompt}: min {min(pp):7.1f} median {statistics.median(pp):7.1f} tok/s | "
         f"tg{n_gen}: min {min(tg):6.1f} median {med_tg:6.1f} tok/s "
-        f"({wbytes * med_tg / 1e9:5.1f} GB/s of {wbytes / 2**20:.0f} MiB prepared weights)"
+        f"({wbytes * med_tg / 1e9:5.1f} GB/s of {wbytes / 2**20:.0f} MiB of weights read)"
     )
 
 

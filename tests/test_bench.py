@@ -55,7 +55,7 @@ def test_json_records_carry_every_field(tiny, capsys, monkeypatch):
     for r in recs:
         check_figures(r)
         assert r["model_type"] == "llama tiny Q8_0" and r["model_filename"] == str(tiny["llama"])
-        assert r["model_size"] > 0 and r["model_n_params"] > 0 and r["weight_bytes_prepared"] > 0
+        assert r["model_size"] > 0 and r["model_n_params"] > 0 and r["weight_bytes_read"] > 0
         assert r["device"] == "cpu" and r["backends"] == "CPU" and r["cpu_info"]
         assert r["torch_version"] and "triton_version" in r and r["llmkit_version"]
         assert r["build_commit"] and r["test_time"] and r["warmup"] is True
@@ -64,8 +64,8 @@ def test_json_records_carry_every_field(tiny, capsys, monkeypatch):
         assert r["gen_input"] == "random"
     assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (16, 0, 0, 8)
     assert pp["bandwidth_gbs"] is None
-    assert tg["bandwidth_gbs"] == pytest.approx(tg["weight_bytes_prepared"] * tg["avg_ts"] / 1e9)
-    assert "extra_bytes" in tg["bandwidth_basis"]
+    assert tg["bandwidth_gbs"] == pytest.approx(tg["weight_bytes_read"] * tg["avg_ts"] / 1e9)
+    assert "linear_bytes" in tg["bandwidth_basis"]
 
 
 def test_markdown_table_in_llama_bench_shape(tiny, capsys, monkeypatch):
@@ -80,7 +80,7 @@ def test_markdown_table_in_llama_bench_shape(tiny, capsys, monkeypatch):
     assert " ± " in pp[6] and pp[7] == "-"
     tg = [c.strip() for c in lines[3].strip("|").split("|")]
     assert tg[5] == "tg8" and float(tg[7]) >= 0
-    assert "random tokens" in out and "extra_bytes" in out
+    assert "random tokens" in out and "linear_bytes" in out
     assert lines[-1].startswith("build: ") and "(llmkit " in lines[-1]
 
 

@@ -22,7 +22,7 @@ def _rel_rms(a, b):
 
 
 def _ours(path, n):
-    lm = load_model(path, weight_dtype=torch.float32)
+    lm = load_model(path, kernels="torch")
     with torch.inference_mode():
         return lm.model.forward(
             torch.tensor(IDS[:n]), lm.new_cache(64, 64, "f32", "f32"), logits="all"

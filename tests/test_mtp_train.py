@@ -74,7 +74,7 @@ def test_training_reduces_the_loss(trained):
 
 def test_evaluation_prompts_score_only_the_greedy_continuation(trained):
     _, base, _, _ = trained
-    lm = load_model(str(base), weight_dtype=torch.float32)
+    lm = load_model(str(base), kernels="torch")
     tok = load_tokenizer(lm.metadata)
     seqs = prompt_sequences(lm, tok, ["the dog sat", "hello world, the cat and"], 10, 4)
     b = to_batch(seqs)

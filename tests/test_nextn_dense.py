@@ -63,10 +63,10 @@ def _teacher(lm, ids):
 
 @pytest.mark.parametrize("n_blocks", [1, 3])
 def test_written_head_reproduces_training_logits(base, tmp_path, n_blocks):
-    lm32 = load_model(base, weight_dtype=torch.float32)
+    lm32 = load_model(base, kernels="torch")
     blocks = _blocks(lm32, n_blocks)
     head = _write_head(lm32, blocks, tmp_path / "head.gguf")
-    lm = load_model(base, weight_dtype=torch.float32, mtp=True, draft_path=head)
+    lm = load_model(base, kernels="torch", mtp=True, draft_path=head)
     assert lm.model.mtp.n_heads == n_blocks
     ids = [1, 40, 7, 99, 12, 5, 300, 17, 8, 42, 9, 11, 260, 3, 77, 18]
     seq = _teacher(lm, ids)
@@ -100,7 +100,7 @@ def test_written_head_reproduces_training_logits(base, tmp_path, n_blocks):
 
 
 def test_gguf_contract_and_layouts(base, tmp_path):
-    lm32 = load_model(base, weight_dtype=torch.float32)
+    lm32 = load_model(base, kernels="torch")
     blocks = _blocks(lm32, 2)
     head = _write_head(lm32, blocks, tmp_path / "head.gguf")
     c = lm32.config
@@ -126,7 +126,7 @@ def test_gguf_contract_and_layouts(base, tmp_path):
 
 
 def test_batched_generation_matches_the_trunk(base):
-    lm = load_model(base, weight_dtype=torch.float32)
+    lm = load_model(base, kernels="torch")
     prompts = [[1, 40, 7, 99], [1, 12, 5], [1, 300, 17, 8, 42, 9]]
     gen = torch.Generator().manual_seed(0)
     out = BatchedTrunk(lm).generate(prompts, 12, [0.0] * 3, gen, lambda t: False, 4)
@@ -142,9 +142,9 @@ def test_batched_generation_matches_the_trunk(base):
 
 
 def test_draft_vocabulary_restricts_draft_logits(base, tmp_path):
-    lm32 = load_model(base, weight_dtype=torch.float32)
+    lm32 = load_model(base, kernels="torch")
     head = _write_head(lm32, _blocks(lm32, 1), tmp_path / "head.gguf")
-    lm = load_model(base, weight_dtype=torch.float32, mtp=True, draft_path=head)
+    lm = load_model(base, kernels="torch", mtp=True, draft_path=head)
     ids = [1, 40, 7, 99, 12, 5, 300, 17]
     seq = _teacher(lm, ids)
     full = []

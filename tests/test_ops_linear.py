@@ -15,7 +15,7 @@ def _qt(name, w):
 
 def test_regimes_match_fp32_reference():
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(0))
-    lin = make_linear(Backend(weight_dtype=torch.bfloat16), _qt("w", w))
+    lin = make_linear(Backend(weight_dtype=torch.bfloat16, kernels="torch"), _qt("w", w))
     for m in (1, 3, GEMV_MAX_ROWS, 40):
         x = torch.randn(m, 96)
         torch.testing.assert_close(lin(x), x @ w.T, rtol=3e-2, atol=0.15)
@@ -24,7 +24,7 @@ def test_regimes_match_fp32_reference():
 def test_gemv_regime_is_batch_invariant():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     for dtype in (torch.bfloat16, torch.float32):
-        lin = make_linear(Backend(weight_dtype=dtype), _qt("w", w))
+        lin = make_linear(Backend(weight_dtype=dtype, kernels="torch"), _qt("w", w))
         x = torch.randn(4, 128)
         rows = torch.cat([lin(x[i : i + 1]) for i in range(4)])
         if dtype == torch.bfloat16:
@@ -35,7 +35,7 @@ def test_gemv_regime_is_batch_invariant():
 
 def test_fused_weights_and_extra_bytes():
     a, b = torch.randn(8, 32), torch.randn(24, 32)
-    be = Backend(weight_dtype=torch.float32)
+    be = Backend(weight_dtype=torch.float32, kernels="torch")
     lin = make_linear(be, _qt("a", a), _qt("b", b))
     x = torch.randn(2, 32)
     ya, yb = lin(x).split((8, 24), dim=-1)

@@ -37,8 +37,8 @@ def test_quantize_loads_and_runs(f16_llama, tmp_path, monkeypatch, capsys, qtype
     assert gf.metadata["general.file_type"] == ftype
     assert gf.metadata["general.quantization_version"] == 2
     assert gf.tensors["blk.0.attn_norm.weight"].type_name == "F32"
-    ref = load_model(f16_llama, weight_dtype=torch.float32)
-    lm = load_model(out, weight_dtype=torch.float32)
+    ref = load_model(f16_llama, kernels="torch")
+    lm = load_model(out, kernels="torch")
     toks = torch.tensor([1, 260, 261, 262, 263])
     with torch.inference_mode():
         a = ref.model.forward(toks, ref.new_cache(32), logits="all").logits
@@ -58,7 +58,7 @@ def test_mtp_tensors_quantized(tmp_path, monkeypatch, capsys):
     assert gf.tensors["blk.5.attn_q.weight"].type_name == "Q8_0"
     assert gf.tensors["blk.1.attn_q.weight"].type_name == "Q4_0"
     assert gf.tensors["blk.4.nextn.enorm.weight"].type_name == "F32"
-    lm = load_model(out, mtp=True, weight_dtype=torch.float32)
+    lm = load_model(out, mtp=True, kernels="torch")
     assert lm is not None
 
 

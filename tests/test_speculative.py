@@ -154,7 +154,7 @@ def test_kv_filter(files):
 
 def test_sampling_with_mtp_is_exact_in_distribution(files):
     # top-k 2 makes the first two tokens a 4-outcome space whose exact probabilities we compute
-    lm = load_model(files["full"], mtp=True, weight_dtype=torch.float32)
+    lm = load_model(files["full"], mtp=True, kernels="torch")
     prompt = PROMPTS[0]
     base = SamplerParams(temp=1.0, top_k=2, top_p=1.0, min_p=0.0)
 

@@ -42,7 +42,7 @@ def load(path, parts=("trunk",), **over):
 
 
 def build(cfg, tensors, mtp=False, dtype=torch.float32):
-    return step35.Model(cfg, tensors, Backend(weight_dtype=dtype), mtp=mtp)
+    return step35.Model(cfg, tensors, Backend(weight_dtype=dtype, kernels="torch"), mtp=mtp)
 
 
 def model(path, parts=("trunk",), dtype=torch.float32, **over):
@@ -320,7 +320,7 @@ def test_moe_n_expert_override(files, full):
 
 def test_expert_linear_regimes():
     w = torch.randn(3, 8, 32, generator=torch.Generator().manual_seed(2))
-    be = Backend(weight_dtype=torch.bfloat16)
+    be = Backend(weight_dtype=torch.bfloat16, kernels="torch")
     lin = make_expert_linear(be, QTensor("x", QT.F32, (3, 8, 32), w))  # float storage is accepted
     assert be.extra_bytes == 3 * 8 * 32 * 2 and lin.experts[1].weight.dtype == torch.bfloat16
     for M in (1, 7):  # GEMV (bf16) and GEMM (fp32 upcast on CPUs without native bf16)

@@ -48,7 +48,7 @@ def test_tiny_models_match_the_fp32_path(tmp_path):
         write_tiny_gemma3(tmp_path / "gemma3.gguf", window=8),
         write_tiny_step35(tmp_path / "step35.gguf"),
     ):
-        ref = load_model(path, weight_dtype=torch.float32)
+        ref = load_model(path, kernels="torch")
         tri = load_model(path, device=DEVICE, kernels="triton")
         assert tri.backend.kernels == "triton" and isinstance(tri.model.output, TritonLinear)
         assert tri.new_cache(8).attn_kernel == "triton"

@@ -30,7 +30,7 @@ BUILTIN_PROMPTS = (
 KV_TYPE_NAMES = tuple(KV_TYPES)
 WARMUP_TG_TOKENS = 8  # enough decode steps to touch every kernel once
 BANDWIDTH_BASIS = (
-    "backend.extra_bytes (prepared weights read per token) x t/s, as gpt-fast prints it"
+    "backend.linear_bytes (weight bytes the matmuls read per token) x t/s, as gpt-fast prints it"
 )
 
 

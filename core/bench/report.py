@@ -92,7 +92,7 @@ def make_record(
     avg_ns, std_ns = mean_std(samples_ns)
     avg_ts, std_ts = mean_std(ts)
     tg = inst.kind == "tg"
-    wbytes = lm.backend.extra_bytes
+    wbytes = lm.backend.linear_bytes
     acc = spec.to_dict(0) if spec is not None else {}
     return {
         **env,
@@ -102,7 +102,7 @@ def make_record(
         "model_type": lm.describe(),
         "model_size": lm.weights_bytes(),
         "model_n_params": lm.n_params(),
-        "weight_bytes_prepared": wbytes,
+        "weight_bytes_read": wbytes,
         "n_threads": inst.threads,
         "n_ubatch": inst.n_ubatch,
         "type_k": inst.type_k,
@@ -212,7 +212,8 @@ def _notes(records: list[dict], p: BenchParams) -> list[str]:
         effective = "; for MTP rows an effective figure (one pass's bytes per token)"
         notes.append(
             "GB/s: weights read per decoded token x t/s, as gpt-fast prints it; bytes = the "
-            "backend's prepared weights (backend.extra_bytes)" + (effective if 1 in p.mtp else "")
+            "weight bytes the matmuls read per token (backend.linear_bytes)"
+            + (effective if 1 in p.mtp else "")
         )
     if p.text_gen:
         src = f"--prompt-file {p.prompt_file}" if p.prompt_file else "the built-in prompt set"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.core.cache.paged import PagedKV, SeqKV, SeqView
+from llmkit.core.cache.store import KV_TYPES
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
 
@@ -28,6 +29,7 @@ class BatchCache:
             bounds.append(bounds[-1] + n)
         self.rows = list(zip(bounds[:-1], bounds[1:]))
         self.views: list[SeqView] = []
+        self._pos: torch.Tensor | None = None  # the batch's positions (begin)
 
     def positions(self, T: int) -> torch.Tensor:
         if T != self.rows[-1][1]:
@@ -37,6 +39,7 @@ class BatchCache:
         )
 
     def begin(self, pos: torch.Tensor) -> None:
+        self._pos = pos
         self.views = [self.pool.prepare(s, n) for s, n in zip(self.seqs, self.counts)]
 
     def update(self, il: int, k: torch.Tensor, v: torch.Tensor):
@@ -65,5 +68,33 @@ class BatchCache:
             self.pool.publish(s)
 
     def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
-        """update + attention for layer il (the call a model block makes)."""
-        return self.attention(q, *self.update(il, k, v), scale)
+        """update + attention for layer il (the call a model block makes). The native kernel
+        reads each sequence's blocks in place, in logical order, under its mask."""
+        pool = self.pool
+        if pool.attn_kernel != "native":
+            return self.attention(q, *self.update(il, k, v), scale)
+        g = pool.group_of[il]
+        kt, vt = KV_TYPES[pool.type_k], KV_TYPES[pool.type_v]
+        pos, outs = self._pos, []
+        for view, (r0, r1) in zip(self.views, self.rows, strict=True):
+            ops.kv_store_native(g.k[il], kt, view.write[g.name], k[r0:r1])
+            ops.kv_store_native(g.v[il], vt, view.write[g.name], v[r0:r1])
+            idx = view.read[g.name]
+            outs.append(
+                ops.attention_native(
+                    q[r0:r1],
+                    g.k[il],
+                    kt,
+                    g.v[il],
+                    vt,
+                    v.shape[-1],
+                    idx.numel(),
+                    None,
+                    pos[r0:r1],
+                    scale,
+                    None,
+                    view.mask[g.name],
+                    idx,
+                )  # fmt: skip
+            )
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -22,6 +22,7 @@ from llmkit.core.cache.layout import LayerKV
 from llmkit.core.cache.store import KV_TYPES, alloc, load, store
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
+from llmkit.kernels.backend import default_family
 
 
 @dataclass
@@ -79,7 +80,7 @@ class KVCache:
         self.device = torch.device(device)
         # the kernel table picks by device (kernels/ops.py): "torch" (SDPA over a [T, S] mask) or
         # "triton" (reads the cache as stored, masks by slot position)
-        self.attn_kernel = attn_kernel or ops.attention_kernel(ops.kernel_family(self.device))
+        self.attn_kernel = attn_kernel or ops.attention_kernel(default_family(self.device))
         ops.check_attention_kernel(self.attn_kernel)
         self._pos: torch.Tensor | None = None  # positions of the current batch
         self._group: _Group | None = None  # group of the layer last updated (for attention)
@@ -181,7 +182,16 @@ class KVCache:
     def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
         """Write this batch's k/v for layer il and attend q over the layer's cache: the one call a
         model block makes (q [T, Hq, D], k/v [T, Hkv, D]) -> [T, Hq * Dv]."""
-        return self.attention(q, *self.update(il, k, v), scale)
+        if self.attn_kernel != "native":
+            return self.attention(q, *self.update(il, k, v), scale)
+        g = self.group_of[il]
+        kt, vt = KV_TYPES[self.type_k], KV_TYPES[self.type_v]
+        ops.kv_store_native(g.k[il], kt, g.slots, k)
+        ops.kv_store_native(g.v[il], vt, g.slots, v)
+        return ops.attention_native(
+            q, g.k[il], kt, g.v[il], vt, v.shape[-1], g.n_read, g.slot_pos, self._pos, scale,
+            g.window, g.mask,
+        )  # fmt: skip
 
     def begin(self, pos: torch.Tensor) -> None:
         """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past; in a
@@ -202,13 +212,18 @@ class KVCache:
         if p1 > self.n_ctx:
             raise LlmkitError(f"context is full: {p1} tokens exceed the context size {self.n_ctx}")
         self._pos = pos
+        # the torch path attends over a [T, S] mask; the native and Triton kernels mask by slot
+        # position themselves, except in a tree batch (siblings share a position)
+        need_mask = self.attn_kernel == "torch" or self._tree is not None
         for g in self.groups.values():
+            g.mask = None
             if g.window is None:
                 g.slots = slots
                 g.slot_pos[p0:p1] = pos
                 g.n_read = p1
-                kp = g.slot_pos[:p1]
-                g.mask = (kp[None, :] <= pos[:, None]) & (kp[None, :] >= 0)
+                if need_mask:
+                    kp = g.slot_pos[:p1]
+                    g.mask = (kp[None, :] <= pos[:, None]) & (kp[None, :] >= 0)
             else:
                 # a ring smaller than the context wraps: the batch and the window before it must fit
                 if g.capacity < self.n_ctx and T + g.window - 1 > g.capacity:
@@ -219,9 +234,10 @@ class KVCache:
                 g.slots = slots % g.capacity
                 g.slot_pos[g.slots] = pos
                 g.n_read = min(g.capacity, p1)  # before the ring wraps only slots < p1 were written
-                kp = g.slot_pos[: g.n_read]
-                dist = pos[:, None] - kp[None, :]
-                g.mask = (kp[None, :] >= 0) & (dist >= 0) & (dist < g.window)
+                if need_mask:
+                    kp = g.slot_pos[: g.n_read]
+                    dist = pos[:, None] - kp[None, :]
+                    g.mask = (kp[None, :] >= 0) & (dist >= 0) & (dist < g.window)
             if self._tree is not None:  # tree rows see their ancestors and themselves only
                 g.mask[:, g.slots] = self._tree[1]
         self.n_past = p1

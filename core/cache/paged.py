@@ -31,6 +31,7 @@ import torch
 from llmkit.core.cache.layout import LayerKV
 from llmkit.core.cache.store import KV_TYPES, alloc, gather, store
 from llmkit.errors import LlmkitError
+from llmkit.kernels.backend import default_family
 
 
 @dataclass
@@ -115,6 +116,8 @@ class PagedKV:
                     f"unsupported {name} cache type {t} (supported: {', '.join(KV_TYPES)})"
                 )
         self.bs, self.type_k, self.type_v = block_size, type_k, type_v
+        # native on a CPU with the library built, else SDPA over each sequence's gathered keys
+        self.attn_kernel = "native" if default_family(device) == "cpu" else "torch"
         self.max_batch = max_batch
         n_full = math.ceil(n_tokens / block_size)
         self.groups: dict[str, Group] = {}

@@ -124,21 +124,20 @@ class Block:
     def qkv(self, x: torch.Tensor, rope) -> tuple:
         """Attention inputs on rows x [T, H]: (q, k, v, scale); q is pre-scaled, so scale = 1."""
         c, w, T = self.c, self.w, x.shape[0]
-        q, k, v = w.wqkv(ops.rms_norm(x, w.attn_norm, c.eps)).split(self.split, dim=-1)
-        q = ops.rms_norm(q.view(T, c.n_head, c.head_dim), w.q_norm, c.eps)
-        k = ops.rms_norm(k.view(T, c.n_head_kv, c.head_dim), w.k_norm, c.eps)
-        q = ops.rope(q, *rope, ROPE_NEOX) * c.q_scale
-        k = ops.rope(k, *rope, ROPE_NEOX)
+        q, k, v = ops.linear(w.wqkv, x, norm=(w.attn_norm, c.eps)).split(self.split, dim=-1)
+        q = ops.rope(
+            q.view(T, c.n_head, c.head_dim), *rope, ROPE_NEOX, (w.q_norm, c.eps), c.q_scale
+        )
+        k = ops.rope(k.view(T, c.n_head_kv, c.head_dim), *rope, ROPE_NEOX, (w.k_norm, c.eps))
         return q, k, v.view(T, c.n_head_kv, c.head_dim_v), 1.0
 
     def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The rest after attention (o [T, Hq * Dv]): output projection, FFN, norms, residuals."""
         c, w = self.c, self.w
-        x, f = ops.add_rms_norm(
-            x, ops.rms_norm(w.wo(o), w.post_attn_norm, c.eps), w.ffn_norm, c.eps
-        )
-        y = w.w_down(ops.glu(w.w_gate_up(f), "gelu_tanh"))
-        return x + ops.rms_norm(y, w.post_ffw_norm, c.eps)
+        x = ops.linear(w.wo, o, post_norm=(w.post_attn_norm, c.eps), residual=x)
+        h = ops.linear(w.w_gate_up, x, norm=(w.ffn_norm, c.eps))
+        post = (w.post_ffw_norm, c.eps)
+        return ops.linear(w.w_down, h, glu_act="gelu_tanh", post_norm=post, residual=x)
 
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
         return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))

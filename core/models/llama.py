@@ -114,7 +114,7 @@ class Block:
     def qkv(self, x: torch.Tensor, rope) -> tuple:
         """Attention inputs on rows x [T, H]: (q, k, v, scale) with q and k roped."""
         c, w, T = self.c, self.w, x.shape[0]
-        qkv = w.wqkv(ops.rms_norm(x, w.attn_norm, c.eps))  # [T, (Hq + 2 Hkv) * D]
+        qkv = ops.linear(w.wqkv, x, norm=(w.attn_norm, c.eps))  # [T, (Hq + 2 Hkv) * D]
         # rotate q and k heads in one call: [T, Hq + Hkv, D]
         qk = ops.rope(qkv[:, : self.nq + self.nkv].view(T, -1, c.head_dim), *rope, ROPE_NORM)
         v = qkv[:, self.nq + self.nkv :].view(T, c.n_head_kv, c.head_dim)
@@ -122,9 +122,10 @@ class Block:
 
     def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The rest after attention (o [T, Hq * D]): output projection, FFN, residuals."""
-        w = self.w
-        x, f = ops.add_rms_norm(x, w.wo(o), w.ffn_norm, self.c.eps)
-        return x + w.w_down(ops.glu(w.w_gate_up(f), "silu"))
+        c, w = self.c, self.w
+        x = ops.linear(w.wo, o, residual=x)
+        h = ops.linear(w.w_gate_up, x, norm=(w.ffn_norm, c.eps))
+        return ops.linear(w.w_down, h, glu_act="silu", residual=x)
 
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
         return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))

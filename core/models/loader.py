@@ -146,7 +146,7 @@ def _shipped_head(gf: GGUFFile) -> GGUFFile | None:
 def load_model(
     path: str | Path,
     device: str = "cpu",
-    weight_dtype: torch.dtype = torch.bfloat16,
+    weight_dtype: torch.dtype = torch.float32,
     mtp: bool = False,
     draft_path: str | Path | None = None,
     moe_n_expert: int | None = None,

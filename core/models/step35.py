@@ -217,16 +217,14 @@ class Block:
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
         c, T = self.c, x.shape[0]
         D, Dv = c.head_dim, c.head_dim_v
-        a = ops.rms_norm(x, self.attn_norm, c.eps)  # [T, H]
-        q, k, v, *g = self.w_in(a).split(self.split, dim=-1)
-        q = ops.rms_norm(q.view(T, self.n_head, D), self.q_norm, c.eps)  # per-head, before rope
-        k = ops.rms_norm(k.view(T, self.n_head_kv, D), self.k_norm, c.eps)
-        qk = ops.rope(torch.cat((q, k), dim=1), *rope, ROPE_NEOX)  # [T, Hq + Hkv, D]
-        q, k = qk[:, : self.n_head], qk[:, self.n_head :]
+        q, k, v, *g = ops.linear(self.w_in, x, norm=(self.attn_norm, c.eps)).split(self.split, -1)
+        # per-head norms before rope
+        q = ops.rope(q.view(T, self.n_head, D), *rope, ROPE_NEOX, (self.q_norm, c.eps))
+        k = ops.rope(k.view(T, self.n_head_kv, D), *rope, ROPE_NEOX, (self.k_norm, c.eps))
         o = att.attend(self.il, q, k, v.view(T, self.n_head_kv, Dv), D**-0.5)  # [T, Hq * Dv]
         if g:  # head-wise sigmoid gate: one scalar per head and token
             o = (o.view(T, self.n_head, Dv) * g[0].sigmoid()[..., None]).view(T, -1)
-        x = x + self.wo(o)
+        x = ops.linear(self.wo, o, residual=x)
         f = ops.rms_norm(x, self.ffn_norm, c.eps)
         gate, up = self.w_gate_up(f).chunk(2, dim=-1)
         y = self.w_down(swiglu(gate, up, self.limit_sh))  # dense FFN or shared expert

@@ -106,6 +106,54 @@ LLK_API int llk_quantize_q8_1(const float *x, int64_t k, int8_t *qs, float *d, f
                               int32_t *isum);
 LLK_API int llk_quantize_q8_K(const float *x, int64_t k, int8_t *qs, float *d, int16_t *bsums);
 
+/* ---- the rest of a decoder layer (rowops.c, attention.c, linear.c) ----
+ * Row ops work row by row in a fixed order: a row's result never depends on the other rows. */
+
+/* y = x / sqrt(mean(x^2) + eps) * w (w may be NULL); m rows of n, strides in floats. */
+LLK_API int llk_rms_norm(const float *x, int64_t m, int64_t n, int64_t ldx, const float *w,
+                         float eps, float *y, int64_t ldy);
+/* In place on x [T, H, D] (token stride ldx floats, head stride D): optional per-head RMSNorm
+ * (norm_w, eps), rotation of the first n_rot dims (neox: halves, else adjacent pairs) by cos/sin
+ * [T, n_rot / 2], then a scale. */
+LLK_API int llk_rope(float *x, int64_t t, int64_t h, int64_t d, int64_t ldx, int64_t n_rot,
+                     int32_t neox, const float *cos_t, const float *sin_t, const float *norm_w,
+                     float eps, float scale);
+/* y[m, :f] = act(gu[m, :f]) * gu[m, f:2f]; act 0 = silu, 1 = tanh-GELU. */
+LLK_API int llk_glu(const float *gu, int64_t m, int64_t f, int64_t ldg, int32_t act, float *y,
+                    int64_t ldy);
+/* Rows x [T, H, D] into cache slots: cache + h * head_stride + slots[t] * slot_stride (bytes),
+ * as F32, F16, BF16, Q8_0 or Q4_0 (ggml's reference quantizers). */
+LLK_API int llk_kv_store(const float *x, int64_t t, int64_t h, int64_t d, int64_t ldx,
+                         const int64_t *slots, void *cache, int32_t type, int64_t head_stride,
+                         int64_t slot_stride);
+/* out[t, h * dv ...] = softmax(scale * q . K) V over the slots visible to query t: slot i of S
+ * (physical slot slot_idx[i], or i when slot_idx is NULL) is visible when mask[t * S + i] != 0,
+ * or, without a mask, when 0 <= kpos[i] <= qpos[t] and qpos[t] - kpos[i] < window (window > 0).
+ * K/V: F32, F16, BF16, Q8_0 or Q4_0, head and slot strides in bytes. GQA: head h reads kv head
+ * h / (hq / hkv). A query that sees no slot gets zeros. */
+LLK_API int llk_attention(const float *q, int64_t t, int64_t hq, int64_t dk, int64_t ldq,
+                          const void *k, int32_t kt, int64_t k_head_stride, int64_t k_slot_stride,
+                          const void *v, int32_t vt, int64_t v_head_stride, int64_t v_slot_stride,
+                          int64_t dv, int64_t hkv, int64_t s, const int64_t *slot_idx,
+                          const int64_t *kpos, const int64_t *qpos, int64_t window,
+                          const uint8_t *mask, float scale, float *out, int64_t ldo);
+
+/* What llk_linear fuses around the matmul (NULL / -1: nothing). Layout is part of the ABI. */
+typedef struct {
+    const float *norm_w; /* prologue: rms_norm(x) * norm_w */
+    float norm_eps;
+    int32_t glu;          /* prologue: -1 none, 0 silu, 1 tanh-GELU over a [M, 2K] input */
+    const float *post_w;  /* epilogue: rms_norm(y) * post_w */
+    float post_eps;
+    int32_t reserved;
+    const float *residual; /* epilogue: y = residual + y, rows ldr floats apart */
+    int64_t ldr;
+} llk_fuse;
+
+/* llk_matmul with the fused prologue and epilogue above; k_in = K (2K with a GLU). */
+LLK_API int llk_linear(const float *x, int64_t m, int64_t k_in, int64_t ldx, const llk_fuse *f,
+                       const llk_part *parts, int32_t n_parts, float *y, int64_t ldy);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,120 @@
+"""The native CPU row ops and attention (kernels/native/rowops.c, attention.c) behind the kernel
+table: RMSNorm, RoPE (with the per-head norm and the query scale fused in), GLU, the KV-cache write
+and attention over the cache as stored.
+
+Each is one ctypes call on contiguous fp32 rows (a decode step makes a few per layer: dispatching
+the equivalent PyTorch ops cost more than computing them). Row results never depend on the other
+rows of a call. Bytes per call: the rows read and written (attention: the visible K/V rows of the
+cache in their stored type, once per kv head); flops: a few per element (attention:
+~2 * T * Hq * S * (Dk + Dv)).
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.errors import LlmkitError
+from llmkit.kernels import cpu_native
+from llmkit.kernels.rope import ROPE_NEOX
+
+# cache element types the native attention reads: torch dtypes and ggml block types
+_KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30, QT.Q8_0: 8, QT.Q4_0: 2}
+_GLU = {"silu": 0, "gelu_tanh": 1}
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        raise LlmkitError(f"native {what} failed (code {rc})")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = _rows(x)
+    n = x.shape[-1]
+    y = torch.empty_like(x)
+    lib = cpu_native.library()
+    wp = w.data_ptr() if w is not None else None
+    _check(
+        lib.llk_rms_norm(x.data_ptr(), x.numel() // n, n, n, wp, eps, y.data_ptr(), n), "rms_norm"
+    )
+    return y
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int, norm=None,
+         scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """x [T, H, D] (a strided view of wider rows is fine): a rotated copy, the per-head norm
+    (weight, eps) applied first and `scale` last when given."""
+    T, H, D = x.shape
+    y = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+    if y.data_ptr() == x.data_ptr():
+        y = y.clone()  # never rotate the caller's tensor in place
+    cos, sin = _rows(cos), _rows(sin)
+    nw, eps = (norm[0].data_ptr(), norm[1]) if norm is not None else (None, 0.0)
+    rc = cpu_native.library().llk_rope(
+        y.data_ptr(), T, H, D, H * D, 2 * cos.shape[-1], int(mode == ROPE_NEOX),
+        cos.data_ptr(), sin.data_ptr(), nw, eps, scale,
+    )  # fmt: skip
+    _check(rc, "rope")
+    return y
+
+
+def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    gu = _rows(gate_up)
+    f = gu.shape[-1] // 2
+    m = gu.numel() // (2 * f)
+    y = torch.empty(*gu.shape[:-1], f, dtype=torch.float32)
+    _check(
+        cpu_native.library().llk_glu(gu.data_ptr(), m, f, 2 * f, _GLU[act], y.data_ptr(), f), "glu"
+    )
+    return y
+
+
+def kv_code(kind) -> int:
+    """The native code of a cache element type (a torch dtype or a ggml block type)."""
+    code = _KV_CODES.get(kind)
+    if code is None:
+        raise LlmkitError(f"no native attention for a {kind} KV cache")
+    return code
+
+
+def kv_store(buf: torch.Tensor, kind, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """x [T, H, D] fp32 into buf [H, cap, row] at `slots` [T] (converted or quantized)."""
+    x = _rows(x)
+    T, H, D = x.shape
+    es = buf.element_size()
+    slots = slots.contiguous()
+    rc = cpu_native.library().llk_kv_store(
+        x.data_ptr(), T, H, D, H * D, slots.data_ptr(), buf.data_ptr(), kv_code(kind),
+        buf.stride(0) * es, buf.stride(1) * es,
+    )  # fmt: skip
+    _check(rc, "kv_store")
+
+
+def attention(q, k_buf, k_kind, v_buf, v_kind, dv: int, n_slots: int, kpos, qpos, scale: float,
+              window: int | None, mask=None, slot_idx=None) -> torch.Tensor:  # fmt: skip
+    """q [T, Hq, Dk] over the first `n_slots` slots of k_buf/v_buf [Hkv, cap, row] (or the
+    physical slots `slot_idx` [n_slots], in that order): visible by position (kpos [n_slots],
+    qpos [T], window) or by an explicit bool mask [T, n_slots]. Returns [T, Hq * Dv] fp32."""
+    q = _rows(q)
+    T, hq, dk = q.shape
+    hkv = k_buf.shape[0]
+    out = torch.empty(T, hq * dv, dtype=torch.float32)
+    ks, vs = k_buf.element_size(), v_buf.element_size()
+    m = mask.to(torch.uint8).contiguous() if mask is not None else None
+    kp = kpos.contiguous() if kpos is not None else None
+    qp = qpos.contiguous()
+    si = slot_idx.contiguous() if slot_idx is not None else None
+    rc = cpu_native.library().llk_attention(
+        q.data_ptr(), T, hq, dk, hq * dk,
+        k_buf.data_ptr(), kv_code(k_kind), k_buf.stride(0) * ks, k_buf.stride(1) * ks,
+        v_buf.data_ptr(), kv_code(v_kind), v_buf.stride(0) * vs, v_buf.stride(1) * vs,
+        dv, hkv, n_slots, si.data_ptr() if si is not None else None,
+        kp.data_ptr() if kp is not None else None, qp.data_ptr(), window or 0,
+        m.data_ptr() if m is not None else None, scale, out.data_ptr(), hq * dv,
+    )  # fmt: skip
+    _check(rc, "attention")
+    return out

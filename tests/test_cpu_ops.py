@@ -1,0 +1,134 @@
+"""The native row ops, cache write, attention and fused linear (kernels/cpu_ops.py, the fused call
+of cpu_native.NativeLinear) against PyTorch references, on irregular shapes, and their batch
+invariance (a row computes the same bits alone or in a batch)."""
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.kernels import cpu_native, cpu_ops, torch_ops
+from llmkit.kernels.rope import ROPE_NEOX, ROPE_NORM, rope_cache
+from llmkit.quant.dequant import dequantize
+from llmkit.quant.quantize import quantize
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason="native library not built")
+KINDS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "q8_0": QT.Q8_0,
+         "q4_0": QT.Q4_0}  # fmt: skip
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_rms_norm_rope_glu_match_torch():
+    g = _g(0)
+    x, w = torch.randn(5, 72, generator=g), torch.rand(72, generator=g)
+    torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), torch_ops.rms_norm(x, w, 1e-5))
+    q = torch.randn(4, 3, 40, generator=g)
+    cos, sin = rope_cache(torch.tensor([0, 5, 9, 700]), 24, 10000.0)  # partial rotation
+    nw = torch.rand(40, generator=g)
+    for mode in (ROPE_NORM, ROPE_NEOX):
+        want = torch_ops.rope(torch_ops.rms_norm(q, nw, 1e-6), cos, sin, mode) * 0.3
+        got = cpu_ops.rope(q, cos, sin, mode, (nw, 1e-6), 0.3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(got, q)  # a copy: the input is untouched
+    gu = torch.randn(3, 2 * 37, generator=g)
+    for act in ("silu", "gelu_tanh"):
+        torch.testing.assert_close(cpu_ops.glu(gu, act), torch_ops.glu(gu, act))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_kv_store_writes_the_cache_format(kind):
+    g = _g(1)
+    x = torch.randn(3, 2, 64, generator=g)  # [T, H, D]
+    t = KINDS[kind]
+    row = 64 if isinstance(t, torch.dtype) else (64 // 32) * (34 if t == QT.Q8_0 else 18)
+    buf = torch.zeros(2, 8, row, dtype=t if isinstance(t, torch.dtype) else torch.uint8)
+    slots = torch.tensor([6, 1, 3])
+    cpu_ops.kv_store(buf, t, slots, x)
+    want = x.transpose(0, 1)
+    if isinstance(t, torch.dtype):
+        assert torch.equal(buf[:, slots], want.to(t))
+    else:  # byte-identical to the reference quantizer (ggml's formulas)
+        assert torch.equal(buf[:, slots], quantize(want, t))
+
+
+def _reference_attention(q, k, v, mask, scale, k_kind, v_kind):
+    """SDPA on the cache's decoded rows, with llama.cpp's roundings: q to K's dot format, the
+    probabilities to V's float type."""
+    if k_kind in (torch.float16, torch.bfloat16):
+        q = q.to(k_kind).float()
+    elif k_kind != torch.float32:  # q8_0 blocks
+        q = dequantize(quantize(q, QT.Q8_0), QT.Q8_0).view(q.shape)
+    T, Hq, _ = q.shape
+    G = Hq // k.shape[0]
+    s = torch.einsum("thd,hsd->ths", q, k.repeat_interleave(G, 0)) * scale
+    p = s.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+    if v_kind in (torch.float16, torch.bfloat16):
+        p = p.to(v_kind).float()
+    return torch.einsum("ths,hsd->thd", p, v.repeat_interleave(G, 0)).reshape(T, -1)
+
+
+def _cache(kind, x):
+    """x [Hkv, S, D] fp32 -> (buffer in the cache format, its decoded rows)."""
+    t = KINDS[kind]
+    if isinstance(t, torch.dtype):
+        return x.to(t), x.to(t).float()
+    b = quantize(x, t)
+    return b, dequantize(b, t).view(x.shape)
+
+
+@pytest.mark.parametrize("k_kind, v_kind", [("f32", "f32"), ("f16", "f16"), ("bf16", "bf16"),
+                                            ("q8_0", "f16"), ("q4_0", "q8_0")])  # fmt: skip
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_matches_reference_and_is_batch_invariant(k_kind, v_kind, window):
+    g = _g(2)
+    Hq, Hkv, D, S, T = 6, 2, 64, 23, 7
+    kf, vf = torch.randn(Hkv, S, D, generator=g), torch.randn(Hkv, S, D, generator=g)
+    kb, kd = _cache(k_kind, kf)
+    vb, vd = _cache(v_kind, vf)
+    kpos = torch.randperm(S, generator=g)  # slots hold positions in any order (a ring)
+    kpos[kpos == 0] = -1  # one empty slot
+    qpos = torch.arange(S - T, S)
+    q = torch.randn(T, Hq, D, generator=g)
+    kt, vt = KINDS[k_kind], KINDS[v_kind]
+    out = cpu_ops.attention(q, kb, kt, vb, vt, D, S, kpos, qpos, 0.125, window)
+    mask = (kpos[None] >= 0) & (kpos[None] <= qpos[:, None])
+    if window:
+        mask &= qpos[:, None] - kpos[None] < window
+    want = _reference_attention(q, kd, vd, mask, 0.125, kt, vt)
+    torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+    rows = [cpu_ops.attention(q[i : i + 1], kb, kt, vb, vt, D, S, kpos, qpos[i : i + 1], 0.125,
+                              window) for i in range(T)]  # fmt: skip
+    assert torch.equal(torch.cat(rows), out)
+    # an explicit mask over physical slots (the paged pool's form) gives the same numbers
+    order = torch.argsort(kpos)
+    sel = order[kpos[order] >= 0]
+    by_mask = cpu_ops.attention(q, kb, kt, vb, vt, D, sel.numel(), None, qpos, 0.125, None,
+                                mask[:, sel], sel)  # fmt: skip
+    assert torch.equal(by_mask, out)
+
+
+def test_attention_with_nothing_visible_gives_zeros():
+    kb = torch.zeros(1, 4, 32)
+    kpos = torch.full((4,), -1)
+    out = cpu_ops.attention(torch.ones(1, 2, 32), kb, torch.float32, kb, torch.float32, 32, 4,
+                            kpos, torch.tensor([3]), 1.0, None)  # fmt: skip
+    assert torch.equal(out, torch.zeros(1, 64))
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q4_K])
+def test_fused_linear_is_the_separate_calls(qtype):
+    g = _g(3)
+    K, N = 256, 48
+    w = quantize(torch.randn(N, K, generator=g), qtype)
+    lin = cpu_native.NativeLinear([(w, qtype, (N, K))])
+    x, r = torch.randn(5, K, generator=g), torch.randn(5, N, generator=g)
+    nw, pw = torch.rand(K, generator=g), torch.rand(N, generator=g)
+    got = lin.fused(x, norm=(nw, 1e-5), post_norm=(pw, 1e-6), residual=r)
+    want = r + cpu_ops.rms_norm(lin(cpu_ops.rms_norm(x, nw, 1e-5)), pw, 1e-6)
+    assert torch.equal(got, want)
+    gu = torch.randn(5, 2 * K, generator=g)
+    assert torch.equal(lin.fused(gu, glu="silu"), lin(cpu_ops.glu(gu, "silu")))
+    rows = torch.cat([lin.fused(gu[i : i + 1], glu="gelu_tanh") for i in range(5)])
+    assert torch.equal(rows, lin.fused(gu, glu="gelu_tanh"))
