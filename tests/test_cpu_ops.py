@@ -132,3 +132,15 @@ def test_fused_linear_is_the_separate_calls(qtype):
     assert torch.equal(lin.fused(gu, glu="silu"), lin(cpu_ops.glu(gu, "silu")))
     rows = torch.cat([lin.fused(gu[i : i + 1], glu="gelu_tanh") for i in range(5)])
     assert torch.equal(rows, lin.fused(gu, glu="gelu_tanh"))
+
+
+def test_attention_is_the_same_bits_on_every_isa():
+    g = _g(4)
+    kb = torch.randn(2, 40, 64, generator=g).half()
+    vb = torch.randn(2, 40, 64, generator=g).half()
+    q, kpos, qpos = torch.randn(11, 6, 64, generator=g), torch.arange(40), torch.arange(29, 40)
+    args = (kb, torch.float16, vb, torch.float16, 64, 40, kpos, qpos, 0.125, 16)
+    best = cpu_ops.attention(q, *args)
+    for isa in cpu_native.supported_isas():
+        with cpu_native.use_isa(isa):
+            assert torch.equal(cpu_ops.attention(q, *args), best), isa

@@ -1,4 +1,4 @@
-/* attention.c: attention over the KV cache as stored (llmkit's layout), and the cache write.
+/* attention.c: attention over the KV cache as stored (llmkit's layout).
  *
  * Cache layout (core/cache/store.py): per layer K [Hkv, slots, Dk] and V [Hkv, slots, Dv] of a
  * float type (f32, f16, bf16) or ggml blocks (q8_0: 34 bytes per 32 values, q4_0: 18), quantized
@@ -7,57 +7,41 @@
  *
  * out[t, h * Dv : (h + 1) * Dv] = softmax_s(scale * q[t, h] . K[g, s]) V[g, s] over the slots s
  * visible to query t: kpos[s] >= 0, kpos[s] <= qpos[t] and qpos[t] - kpos[s] < window (when
- * window > 0), or, with an explicit mask [T, S] (draft trees), mask[t, s] != 0. g = h / (Hq / Hkv).
+ * window > 0), or, with an explicit mask [T, S] (draft trees, paged pools), mask[t, s] != 0.
+ * g = h / (Hq / Hkv).
  *
  * Rounding as llama.cpp's attention (flash attention off), so that its numbers are ours: the query
  * is rounded to the K cache's dot-product format (f16 or bf16 for those caches, q8_0 blocks for
  * q8_0 / q4_0 K, whose dots are then exact in int32 per block), the softmax sum runs in double,
  * and the probabilities are rounded to the V cache's float type (f16 / bf16) before they weight V.
  *
- * Batch invariance: a query row's result depends only on its own q, the visible slots and their
- * slot order: invisible slots are skipped, not added as zeros, and every sum runs in slot order
- * with fixed 8-lane partial sums. So a row computes the same bits alone or inside a verify batch,
- * with any thread count. The work is split by (query row, kv head): each output by one thread.
+ * Batch invariance: every query vector ("lane": a row and a head) is computed by a fixed sequence
+ * of operations: its dot with each slot fma after fma over d, its softmax over the slots its row
+ * sees in position order, its output fma after fma over those slots (probability 0 for the slots
+ * of the tile its row does not see: fma(0, v, acc) == acc). So a row computes the same bits alone
+ * or inside a verify batch, with any thread count, on any instruction set (vector fmas are fmaf
+ * lane by lane). Work is split only between independent outputs.
  *
- * Per call: bytes = T * Hkv * S_visible * (Dk + Dv) * element size (K and V read in place, a row
- * of K decoded once for the G = Hq / Hkv heads that share it), flops ~ 2 * T * Hq * S * (Dk + Dv).
+ * Two schedules, the same arithmetic: prefill cuts the rows into tiles of TILE and runs each
+ * (tile, kv head) unit in one chunk; decode (few units) runs three parallel phases over the units
+ * (dots split by slots, softmax by lanes, the weighted sum by output columns).
+ *
+ * Per call: bytes = Hkv * S_visible * (Dk + Dv) * element size per tile (K and V read in place,
+ * each row decoded once for the tile's lanes), flops ~ 2 * T * Hq * S_visible * (Dk + Dv).
  */
 #include <math.h>
 #include <stdlib.h>
 
 #include "llk_internal.h"
 
-#define LANES 8
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
-/* One K or V row, decoded to fp32. */
-static void load_row(const uint8_t *p, int32_t type, int64_t n, float *out) {
-    switch (type) {
-    case LLK_F32:
-        memcpy(out, p, (size_t)n * 4);
-        return;
-    case LLK_F16:
-        for (int64_t i = 0; i < n; i++) out[i] = llk_fp16_to_fp32(llk_rd16(p + 2 * i));
-        return;
-    case LLK_BF16:
-        for (int64_t i = 0; i < n; i++) out[i] = llk_bits_f32((uint32_t)llk_rd16(p + 2 * i) << 16);
-        return;
-    case LLK_Q8_0:
-        for (int64_t b = 0; b < n / 32; b++, p += 34) {
-            const float d = llk_fp16_to_fp32(llk_rd16(p));
-            for (int i = 0; i < 32; i++) out[b * 32 + i] = (float)(int8_t)p[2 + i] * d;
-        }
-        return;
-    case LLK_Q4_0:
-        for (int64_t b = 0; b < n / 32; b++, p += 18) {
-            const float d = llk_fp16_to_fp32(llk_rd16(p));
-            for (int i = 0; i < 16; i++) {
-                out[b * 32 + i] = (float)((p[2 + i] & 0xF) - 8) * d;
-                out[b * 32 + 16 + i] = (float)((p[2 + i] >> 4) - 8) * d;
-            }
-        }
-        return;
-    }
-}
+#define TILE 8 /* query rows that share each decoded K/V row */
+#define KB 8   /* K rows whose dots run side by side: independent fma chains */
+#define VB 64  /* V rows decoded at a time for the probability-weighted sum */
+#define PHASE_MIN_WORK (1 << 18) /* slots x (Dk + Dv) from which decode splits a unit's work */
 
 /* The query in K's dot format: floats rounded to K's type, or q8_0 blocks (codes + fp16 d). */
 typedef struct {
@@ -65,49 +49,6 @@ typedef struct {
     int8_t q[1024];
     float d[32];
 } qrow_t;
-
-static inline void prep_query(const float *x, int64_t n, int32_t kt, qrow_t *r) {
-    if (kt == LLK_Q8_0 || kt == LLK_Q4_0) {
-        for (int64_t b = 0; b < n / 32; b++) {
-            float amax = 0.0f;
-            for (int i = 0; i < 32; i++) amax = fabsf(x[b * 32 + i]) > amax ? fabsf(x[b * 32 + i]) : amax;
-            const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
-            r->d[b] = llk_round_f16(d);
-            for (int i = 0; i < 32; i++) r->q[b * 32 + i] = (int8_t)llk_rint_i(x[b * 32 + i] * id);
-        }
-        return;
-    }
-    for (int64_t i = 0; i < n; i++)
-        r->f[i] = kt == LLK_F16 ? llk_round_f16(x[i]) : kt == LLK_BF16 ? llk_round_bf16(x[i]) : x[i];
-}
-
-/* q . K row for a quantized K: per 32-block an exact int32 dot, then isum * (d_k * d_q). */
-static inline float dot_qk_blocks(const qrow_t *r, const uint8_t *p, int32_t kt, int64_t n) {
-    float acc = 0.0f;
-    const int bb = kt == LLK_Q8_0 ? 34 : 18;
-    for (int64_t b = 0; b < n / 32; b++, p += bb) {
-        const float dk = llk_fp16_to_fp32(llk_rd16(p));
-        const int8_t *q = r->q + b * 32;
-        int32_t isum = 0;
-        if (kt == LLK_Q8_0)
-            for (int i = 0; i < 32; i++) isum += (int32_t)(int8_t)p[2 + i] * q[i];
-        else
-            for (int i = 0; i < 16; i++)
-                isum += ((p[2 + i] & 0xF) - 8) * q[i] + ((p[2 + i] >> 4) - 8) * q[16 + i];
-        acc += (float)isum * (dk * r->d[b]);
-    }
-    return acc;
-}
-
-/* a . b in a fixed order: LANES partial sums over i mod LANES, then a fixed pairwise tree. */
-static inline float dot_fixed(const float *a, const float *b, int64_t n) {
-    float acc[LANES] = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[i + l] * b[i + l];
-    for (int l = 0; i < n; i++, l++) acc[l] += a[i] * b[i];
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
 
 typedef struct {
     const float *q;
@@ -121,20 +62,63 @@ typedef struct {
     float *out;
 } attn_job;
 
-static _Thread_local float *tl_buf;
-static _Thread_local size_t tl_cap;
+/* One (tile of rows, kv head) unit and its buffers: scores / probabilities [n][L16] (slot-major),
+ * the visible-slot list, which row sees which slot [TILE][S], the prepared queries [L], their
+ * transpose [dk][L16], the outputs [L8][dv16]. */
+typedef struct {
+    const attn_job *J;
+    int64_t t0, R, g, L, W, L16, L8, dv16, n;
+    float *scores, *qt, *acc;
+    int32_t *list;
+    uint8_t *vis;
+    qrow_t *qr;
+} unit_t;
 
-static float *scratch(size_t n) {
-    if (n > tl_cap) {
-        free(tl_buf);
-        tl_buf = malloc(n * sizeof(float));
-        tl_cap = tl_buf ? n : 0;
-    }
-    return tl_buf;
+static size_t unit_bytes(int64_t G, int64_t S, int64_t dk, int64_t dv) {
+    const int64_t L16 = (TILE * G + 15) / 16 * 16, dv16 = (dv + 15) / 16 * 16;
+    return (size_t)(S * L16 + dk * L16 + L16 * dv16) * 4 + (size_t)S * 4 + (size_t)(TILE * S) +
+           (size_t)(TILE * G) * sizeof(qrow_t) + 8 * 64;
 }
 
-/* Compiled once per ISA level: the C code fixes every operation's order (and the build turns FP
- * contraction off), so the clones compute the same bits; only their speed differs. */
+static void unit_carve(unit_t *u, char *p, int64_t G, int64_t S, int64_t dk, int64_t dv) {
+    const int64_t L16 = (TILE * G + 15) / 16 * 16, dv16 = (dv + 15) / 16 * 16;
+#define CARVE(field, type, count)                                                                \
+    u->field = (type *)(void *)p;                                                                \
+    p += ((size_t)(count) * sizeof(type) + 63) / 64 * 64;
+    CARVE(scores, float, S * L16)
+    CARVE(qt, float, dk * L16)
+    CARVE(acc, float, L16 * dv16)
+    CARVE(list, int32_t, S)
+    CARVE(vis, uint8_t, TILE * S)
+    CARVE(qr, qrow_t, TILE * G)
+#undef CARVE
+}
+
+/* Thread-local buffers: a unit's (prefill chunks) and decoded K / V rows (every phase). */
+static _Thread_local char *tl_unit, *tl_rows;
+static _Thread_local size_t tl_unit_cap, tl_rows_cap;
+
+static void *grow(char **buf, size_t *cap, size_t n) {
+    if (n > *cap) {
+        free(*buf);
+        *buf = malloc(n);
+        *cap = *buf ? n : 0;
+    }
+    return *buf;
+}
+
+/* decoded K rows [KB][dk], then V rows [VB][dv16] (or the softmax's lane bits [S]) */
+static size_t rows_bytes(int64_t dk, int64_t dv, int64_t S) {
+    const size_t v = (size_t)(VB * ((dv + 15) / 16 * 16)) * 4;
+    return (size_t)(KB * dk) * 4 + (v > (size_t)S ? v : (size_t)S);
+}
+
+static inline int visible(const attn_job *J, int64_t t, int64_t i) {
+    if (J->mask) return J->mask[t * J->S + i] != 0;
+    const int64_t kp = J->kpos[i], qp = J->qpos[t];
+    return kp >= 0 && kp <= qp && (J->window <= 0 || qp - kp < J->window);
+}
+
 /* Visit the visible slots in position order, whatever slot holds which position: a sliding ring
  * stores positions rotated (slot = pos mod capacity), so its slots, read in slot order, are an
  * increasing run rotated once; rotate it back (any other order is sorted). Then a row's sums run
@@ -156,81 +140,209 @@ static void position_order(int32_t *v, int64_t n, const int64_t *kpos) {
     }
 }
 
-/* G * S scores, S slot indices, one decoded row, G output accumulators, G prepared queries. */
-static size_t scratch_floats(int64_t G, int64_t S, int64_t dk, int64_t dv) {
-    return (size_t)(G * S + S + (dk > dv ? dk : dv) + G * dv) + (size_t)G * (sizeof(qrow_t) / 4 + 1);
+/* The unit of chunk c: rows [t0, t0 + R), kv head g, all G heads (L = R * G lanes). */
+static void unit_init(unit_t *u, const attn_job *J, int64_t c) {
+    const int64_t G = J->hq / J->hkv, tile = c / J->hkv;
+    u->J = J;
+    u->g = c % J->hkv;
+    u->t0 = tile * TILE;
+    u->R = J->T - u->t0 < TILE ? J->T - u->t0 : TILE;
+    u->L = u->R * G;
+    u->W = u->L > 8 ? 16 : 8;
+    u->L16 = (u->L + u->W - 1) / u->W * u->W;
+    u->L8 = (u->L + 7) / 8 * 8;
+    u->dv16 = (J->dv + 15) / 16 * 16;
 }
 
-__attribute__((target_clones("default", "avx2", "avx512f"))) static void attn_chunk(void *argp,
-                                                                                     int c) {
-    const attn_job *J = argp;
-    const int64_t t = c / J->hkv, g = c % J->hkv, G = J->hq / J->hkv;
-    const int64_t S = J->S, dk = J->dk, dv = J->dv;
-    /* scratch: G * S scores, the visible slot list, one decoded K/V row, G accumulators */
-    float *buf = scratch(scratch_floats(G, S, dk, dv));
-    if (!buf) return; /* the caller checked the allocation on its own thread first */
-    float *scores = buf, *row = buf + G * S + S, *acc = row + (dk > dv ? dk : dv);
-    int32_t *vidx = (int32_t *)(void *)(buf + G * S); /* S float-sized cells hold slot indices */
+/* The visible-slot list of the unit, in position order, and which row sees which slot. */
+static void unit_slots(unit_t *u) {
+    const attn_job *J = u->J;
     int64_t n = 0;
-    const int64_t qp = J->qpos[t];
-    for (int64_t s = 0; s < S; s++) {
-        int ok;
-        if (J->mask) ok = J->mask[t * S + s] != 0;
-        else {
-            const int64_t kp = J->kpos[s];
-            ok = kp >= 0 && kp <= qp && (J->window <= 0 || qp - kp < J->window);
-        }
-        if (ok) vidx[n++] = (int32_t)(J->slot_idx ? J->slot_idx[s] : s);
+    for (int64_t i = 0; i < J->S; i++)
+        for (int64_t r = 0; r < u->R; r++)
+            if (visible(J, u->t0 + r, i)) {
+                u->list[n++] = (int32_t)i;
+                break;
+            }
+    if (J->kpos) position_order(u->list, n, J->kpos);
+    for (int64_t r = 0; r < u->R; r++)
+        for (int64_t j = 0; j < n; j++) u->vis[r * J->S + j] = (uint8_t)visible(J, u->t0 + r, u->list[j]);
+    u->n = n;
+}
+
+#define ATTN(name) name##_scalar
+#define ATTN_ISA 0
+#include "attention_body.inc"
+#undef ATTN
+#undef ATTN_ISA
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+#define ATTN(name) name##_avx2
+#define ATTN_ISA 1
+#include "attention_body.inc"
+#undef ATTN
+#undef ATTN_ISA
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#endif
+#define ATTN(name) name##_avx512
+#define ATTN_ISA 2
+#include "attention_body.inc"
+#undef ATTN
+#undef ATTN_ISA
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+typedef struct {
+    void (*qk)(unit_t *, int64_t, int64_t);
+    void (*softmax)(unit_t *, int64_t, int64_t);
+    void (*pv)(unit_t *, int64_t, int64_t);
+} kernels_t;
+
+/* The copies for the library's ISA path (llk_get_isa): the same bits, at that path's speed. */
+static kernels_t kernels_for_isa(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    switch (llk_get_isa()) {
+    case LLK_ISA_AVX512_VNNI: return (kernels_t){qk_avx512, softmax_avx512, pv_avx512};
+    case LLK_ISA_AVX2: return (kernels_t){qk_avx2, softmax_avx2, pv_avx2};
+    default: break;
     }
-    if (J->kpos && !J->slot_idx) position_order(vidx, n, J->kpos);
-    const float *qrow = J->q + t * J->ldq + g * G * dk;
-    float *orow = J->out + t * J->ldo + g * G * dv;
-    if (n == 0) { /* no visible key: zeros (what the Triton kernel writes) */
-        memset(orow, 0, (size_t)(G * dv) * sizeof(float));
-        return;
+#endif
+    return (kernels_t){qk_scalar, softmax_scalar, pv_scalar};
+}
+
+static void unit_prepare(unit_t *u, void (*prep)(unit_t *)) {
+    unit_slots(u);
+    prep(u);
+}
+
+static void unit_store(const unit_t *u) {
+    const attn_job *J = u->J;
+    const int64_t G = J->hq / J->hkv;
+    for (int64_t l = 0; l < u->L; l++) /* no visible key: zeros (what the Triton kernel writes) */
+        memcpy(J->out + (u->t0 + l / G) * J->ldo + (u->g * G + l % G) * J->dv,
+               u->acc + l * u->dv16, (size_t)J->dv * sizeof(float));
+}
+
+/* ---- prefill schedule: one chunk per unit ---- */
+
+typedef struct {
+    const attn_job *J;
+    kernels_t K;
+    void (*prep)(unit_t *);
+} tile_job;
+
+static void tile_chunk(void *argp, int c) {
+    const tile_job *tj = argp;
+    const attn_job *J = tj->J;
+    const int64_t G = J->hq / J->hkv;
+    unit_t u;
+    unit_init(&u, J, c);
+    char *p = grow(&tl_unit, &tl_unit_cap, unit_bytes(G, J->S, J->dk, J->dv));
+    if (!p || !grow(&tl_rows, &tl_rows_cap, rows_bytes(J->dk, J->dv, J->S))) return; /* checked */
+    unit_carve(&u, p, G, J->S, J->dk, J->dv);
+    unit_prepare(&u, tj->prep);
+    tj->K.qk(&u, 0, u.n);
+    tj->K.softmax(&u, 0, u.L8);
+    tj->K.pv(&u, 0, u.dv16);
+    unit_store(&u);
+}
+
+/* ---- decode schedule: three parallel phases over a few units ---- */
+
+typedef struct {
+    unit_t *units;
+    int64_t n_units, parts; /* chunks per unit in this phase */
+    int phase;              /* 0 dots, 1 softmax, 2 weighted sum */
+    kernels_t K;
+    const attn_job *J;
+} phase_job;
+
+static void range_of(int64_t total, int64_t parts, int64_t i, int64_t align, int64_t *a, int64_t *b) {
+    const int64_t blocks = (total + align - 1) / align;
+    *a = blocks * i / parts * align;
+    *b = blocks * (i + 1) / parts * align;
+    if (*a > total) *a = total;
+    if (*b > total) *b = total;
+}
+
+static void phase_chunk(void *argp, int c) {
+    const phase_job *pj = argp;
+    unit_t *u = &pj->units[c / pj->parts];
+    const int64_t i = c % pj->parts;
+    if (!grow(&tl_rows, &tl_rows_cap, rows_bytes(pj->J->dk, pj->J->dv, pj->J->S))) return; /* checked */
+    int64_t a, b;
+    if (pj->phase == 0) {
+        range_of(u->n, pj->parts, i, KB, &a, &b);
+        pj->K.qk(u, a, b);
+    } else if (pj->phase == 1) {
+        range_of(u->L8, pj->parts, i, 8, &a, &b);
+        pj->K.softmax(u, a, b);
+    } else {
+        range_of(u->dv16, pj->parts, i, pj->J->vt == LLK_Q8_0 || pj->J->vt == LLK_Q4_0 ? 32 : 16,
+                 &a, &b);
+        pj->K.pv(u, a, b);
     }
-    qrow_t *qr = (qrow_t *)(void *)(acc + G * dv); /* G prepared queries */
-    for (int64_t h = 0; h < G; h++) prep_query(qrow + h * dk, dk, J->kt, qr + h);
-    const int kq = J->kt == LLK_Q8_0 || J->kt == LLK_Q4_0;
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *kp = J->k + g * J->k_hs + vidx[i] * J->k_ss;
-        if (kq) {
-            for (int64_t h = 0; h < G; h++) scores[h * n + i] = dot_qk_blocks(qr + h, kp, J->kt, dk) * J->scale;
-        } else {
-            load_row(kp, J->kt, dk, row);
-            for (int64_t h = 0; h < G; h++) scores[h * n + i] = dot_fixed(qr[h].f, row, dk) * J->scale;
-        }
+}
+
+static int run_phases(const attn_job *J, kernels_t K, void (*prep)(unit_t *), int64_t n_units) {
+    const int64_t G = J->hq / J->hkv, ub = unit_bytes(G, J->S, J->dk, J->dv);
+    char *mem = malloc((size_t)n_units * ub);
+    unit_t *units = malloc((size_t)n_units * sizeof(unit_t));
+    if (!mem || !units || !grow(&tl_rows, &tl_rows_cap, rows_bytes(J->dk, J->dv, J->S))) {
+        free(mem);
+        free(units);
+        return LLK_E_NOMEM;
     }
-    for (int64_t h = 0; h < G; h++) {
-        float *sc = scores + h * n, m = sc[0];
-        double sum = 0.0;
-        for (int64_t i = 1; i < n; i++) m = sc[i] > m ? sc[i] : m;
-        for (int64_t i = 0; i < n; i++) {
-            sc[i] = expf(sc[i] - m);
-            sum += sc[i];
-        }
-        const float inv = (float)(1.0 / sum);
-        for (int64_t i = 0; i < n; i++) {
-            const float pr = sc[i] * inv;
-            sc[i] = J->vt == LLK_F16 ? llk_round_f16(pr) : J->vt == LLK_BF16 ? llk_round_bf16(pr) : pr;
-        }
+    for (int64_t c = 0; c < n_units; c++) {
+        unit_init(&units[c], J, c);
+        unit_carve(&units[c], mem + c * ub, G, J->S, J->dk, J->dv);
+        unit_prepare(&units[c], prep);
     }
-    memset(acc, 0, (size_t)(G * dv) * sizeof(float));
-    for (int64_t i = 0; i < n; i++) {
-        load_row(J->v + g * J->v_hs + vidx[i] * J->v_ss, J->vt, dv, row);
-        for (int64_t h = 0; h < G; h++) {
-            const float p = scores[h * n + i];
-            float *a = acc + h * dv;
-            for (int64_t j = 0; j < dv; j++) a[j] += p * row[j];
-        }
+    const int64_t nth = llk_pool_threads();
+    phase_job pj = {units, n_units, 1, 0, K, J};
+    for (int phase = 0; phase < 3; phase++) {
+        pj.phase = phase;
+        pj.parts = (nth + n_units - 1) / n_units;
+        if (phase == 1) pj.parts = 1; /* a few lanes: not worth a split */
+        llk_run_locked(phase_chunk, &pj, (int)(n_units * pj.parts));
     }
-    memcpy(orow, acc, (size_t)(G * dv) * sizeof(float));
+    for (int64_t c = 0; c < n_units; c++) unit_store(&units[c]);
+    free(mem);
+    free(units);
+    return LLK_OK;
+}
+
+static void (*prep_for_isa(void))(unit_t *) {
+#if defined(__x86_64__) || defined(_M_X64)
+    switch (llk_get_isa()) {
+    case LLK_ISA_AVX512_VNNI: return prep_avx512;
+    case LLK_ISA_AVX2: return prep_avx2;
+    default: break;
+    }
+#endif
+    return prep_scalar;
 }
 
 static int kv_type_ok(int32_t type, int64_t d) {
     switch (type) {
-    case LLK_F32: case LLK_F16: case LLK_BF16: return 1;
-    case LLK_Q8_0: case LLK_Q4_0: return d % 32 == 0;
+    case LLK_F32: case LLK_F16: case LLK_BF16: return d <= 1024;
+    case LLK_Q8_0: case LLK_Q4_0: return d % 32 == 0 && d <= 1024;
     default: return 0;
     }
 }
@@ -243,10 +355,19 @@ int llk_attention(const float *q, int64_t T, int64_t hq, int64_t dk, int64_t ldq
                   float *out, int64_t ldo) {
     if (T <= 0 || hkv <= 0 || hq % hkv || S < 0 || !kv_type_ok(kt, dk) || !kv_type_ok(vt, dv))
         return LLK_E_SHAPE;
-    if (dk > 1024 || !scratch(scratch_floats(hq / hkv, S, dk, dv))) return dk > 1024 ? LLK_E_SHAPE : LLK_E_NOMEM;
-    attn_job J = {q,  T,  hq, hkv,         dk,           dv,           ldq,           S,
-                  window, ldo, k, v, kt, vt, k_head_stride, k_slot_stride, v_head_stride,
-                  v_slot_stride, kpos, qpos, slot_idx, mask, scale, out};
-    llk_run_locked(attn_chunk, &J, (int)(T * hkv));
+    const attn_job J = {q,      T,   hq, hkv, dk, dv, ldq, S, window, ldo, k, v, kt, vt,
+                        k_head_stride, k_slot_stride, v_head_stride, v_slot_stride, kpos, qpos,
+                        slot_idx, mask, scale, out};
+    const int64_t units = (T + TILE - 1) / TILE * hkv;
+    const kernels_t K = kernels_for_isa();
+    /* phases cost three hand-offs: worth it only when a few units hold much work */
+    if (units < 2 * llk_pool_threads() && S * (dk + dv) >= PHASE_MIN_WORK)
+        return run_phases(&J, K, prep_for_isa(), units);
+    const int64_t G = hq / hkv;
+    if (!grow(&tl_unit, &tl_unit_cap, unit_bytes(G, S, dk, dv)) ||
+        !grow(&tl_rows, &tl_rows_cap, rows_bytes(dk, dv, S)))
+        return LLK_E_NOMEM;
+    tile_job tj = {&J, K, prep_for_isa()};
+    llk_run_locked(tile_chunk, &tj, (int)units);
     return LLK_OK;
 }

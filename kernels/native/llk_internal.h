@@ -16,6 +16,7 @@
 #ifndef LLK_INTERNAL_H
 #define LLK_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -180,6 +181,26 @@ static inline int llk_roundf_i(float v) {
 static inline int llk_rint_i(float v) {
     const float t = v + 12582912.0f;
     return (int)(llk_f32_bits(t) & 0x007FFFFFu) - 0x00400000;
+}
+
+/* e^x for x <= 0 (0 below -87.33, where e^x leaves the normal floats): n = rint(x / ln 2),
+ * r = x - n ln 2 (two fma steps), a degree-6 Taylor polynomial of e^r (Horner, fma), times 2^n;
+ * within 2 ulp of expf. Written as a fixed sequence of fmaf steps, so the vector copies in
+ * attention_body.inc, which run the same steps lane by lane, give the same bits. */
+#define LLK_EXP_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer (ties to even) */
+static inline float llk_expf_neg(float x) {
+    if (x < -87.33f) return 0.0f;
+    const float t = fmaf(x, 1.44269504f, LLK_EXP_MAGIC), n = t - LLK_EXP_MAGIC;
+    float r = fmaf(n, -0.693145751953125f, x); /* ln 2, high part: exact products with n */
+    r = fmaf(n, -1.428606765330187e-06f, r);   /* ln 2, low part */
+    float p = 1.3888889e-3f;
+    p = fmaf(p, r, 8.3333338e-3f);
+    p = fmaf(p, r, 4.1666668e-2f);
+    p = fmaf(p, r, 1.6666667e-1f);
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    return p * llk_bits_f32((uint32_t)((int32_t)n + 127) << 23);
 }
 
 /* ---- portable activation quantizers (quantize_act.c) ---- */
