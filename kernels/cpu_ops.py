@@ -118,3 +118,33 @@ def attention(q, k_buf, k_kind, v_buf, v_kind, dv: int, n_slots: int, kpos, qpos
     )  # fmt: skip
     _check(rc, "attention")
     return out
+
+
+class LayerAttention:
+    """One cache layer's attention step in one native call: write the batch's k/v rows into
+    their slots, then attend (kernels/native/attention.c, llk_attend). The buffers' pointers,
+    strides and types are bound once (a decode step makes one call per layer)."""
+
+    def __init__(self, k_buf: torch.Tensor, k_kind, v_buf: torch.Tensor, v_kind, dv: int):
+        ks, vs = k_buf.element_size(), v_buf.element_size()
+        self.k_buf, self.v_buf, self.dv, self.hkv = k_buf, v_buf, dv, k_buf.shape[0]
+        self._static = (
+            k_buf.data_ptr(), kv_code(k_kind), k_buf.stride(0) * ks, k_buf.stride(1) * ks,
+            v_buf.data_ptr(), kv_code(v_kind), v_buf.stride(0) * vs, v_buf.stride(1) * vs,
+            dv, self.hkv,
+        )  # fmt: skip
+        self._fn = cpu_native.library().llk_attend
+
+    def __call__(self, q, k, v, slots, n_read: int, kpos, qpos, scale: float, window, mask=None):
+        """q [T, Hq, Dk], k/v [T, Hkv, D] (fp32), slots/kpos/qpos int64 -> [T, Hq * Dv]."""
+        q, k, v = _rows(q), _rows(k), _rows(v)
+        T, hq, dk = q.shape
+        out = torch.empty(T, hq * self.dv, dtype=torch.float32)
+        m = mask.to(torch.uint8).contiguous() if mask is not None else None  # alive during the call
+        rc = self._fn(
+            q.data_ptr(), T, hq, dk, k.data_ptr(), v.data_ptr(), slots.data_ptr(), *self._static,
+            n_read, kpos.data_ptr(), qpos.data_ptr(), window or 0,
+            m.data_ptr() if m is not None else None, scale, out.data_ptr(),
+        )  # fmt: skip
+        _check(rc, "attention")
+        return out

@@ -199,6 +199,7 @@ def attention_torch(q, k, v, mask, scale: float) -> torch.Tensor:
 
 
 kv_store_native = cpu_ops.kv_store  # rows into cache slots, converted or quantized on write
+layer_attention = cpu_ops.LayerAttention  # one layer's write + attend, bound to its buffers
 
 
 def attention_native(q, k, k_kind, v, v_kind, dv: int, n_read: int, kpos, qpos, scale: float,

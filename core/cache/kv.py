@@ -86,6 +86,7 @@ class KVCache:
         self._group: _Group | None = None  # group of the layer last updated (for attention)
         self._static: tuple[torch.Tensor, int] | None = None  # see static_batch()
         self._tree: tuple[torch.Tensor, torch.Tensor] | None = None  # see tree_batch()
+        self._native: dict = {}  # il -> the native attention step bound to its buffers
 
     @property
     def layers(self) -> list[int]:
@@ -185,13 +186,11 @@ class KVCache:
         if self.attn_kernel != "native":
             return self.attention(q, *self.update(il, k, v), scale)
         g = self.group_of[il]
-        kt, vt = KV_TYPES[self.type_k], KV_TYPES[self.type_v]
-        ops.kv_store_native(g.k[il], kt, g.slots, k)
-        ops.kv_store_native(g.v[il], vt, g.slots, v)
-        return ops.attention_native(
-            q, g.k[il], kt, g.v[il], vt, v.shape[-1], g.n_read, g.slot_pos, self._pos, scale,
-            g.window, g.mask,
-        )  # fmt: skip
+        step = self._native.get(il)
+        if step is None:  # the layer's buffers bound once
+            kt, vt = KV_TYPES[self.type_k], KV_TYPES[self.type_v]
+            step = self._native[il] = ops.layer_attention(g.k[il], kt, g.v[il], vt, v.shape[-1])
+        return step(q, k, v, g.slots, g.n_read, g.slot_pos, self._pos, scale, g.window, g.mask)
 
     def begin(self, pos: torch.Tensor) -> None:
         """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past; in a
