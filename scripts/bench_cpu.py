@@ -1,73 +1,278 @@
-"""CPU speed of the two real models, llama-bench style: pp512 and tg128 at a given thread count.
+"""llmkit and llama.cpp side by side on this CPU: speed, memory, kernels, MTP.
 
-    python scripts/bench_cpu.py [-t 2] [-r 3] [--dtype bf16|f32] [MODEL ...]
+    python scripts/bench_cpu.py [MODEL ...] [-t 2] [-r 5] [--llama-python /tmp/lcpp/bin/python]
+                                [--sections speed,rss,kernels,mtp] [--json out.json]
 
-pp: one prompt of N random tokens (BOS first) evaluated in ubatches of 512; tg: N single-token decode
-steps after one warm-up token. Each repetition starts from an empty KV cache. Prints min / median
-tokens per second over the repetitions, plus achieved weight bandwidth for tg (bytes of prepared
-weights read per token; the tied/output head counts once).
+llama.cpp runs through llama-cpp-python (an optional dev dependency, source build; give the Python
+that has it with --llama-python, default: this one). Sections:
+  speed    llama-bench's pp512 / tg128 (-p / -n): two long-lived workers, one per engine, take
+           turns repetition by repetition (so machine drift hits both), after one warm-up each.
+           pp: one prompt of random tokens in ubatches of 512; tg: single-token steps after one
+           token, each repetition on a new cache. min / median tok/s and llmkit/llama.cpp ratios
+           of the medians.
+  rss      peak resident memory (wait4's ru_maxrss) of `llm run -n 16 -c 4096` greedy against a
+           llama-cpp-python process doing the same (Llama(n_ctx=4096), 16 tokens), min of 2. Both
+           include their Python interpreter and libraries; each engine's bare imports are measured
+           too and the difference (the model, its KV cache and buffers) compared as well.
+  kernels  scripts/bench_native_kernels.py --quick: per-kernel GB/s against measured read bandwidth.
+  mtp      scripts/eval_mtp_heads.py: decode with the shipped MTP heads, draft 1-3, on the held-out
+           prompts (-n 64, --mtp-reps repetitions), speedup over plain decode in the same run.
+The CPU (/proc/cpuinfo), llmkit's ISA path and llama.cpp's version head the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
-
-from llmkit.core.model.catalog import resolve_model
-from llmkit.core.models.loader import load_model
+ROOT = Path(__file__).resolve().parents[1]
+RSS_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
-def bench(path, threads, reps, n_prompt, n_gen, dtype):
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- workers: one process per engine, one repetition per stdin line ----
+
+
+def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
+    import torch
+
+    from llmkit.core.model.catalog import resolve_model
+    from llmkit.core.models.loader import load_model
+    from llmkit.kernels import cpu_native
+
+    cpu_native.set_threads(threads)
     torch.set_num_threads(threads)
-    lm = load_model(path, weight_dtype=dtype)
-    n_vocab = lm.config.n_vocab
+    lm = load_model(resolve_model(model))
     g = torch.Generator().manual_seed(0)
-    pp, tg = [], []
-    with torch.inference_mode():
-        for r in range(reps + 1):  # first repetition = warm-up, not counted
-            toks = torch.randint(0, n_vocab, (n_prompt,), generator=g)
-            cache = lm.new_cache(n_prompt + n_gen + 8)
+
+    def once() -> dict:
+        with torch.inference_mode():
+            toks = torch.randint(0, lm.config.n_vocab, (n_prompt,), generator=g)
+            cache = lm.new_cache(n_prompt + 8)
             t0 = time.perf_counter()
             for s in range(0, n_prompt, 512):
-                lm.model.forward(toks[s : s + 512], cache)
+                lm.model.forward(toks[s : s + 512], cache, logits="last")
             t_pp = time.perf_counter() - t0
             cache = lm.new_cache(n_gen + 8)
-            tok = torch.tensor([1])
-            lm.model.forward(tok, cache)
+            tok = toks[:1]
+            lm.model.forward(tok, cache, logits="last")
             t0 = time.perf_counter()
-            for _ in range(n_gen):
-                tok = lm.model.forward(tok, cache).logits[0].argmax().view(1)
+            for i in range(n_gen):
+                lm.model.forward(toks[i + 1 : i + 2], cache, logits="last")
             t_tg = time.perf_counter() - t0
+        return {
+            "pp": n_prompt / t_pp,
+            "tg": n_gen / t_tg,
+            "name": lm.describe(),
+            "isa": cpu_native.isa(),
+        }
+
+    _serve(once)
+
+
+def _llama_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
+    import random
+
+    from llama_cpp import Llama, __version__
+
+    path = _model_path(model)
+    llm = Llama(model_path=path, n_ctx=max(n_prompt, n_gen) + 16, n_batch=512, n_ubatch=512,
+                n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
+    rng = random.Random(0)
+
+    def once() -> dict:
+        toks = [rng.randrange(1000, llm.n_vocab()) for _ in range(max(n_prompt, n_gen + 1))]
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(toks[:n_prompt])
+        t_pp = time.perf_counter() - t0
+        llm.reset()
+        llm.eval(toks[:1])
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            llm.eval([toks[i + 1]])
+        t_tg = time.perf_counter() - t0
+        return {"pp": n_prompt / t_pp, "tg": n_gen / t_tg, "version": __version__}
+
+    _serve(once)
+
+
+def _serve(once) -> None:
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps(once()), flush=True)
+
+
+def _llama_rss(model: str, threads: int) -> None:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=_model_path(model), n_ctx=4096, n_threads=threads, verbose=False)
+    llm.create_completion(RSS_PROMPT, max_tokens=16, temperature=0.0)
+
+
+def _model_path(model: str) -> str:
+    """A known model name or a path: llama-cpp-python's interpreter may lack llmkit, so known
+    names resolve to llmkit's cache directory (the models are fetched by llmkit first)."""
+    if Path(model).exists():
+        return model
+    names = {
+        "smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
+    }
+    return str(Path.home() / ".cache" / "llmkit" / "models" / names[model])
+
+
+# ---- driver ----
+
+
+class Worker:
+    def __init__(self, python: str, kind: str, model: str, a) -> None:
+        cmd = [python, __file__, "--worker", kind, model, "-t", str(a.threads),
+               "-p", str(a.n_prompt), "-n", str(a.n_gen)]  # fmt: skip
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise SystemExit(f"a benchmark worker died (exit {self.p.wait()})")
+        return json.loads(line)
+
+    def rep(self) -> dict:
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait()
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "all": xs}
+
+
+def speed(model: str, a) -> dict:
+    engines = {"llmkit": Worker(sys.executable, "llmkit", model, a),
+               "llama.cpp": Worker(a.llama_python, "llama", model, a)}  # fmt: skip
+    runs = {e: [] for e in engines}
+    for r in range(a.reps + 1):  # repetition 0: warm-up, not counted
+        for e, w in engines.items():
+            res = w.rep()
             if r:
-                pp.append(n_prompt / t_pp)
-                tg.append(n_gen / t_tg)
-    wbytes = lm.backend.linear_bytes
-    med_tg = statistics.median(tg)
-    print(
-        f"{lm.describe():<24} threads {threads} weights {str(dtype)[6:]:<8} "
-        f"pp{n_prompt}: min {min(pp):7.1f} median {statistics.median(pp):7.1f} tok/s | "
-        f"tg{n_gen}: min {min(tg):6.1f} median {med_tg:6.1f} tok/s "
-        f"({wbytes * med_tg / 1e9:5.1f} GB/s of {wbytes / 2**20:.0f} MiB of weights read)"
-    )
+                runs[e].append(res)
+    for w in engines.values():
+        w.close()
+    out = {"model": runs["llmkit"][0]["name"], "isa": runs["llmkit"][0]["isa"],
+           "llama_cpp_version": runs["llama.cpp"][0]["version"]}  # fmt: skip
+    for test in ("pp", "tg"):
+        for e in engines:
+            out[f"{e} {test}"] = _stats([x[test] for x in runs[e]])
+        out[f"ratio {test}"] = out[f"llmkit {test}"]["median"] / out[f"llama.cpp {test}"]["median"]
+    return out
 
 
-def main():
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _peak_rss_mib(cmd: list[str]) -> float:
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr.read().decode()[-500:]}")
+    return usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def rss(model: str, a) -> dict:
+    ours = [sys.executable, "-m", "llmkit.cli.app", "run", "-m", model, "-n", "16", "-c", "4096",
+            "-t", str(a.threads), "--temp", "0", "-p", RSS_PROMPT]  # fmt: skip
+    theirs = [a.llama_python, __file__, "--worker", "llama-rss", model, "-t", str(a.threads)]
+    # what each process holds before any model: interpreter, torch / llama.cpp libraries
+    ours0 = [sys.executable, "-c", "import torch, llmkit.cli.app, llmkit.core.api"]
+    theirs0 = [a.llama_python, "-c", "import llama_cpp"]
+    res = {"llmkit": [], "llama.cpp": [], "llmkit base": [], "llama.cpp base": []}
+    for _ in range(2):
+        res["llmkit"].append(_peak_rss_mib(ours))
+        res["llama.cpp"].append(_peak_rss_mib(theirs))
+        res["llmkit base"].append(_peak_rss_mib(ours0))
+        res["llama.cpp base"].append(_peak_rss_mib(theirs0))
+    out = {e: min(v) for e, v in res.items()}
+    out["ratio"] = out["llmkit"] / out["llama.cpp"]
+    out["model ratio"] = (out["llmkit"] - out["llmkit base"]) / (
+        out["llama.cpp"] - out["llama.cpp base"]
     )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("-r", "--reps", type=int, default=3)
+    ap.add_argument("-r", "--reps", type=int, default=5)
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
-    ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
+    ap.add_argument("--llama-python", default=sys.executable)
+    ap.add_argument("--sections", default="speed,rss,kernels,mtp")
+    ap.add_argument("--mtp-reps", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    if a.worker:
+        model = a.models[0]
+        if a.worker == "llmkit":
+            return _llmkit_worker(model, a.threads, a.n_prompt, a.n_gen)
+        if a.worker == "llama":
+            return _llama_worker(model, a.threads, a.n_prompt, a.n_gen)
+        return _llama_rss(model, a.threads)
+    sections = set(a.sections.split(","))
+    report = {"cpu": cpu_name(), "threads": a.threads, "models": {}}
+    print(f"CPU: {report['cpu']}, {a.threads} threads")
     for m in a.models:
-        bench(resolve_model(m), a.threads, a.reps, a.n_prompt, a.n_gen, dtype)
+        rec = report["models"].setdefault(m, {})
+        if "speed" in sections:
+            s = rec["speed"] = speed(m, a)
+            print(f"\n{s['model']} (llmkit isa {s['isa']}; llama.cpp via llama-cpp-python "
+                  f"{s['llama_cpp_version']}), {a.reps} repetitions, tok/s min / median:")  # fmt: skip
+            for test, n in (("pp", a.n_prompt), ("tg", a.n_gen)):
+                cells = [f"{e} {s[f'{e} {test}']['min']:7.1f} / {s[f'{e} {test}']['median']:7.1f}"
+                         for e in ("llmkit", "llama.cpp")]  # fmt: skip
+                print(
+                    f"  {test}{n:<4} " + "   ".join(cells) + f"   ratio {s[f'ratio {test}']:.2f}x"
+                )
+        if "rss" in sections:
+            r = rec["rss"] = rss(m, a)
+            print(
+                f"  peak RSS, run -n 16 -c 4096: llmkit {r['llmkit']:.0f} MiB, "
+                f"llama.cpp {r['llama.cpp']:.0f} MiB, ratio {r['ratio']:.2f}x; above the bare "
+                f"imports ({r['llmkit base']:.0f} / {r['llama.cpp base']:.0f} MiB): "
+                f"{r['llmkit'] - r['llmkit base']:.0f} / {r['llama.cpp'] - r['llama.cpp base']:.0f}"
+                f" MiB, ratio {r['model ratio']:.2f}x"
+            )
+    sys.stdout.flush()
+    if "kernels" in sections:
+        print()
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_native_kernels.py"), "--quick",
+                        "-t", str(a.threads)], check=True)  # fmt: skip
+    if "mtp" in sections:
+        print()
+        cmd = [sys.executable, str(ROOT / "scripts" / "eval_mtp_heads.py"), *a.models,
+               "-n", "64", "-r", str(a.mtp_reps), "-t", str(a.threads)]  # fmt: skip
+        subprocess.run(cmd, check=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -134,12 +134,15 @@ def test_fused_linear_is_the_separate_calls(qtype):
     assert torch.equal(rows, lin.fused(gu, glu="gelu_tanh"))
 
 
-def test_attention_is_the_same_bits_on_every_isa():
+@pytest.mark.parametrize("k_kind, v_kind, D", [("f16", "f16", 64), ("bf16", "f16", 44),
+                                               ("f16", "bf16", 44), ("q8_0", "q4_0", 64)])  # fmt: skip
+def test_attention_is_the_same_bits_on_every_isa(k_kind, v_kind, D):
+    """Each ISA's decoders (vector row conversions with scalar tails) and micro-kernels: one result."""
     g = _g(4)
-    kb = torch.randn(2, 40, 64, generator=g).half()
-    vb = torch.randn(2, 40, 64, generator=g).half()
-    q, kpos, qpos = torch.randn(11, 6, 64, generator=g), torch.arange(40), torch.arange(29, 40)
-    args = (kb, torch.float16, vb, torch.float16, 64, 40, kpos, qpos, 0.125, 16)
+    kb, _ = _cache(k_kind, torch.randn(2, 40, D, generator=g))
+    vb, _ = _cache(v_kind, torch.randn(2, 40, D, generator=g))
+    q, kpos, qpos = torch.randn(11, 6, D, generator=g), torch.arange(40), torch.arange(29, 40)
+    args = (kb, KINDS[k_kind], vb, KINDS[v_kind], D, 40, kpos, qpos, 0.125, 16)
     best = cpu_ops.attention(q, *args)
     for isa in cpu_native.supported_isas():
         with cpu_native.use_isa(isa):

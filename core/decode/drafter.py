@@ -19,6 +19,7 @@ exactly what mirroring would write, so the next mirror of that block starts one 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -181,6 +182,18 @@ class NextNDrafter:
     def max_draft(self, requested: int) -> int:
         return min(requested, self.n_heads) if self.chained else requested
 
+    def _pick(self, pick: Pick, z: torch.Tensor, ids: torch.Tensor | None, branches: int):
+        """`pick` over one row of draft logits z (over the shortlist `ids`, or every token):
+        (token, q over every token or None, p, the `branches` most likely tokens). A shortlist
+        row gives the same choice as the full row with -inf outside it, without building it."""
+        tok, q, prob = pick(z)
+        top = z.topk(branches).indices if branches > 1 else z.new_zeros(0, dtype=torch.long)
+        if ids is None:
+            return tok, q, prob, top.tolist()
+        if q is not None:  # the acceptance rule compares it with the target's [n_vocab] row
+            q = q.new_zeros(self.heads.n_vocab).index_copy_(0, ids, q)
+        return int(ids[tok]), q, prob, ids[top].tolist()
+
     def open(self) -> DraftState:
         return DraftState(self.kv.open())
 
@@ -268,23 +281,21 @@ class NextNDrafter:
             counts = [len(r) for r in rows]
             cache = self.kv.batch(head, [jobs[i].state.seqs[head] for i in act], counts)
             t = torch.tensor([x for r in rows for x in r])
-            res = self.heads.forward(head, t, torch.cat(h_rows), cache, logits="all")
-            end = 0
-            for i, n in zip(act, counts, strict=True):
-                end += n
+            h_out = self.heads.forward(head, t, torch.cat(h_rows), cache, logits=None).hidden
+            ends = list(itertools.accumulate(counts))
+            z, ids = self.heads.draft_logits(head, h_out[[e - 1 for e in ends]])
+            for r, (i, end) in enumerate(zip(act, ends, strict=True)):
                 ran[i][head] = True
-                logits = res.logits[end - 1]
-                tok, q, prob = jobs[i].pick(logits)
+                b = jobs[i].branches if step == 0 else 1
+                tok, q, prob, alts = self._pick(jobs[i].pick, z[r], ids, b)
                 if prob < p_min:  # not confident: verify what this sequence has (maybe nothing)
                     live[i] = False
                     continue
-                if step == 0 and jobs[i].branches > 1:
-                    top = logits.topk(jobs[i].branches).indices.tolist()
-                    out[i].alts = [a for a in top if a != tok][: jobs[i].branches - 1]
+                out[i].alts = [a for a in alts if a != tok][: b - 1] if b > 1 else out[i].alts
                 out[i].tokens.append(tok)
                 out[i].qs.append(q)
                 toks[i].append(tok)
-                hs[i].append(res.hidden[end - 1])
+                hs[i].append(h_out[end - 1])
         for i, j in enumerate(jobs):  # drop the draft rows, keep the mirrored one
             for head, seq in enumerate(j.state.seqs):
                 self.kv.truncate(head, seq, p0[i] + ran[i][head])

@@ -37,7 +37,7 @@ class _HeadsOnDevice:
 
     def __init__(self, heads: DraftHeads, device: torch.device):
         self._heads, self._device = heads, device
-        self.n_heads = heads.n_heads
+        self.n_heads, self.n_vocab = heads.n_heads, heads.n_vocab
 
     def kv_layout(self) -> dict:
         return self._heads.kv_layout()
@@ -48,6 +48,10 @@ class _HeadsOnDevice:
     def forward(self, head: int, tokens, h, cache, logits: Rows = "last") -> ForwardOutput:
         d = self._device
         return _cpu(self._heads.forward(head, tokens.to(d), h.to(d), cache, logits))
+
+    def draft_logits(self, head: int, x):
+        z, ids = self._heads.draft_logits(head, x.to(self._device))
+        return z.cpu(), ids.cpu() if ids is not None else None
 
 
 class OnDevice:

@@ -54,12 +54,17 @@ class DraftHeads(Protocol):
     """NextN (MTP) blocks: head j reads (token at p, hidden of p - 1) and predicts token p + 1."""
 
     n_heads: int
+    n_vocab: int  # the target's vocabulary (draft logits may cover a shortlist of it)
 
     def kv_layout(self) -> dict[int, LayerKV]: ...
 
     def forward(
         self, head: int, tokens: torch.Tensor, h: torch.Tensor, cache: Cache, logits: Rows = "last"
     ) -> ForwardOutput: ...
+
+    def draft_logits(
+        self, head: int, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None: ...
 

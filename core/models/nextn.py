@@ -100,7 +100,7 @@ class NextNHeads:
                     Embedding(emb, model.embed.scale) if emb is not None else model.embed,
                 )
             )
-        self.n_heads = len(self.heads)
+        self.n_heads, self.n_vocab = len(self.heads), self.config.n_vocab
         self.draft_vocab: torch.Tensor | None = None  # [n] int64 shortlist (None: all tokens)
 
     def kv_layout(self) -> dict:
@@ -143,10 +143,18 @@ class NextNHeads:
         x = n.block(x0, rope_cache(pos, *n.block.rope), cache)
         if logits is None:
             return ForwardOutput(None, x)
-        rows = select_rows(x, logits)
-        if self.draft_vocab is None:
-            return ForwardOutput(head_logits(c, n.head, n.head_norm, rows), x)
-        z = head_logits(c, n.draft_head, n.head_norm, rows)  # [n, len(draft_vocab)]
+        z, ids = self.draft_logits(head, select_rows(x, logits))
+        if ids is None:
+            return ForwardOutput(z, x)
         full = z.new_full((z.shape[0], c.n_vocab), float("-inf"))
-        full[:, self.draft_vocab] = z
+        full[:, ids] = z
         return ForwardOutput(full, x)
+
+    def draft_logits(self, head: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of head `head` for its output rows x [n, H] over the draft vocabulary: (z [n,
+        len(ids)], ids), or (z [n, n_vocab], None) without a shortlist. What the drafter reads:
+        no scatter into a full-vocabulary row (Gemma 3: 262k values) per draft step."""
+        n = self.heads[head]
+        if self.draft_vocab is None:
+            return head_logits(self.config, n.head, n.head_norm, x), None
+        return head_logits(self.config, n.draft_head, n.head_norm, x), self.draft_vocab
