@@ -92,7 +92,7 @@ class _Fuse(ctypes.Structure):
     ]
 
 
-GLU_ACTS = {"silu": 0, "gelu_tanh": 1}
+GLU_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_fp16": 2}  # see kernels/native/rowops.c
 
 
 def _library_path() -> Path | None:
@@ -132,8 +132,32 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
         "llk_attend": (
             ctypes.c_int,
-            [vp, i64, i64, i64, vp, vp, vp, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64,
-             vp, vp, i64, vp, f32, vp],
+            [
+                vp,
+                i64,
+                i64,
+                i64,
+                vp,
+                vp,
+                vp,
+                vp,
+                i32,
+                i64,
+                i64,
+                vp,
+                i32,
+                i64,
+                i64,
+                i64,
+                i64,
+                i64,
+                vp,
+                vp,
+                i64,
+                vp,
+                f32,
+                vp,
+            ],
         ),
         "llk_attention": (
             ctypes.c_int,

@@ -20,7 +20,7 @@ from llmkit.kernels.rope import ROPE_NEOX
 
 # cache element types the native attention reads: torch dtypes and ggml block types
 _KV_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30, QT.Q8_0: 8, QT.Q4_0: 2}
-_GLU = {"silu": 0, "gelu_tanh": 1}
+_GLU = cpu_native.GLU_ACTS
 
 
 def _check(rc: int, what: str) -> None:

@@ -97,7 +97,9 @@ def linear(lin, x: torch.Tensor, norm=None, glu_act: str | None = None, post_nor
         and x.is_contiguous()
         and (residual is None or residual.is_contiguous())
     ):
-        return lin.fused(x, norm, glu_act, post_norm, residual)
+        # the cpu family computes what llama.cpp's CPU backend does: its GELU reads an fp16 table
+        act = "gelu_fp16" if glu_act == "gelu_tanh" else glu_act
+        return lin.fused(x, norm, act, post_norm, residual)
     h = rms_norm(x, *norm) if norm is not None else x
     h = lin(glu(h, glu_act) if glu_act else h)
     if post_norm is not None:

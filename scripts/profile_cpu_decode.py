@@ -3,12 +3,12 @@
     python scripts/profile_cpu_decode.py [MODEL ...] [-t 2] [--depth 100] [-n 64] [-r 5]
 
 For each model: a `depth`-token random context is prefilled, then `n` greedy single-token steps
-(forward with last-position logits + argmax, as `llm run` decodes) are timed, `r` times; the
-median ms/token is the step time. Then the same steps run with every native entry point wrapped in
-a timer (kernels/cpu_native's matmul/linear and the library's row ops and attention): the summed
-time inside those calls per step, per entry point, with call counts. "Outside the kernels" =
-step time - time inside; it is the Python, tensor-allocation and dispatch cost the issue's <1 ms
-target is about. The wrappers add their own ~0.3 us per call, charged to the inside.
+(forward with last-position logits + argmax, as `llm run` decodes) are timed: the step time.
+Alternating with those plain runs, the same steps run with every native entry point wrapped in a
+timer (kernels/cpu_native's matmul/linear and the library's row ops and attention): time inside
+those calls per step, per entry point, with call counts. "Outside the kernels" = the instrumented
+run's step time - its time inside - the wrappers' own cost (measured on a no-op call): the
+Python, tensor-allocation and ctypes cost of a step. `r` repetitions, min / median.
 """
 
 from __future__ import annotations
@@ -66,48 +66,68 @@ class Timers:
         self.calls.clear()
 
 
-def decode_ms(lm, depth: int, n: int, reps: int) -> list[float]:
-    """Median-able list of ms/token over `reps` runs of `n` greedy steps after `depth` tokens.
-    The cache is built here, so layer-bound native calls see the wrappers when installed."""
+def decode_ms(lm, depth: int, n: int, on_start=lambda: None) -> float:
+    """ms/token of `n` greedy steps after a `depth`-token random context. The cache is built
+    here, so layer-bound native calls see the wrappers when they are installed."""
     g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(reps):
-        cache = lm.new_cache(depth + n + 8)
-        ctx = torch.randint(0, lm.config.n_vocab, (depth,), generator=g)
-        tok = lm.model.forward(ctx, cache, logits="last").logits[-1].argmax().view(1)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            tok = lm.model.forward(tok, cache, logits="last").logits[-1].argmax().view(1)
-        out.append((time.perf_counter() - t0) * 1e3 / n)
-    return out
+    cache = lm.new_cache(depth + n + 8)
+    ctx = torch.randint(0, lm.config.n_vocab, (depth,), generator=g)
+    tok = lm.model.forward(ctx, cache, logits="last").logits[-1].argmax().view(1)
+    on_start()  # the clock (and the counters) start after the context's prefill
+    t0 = time.perf_counter()
+    for _ in range(n):
+        tok = lm.model.forward(tok, cache, logits="last").logits[-1].argmax().view(1)
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def wrapper_cost_us() -> float:
+    """What a timing wrapper adds to a call, measured on a no-op native call."""
+    lib = cpu_native.library()
+    bare = lib.llk_get_threads
+    t = Timers()
+    wrapped = t._wrap("noop", bare)
+    n = 20000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        bare()
+    t1 = time.perf_counter()
+    for _ in range(n):
+        wrapped()
+    t2 = time.perf_counter()
+    return max(0.0, ((t2 - t1) - (t1 - t0)) / n * 1e6)
 
 
 def profile(path, threads: int, depth: int, n: int, reps: int) -> None:
+    """Plain and instrumented runs alternate; "outside" comes from the instrumented run itself
+    (its step time minus the time inside the native calls minus the wrappers' own cost)."""
     cpu_native.set_threads(threads)
     torch.set_num_threads(threads)
     lm = load_model(path)
+    timers = Timers()
+    steps, outside, per_call = [], [], wrapper_cost_us()
     with torch.inference_mode():
-        decode_ms(lm, depth, 8, 1)  # warm-up
-        step = statistics.median(decode_ms(lm, depth, n, reps))
-        timers = Timers()
-        timers.install()
-        try:
-            decode_ms(lm, depth, 4, 1)
-            timers.reset()
-            wrapped = statistics.median(decode_ms(lm, depth, n, reps))
-        finally:
-            timers.remove()
-    steps = n * reps
-    inside = sum(timers.ns.values()) / 1e6 / steps
-    calls = sum(timers.calls.values()) / steps
-    print(f"{lm.describe()}  threads {threads}  depth {depth}  isa {cpu_native.isa()}")
-    print(f"  step {step:.3f} ms/token (with timers {wrapped:.3f}); {calls:.0f} native calls/step")
-    for name, ns in timers.ns.most_common():
-        c = timers.calls[name] / steps
-        print(f"    {name:<14} {ns / 1e6 / steps:7.3f} ms/step  {c:5.0f} calls  "
+        decode_ms(lm, depth, 8)  # warm-up
+        for _ in range(reps):
+            steps.append(decode_ms(lm, depth, n))
+            timers.install()
+            try:
+                wrapped = decode_ms(lm, depth, n, timers.reset)
+            finally:
+                timers.remove()
+            calls = sum(timers.calls.values()) / n
+            inside = sum(timers.ns.values()) / 1e6 / n
+            outside.append(wrapped - inside - calls * per_call / 1e3)
+    step, out = statistics.median(steps), statistics.median(outside)
+    print(f"{lm.describe()}  threads {threads}  depth {depth}  isa {cpu_native.isa()}  "
+          f"({reps} x {n} steps; min / median)")  # fmt: skip
+    print(f"  step {min(steps):.3f} / {step:.3f} ms/token; {calls:.0f} native calls per step "
+          f"(timing wrapper {per_call:.2f} us/call, subtracted)")  # fmt: skip
+    for name, ns in timers.ns.most_common():  # the last instrumented run
+        c = timers.calls[name] / n
+        print(f"    {name:<14} {ns / 1e6 / n:7.3f} ms/step  {c:5.0f} calls  "
               f"{ns / 1e3 / timers.calls[name]:7.1f} us/call")  # fmt: skip
-    print(f"  inside the kernels {inside:.3f} ms; outside (Python, allocation, dispatch) "
-          f"{step - inside:.3f} ms/token = {(step - inside) / step:.0%} of the step")  # fmt: skip
+    print(f"  outside the kernels (Python, allocation, dispatch): {min(outside):.3f} / {out:.3f} "
+          f"ms/token = {out / step:.0%} of the median step")  # fmt: skip
 
 
 def main() -> None:

@@ -32,9 +32,29 @@ def test_rms_norm_rope_glu_match_torch():
         got = cpu_ops.rope(q, cos, sin, mode, (nw, 1e-6), 0.3)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         assert not torch.equal(got, q)  # a copy: the input is untouched
-    gu = torch.randn(3, 2 * 37, generator=g)
-    for act in ("silu", "gelu_tanh"):
-        torch.testing.assert_close(cpu_ops.glu(gu, act), torch_ops.glu(gu, act))
+    gu = torch.randn(3, 2 * 37, generator=g) * 3
+    gu[0, :4] = torch.tensor([-12.0, 11.0, -95.0, 0.0])  # the clamps, e^-|x| underflow, zero
+    torch.testing.assert_close(cpu_ops.glu(gu, "silu"), torch_ops.glu(gu, "silu"))
+    # GELU as llama.cpp's CPU backend: a table over fp16 inputs of fp16 results (~1e-3 relative)
+    gate, up = gu[:, :37], gu[:, 37:]
+    v = gate.half().float()
+    table = (0.5 * v * (1 + torch.tanh(0.7978845608028654 * v * (1 + 0.044715 * v * v)))).half()
+    act = torch.where(gate <= -10, 0.0, torch.where(gate >= 10, gate, table.float()))
+    got = cpu_ops.glu(gu, "gelu_fp16")
+    assert torch.equal(got, act * up)
+    exact = torch_ops.glu(gu, "gelu_tanh")
+    torch.testing.assert_close(cpu_ops.glu(gu, "gelu_tanh"), exact)
+    torch.testing.assert_close(got, exact, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu_fp16"])
+def test_glu_is_the_same_bits_on_every_isa_and_alone(act):
+    gu = torch.randn(40, 2 * 1037, generator=_g(5)) * 4  # enough rows to split across threads
+    best = cpu_ops.glu(gu, act)
+    assert torch.equal(torch.cat([cpu_ops.glu(gu[i : i + 1], act) for i in range(40)]), best)
+    for isa in cpu_native.supported_isas():
+        with cpu_native.use_isa(isa):
+            assert torch.equal(cpu_ops.glu(gu, act), best), isa
 
 
 @pytest.mark.parametrize("kind", list(KINDS))

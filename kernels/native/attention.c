@@ -36,6 +36,8 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+
+#include "x86_vexp.h"
 #endif
 
 #define TILE 8 /* query rows that share each decoded K/V row */

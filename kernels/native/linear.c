@@ -25,7 +25,9 @@ int llk_linear(const float *x, int64_t m, int64_t k_in, int64_t ldx, const llk_f
     const float *h = x;
     int64_t ldh = ldx;
     if (f && (f->norm_w || glu) && m > 0) {
-        const size_t need = (size_t)(m * k_in);
+        /* the norm's rows, then the GLU's in their own region: rows run in parallel, so the
+         * GLU must not write over input rows another thread has yet to read */
+        const size_t normed = f->norm_w ? (size_t)(m * k_in) : 0, need = normed + (glu ? (size_t)(m * k) : 0);
         if (need > tl_cap) {
             free(tl_h);
             tl_h = malloc(need * sizeof(float));
@@ -39,8 +41,11 @@ int llk_linear(const float *x, int64_t m, int64_t k_in, int64_t ldx, const llk_f
             src = tl_h;
             lds = k_in;
         }
-        if (glu) llk_glu(src, m, k, lds, f->glu, tl_h, k); /* in place is safe: row by row */
-        h = tl_h;
+        if (glu) {
+            const int rc = llk_glu(src, m, k, lds, f->glu, tl_h + normed, k);
+            if (rc) return rc;
+        }
+        h = tl_h + (glu ? normed : 0);
         ldh = glu ? k : k_in;
     }
     const int rc = llk_matmul(h, m, k, ldh, parts, n_parts, y, ldy);

@@ -118,7 +118,8 @@ LLK_API int llk_rms_norm(const float *x, int64_t m, int64_t n, int64_t ldx, cons
 LLK_API int llk_rope(float *x, int64_t t, int64_t h, int64_t d, int64_t ldx, int64_t n_rot,
                      int32_t neox, const float *cos_t, const float *sin_t, const float *norm_w,
                      float eps, float scale);
-/* y[m, :f] = act(gu[m, :f]) * gu[m, f:2f]; act 0 = silu, 1 = tanh-GELU. */
+/* y[m, :f] = act(gu[m, :f]) * gu[m, f:2f]; act 0 = silu, 1 = tanh-GELU, 2 = tanh-GELU through
+ * llama.cpp's fp16 table (rowops.c). */
 LLK_API int llk_glu(const float *gu, int64_t m, int64_t f, int64_t ldg, int32_t act, float *y,
                     int64_t ldy);
 /* Rows x [T, H, D] into cache slots: cache + h * head_stride + slots[t] * slot_stride (bytes),
@@ -152,7 +153,7 @@ LLK_API int llk_attend(const float *q, int64_t t, int64_t hq, int64_t dk, const 
 typedef struct {
     const float *norm_w; /* prologue: rms_norm(x) * norm_w */
     float norm_eps;
-    int32_t glu;          /* prologue: -1 none, 0 silu, 1 tanh-GELU over a [M, 2K] input */
+    int32_t glu;          /* prologue: -1 none, 0 silu, 1 tanh-GELU, 2 llama.cpp's fp16-table tanh-GELU, over a [M, 2K] input */
     const float *post_w;  /* epilogue: rms_norm(y) * post_w */
     float post_eps;
     int32_t reserved;

@@ -5,7 +5,7 @@
  *   rms_norm   y = x / sqrt(mean(x^2) + eps) * w (sum of squares in double, as ggml)
  *   rope       in place on [T, H, D] rows: optional per-head RMSNorm first, NORM (adjacent pairs)
  *              or NEOX (halves) rotation of the first n_rot dims from cos/sin tables, then a scale
- *   glu        y = act(gate) * up, act silu or tanh-GELU (ggml's formulas)
+ *   glu        y = act(gate) * up, act silu or tanh-GELU (exact, or llama.cpp's fp16 table)
  *   kv_store   rows into cache slots, converted to f32 / f16 / bf16 or quantized to q8_0 / q4_0
  *              with ggml's reference quantizers (byte-identical to quant/quantize.py)
  *
@@ -14,8 +14,12 @@
  * a few per element.
  */
 #include <math.h>
+#include <pthread.h>
 
 #include "llk_internal.h"
+#if defined(__x86_64__) || defined(_M_X64)
+#include "x86_vexp.h"
+#endif
 
 static void norm_row(const float *x, const float *w, float eps, int64_t n, float *y) {
     double ss = 0.0;
@@ -27,9 +31,48 @@ static void norm_row(const float *x, const float *w, float eps, int64_t n, float
         for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale;
 }
 
+/* Rows [r0, r1) of a row op, run by the pool when a call holds enough elements (prefill):
+ * every row is computed by one thread in its fixed order, so the split never changes a bit. */
+typedef struct {
+    void (*row)(const void *job, int64_t r);
+    const void *job;
+    int64_t m, parts;
+} rows_job;
+
+static void rows_chunk(void *argp, int c) {
+    const rows_job *rj = argp;
+    const int64_t r0 = rj->m * c / rj->parts, r1 = rj->m * (c + 1) / rj->parts;
+    for (int64_t r = r0; r < r1; r++) rj->row(rj->job, r);
+}
+
+#define ROWS_PARALLEL_MIN 32768 /* elements per call from which the rows are shared */
+
+static void for_rows(void (*row)(const void *, int64_t), const void *job, int64_t m, int64_t n) {
+    const int64_t nth = llk_pool_threads();
+    if (m < 2 || nth < 2 || m * n < ROWS_PARALLEL_MIN) {
+        for (int64_t r = 0; r < m; r++) row(job, r);
+        return;
+    }
+    rows_job rj = {row, job, m, m < 2 * nth ? m : 2 * nth};
+    llk_run_locked(rows_chunk, &rj, (int)rj.parts);
+}
+
+typedef struct {
+    const float *x, *w;
+    float *y;
+    int64_t n, ldx, ldy;
+    float eps;
+} norm_job;
+
+static void norm_one(const void *jp, int64_t r) {
+    const norm_job *j = jp;
+    norm_row(j->x + r * j->ldx, j->w, j->eps, j->n, j->y + r * j->ldy);
+}
+
 int llk_rms_norm(const float *x, int64_t m, int64_t n, int64_t ldx, const float *w, float eps,
                       float *y, int64_t ldy) {
-    for (int64_t r = 0; r < m; r++) norm_row(x + r * ldx, w, eps, n, y + r * ldy);
+    const norm_job j = {x, w, y, n, ldx, ldy, eps};
+    for_rows(norm_one, &j, m, n);
     return LLK_OK;
 }
 
@@ -63,21 +106,97 @@ int llk_rope(float *x, int64_t T, int64_t H, int64_t D, int64_t ldx, int64_t n_r
     return LLK_OK;
 }
 
+/* ---- GLU ----
+ * act 0, silu(g) = g / (1 + e^-g), computed as num / (1 + e) with e = e^-|g| (llk_expf_neg:
+ * never overflows) and num = g (g >= 0) or g * e (g < 0).
+ * act 1, tanh-GELU: 0.5 g (1 + tanh(sqrt(2/pi) g (1 + 0.044715 g^2))) with libm's tanhf.
+ * act 2, tanh-GELU as llama.cpp's CPU backend computes it: the input rounded to fp16 indexes a
+ * table of act 1's value rounded to fp16, for every fp16 input; inputs <= -10 give 0, >= 10 give
+ * the input. The AVX2 copy runs acts 0 and 2 8 lanes at a time with the same operations (same
+ * bits); act 1 stays scalar. */
+static uint16_t gelu_table[1 << 16];
+static pthread_once_t gelu_once = PTHREAD_ONCE_INIT;
+
+static inline float gelu_tanh(float v) {
+    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+    return 0.5f * v * (1.0f + tanhf(c * v * (1.0f + 0.044715f * v * v)));
+}
+
+static void gelu_init(void) {
+    for (int i = 0; i < 1 << 16; i++) gelu_table[i] = llk_fp32_to_fp16(gelu_tanh(llk_fp16_to_fp32((uint16_t)i)));
+}
+
+static inline float gelu_fp16(float v) {
+    if (v <= -10.0f) return 0.0f;
+    if (v >= 10.0f) return v;
+    return llk_fp16_to_fp32(gelu_table[llk_fp32_to_fp16(v)]);
+}
+
+static inline float silu_one(float g) {
+    const float e = llk_expf_neg(-fabsf(g));
+    return (g < 0.0f ? g * e : g) / (1.0f + e);
+}
+
+typedef struct {
+    const float *gu;
+    float *y;
+    int64_t f, ldg, ldy;
+    int32_t act, isa; /* the ISA read before the rows run (llk_get_isa takes the call lock) */
+} glu_job;
+
+static void glu_row_scalar(const glu_job *j, const float *g, const float *u, float *o, int64_t i0) {
+    for (int64_t i = i0; i < j->f; i++) {
+        const float a = j->act == 0 ? silu_one(g[i]) : j->act == 1 ? gelu_tanh(g[i]) : gelu_fp16(g[i]);
+        o[i] = a * u[i];
+    }
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx2,fma,f16c"))) static void glu_row_avx2(const glu_job *j, const float *g,
+                                                                  const float *u, float *o) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= j->f; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        __m256 a;
+        if (j->act == 0) {
+            const __m256 e = llk_exp8_neg(_mm256_or_ps(x, sign)); /* e^-|x| */
+            const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, e), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+            a = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        } else {
+            uint16_t h[8];
+            _mm_storeu_si128((__m128i *)(void *)h, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            for (int k = 0; k < 8; k++) h[k] = gelu_table[h[k]];
+            a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)h));
+            a = _mm256_blendv_ps(a, zero, _mm256_cmp_ps(x, _mm256_set1_ps(-10.0f), _CMP_LE_OQ));
+            a = _mm256_blendv_ps(a, x, _mm256_cmp_ps(x, _mm256_set1_ps(10.0f), _CMP_GE_OQ));
+        }
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(a, _mm256_loadu_ps(u + i)));
+    }
+    glu_row_scalar(j, g, u, o, i);
+}
+#endif
+
+static void glu_one(const void *jp, int64_t r) {
+    const glu_job *j = jp;
+    const float *g = j->gu + r * j->ldg, *u = g + j->f;
+    float *o = j->y + r * j->ldy;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (j->isa != LLK_ISA_SCALAR && j->act != 1) {
+        glu_row_avx2(j, g, u, o);
+        return;
+    }
+#endif
+    glu_row_scalar(j, g, u, o, 0);
+}
+
 int llk_glu(const float *gu, int64_t m, int64_t f, int64_t ldg, int32_t act, float *y,
                  int64_t ldy) {
-    for (int64_t r = 0; r < m; r++) {
-        const float *g = gu + r * ldg, *u = g + f;
-        float *o = y + r * ldy;
-        if (act == 0) { /* silu */
-            for (int64_t i = 0; i < f; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        } else { /* gelu, tanh approximation */
-            const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
-            for (int64_t i = 0; i < f; i++) {
-                const float v = g[i];
-                o[i] = 0.5f * v * (1.0f + tanhf(c * v * (1.0f + 0.044715f * v * v))) * u[i];
-            }
-        }
-    }
+    if (act < 0 || act > 2) return LLK_E_SHAPE;
+    if (act == 2) pthread_once(&gelu_once, gelu_init);
+    const glu_job j = {gu, y, f, ldg, ldy, act, llk_get_isa()};
+    for_rows(glu_one, &j, m, f);
     return LLK_OK;
 }
 
