@@ -1,6 +1,7 @@
 """Where a CPU decode step goes: time inside the native kernels vs. Python and op dispatch.
 
     python scripts/profile_cpu_decode.py [MODEL ...] [-t 2] [--depth 100] [-n 64] [-r 5]
+                                         [--rows 1,2,4,8]
 
 For each model: a `depth`-token random context is prefilled, then `n` greedy single-token steps
 (forward with last-position logits + argmax, as `llm run` decodes) are timed: the step time.
@@ -9,6 +10,8 @@ timer (kernels/cpu_native's matmul/linear and the library's row ops and attentio
 those calls per step, per entry point, with call counts. "Outside the kernels" = the instrumented
 run's step time - its time inside - the wrappers' own cost (measured on a no-op call): the
 Python, tensor-allocation and ctypes cost of a step. `r` repetitions, min / median.
+--rows: also the cost of one forward over M rows (an MTP verify batch: logits for every row)
+against M = 1, same protocol (the cache grows by M per step from `depth`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,18 @@ class Timers:
         self.calls.clear()
 
 
+def rows_ms(lm, depth: int, n: int, m: int) -> float:
+    """ms per forward of m rows (logits for all) after a `depth`-token context."""
+    g = torch.Generator().manual_seed(1)
+    cache = lm.new_cache(depth + n * m + 8)
+    lm.model.forward(torch.randint(0, lm.config.n_vocab, (depth,), generator=g), cache, "last")
+    x = torch.randint(0, lm.config.n_vocab, (m,), generator=g)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        lm.model.forward(x, cache, logits="all")
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
 def decode_ms(lm, depth: int, n: int, on_start=lambda: None) -> float:
     """ms/token of `n` greedy steps after a `depth`-token random context. The cache is built
     here, so layer-bound native calls see the wrappers when they are installed."""
@@ -97,7 +112,19 @@ def wrapper_cost_us() -> float:
     return max(0.0, ((t2 - t1) - (t1 - t0)) / n * 1e6)
 
 
-def profile(path, threads: int, depth: int, n: int, reps: int) -> None:
+def verify_cost(lm, depth: int, n: int, reps: int, rows: list[int]) -> None:
+    runs = {m: [] for m in rows}
+    with torch.inference_mode():
+        for _ in range(reps):  # sizes interleaved: drift hits all of them
+            for m in rows:
+                runs[m].append(rows_ms(lm, depth, n, m))
+    base = statistics.median(runs[rows[0]])
+    cells = [f"M={m}: {min(v):.2f} / {statistics.median(v):.2f} ms ({statistics.median(v) / base:.2f}x)"
+             for m, v in runs.items()]  # fmt: skip
+    print("  forward of M rows, min / median: " + "; ".join(cells))
+
+
+def profile(path, threads: int, depth: int, n: int, reps: int, rows: list[int]) -> None:
     """Plain and instrumented runs alternate; "outside" comes from the instrumented run itself
     (its step time minus the time inside the native calls minus the wrappers' own cost)."""
     cpu_native.set_threads(threads)
@@ -128,6 +155,8 @@ def profile(path, threads: int, depth: int, n: int, reps: int) -> None:
               f"{ns / 1e3 / timers.calls[name]:7.1f} us/call")  # fmt: skip
     print(f"  outside the kernels (Python, allocation, dispatch): {min(outside):.3f} / {out:.3f} "
           f"ms/token = {out / step:.0%} of the median step")  # fmt: skip
+    if rows:
+        verify_cost(lm, depth, n, reps, rows)
 
 
 def main() -> None:
@@ -137,9 +166,11 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=100)
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-r", "--reps", type=int, default=5)
+    ap.add_argument("--rows", default="", help="M values for the verify-batch cost, e.g. 1,2,4,8")
     a = ap.parse_args()
+    rows = [int(x) for x in a.rows.split(",") if x]
     for m in a.models:
-        profile(resolve_model(m), a.threads, a.depth, a.n, a.reps)
+        profile(resolve_model(m), a.threads, a.depth, a.n, a.reps, rows)
 
 
 if __name__ == "__main__":
