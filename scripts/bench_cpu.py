@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,16 +33,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RSS_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # ---- workers: one process per engine, one repetition per stdin line ----
@@ -238,6 +227,8 @@ def main() -> None:
             return _llama_worker(model, a.threads, a.n_prompt, a.n_gen)
         return _llama_rss(model, a.threads)
     sections = set(a.sections.split(","))
+    from llmkit.core.bench.report import cpu_name  # the workers may run without llmkit
+
     report = {"cpu": cpu_name(), "threads": a.threads, "models": {}}
     print(f"CPU: {report['cpu']}, {a.threads} threads")
     for m in a.models:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from llmkit.core.bench.report import cpu_name
 from llmkit.kernels import cpu_native as cn
 from llmkit.quant.quantize import quantize
 
@@ -40,16 +40,6 @@ SHAPES = [
 ]
 HEAD_ROWS = 32768  # an N this large is an LM head
 L3_SPAN = 96 << 20
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def read_bandwidth() -> tuple[float, float]:

@@ -55,7 +55,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -77,7 +78,7 @@ def environment(device: str) -> dict:
         "llmkit_version": _version("llmkit"),
         "torch_version": torch.__version__,
         "triton_version": _version("triton"),
-        "cpu_info": _cpu_name(),
+        "cpu_info": cpu_name(),
         "gpu_info": gpu,
     }
 
