@@ -39,19 +39,12 @@ def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temp file beside the target, then rename: never a partly written file."""
+def write_json_atomic(path: Path, obj, inputs=()) -> None:
+    """Write to a temp file beside the target, then rename (`core/outputs.py`): never a partly
+    written file, never one of `inputs`."""
     import json
-    import tempfile
 
-    path = Path(path).expanduser()
-    if not path.parent.exists():
-        raise LlmkitError(f"cannot write {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from llmkit.core.outputs import atomic_output
+
+    with atomic_output(path, inputs) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)

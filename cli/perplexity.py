@@ -29,6 +29,7 @@ def perplexity(
     from llmkit.cli.common import eprint, read_prompt, set_threads
     from llmkit.core.model.catalog import resolve_model
     from llmkit.core.models.loader import load_model
+    from llmkit.core.outputs import check_output
     from llmkit.core.perplexity import BaseLogprobs, perplexity
     from llmkit.core.tokenizer import load_tokenizer
     from llmkit.errors import LlmkitError
@@ -37,13 +38,17 @@ def perplexity(
         raise LlmkitError("--kl-divergence needs --kl-divergence-base FILE (from a base run)")
     set_threads(threads)
     text = read_prompt(None, file, required=True)
-    lm = load_model(resolve_model(model), device=device)
+    save_rows = [] if kl_base is not None and not kl else None
+    model_path = resolve_model(model)
+    inputs = (model_path, file)  # the base log-probs file must never replace these
+    if save_rows is not None:
+        check_output(kl_base, inputs)  # now, not after the whole run
+    lm = load_model(model_path, device=device)
     tok = load_tokenizer(lm.metadata)
     tokens = tok.encode(text, add_special=True, parse_special=False)
     base = BaseLogprobs.load(kl_base) if kl else None
     if base is not None and (base.tokens != tokens or base.n_ctx != ctx_size):
         raise LlmkitError(f"{kl_base} was made from another text or -c (tokens/context differ)")
-    save_rows = [] if kl_base is not None and not kl else None
     eprint(f"perplexity: {len(tokens)} tokens, {len(tokens) // ctx_size} chunks of {ctx_size}")
     parts = []
 
@@ -64,7 +69,7 @@ def perplexity(
     )
     print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_error:.5f}")
     if save_rows is not None:
-        BaseLogprobs(tokens, ctx_size, save_rows).save(kl_base)
+        BaseLogprobs(tokens, ctx_size, save_rows).save(kl_base, inputs)
         eprint(f"saved base log-probs of {res.n_tokens} tokens to {kl_base}")
     summary = res.kld_summary()
     if summary:

@@ -31,6 +31,7 @@ def quantize(
     from llmkit.core.gguf.imatrix import load_imatrix
     from llmkit.core.gguf.reader import GGUFFile
     from llmkit.core.gguf.writer import write_gguf_streaming
+    from llmkit.core.outputs import check_output
     from llmkit.errors import LlmkitError
     from llmkit.quant.dequant import dequantize
     from llmkit.quant.mix import FTYPES, ModelInfo, choose_types, layer_of, parse_type
@@ -53,10 +54,8 @@ def quantize(
             )
     if not inp.is_file():
         raise LlmkitError(f"input file not found: {inp}")
-    if out.exists() and out.resolve() == inp.resolve():
-        raise LlmkitError("output file is the input file: choose another OUT")
-    if not out.parent.is_dir():
-        raise LlmkitError(f"output directory does not exist: {out.parent}")
+    inputs = (inp, imatrix)  # OUT must replace neither (imatrix may be None)
+    check_output(out, inputs)  # a bad OUT fails now, not after reading the model
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -156,7 +155,9 @@ def quantize(
         return data
 
     with progress:
-        write_gguf_streaming(out, arch, md_out, infos, produce, alignment=gf.alignment)
+        write_gguf_streaming(
+            out, arch, md_out, infos, produce, alignment=gf.alignment, inputs=inputs
+        )
     dt = time.perf_counter() - t0
     console.print(
         f"model size  = {size_in / 2**20:8.2f} MiB\nquant size  = {size_out / 2**20:8.2f} MiB "

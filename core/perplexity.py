@@ -13,15 +13,14 @@ against that file reports the mean KL(base || this model), its uncertainty, and 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llmkit.core.outputs import atomic_output
 from llmkit.errors import LlmkitError
 
 
@@ -65,21 +64,16 @@ class BaseLogprobs:
     def __init__(self, tokens: list[int], n_ctx: int, rows: list[np.ndarray]):
         self.tokens, self.n_ctx, self.rows = tokens, n_ctx, rows
 
-    def save(self, path: Path) -> None:
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".npz")
-        os.close(fd)
-        try:
+    def save(self, path: Path, inputs: Iterable = ()) -> None:
+        """Write atomically; `inputs` (the model, the text) are never replaced."""
+        with atomic_output(path, inputs) as tmp, open(tmp, "wb") as f:
+            # a file object: given a name, np.savez would append ".npz" to it
             np.savez(
-                tmp,
+                f,
                 tokens=np.array(self.tokens, dtype=np.int32),
                 n_ctx=self.n_ctx,
                 logprobs=np.concatenate(self.rows) if self.rows else np.zeros((0, 0), np.float16),
             )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     @classmethod
     def load(cls, path: Path) -> BaseLogprobs:

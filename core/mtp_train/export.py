@@ -55,9 +55,11 @@ def write_sidecar(
     qtype: QT,
     info,
     draft_vocab: torch.Tensor | None = None,
+    inputs=(),
 ):
     """MTP-only GGUF: the NextN block tensors and the base's identity. `info` = training facts;
-    `draft_vocab` = the draft head's token shortlist (none: the full vocabulary)."""
+    `draft_vocab` = the draft head's token shortlist (none: the full vocabulary); `inputs`: files
+    besides the base that the output must never replace."""
     extra = _vocab_md(draft_vocab) | {
         BASE_ID_KEY: base_identity(gf),
         "llmkit.mtp.base_name": str(gf.metadata.get("general.name", Path(gf.path).name)),
@@ -67,7 +69,7 @@ def write_sidecar(
     md = head_metadata(gf, n_heads, extra)
     md.pop("general.file_type", None)
     tensors = {n: _encode(t, qtype) for n, t in blocks.items()}
-    return write_gguf(path, gf.architecture, md, tensors)
+    return write_gguf(path, gf.architecture, md, tensors, inputs=(gf.path, *inputs))
 
 
 def write_merged(
@@ -78,9 +80,11 @@ def write_merged(
     qtype,
     info,
     draft_vocab: torch.Tensor | None = None,
+    inputs=(),
 ):
     """The base model with the NextN blocks appended. `qtype` None: each NextN matrix takes the type
-    of the same tensor in the trunk's last layer ("quantized like the trunk")."""
+    of the same tensor in the trunk's last layer ("quantized like the trunk"). `inputs`: files
+    besides the base that the output must never replace (the base is read while writing)."""
     if int(gf.metadata.get(f"{gf.architecture}.nextn_predict_layers", 0)):
         raise LlmkitError(f"{gf.path} already has NextN blocks: merge into a trunk-only file")
     md = dict(gf.metadata) | head_metadata(
@@ -105,4 +109,4 @@ def write_merged(
             if qt not in QUANTIZERS and qt != QT.F32 or t.shape[-1] % GGML_QUANT_SIZES[qt][0]:
                 qt = QT.Q8_0  # e.g. K-quants need 256-wide rows; Q8_0 fits every row here
         tensors[name] = _encode(t, qt)
-    return write_gguf(Path(path), gf.architecture, md, tensors)
+    return write_gguf(Path(path), gf.architecture, md, tensors, inputs=(gf.path, *inputs))

@@ -12,7 +12,6 @@ the same head.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from llmkit.core.mtp_train.streams import (
     stream_forward,
     student_logits,
 )
+from llmkit.core.outputs import atomic_output, check_output
 from llmkit.errors import LlmkitError
 
 
@@ -83,8 +83,27 @@ class TrainConfig:
             raise LlmkitError("--hidden-weight must be >= 0 and --eval-len >= 2")
         if not self.text and self.generate <= 0:
             raise LlmkitError("no training text: give --text FILE or --generate N > 0")
-        if not Path(self.out).parent.is_dir():
-            raise LlmkitError(f"output directory {Path(self.out).parent} does not exist")
+        self.check_outputs()
+
+    def sources(self) -> tuple:
+        """The files training reads: no output (checkpoint, data cache, head) may replace them."""
+        return (self.base, *self.text, self.eval_prompts)
+
+    def check_outputs(self) -> None:
+        """Fail before hours of training, not at the end: every output must be writable, none an
+        input, no two the same file (the later write would replace the earlier)."""
+        # the checkpoint may replace the one resumed from (that is how a run continues); the
+        # head and the merged model never may
+        outs = {"-o": self.out, "--merge": self.merge, "--ckpt": self.ckpt or self.out + ".ckpt"}
+        seen: dict[str, str] = {}
+        for flag, path in outs.items():
+            if path is None:
+                continue
+            resume = () if flag == "--ckpt" else (self.resume,)
+            real = str(check_output(path, (*self.sources(), *resume)))
+            if real in seen:
+                raise LlmkitError(f"{seen[real]} and {flag} are the same file {path}")
+            seen[real] = flag
 
 
 @dataclass
@@ -160,10 +179,9 @@ def evaluate(cfg, lm, blocks, head_w, val, depth: int) -> list[float]:
     return [a / t if t else 0.0 for a, t in zip(agree, total, strict=True)]
 
 
-def _save_ckpt(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _save_ckpt(path: Path, state: dict, inputs) -> None:
+    with atomic_output(path, inputs) as tmp:
+        torch.save(state, tmp)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -206,7 +224,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         seqs = None
     if seqs is None:
         seqs = build_data(cfg, lm, tok, log)
-        D.save_sequences(data_path, seqs, {"base_id": base_id, "top_k": cfg.top_k})
+        meta = {"base_id": base_id, "top_k": cfg.top_k}
+        D.save_sequences(data_path, seqs, meta, inputs=cfg.sources())
     t_data = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(seqs), generator=gen).tolist()
@@ -266,6 +285,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "data_path": str(data_path),
                 "config": asdict(cfg),
             },
+            cfg.sources(),
         )
 
     t0 = time.perf_counter()
@@ -322,11 +342,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     }
     if prompt_agree:
         info["eval_prompts_top1_agreement"] = [float(a) for a in prompt_agree]
-    out = write_sidecar(cfg.out, lm.gguf, tensors, cfg.blocks, OUT_TYPES[cfg.outtype], info, vocab)
+    inputs = (*cfg.sources(), cfg.resume)
+    qt = OUT_TYPES[cfg.outtype]
+    out = write_sidecar(cfg.out, lm.gguf, tensors, cfg.blocks, qt, info, vocab, inputs=inputs)
     merged = None
     if cfg.merge:
         mt = OUT_TYPES[cfg.merge_type] if cfg.merge_type else None
-        merged = write_merged(cfg.merge, lm.gguf, tensors, cfg.blocks, mt, info, vocab)
+        merged = write_merged(
+            cfg.merge, lm.gguf, tensors, cfg.blocks, mt, info, vocab, inputs=(*inputs, cfg.out)
+        )
     log(f"wrote {out}" + (f" and {merged}" if merged else ""))
     return TrainResult(
         out,
