@@ -26,13 +26,13 @@ def tokenize(
 ) -> None:
     """Tokenize text with the GGUF's tokenizer (ids identical to llama.cpp's)."""
     from llmkit.cli.common import read_prompt
-    from llmkit.core.gguf.reader import GGUFFile
     from llmkit.core.model.catalog import resolve_model
+    from llmkit.core.models.loader import read_model_file
     from llmkit.core.tokenizer import load_tokenizer
 
     text = read_prompt(prompt, file, required=True)
-    gf = GGUFFile(resolve_model(model))
-    tok = load_tokenizer(gf.metadata)
+    mf = read_model_file(resolve_model(model))  # the checks of `llm run`, without the weights
+    tok = load_tokenizer(mf.gf.metadata)
     out = tok.encode(text, add_special=not no_bos, parse_special=not no_parse_special)
     if ids:
         print("[" + ", ".join(map(str, out)) + "]")

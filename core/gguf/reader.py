@@ -117,6 +117,10 @@ class _Cursor:
             end = len(buf)
             unpack = struct.Struct("<Q").unpack_from
             for _ in range(count):
+                if pos + 8 > end:
+                    raise LlmkitError(
+                        f"{self.path}: truncated or corrupt GGUF while reading {what}"
+                    )
                 (n,) = unpack(buf, pos)
                 pos += 8
                 if pos + n > end:
@@ -150,17 +154,21 @@ class GGUFFile:
             raise LlmkitError(f"{path}: not a GGUF file (bad magic {bytes(cur.buf[:4])!r})")
         cur.pos = 4
         self.version = cur.scalar("<I", "version")
-        if self.version not in (2, 3):
+        if self.version not in (2, 3):  # llama.cpp reads versions 2 and 3 (same layout)
             raise LlmkitError(f"{path}: unsupported GGUF version {self.version} (need 2 or 3)")
         n_tensors = cur.scalar("<Q", "tensor count")
         n_kv = cur.scalar("<Q", "kv count")
         # each kv needs >= 12 bytes, each tensor info >= 24: reject absurd counts before looping
         cur.need(n_kv * 12 + n_tensors * 24, "header counts")
         self.metadata: dict[str, Any] = {}
+        self.value_types: dict[str, int] = {}  # key -> GGUF value type (what the writer declared)
         for i in range(n_kv):
             key = cur.string(f"key #{i}")
+            if key in self.metadata:
+                raise LlmkitError(f"{path}: duplicate metadata key {key}")
             vtype = cur.scalar("<I", f"type of {key}")
             self.metadata[key] = cur.value(vtype, key)
+            self.value_types[key] = vtype
         infos = []
         for i in range(n_tensors):
             name = cur.string(f"tensor name #{i}")
@@ -172,12 +180,14 @@ class GGUFFile:
             rel = cur.scalar("<Q", f"offset of {name}")
             infos.append((name, ne, type_id, rel))
         align = self.metadata.get("general.alignment", 32)
+        if "general.alignment" in self.metadata and self.value_types["general.alignment"] != 4:
+            raise LlmkitError(f"{path}: general.alignment must be a u32, found {align!r}")
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise LlmkitError(f"{path}: invalid general.alignment {align!r}")
+            raise LlmkitError(f"{path}: general.alignment {align!r} is not a power of two")
         self.alignment = align
         self.data_offset = (cur.pos + align - 1) // align * align
         self.tensors: dict[str, TensorInfo] = {}
-        size = len(self._mm)
+        size, expected = len(self._mm), 0
         for name, ne, type_id, rel in infos:
             if name in self.tensors:
                 raise LlmkitError(f"{path}: duplicate tensor {name}")
@@ -185,6 +195,15 @@ class GGUFFile:
                 raise LlmkitError(f"{path}: tensor {name} has invalid shape {ne}")
             n = int(np.prod(ne, dtype=object))
             nbytes = _nbytes(name, type_id, ne[0], n)
+            # llama.cpp's layout rule: tensors lie in header order, each at the running end of
+            # the previous ones padded to the alignment. A type or shape changed without moving
+            # the data, an overlap or a gap breaks it, so such files fail here, as they do there.
+            if rel != expected:
+                raise LlmkitError(
+                    f"{path}: tensor {name} has data offset {rel}, expected {expected} "
+                    f"(overlapping, misaligned or mis-sized tensor data)"
+                )
+            expected += (nbytes + align - 1) // align * align
             start = self.data_offset + rel
             if start + nbytes > size:
                 raise LlmkitError(

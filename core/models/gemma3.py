@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.model.config import ModelConfig, gguf
+from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import (
     DecoderLM,
@@ -25,6 +25,7 @@ from llmkit.core.models.common import (
     trunk_specs,
 )
 from llmkit.core.models.nextn import NextNHeads, nextn_specs
+from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.rope import ROPE_NEOX
@@ -50,22 +51,26 @@ NORMS = {
 
 @dataclass(kw_only=True)
 class Config(ModelConfig):
-    eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-6)
-    n_ctx_train: int = gguf("context_length", 32768)
-    softcap: float = gguf("final_logit_softcapping", 0.0)
-    n_ff: int = gguf("feed_forward_length")
-    n_head: int = gguf("attention.head_count")
-    n_head_kv: int = gguf("attention.head_count_kv")
-    head_dim: int = gguf("attention.key_length")
-    head_dim_v: int | None = gguf("attention.value_length", None)
-    rope_base: float = gguf("rope.freq_base", 1e6)
-    rope_base_swa: float = gguf("rope.freq_base_swa", 10000.0)
+    eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-6, above=0.0, at_most=1.0)
+    n_ctx_train: int = gguf("context_length", 32768, at_least=1, at_most=1 << 30)
+    softcap: float = gguf("final_logit_softcapping", 0.0, at_least=0.0)
+    n_ff: int = gguf("feed_forward_length", at_least=1, at_most=MAX_DIM)
+    n_head: int = gguf("attention.head_count", at_least=1, at_most=MAX_DIM)
+    n_head_kv: int = gguf("attention.head_count_kv", at_least=1, at_most=MAX_DIM)
+    head_dim: int = gguf("attention.key_length", at_least=1, at_most=MAX_HEAD_DIM)
+    head_dim_v: int | None = gguf("attention.value_length", None, at_least=1, at_most=MAX_HEAD_DIM)
+    rope_base: float = gguf("rope.freq_base", 1e6, above=0.0)
+    rope_base_swa: float = gguf("rope.freq_base_swa", 10000.0, above=0.0)
     rope_scaling: str | None = gguf("rope.scaling.type", None)
-    rope_factor: float | None = gguf("rope.scaling.factor", None)
-    sliding_window: int = gguf("attention.sliding_window", 0)
+    rope_factor: float | None = gguf("rope.scaling.factor", None, above=0.0)
+    sliding_window: int = gguf("attention.sliding_window", 0, at_least=0, at_most=1 << 30)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.n_head % self.n_head_kv:
+            raise LlmkitError(
+                f"gemma3: {self.n_head} query heads do not divide into {self.n_head_kv} kv heads"
+            )
         self.head_dim_v = self.head_dim_v or self.head_dim
         self.freq_scale = 1.0 / self.rope_factor if self.rope_factor else 1.0
         # llama.cpp: 27B (62 layers) scales queries by 1/sqrt(n_embd/n_head), the others by 1/sqrt(head_dim)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.model.config import ModelConfig, gguf
+from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import (
     DecoderLM,
@@ -41,15 +41,17 @@ NORMS = {"attn_norm": "attn_norm", "ffn_norm": "ffn_norm"}
 
 @dataclass(kw_only=True)
 class Config(ModelConfig):
-    n_ff: int = gguf("feed_forward_length")
-    n_head: int = gguf("attention.head_count")
-    n_head_kv: int | None = gguf("attention.head_count_kv", None)
-    head_dim: int | None = gguf("attention.key_length", None)
-    n_rot: int | None = gguf("rope.dimension_count", None)
-    rope_base: float = gguf("rope.freq_base", 10000.0)
+    n_ff: int = gguf("feed_forward_length", at_least=1, at_most=MAX_DIM)
+    n_head: int | list[int] = gguf("attention.head_count", at_least=1, at_most=MAX_DIM)
+    n_head_kv: int | list[int] | None = gguf(
+        "attention.head_count_kv", None, at_least=1, at_most=MAX_DIM
+    )
+    head_dim: int | None = gguf("attention.key_length", None, at_least=1, at_most=MAX_HEAD_DIM)
+    n_rot: int | None = gguf("rope.dimension_count", None, at_least=1, at_most=MAX_HEAD_DIM)
+    rope_base: float = gguf("rope.freq_base", 10000.0, above=0.0)
     rope_scaling: str | None = gguf("rope.scaling.type", None)
-    rope_factor: float | None = gguf("rope.scaling.factor", None)
-    attn_scale: float | None = gguf("attention.scale", None)
+    rope_factor: float | None = gguf("rope.scaling.factor", None, above=0.0)
+    attn_scale: float | None = gguf("attention.scale", None, above=0.0)
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,6 +64,14 @@ class Config(ModelConfig):
                     )
                 setattr(self, name, v[0])
         self.n_head_kv = self.n_head_kv or self.n_head
+        if self.n_head % self.n_head_kv:
+            raise LlmkitError(
+                f"llama: {self.n_head} query heads do not divide into {self.n_head_kv} kv heads"
+            )
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise LlmkitError(
+                f"llama: embedding_length {self.n_embd} is not a multiple of {self.n_head} heads"
+            )
         self.head_dim = self.head_dim or self.n_embd // self.n_head
         self.n_rot = self.n_rot or self.head_dim
         if self.n_rot != self.head_dim:

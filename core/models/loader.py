@@ -143,19 +143,27 @@ def _shipped_head(gf: GGUFFile) -> GGUFFile | None:
     return GGUFFile(p) if p is not None else None
 
 
-def load_model(
+@dataclass
+class ModelFile:
+    """A model file read and checked: metadata types and ranges, the typed config, every tensor
+    the architecture needs (mapped, not read), the vocabulary against the embedding."""
+
+    gf: GGUFFile
+    gd: GGUFFile | None  # the MTP sidecar, when one is used
+    arch: str
+    module: object  # the architecture's module (core/models/<arch>.py)
+    config: ModelConfig
+    tensors: dict[str, QTensor]
+
+
+def read_model_file(
     path: str | Path,
-    device: str = "cpu",
-    weight_dtype: torch.dtype = torch.float32,
     mtp: bool = False,
     draft_path: str | Path | None = None,
     moe_n_expert: int | None = None,
-    kernels: str | None = None,
-) -> LoadedModel:
-    """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
-    sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models;
-    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/ops.py)."""
-    t0 = time.perf_counter()
+) -> ModelFile:
+    """Everything `load_model` checks before it builds anything (`llm tokenize` runs it too, so a
+    file `llm run` rejects is rejected there as well)."""
     gf = GGUFFile(path)
     arch = gf.architecture
     mod = arch_module(arch)
@@ -175,6 +183,12 @@ def load_model(
                 f"MTP sidecar {draft_path} does not belong to this model "
                 f"(sidecar: {got}, model: {arch} {list(emb.shape)})"
             )
+    tokens = gf.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != emb.shape[0]:  # llama.cpp: a shape error
+        raise LlmkitError(
+            f"{path}: the vocabulary has {len(tokens)} tokens but token_embd.weight has "
+            f"{emb.shape[0]} rows"
+        )
     overrides = {"n_vocab": emb.shape[0]}
     if moe_n_expert is not None:
         if "n_expert_used_override" not in {f.name for f in dataclasses.fields(mod.Config)}:
@@ -187,18 +201,38 @@ def load_model(
             f"--mtp: {path} has no NextN (MTP) blocks (nextn_predict_layers is 0); "
             "give an MTP sidecar with -md (`llm mtp-train` makes one)"
         )
+    tensors = _load_weights(mod, cfg, gf, gd, mtp)
+    return ModelFile(gf, gd, arch, mod, cfg, tensors)
+
+
+def load_model(
+    path: str | Path,
+    device: str = "cpu",
+    weight_dtype: torch.dtype = torch.float32,
+    mtp: bool = False,
+    draft_path: str | Path | None = None,
+    moe_n_expert: int | None = None,
+    kernels: str | None = None,
+) -> LoadedModel:
+    """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
+    sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models;
+    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/ops.py)."""
+    t0 = time.perf_counter()
+    mf = read_model_file(path, mtp, draft_path, moe_n_expert)
+    gf, gd, arch, mod, cfg, tensors = mf.gf, mf.gd, mf.arch, mf.module, mf.config, mf.tensors
     if device not in ("cpu", "cuda"):
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise LlmkitError("--device cuda requested but no CUDA device is available")
-    tensors = _load_weights(mod, cfg, gf, gd, mtp)
     backend = Backend(torch.device(device), weight_dtype, kernels)
     if backend.device.type != "cpu":
         tensors = tensors_to(tensors, backend.device)
     model = mod.Model(cfg, tensors, backend, mtp=mtp)
     vocab = (gd or gf).metadata.get(DRAFT_VOCAB_KEY) if mtp else None
     if vocab is not None:
-        model.mtp.set_draft_vocab(torch.as_tensor(np.asarray(vocab, dtype=np.int64)))
+        if not (isinstance(vocab, np.ndarray) and vocab.dtype.kind in "iu" and vocab.ndim == 1):
+            raise LlmkitError(f"GGUF metadata {DRAFT_VOCAB_KEY} must be an array of integers")
+        model.mtp.set_draft_vocab(torch.as_tensor(vocab.astype(np.int64)))
     if backend.device.type != "cpu":
         model = OnDevice(model, backend.device)
     return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.model.config import ModelConfig, gguf, per_layer
+from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf, per_layer
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import DecoderLM, Embedding, trunk_specs
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
@@ -35,25 +35,27 @@ from llmkit.quant.tensor import QTensor
 
 @dataclass(kw_only=True)
 class Config(ModelConfig):
-    n_ctx_train: int = gguf("context_length", 262144)
-    n_ff: int = gguf("feed_forward_length")
-    n_head: int | list[int] = gguf("attention.head_count")  # per-layer array or scalar
-    n_head_kv: int | list[int] = gguf("attention.head_count_kv")
-    head_dim: int = gguf("attention.key_length")
-    head_dim_v: int | None = gguf("attention.value_length", None)
-    sliding_window: int = gguf("attention.sliding_window", 0)
+    n_ctx_train: int = gguf("context_length", 262144, at_least=1, at_most=1 << 30)
+    n_ff: int = gguf("feed_forward_length", at_least=1, at_most=MAX_DIM)
+    n_head: int | list[int] = gguf(
+        "attention.head_count", at_least=1, at_most=MAX_DIM
+    )  # per-layer array or scalar
+    n_head_kv: int | list[int] = gguf("attention.head_count_kv", at_least=1, at_most=MAX_DIM)
+    head_dim: int = gguf("attention.key_length", at_least=1, at_most=MAX_HEAD_DIM)
+    head_dim_v: int | None = gguf("attention.value_length", None, at_least=1, at_most=MAX_HEAD_DIM)
+    sliding_window: int = gguf("attention.sliding_window", 0, at_least=0, at_most=1 << 30)
     swa_pattern: bool | list[bool] = gguf("attention.sliding_window_pattern", False)
-    rope_base: float = gguf("rope.freq_base", 10000.0)
-    rope_base_swa: float | None = gguf("rope.freq_base_swa", None)
-    n_rot: int | None = gguf("rope.dimension_count", None)
+    rope_base: float = gguf("rope.freq_base", 10000.0, above=0.0)
+    rope_base_swa: float | None = gguf("rope.freq_base_swa", None, above=0.0)
+    n_rot: int | None = gguf("rope.dimension_count", None, at_least=1, at_most=MAX_HEAD_DIM)
     rope_scaling: str | None = gguf("rope.scaling.type", None)
-    rope_factor: float | None = gguf("rope.scaling.factor", None)
-    n_expert: int = gguf("expert_count", 0)
-    n_expert_used: int = gguf("expert_used_count", 0)
-    n_ff_exp: int = gguf("expert_feed_forward_length", 0)
-    n_ff_shexp: int = gguf("expert_shared_feed_forward_length", 0)
+    rope_factor: float | None = gguf("rope.scaling.factor", None, above=0.0)
+    n_expert: int = gguf("expert_count", 0, at_least=0, at_most=4096)
+    n_expert_used: int = gguf("expert_used_count", 0, at_least=0, at_most=4096)
+    n_ff_exp: int = gguf("expert_feed_forward_length", 0, at_least=0, at_most=MAX_DIM)
+    n_ff_shexp: int = gguf("expert_shared_feed_forward_length", 0, at_least=0, at_most=MAX_DIM)
     expert_weights_norm: bool = gguf("expert_weights_norm", False)
-    expert_weights_scale: float = gguf("expert_weights_scale", 0.0)
+    expert_weights_scale: float = gguf("expert_weights_scale", 0.0, at_least=0.0)
     expert_gating_func: int = gguf("expert_gating_func", GATING_SIGMOID)
     swiglu_clamp_exp: float | list[float] = gguf("swiglu_clamp_exp", 0.0)
     swiglu_clamp_shexp: float | list[float] = gguf("swiglu_clamp_shexp", 0.0)

@@ -138,8 +138,47 @@ class Vocab:
         return UNDEFINED
 
 
+MAX_TOKENS = 1 << 24  # a vocabulary past 16M tokens is a lie sized to exhaust memory
+
+
+def _check_types(md: dict[str, Any]) -> None:
+    """The tokenizer keys as llama.cpp requires them (it throws on a wrong type): strings where
+    strings belong, the token list an array of strings, scores an array of floats, types and
+    special ids integers, merges an array of strings. One line naming the key otherwise."""
+
+    def fail(key: str, want: str, v: Any) -> None:
+        found = f"array of {v.dtype.name}" if isinstance(v, np.ndarray) else type(v).__name__
+        raise LlmkitError(f"GGUF metadata tokenizer.ggml.{key} must be {want}, found {found}")
+
+    for key in ("model", "pre"):
+        v = md.get(_PREFIX + key)
+        if v is not None and not isinstance(v, str):
+            fail(key, "a string", v)
+    for key in ("tokens", "merges"):
+        v = md.get(_PREFIX + key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            fail(key, "an array of strings", v)
+    tokens = md.get(_PREFIX + "tokens")
+    if tokens is not None and len(tokens) > MAX_TOKENS:
+        raise LlmkitError(f"tokenizer.ggml.tokens has {len(tokens)} entries (at most {MAX_TOKENS})")
+    for key, kinds in (("scores", "fc"), ("token_type", "iu")):
+        v = md.get(_PREFIX + key)
+        if v is not None and not (isinstance(v, np.ndarray) and v.dtype.kind in kinds):
+            fail(key, "an array of " + ("floats" if kinds == "fc" else "integers"), v)
+    for keys in _ROLE_KEYS.values():
+        for key in keys:
+            v = md.get(_PREFIX + key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+                fail(key, "an integer", v)
+    for key in ("add_bos_token", "add_eos_token", "add_sep_token", "add_space_prefix"):
+        v = md.get(_PREFIX + key)
+        if v is not None and not isinstance(v, (bool, np.bool_)):
+            fail(key, "a bool", v)
+
+
 def load_vocab(md: dict[str, Any]) -> Vocab:
     """Build a Vocab from GGUF metadata (`GGUFFile.metadata`)."""
+    _check_types(md)
     model = md.get(_PREFIX + "model")
     if model is None:
         raise LlmkitError("GGUF has no tokenizer.ggml.model: cannot build a tokenizer")
