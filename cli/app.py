@@ -63,11 +63,19 @@ def main() -> None:
         rc = 130
     except BrokenPipeError:
         rc = 0
-    except Exception as e:  # an internal bug: still one line, with how to get the traceback
+    except MemoryError:
         if debug:
             raise
-        print(f"error: {type(e).__name__}: {e} (LLMKIT_DEBUG=1 for a traceback)", file=sys.stderr)
+        print("error: out of memory", file=sys.stderr)
         rc = 1
+    except Exception:  # a bug of ours: one line, no internal text, and how to see the traceback
+        if debug:
+            raise
+        print(
+            "error: internal error, please report it (run with LLMKIT_DEBUG=1 for the details)",
+            file=sys.stderr,
+        )
+        rc = 70  # EX_SOFTWARE
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -69,10 +69,8 @@ def chat_loop(llm, first: str | None, system: str | None, params, n_predict: int
               verbose: bool) -> None:  # fmt: skip
     """Read user turns from stdin (`/exit` ends), stream each reply; the cache keeps the earlier
     turns, so each turn evaluates only its new tokens."""
-    from llmkit.core.tokenizer.chat import chat_template
-
     if verbose:
-        eprint(f"chat template: {chat_template(llm.lm.metadata, llm.lm.arch)[1]}")
+        eprint(f"chat template: {llm.chat_format.source}")
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     pending = first
@@ -93,7 +91,11 @@ def chat_loop(llm, first: str | None, system: str | None, params, n_predict: int
         messages.append({"role": "user", "content": pending})
         pending = None
         reply = []
-        for piece in llm.stream(llm.chat_prompt(messages), params, n_predict, ignore_eos):
+        n_warn = len(llm.warnings)
+        ids = llm.chat_prompt(messages)
+        for w in llm.warnings[n_warn:]:  # the file's template failed: the built-in one is used
+            eprint(f"warning: {w}")
+        for piece in llm.stream(ids, params, n_predict, ignore_eos):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -107,6 +107,11 @@ def run(
         raise LlmkitError(f"-c must be >= 0, got {ctx_size}")
     if batch_size < 1:
         raise LlmkitError(f"-ub must be >= 1, got {batch_size}")
+    if stats_json is not None:  # refused before any work: never the model or the prompt file
+        from llmkit.core.model.catalog import resolve_model
+        from llmkit.core.outputs import check_output
+
+        check_output(stats_json, [p for p in (resolve_model(model), model_draft, file) if p])
     n_threads = set_threads(threads)
     params = sampler_params(
         temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
@@ -146,4 +151,5 @@ def run(
         sys.stdout.write("\n")
     print_timings(llm)
     if stats_json:
-        write_json_atomic(stats_json, llm.stats_dict(n_threads))
+        inputs = [p for p in (llm.lm.path, model_draft, file) if p is not None]
+        write_json_atomic(stats_json, llm.stats_dict(n_threads), inputs=inputs)

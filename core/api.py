@@ -24,7 +24,7 @@ from llmkit.core.decode.speculative import SpecConfig, SpecStats
 from llmkit.core.model.catalog import resolve_model
 from llmkit.core.models.loader import LoadedModel, load_model
 from llmkit.core.tokenizer import Tokenizer, load_tokenizer
-from llmkit.core.tokenizer.chat import chat_template, render_chat
+from llmkit.core.tokenizer.chat import ChatFormat
 from llmkit.errors import LlmkitError
 
 
@@ -71,6 +71,7 @@ class LLM:
     stats: GenStats = field(default_factory=GenStats)
     history: list[int] = field(default_factory=list)  # tokens whose K/V the cache holds
     warnings: list[str] = field(default_factory=list)
+    _chat: ChatFormat | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, model: str | Path | None = None, **options) -> LLM:
@@ -130,14 +131,23 @@ class LLM:
         stream = TextStream(self.tokenizer)
         return "".join(stream.put(t) for t in ids) + stream.end()
 
+    @property
+    def chat_format(self) -> ChatFormat:
+        if self._chat is None:
+            tok = self.tokenizer
+            bos = tok.id_to_text(tok.bos_id) if tok.bos_id is not None else ""
+            eos = tok.id_to_text(tok.eos_id) if tok.eos_id is not None else ""
+            self._chat = ChatFormat(self.lm.metadata, self.lm.arch, bos, eos)
+        return self._chat
+
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The token ids of `messages` rendered with the GGUF's chat template (generation
-        prompt added)."""
-        template, _ = chat_template(self.lm.metadata, self.lm.arch)
-        tok = self.tokenizer
-        bos = tok.id_to_text(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.id_to_text(tok.eos_id) if tok.eos_id is not None else ""
-        text = render_chat(template, messages, bos, eos, add_generation_prompt=True)
+        prompt added); a template that fails falls back to the built-in format, with a
+        warning added to `warnings`."""
+        fmt, tok = self.chat_format, self.tokenizer
+        n_warn = len(fmt.warnings)
+        text = fmt.render(messages, add_generation_prompt=True)
+        self.warnings.extend(fmt.warnings[n_warn:])
         ids = self.tokenize(text)
         if len(ids) > 1 and ids[0] == ids[1] == tok.bos_id:
             ids = ids[1:]  # the template already wrote BOS

@@ -19,7 +19,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.cache.store import KV_TYPES, alloc, load, store
+from llmkit.core.cache.store import KV_TYPES, alloc, buffer_bytes, check_fits, load, store
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
 from llmkit.kernels.backend import default_family
@@ -63,11 +63,21 @@ class KVCache:
         self.type_k, self.type_v = type_k, type_v
         self.groups: dict[str, _Group] = {}
         self.group_of: dict[int, _Group] = {}
+        if n_ctx < 1:
+            raise LlmkitError(f"context size must be at least 1, got {n_ctx}")
+        plan = []  # (il, spec, group name, slots): sized and checked before any allocation
         for il, spec in sorted(layers.items()):
             if spec.window is None:
-                gname, cap = "full", n_ctx
+                plan.append((il, spec, "full", n_ctx))
             else:
-                gname, cap = f"swa{spec.window}", min(n_ctx, spec.window + margin)
+                plan.append((il, spec, f"swa{spec.window}", min(n_ctx, spec.window + margin)))
+        total = sum(
+            buffer_bytes(type_k, s.n_head_kv, cap, s.head_dim_k)
+            + buffer_bytes(type_v, s.n_head_kv, cap, s.head_dim_v)
+            for _, s, _, cap in plan
+        )
+        check_fits(total, device, f"the KV cache for a context of {n_ctx} tokens")
+        for il, spec, gname, cap in plan:
             g = self.groups.get(gname)
             if g is None:
                 pos = torch.full((cap,), -1, dtype=torch.int64, device=device)

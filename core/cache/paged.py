@@ -29,7 +29,7 @@ import torch
 
 # the contiguous cache's typed buffers and writer: the same per-layer layout and element types
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.cache.store import KV_TYPES, alloc, gather, store
+from llmkit.core.cache.store import KV_TYPES, alloc, buffer_bytes, check_fits, gather, store
 from llmkit.errors import LlmkitError
 from llmkit.kernels.backend import default_family
 
@@ -122,6 +122,12 @@ class PagedKV:
         n_full = math.ceil(n_tokens / block_size)
         self.groups: dict[str, Group] = {}
         self.group_of: dict[int, Group] = {}
+        total = 0
+        for spec in layers.values():  # sized and checked before any allocation
+            n = n_full if spec.window is None else min(n_full, n_seq_max * self._swa_cap(spec))
+            total += buffer_bytes(type_k, spec.n_head_kv, n * block_size, spec.head_dim_k)
+            total += buffer_bytes(type_v, spec.n_head_kv, n * block_size, spec.head_dim_v)
+        check_fits(total, device, f"the KV pool for {n_tokens} tokens")
         for il, spec in sorted(layers.items()):
             gname = "full" if spec.window is None else f"swa{spec.window}"
             g = self.groups.get(gname)

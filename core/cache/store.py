@@ -22,15 +22,56 @@ KV_TYPES = {
 }
 
 
-def alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
+def buffer_bytes(kind: str, n_head: int, cap: int, dim: int) -> int:
+    """Bytes of one layer's K or V buffer [n_head, cap, dim] of cache type `kind`."""
     t = KV_TYPES[kind]
     if isinstance(t, torch.dtype):
-        return torch.zeros(n_head, cap, dim, dtype=t, device=device)
+        return n_head * cap * dim * t.itemsize
     if dim % 32:
         raise LlmkitError(
             f"{kind} KV cache needs a head dimension that is a multiple of 32 (got {dim})"
         )
-    return torch.zeros(n_head, cap, row_bytes(t, dim), dtype=torch.uint8, device=device)
+    return n_head * cap * row_bytes(t, dim)
+
+
+def available_bytes(device) -> int | None:
+    """Memory a new allocation can take: MemAvailable + free swap on a CPU (Linux), free device
+    memory on a GPU; None where it cannot be known."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        info = dict(
+            (line.split(":")[0], int(line.split()[1]) * 1024)
+            for line in open("/proc/meminfo")
+            if line.split()[1:2] and line.split()[1].isdigit()
+        )
+    except OSError:
+        return None
+    if "MemAvailable" not in info:
+        return None
+    return info["MemAvailable"] + info.get("SwapFree", 0)
+
+
+def check_fits(nbytes: int, device, what: str) -> None:
+    """Refuse, before allocating, what the machine cannot hold (a huge -c, a lying header)."""
+    avail = available_bytes(device)
+    if avail is not None and nbytes > avail:
+        raise LlmkitError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB of memory "
+            f"is available (lower -c or use a smaller KV cache type)"
+        )
+
+
+def alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
+    t = KV_TYPES[kind]
+    shape = (n_head, cap, dim) if isinstance(t, torch.dtype) else (n_head, cap, row_bytes(t, dim))
+    buffer_bytes(kind, n_head, cap, dim)  # the head-dim check
+    try:
+        return torch.zeros(*shape, dtype=t if isinstance(t, torch.dtype) else torch.uint8,
+                           device=device)  # fmt: skip
+    except (RuntimeError, MemoryError):  # what check_fits could not foresee (another process)
+        raise LlmkitError(f"cannot allocate a KV cache buffer of shape {list(shape)}") from None
 
 
 def store(buf: torch.Tensor, kind: str, slots: torch.Tensor, x: torch.Tensor) -> None:

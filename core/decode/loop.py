@@ -21,7 +21,7 @@ import torch
 
 from llmkit.core.decode.drafter import Draft, Drafter
 from llmkit.core.decode.sampling import Sampler
-from llmkit.core.decode.speculative import SpecConfig, SpecStats, verify
+from llmkit.core.decode.speculative import SpecConfig, SpecStats, finite, verify
 from llmkit.errors import LlmkitError
 
 
@@ -73,7 +73,7 @@ def prefill(
             h = model.forward(chunk, cache, logits=None).hidden
             drafter.observe(p0, chunk, h)
             logits = model.lm_logits(h[-1:])
-    return logits[0]
+    return finite(logits[0])
 
 
 def generate(

@@ -125,6 +125,14 @@ class SpecStats:
         }
 
 
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """The logits, or a one-line error when the model produced NaN / inf (corrupt weights, a
+    tensor type that does not match its bytes): never sample from garbage."""
+    if not bool(torch.isfinite(logits).all()):
+        raise LlmkitError("the model produced non-finite logits (NaN or inf): corrupt weights?")
+    return logits
+
+
 def accept(s: Sampler, logits, drafts: list[int], qs: list, history: list[int]) -> tuple[int, int]:
     """Apply the acceptance rule to verify logits [k+1, V]: (number accepted, next token)."""
     row = logits.__getitem__
@@ -152,7 +160,7 @@ def verify(model, cache, s, last: int, draft: Draft, history: list[int], hidden:
     drafts, alts = draft.tokens, draft.alts
     if not drafts and not hidden:
         out = model.forward(torch.tensor([last]), cache, logits="last")
-        return [], s(out.logits[0], history), torch.tensor([last]), out.hidden
+        return [], s(finite(out.logits[0]), history), torch.tensor([last]), out.hidden
     p0 = cache.n_past
     batch = torch.tensor([last, *drafts, *alts])
     parents = [-1, *range(len(drafts)), *[0] * len(alts)]
@@ -160,7 +168,7 @@ def verify(model, cache, s, last: int, draft: Draft, history: list[int], hidden:
         h = model.forward(batch, cache, logits=None).hidden  # [1 + k + b, H]
     # the LM head for every row in one call: a small-M matmul reads the head's weights once,
     # which costs less than reading them again for each row the acceptance rule reaches
-    logits = model.lm_logits(h)
+    logits = finite(model.lm_logits(h))
     t = s.sample(logits[0], history) if alts else None
     if t is not None and t in alts:  # an alternative is the target's token: it and its bonus
         r = 1 + len(drafts) + alts.index(t)
