@@ -32,6 +32,15 @@ def serve(
     max_body: int = typer.Option(
         1 << 20, "--max-body-bytes", help="Largest request body accepted."
     ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", help="Requests that may wait for a slot; more get 503 + Retry-After."
+    ),
+    timeout: float = typer.Option(
+        60.0,
+        "-to",
+        "--timeout",
+        help="Seconds to receive a request body (else 408) and to send each streamed chunk.",
+    ),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     cache_type_k: str = typer.Option("f16", "-ctk", "--cache-type-k", help="K cache type."),
@@ -69,6 +78,10 @@ def serve(
         raise LlmkitError(f"--port must be between 0 and 65535, got {port}")
     if kv_cache_tokens < 0 or max_body < 1:
         raise LlmkitError("--kv-cache-tokens must be >= 0 and --max-body-bytes >= 1")
+    if max_queue < 1:
+        raise LlmkitError(f"--max-queue must be >= 1, got {max_queue}")
+    if not 0 < timeout < float("inf"):  # also refuses nan
+        raise LlmkitError(f"--timeout must be a finite number > 0, got {timeout}")
     if not 0.0 <= draft_p_min <= 1.0:
         raise LlmkitError(f"--draft-p-min must be in [0, 1], got {draft_p_min}")
     if model_draft and not mtp:
@@ -97,8 +110,9 @@ def serve(
         draft_p_min=draft_p_min,
         draft_policy=draft_policy,
         prefix_sharing=not no_prefix_sharing,
+        max_queue=max_queue,
     )
-    http = HttpOptions(host, port, api_key, metrics, max_body)
+    http = HttpOptions(host, port, api_key, metrics, max_body, timeout_s=timeout)
     server = Server(lm, load_tokenizer(lm.metadata), opts, http, path.stem)
     kv = server.engine.pool.stats()
     eprint(

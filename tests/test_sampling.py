@@ -58,8 +58,56 @@ def test_sampling_follows_distribution():
 
 
 @pytest.mark.parametrize(
-    "kw", [{"top_k": -1}, {"top_p": 0.0}, {"min_p": 1.5}, {"repeat_penalty": 0}]
+    "kw", [{"top_k": -1}, {"top_p": 1.5}, {"min_p": 1.5}, {"repeat_penalty": 0}]
 )
 def test_bad_params(kw):
     with pytest.raises(LlmkitError):
         make_sampler(SamplerParams(**kw))
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"temp": float("nan")}, "--temp"),
+        ({"temp": float("inf")}, "--temp"),
+        ({"temp": -0.5}, "--temp"),
+        ({"top_p": float("nan")}, "--top-p"),
+        ({"top_p": -0.1}, "--top-p"),
+        ({"min_p": float("nan")}, "--min-p"),
+        ({"repeat_penalty": float("nan")}, "--repeat-penalty"),
+        ({"repeat_penalty": float("inf")}, "--repeat-penalty"),
+        ({"repeat_last_n": -2}, "--repeat-last-n"),
+        ({"seed": 2**64}, "--seed"),
+        ({"seed": 2**70}, "--seed"),
+        ({"seed": -2}, "--seed"),
+        ({"seed": True}, "--seed"),
+        ({"top_k": 2.5}, "--top-k"),
+    ],
+)
+def test_params_validate_themselves_naming_the_parameter(kw, name):
+    with pytest.raises(LlmkitError, match=f"^{name} must be"):
+        SamplerParams(**kw).validate()
+    with pytest.raises(LlmkitError, match=f"^{name} must be"):
+        make_sampler(SamplerParams(**kw))
+
+
+def test_edge_values_are_accepted():
+    for kw in ({"seed": 2**64 - 1}, {"seed": 0}, {"seed": -1}, {"top_p": 0.0}, {"temp": 0}):
+        make_sampler(SamplerParams(**kw))(LOGITS, [])
+    # top_p 0 keeps the most likely token only
+    ids, _ = filtered_probs(LOGITS, SamplerParams(temp=1.0, top_k=0, top_p=0.0, min_p=0.0))
+    assert ids.tolist() == [3]
+
+
+def test_names_map_renames_the_parameter():
+    with pytest.raises(LlmkitError, match="^'temperature' must be"):
+        SamplerParams(temp=float("nan")).validate({"temp": "'temperature'"})
+
+
+@pytest.mark.parametrize("args", [["--temp", "nan"], ["--temp", "-1"], ["--seed", str(2**70)]])
+def test_llm_run_bad_sampling_flag_is_one_line(capsys, monkeypatch, args):
+    from cli_run import llm
+
+    rc, _, err = llm(capsys, monkeypatch, "run", "-m", "none.gguf", "-p", "hi", *args)
+    assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err
+    assert args[0] in err, err

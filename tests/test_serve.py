@@ -134,7 +134,7 @@ def test_models_health_slots(server, oai):
         ("/v1/completions", b'{"prompt": 5}', 400, "'prompt'"),
         ("/v1/completions", b'{"prompt": "x", "logprobs": 2}', 400, "not supported"),
         ("/v1/completions", b'{"prompt": "x", "temperature": "hot"}', 400, "temperature"),
-        ("/v1/completions", b'{"prompt": "x", "top_p": 0}', 400, "top_p"),
+        ("/v1/completions", b'{"prompt": "x", "top_p": 1.5}', 400, "top_p"),
         ("/v1/completions", b'{"prompt": "x", "id_slot": 99}', 400, "id_slot"),
         ("/v1/completions", b'{"prompt": "' + b"w " * 400 + b'"}', 400, "context"),
         ("/v1/completions", b'{"prompt": "' + b"w" * 70000 + b'"}', 413, "exceeds"),

@@ -22,6 +22,9 @@ def tiny(tmp_path_factory):
         (["--mtp"], "no NextN"),
         (["-md", "x.gguf"], "needs --mtp"),
         (["--draft-p-min", "2"], "--draft-p-min must be in [0, 1]"),
+        (["--max-queue", "0"], "--max-queue must be >= 1"),
+        (["--timeout", "0"], "--timeout must be a finite number > 0"),
+        (["--timeout", "nan"], "--timeout must be a finite number > 0"),
     ],
 )
 def test_bad_flags_give_one_line_errors(tiny, capsys, monkeypatch, args, msg):

@@ -7,12 +7,24 @@ The draw uses a seeded `torch.Generator`: the same seed gives the same tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llmkit.errors import LlmkitError
+
+SEED_MAX = 2**64 - 1  # torch.Generator seeds are 64-bit
+CLI_NAMES = {
+    "temp": "--temp",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repeat_penalty": "--repeat-penalty",
+    "repeat_last_n": "--repeat-last-n",
+    "seed": "--seed",
+}
 
 
 @dataclass
@@ -25,15 +37,37 @@ class SamplerParams:
     repeat_last_n: int = 64
     seed: int = -1  # -1: random
 
-    def validate(self) -> None:
-        if self.top_k < 0:
-            raise LlmkitError(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise LlmkitError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise LlmkitError(f"--min-p must be in [0, 1], got {self.min_p}")
-        if self.repeat_penalty <= 0:
-            raise LlmkitError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+    def validate(self, names: dict[str, str] | None = None) -> None:
+        """LlmkitError naming the bad parameter; `names` maps field -> the name the user typed
+        (the default is the `llm run` flag: --temp, --top-p, ...)."""
+        flag = {**CLI_NAMES, **(names or {})}
+
+        def number(key: str, integer: bool = False):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
+                kind = "an integer" if integer else "a number"
+                raise LlmkitError(f"{flag[key]} must be {kind}, got {v!r}")
+            if not integer and not math.isfinite(v):
+                raise LlmkitError(f"{flag[key]} must be a finite number, got {v}")
+            return v
+
+        if number("temp") < 0:
+            raise LlmkitError(f"{flag['temp']} must be >= 0 (0: greedy), got {self.temp}")
+        if number("top_k", integer=True) < 0:
+            raise LlmkitError(f"{flag['top_k']} must be >= 0 (0: off), got {self.top_k}")
+        if not 0.0 <= number("top_p") <= 1.0:
+            raise LlmkitError(f"{flag['top_p']} must be in [0, 1], got {self.top_p}")
+        if not 0.0 <= number("min_p") <= 1.0:
+            raise LlmkitError(f"{flag['min_p']} must be in [0, 1], got {self.min_p}")
+        if number("repeat_penalty") <= 0:
+            raise LlmkitError(f"{flag['repeat_penalty']} must be > 0, got {self.repeat_penalty}")
+        if number("repeat_last_n", integer=True) < -1:
+            raise LlmkitError(f"{flag['repeat_last_n']} must be >= -1, got {self.repeat_last_n}")
+        if not -1 <= number("seed", integer=True) <= SEED_MAX:
+            raise LlmkitError(
+                f"{flag['seed']} must be -1 (random) or between 0 and {SEED_MAX} (64 bits), "
+                f"got {self.seed}"
+            )
 
 
 def apply_repeat_penalty(

@@ -20,6 +20,7 @@ class Job:
 
 
 def parse_messages(body: dict, prompter, limits: Limits) -> Job:
+    F.get(body, "model", str)
     msgs = F.get(body, "messages", list, required=True)
     if not msgs:
         raise ApiError(400, "'messages' must not be empty")
@@ -114,6 +115,7 @@ KINDS = {
     404: "not_found_error",
     413: "request_too_large",
     500: "api_error",
+    503: "overloaded_error",
 }
 
 

@@ -9,8 +9,10 @@ waiting for a non-streamed answer) cancels its request; the engine frees its slo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import sys
 import time
 
 from fastapi import FastAPI, Request
@@ -20,12 +22,54 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmkit.core.serve import anthropic_api, openai_api
-from llmkit.core.serve.engine import Engine
-from llmkit.core.serve.fields import ApiError, Limits
+from llmkit.core.serve.engine import Engine, QueueFull
+from llmkit.core.serve.fields import ApiError, Limits, json_depth
 from llmkit.core.serve.prompt import Prompter
 from llmkit.core.serve.request import Event
 from llmkit.core.serve.request import Request as GenRequest
 from llmkit.errors import LlmkitError
+
+RETRY_AFTER_S = 1  # the Retry-After of a 503 when the queue is full
+
+
+def _digest(key: str) -> bytes:
+    """Keys are compared as SHA-256 digests: constant time, and their length does not leak."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+def _parse_json(raw: bytes, max_depth: int) -> dict:
+    depth = json_depth(raw, max_depth)
+    if depth == "deep":
+        raise ApiError(400, f"request body nests arrays/objects deeper than {max_depth} levels")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # not reached after json_depth; kept as a guard
+        raise ApiError(400, "request body nests too deeply") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
+
+
+class TimedStream(StreamingResponse):
+    """A stream whose every send must complete within `timeout` seconds: a client that stops
+    reading (its socket buffers full, the transport paused) is dropped, and closing the body
+    generator cancels its request, instead of a coroutine waiting on it forever."""
+
+    def __init__(self, content, timeout: float, **kw):
+        super().__init__(content, **kw)
+        self.timeout = timeout
+
+    async def stream_response(self, send) -> None:
+        async def timed(message) -> None:
+            async with asyncio.timeout(self.timeout):
+                await send(message)
+
+        try:
+            await super().stream_response(timed)
+        except TimeoutError:  # uvicorn then closes the connection (response left incomplete)
+            await self.body_iterator.aclose()
 
 
 def _is_anthropic(request: Request) -> bool:
@@ -34,7 +78,7 @@ def _is_anthropic(request: Request) -> bool:
 
 def _error(request: Request, e: ApiError) -> JSONResponse:
     api = anthropic_api if _is_anthropic(request) else openai_api
-    return JSONResponse(api.error_body(e), status_code=e.status)
+    return JSONResponse(api.error_body(e), status_code=e.status, headers=e.headers)
 
 
 def create_app(
@@ -45,10 +89,13 @@ def create_app(
     metrics: bool = False,
     max_body_bytes: int = 1 << 20,
     max_tokens: int | None = None,
+    max_json_depth: int = 64,
+    timeout_s: float = 60.0,
 ) -> FastAPI:
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, openapi_url=None)
     limits = Limits(max_tokens=max_tokens or engine.opts.n_ctx)
     created = int(time.time())
+    key_digest = _digest(api_key) if api_key is not None else b""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -61,14 +108,18 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
-        return _error(request, ApiError(500, f"internal error: {type(e).__name__}", "api_error"))
+        import traceback
+
+        traceback.print_exception(e, file=sys.stderr)  # the log gets the details, the client not
+        msg = "internal error in this request (the server log has the details)"
+        return _error(request, ApiError(500, msg, "api_error"))
 
     def authorize(request: Request) -> None:
         if api_key is None:
             return
         auth = request.headers.get("authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+        if given is None or not hmac.compare_digest(_digest(given), key_digest):
             kind = "authentication_error"
             raise ApiError(401, "invalid or missing API key", kind)
 
@@ -78,18 +129,16 @@ def create_app(
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
             raise ApiError(413, f"request body exceeds {max_body_bytes} bytes", "request_too_large")
         chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > max_body_bytes:
-                raise ApiError(413, f"request body exceeds {max_body_bytes} bytes")
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        return body
+            async with asyncio.timeout(timeout_s):  # a client that sends the body slowly
+                async for chunk in request.stream():
+                    n += len(chunk)
+                    if n > max_body_bytes:
+                        raise ApiError(413, f"request body exceeds {max_body_bytes} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"request body not received within {timeout_s:g} s") from None
+        return await run_in_threadpool(_parse_json, b"".join(chunks), max_json_depth)
 
     def submit(job) -> tuple[GenRequest, asyncio.Queue]:
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
@@ -103,6 +152,9 @@ def create_app(
         req = GenRequest(job.prompt, job.params, emit)
         try:
             engine.submit(req)
+        except QueueFull as e:
+            retry = {"Retry-After": str(RETRY_AFTER_S)}
+            raise ApiError(503, str(e), "overloaded_error", retry) from None
         except LlmkitError as e:
             raise ApiError(400, str(e)) from None
         return req, q
@@ -134,12 +186,24 @@ def create_app(
         finally:
             watcher.cancel()
 
-    def stream(req: GenRequest, q: asyncio.Queue, fmt, error_chunk) -> StreamingResponse:
+    def stream(request: Request, req: GenRequest, q: asyncio.Queue, fmt, error_chunk):
+        async def gone():
+            # the client hung up: cancel now, not at the next chunk sent. Starlette already does
+            # this for ASGI servers below spec 2.4 (uvicorn today); from 2.4 on it only notices
+            # at a failed send, which may never come for a request still waiting in the queue
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            engine.cancel(req)
+            q.put_nowait(None)
+
         async def gen():
+            watcher = asyncio.create_task(gone())
             try:
                 yield fmt.start()
                 while True:
                     ev = await q.get()
+                    if ev is None:
+                        return
                     if ev.kind == "text":
                         yield fmt.delta(ev.text)
                     elif ev.kind == "error":
@@ -149,15 +213,16 @@ def create_app(
                         yield fmt.end(ev)
                         return
             finally:  # also runs when the client disconnects (the task is cancelled)
+                watcher.cancel()
                 engine.cancel(req)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
+        return TimedStream(gen(), timeout_s, media_type="text/event-stream", headers=headers)
 
     async def run(request: Request, job, fmt, error_chunk):
         req, q = submit(job)
         if job.stream:
-            return stream(req, q, fmt, error_chunk)
+            return stream(request, req, q, fmt, error_chunk)
         got = await collect(request, req, q)
         if got is None:
             return Response(status_code=499)

@@ -59,6 +59,11 @@ class ServeOptions:
     draft_policy: str = "adaptive"  # adaptive | fixed
     prefix_sharing: bool = True
     max_rows: int = GEMV_MAX_ROWS
+    max_queue: int = 64  # requests waiting for a slot; one more is refused (HTTP 503)
+
+
+class QueueFull(LlmkitError):
+    """The admission queue holds max_queue requests: the client should retry later."""
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Engine:
     def __init__(self, lm, tokenizer, opts: ServeOptions, metrics: Metrics | None = None):
         if opts.n_slots < 1:
             raise LlmkitError(f"-np must be >= 1, got {opts.n_slots}")
+        if opts.max_queue < 1:
+            raise LlmkitError(f"--max-queue must be >= 1, got {opts.max_queue}")
         if opts.draft_policy not in ("adaptive", "fixed"):
             raise LlmkitError(f"--draft-policy must be adaptive or fixed, not {opts.draft_policy}")
         self.lm, self.model, self.tok, self.opts = lm, lm.model, tokenizer, opts
@@ -148,6 +155,10 @@ class Engine:
                 f"the request needs {self.n_tokens(req)} KV tokens, more than the pool holds"
             )
         with self.cv:
+            waiting = sum(not r.cancelled for r in self.queue)
+            if waiting >= self.opts.max_queue:
+                self.metrics.requests_rejected.inc()
+                raise QueueFull(f"server busy: {waiting} requests already waiting, retry later")
             self.queue.append(req)
             self.cv.notify()
 
@@ -178,13 +189,29 @@ class Engine:
             try:
                 with torch.inference_mode():
                     self.step()
-            except Exception as e:  # a bug: fail the requests in flight, keep serving
-                traceback.print_exc(file=sys.stderr)
+            except Exception as e:  # a bug outside any one slot: fail those in flight, keep serving
                 for s in self.slots:
                     if s.req is not None:
-                        s.req.emit(Event("error", text=f"internal error: {type(e).__name__}: {e}"))
-                        self._free(s)
+                        self._fail(s, e)
             self._publish_snapshot()
+
+    def _fail(self, s: Slot, e: Exception) -> None:
+        """End this slot's request with an error event (HTTP 500 / an SSE error) and free the
+        slot; its neighbours carry on."""
+        print(f"llm serve: request failed in slot {s.id}:", file=sys.stderr)
+        traceback.print_exception(e, file=sys.stderr)
+        if s.req is not None:
+            s.req.emit(
+                Event(
+                    "error", text="internal error in this request (the server log has the details)"
+                )
+            )
+            self.metrics.requests_failed.inc()
+        try:
+            self._free(s)
+        except Exception as e2:  # never leave the slot taken
+            traceback.print_exception(e2, file=sys.stderr)
+            s.req, s.seq, s.draft, s.state, s.sampler, s.text = None, None, None, "idle", None, None
 
     def step(self) -> None:
         self._reap()
@@ -196,7 +223,10 @@ class Engine:
         if prefilling:
             s = min(prefilling, key=lambda s: (s.id - self._rr) % len(self.slots))
             self._rr = s.id + 1
-            self._prefill(s)
+            try:  # one slot's forward: a failure is this request's alone
+                self._prefill(s)
+            except Exception as e:
+                self._fail(s, e)
 
     def _reap(self) -> None:
         for s in self.slots:
@@ -229,7 +259,12 @@ class Engine:
                         self.metrics.deferrals.inc()
                     return
                 self.queue.popleft()
-                self._start(free[0], req, seq, mtp)
+                try:
+                    self._start(free[0], req, seq, mtp)
+                except Exception as e:
+                    if free[0].req is None:  # failed before taking the slot
+                        free[0].req, free[0].seq = req, seq
+                    self._fail(free[0], e)
 
     def _start(self, s: Slot, req: Request, seq, mtp: bool) -> None:
         p = req.params
@@ -269,14 +304,21 @@ class Engine:
         if n_mtp:
             self.metrics.n_draft.labels("mtp").set(k_step)
         self.metrics.busy_slots_per_decode.set(len(slots))
-        plans = self._draft(slots, k_step)
+        try:
+            plans = self._draft(slots, k_step)
+        except Exception as e:  # the shared MTP draft: its drafting slots fail, the rest go on
+            for s in slots:
+                if s.use_mtp:
+                    self._fail(s, e)
+            plans = self._draft([s for s in slots if s.req is not None], 0)
         group: list[_Plan] = []
         for p in plans:  # slots packed in order into forwards of <= max_rows rows
             if group and sum(len(g.rows) for g in group) + len(p.rows) > self.opts.max_rows:
                 self._verify(group)
                 group = []
             group.append(p)
-        self._verify(group)
+        if group:
+            self._verify(group)
 
     def _draft(self, slots: list[Slot], k_step: int) -> list[_Plan]:
         """Every MTP slot's draft for this step, all drafting slots in the same MTP forwards."""
@@ -307,7 +349,12 @@ class Engine:
         toks = torch.tensor([t for p in group for t in p.rows])
         bc = BatchCache(self.pool, [p.slot.seq for p in group], [len(p.rows) for p in group])
         t0 = time.perf_counter()
-        out = self.model.forward(toks, bc, logits="all")
+        try:
+            out = self.model.forward(toks, bc, logits="all")
+        except Exception as e:  # the shared forward: every slot in it fails
+            for p in group:
+                self._fail(p.slot, e)
+            return
         logits, h = out.logits, out.hidden
         dt = time.perf_counter() - t0
         self.metrics.n_decode.inc()
@@ -315,23 +362,29 @@ class Engine:
             self.policy.observe_forward(toks.numel(), dt)
         r = 0
         for p in group:
-            s, n = p.slot, len(p.rows)
-            s.decode_s += dt
-            if s.use_mtp:
-                n_acc, nxt = accept(s.sampler, logits[r : r + n], p.drafts, p.qs, s.history)
-                self.pool.truncate(s.seq, p.p0 + n_acc + 1)
-                kept = slice(r, r + n_acc + 1)
-                self.drafter.observe(s.draft, p.p0, toks[kept], h[kept])
-                s.req_spec.add(len(p.drafts), n_acc)
-                s.total_spec.add(len(p.drafts), n_acc)
-                self.metrics.speculative_round(len(p.drafts), n_acc)
-                if p.drafts:
-                    self.policy.observe_accept(len(p.drafts), n_acc)
-                out = [*p.drafts[:n_acc], nxt]
-            else:
-                out = [s.sampler.sample(logits[r], s.history)]
-            r += n
-            self._emit(s, out)
+            try:  # sampling, verifying, detokenizing: a failure ends this request only
+                self._after_forward(p, toks, logits, h, r, dt)
+            except Exception as e:
+                self._fail(p.slot, e)
+            r += len(p.rows)
+
+    def _after_forward(self, p: _Plan, toks, logits, h, r: int, dt: float) -> None:
+        s, n = p.slot, len(p.rows)
+        s.decode_s += dt
+        if s.use_mtp:
+            n_acc, nxt = accept(s.sampler, logits[r : r + n], p.drafts, p.qs, s.history)
+            self.pool.truncate(s.seq, p.p0 + n_acc + 1)
+            kept = slice(r, r + n_acc + 1)
+            self.drafter.observe(s.draft, p.p0, toks[kept], h[kept])
+            s.req_spec.add(len(p.drafts), n_acc)
+            s.total_spec.add(len(p.drafts), n_acc)
+            self.metrics.speculative_round(len(p.drafts), n_acc)
+            if p.drafts:
+                self.policy.observe_accept(len(p.drafts), n_acc)
+            out = [*p.drafts[:n_acc], nxt]
+        else:
+            out = [s.sampler.sample(logits[r], s.history)]
+        self._emit(s, out)
 
     def _emit(self, s: Slot, toks: list[int]) -> None:
         """Hand sampled tokens to the client in order; finish at EOG, a stop sequence, max_tokens

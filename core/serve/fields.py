@@ -3,6 +3,8 @@ API's own error shape) with one clear line, and the sampling parameters both API
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 
 from llmkit.core.decode.sampling import SamplerParams
@@ -10,15 +12,23 @@ from llmkit.errors import LlmkitError
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+        self.headers = headers or {}
 
 
 @dataclass(frozen=True)
 class Limits:
     max_tokens: int  # the largest max_tokens a request may ask for
     max_stop: int = 16  # stop sequences per request
+    max_stop_len: int = 256  # characters per stop sequence
 
 
 _NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
@@ -33,7 +43,10 @@ def get(body: dict, key: str, kind: type, default=None, required: bool = False):
     v = body[key]
     ok = isinstance(v, kind) and not (kind in (int, float) and isinstance(v, bool))
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
-        v, ok = float(v), True
+        try:
+            v, ok = float(v), True
+        except OverflowError:  # an integer beyond any float
+            raise ApiError(400, f"'{key}' is out of range") from None
     if not ok:
         raise ApiError(400, f"'{key}' must be {_NAMES[kind]}")
     return v
@@ -61,28 +74,73 @@ def stop_list(body: dict, key: str, limits: Limits) -> list[str]:
         raise ApiError(400, f"'{key}' must be a string or an array of strings")
     if len(v) > limits.max_stop:
         raise ApiError(400, f"'{key}' may hold at most {limits.max_stop} sequences")
+    if any(not s or len(s) > limits.max_stop_len for s in v):
+        raise ApiError(400, f"'{key}': each sequence must be 1 to {limits.max_stop_len} characters")
+    return v
+
+
+API_NAMES = {
+    "temp": "'temperature'",
+    "top_k": "'top_k'",
+    "top_p": "'top_p'",
+    "min_p": "'min_p'",
+    "repeat_penalty": "'repeat_penalty'",
+    "repeat_last_n": "'repeat_last_n'",
+    "seed": "'seed'",
+}
+
+
+def number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
+    """A finite number in [lo, hi] (JSON may carry NaN and Infinity: Python's parser takes them)."""
+    v = get(body, key, float, default)
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise ApiError(400, f"'{key}' must be a number between {lo:g} and {hi:g}, got {v!r}")
     return v
 
 
 def sampler(body: dict) -> SamplerParams:
     """temperature/top_p/seed (both APIs) plus llama.cpp's top_k/min_p/repeat_penalty; defaults
-    are llama.cpp's sampler defaults."""
-    temp = get(body, "temperature", float, 0.8)
-    if not 0.0 <= temp <= 2.0:
-        raise ApiError(400, "'temperature' must be between 0 and 2")
+    are llama.cpp's sampler defaults. OpenAI's presence/frequency penalties are range-checked and
+    otherwise ignored."""
+    for key in ("presence_penalty", "frequency_penalty"):
+        number(body, key, 0.0, -2.0, 2.0)
     p = SamplerParams(
-        temp=temp,
+        temp=number(body, "temperature", 0.8, 0.0, 2.0),
         top_k=get(body, "top_k", int, 40),
-        top_p=get(body, "top_p", float, 0.95),
-        min_p=get(body, "min_p", float, 0.05),
+        top_p=number(body, "top_p", 0.95, 0.0, 1.0),
+        min_p=number(body, "min_p", 0.05, 0.0, 1.0),
         repeat_penalty=get(body, "repeat_penalty", float, 1.0),
+        repeat_last_n=get(body, "repeat_last_n", int, 64),
         seed=get(body, "seed", int, -1),
     )
     try:
-        p.validate()
+        p.validate(API_NAMES)
     except LlmkitError as e:
-        raise ApiError(400, str(e).replace("--", "").replace("-", "_")) from None
+        raise ApiError(400, str(e)) from None
     return p
+
+
+def json_depth(raw: bytes, limit: int) -> str:
+    """Checked before parsing (json.loads recurses: a deep enough body ends in RecursionError):
+    "ok", "deep" (arrays/objects nest deeper than `limit`) or "bad" (unbalanced brackets).
+    Strings are blanked first, then innermost bracket pairs are peeled one level per round, all in
+    C (re.sub), so a 1 MiB body costs milliseconds."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return "ok"
+    b = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(limit):
+        peeled = _PAIR.sub(b"", b)  # one pass: exactly one level
+        if peeled == b:
+            break
+        b = peeled
+    if not b:
+        return "ok"
+    return "bad" if _PAIR.sub(b"", b) == b else "deep"
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_PAIR = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def text_content(content, where: str) -> str:

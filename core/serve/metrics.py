@@ -41,6 +41,12 @@ class Metrics:
         self.requests_cancelled = Counter(
             P + "requests_cancelled", "Requests whose client went away.", registry=r
         )
+        self.requests_failed = Counter(
+            P + "requests_failed", "Requests ended by an internal error (HTTP 500).", registry=r
+        )
+        self.requests_rejected = Counter(
+            P + "requests_rejected", "Requests refused with 503: the queue was full.", registry=r
+        )
         self.requests_processing = Gauge(
             P + "requests_processing", "Requests in a slot.", registry=r
         )

@@ -39,9 +39,13 @@ def _params(body: dict, limits: Limits) -> tuple[GenParams, bool, bool]:
         id_slot=F.get(body, "id_slot", int),
         cache_prompt=F.get(body, "cache_prompt", bool, True),
     )
+    F.get(body, "model", str)  # any model name is served by the one model, but it is a string
     stream = F.get(body, "stream", bool, False)
     opts = F.get(body, "stream_options", dict, {})
-    return params, stream, bool(opts.get("include_usage", False))
+    usage = opts.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be a boolean")
+    return params, stream, usage
 
 
 def parse_completion(body: dict, prompter, limits: Limits) -> Job:

@@ -25,6 +25,8 @@ class HttpOptions:
     metrics: bool = False
     max_body_bytes: int = 1 << 20
     max_tokens: int | None = None  # largest max_tokens a request may ask for (default: -c)
+    max_json_depth: int = 64  # deeper request bodies are refused (400)
+    timeout_s: float = 60.0  # to receive a request body (else 408), and for each streamed send
 
 
 class Server:
@@ -39,6 +41,8 @@ class Server:
             http.metrics,
             http.max_body_bytes,
             http.max_tokens,
+            http.max_json_depth,
+            http.timeout_s,
         )
         self.http = http
         try:
