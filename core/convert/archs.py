@@ -86,7 +86,8 @@ STEP35 = [
     (L + r"embed_tokens\.weight", "blk.{0}.nextn.embed_tokens.weight", None),
 ]
 
-SKIP = re.compile(r".*(rotary_emb\.inv_freq|\.rope\.freqs)$")
+# Gemma 4 assistants' centroid head is dropped, as llama.cpp's converter does
+SKIP = re.compile(r"(.*(rotary_emb\.inv_freq|\.rope\.freqs)$)|masked_embedding\..*")
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -114,6 +115,7 @@ class ArchPlan:
     n_nextn: int
     n_head: int = 0
     n_head_kv: int = 0
+    extra: dict | None = None  # GGUF name -> tensor the converter generates (rope_freqs)
 
     def map(self, hf_name: str) -> Mapped | None:
         name = hf_name.replace(".transformer.", ".")
@@ -171,7 +173,7 @@ def plan_for(config: dict, mtp_mode: str = "keep") -> ArchPlan:
     except KeyError as e:
         raise LlmkitError(f"config.json lacks {e.args[0]!r} (needed for {kind})") from None
     raise LlmkitError(
-        f"unknown architecture {kind!r} in config.json (supported: llama, gemma3, step3.5)"
+        f"unknown architecture {kind!r} in config.json (supported: llama, gemma3, gemma4, step3.5)"
     )
 
 

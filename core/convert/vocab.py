@@ -129,9 +129,47 @@ def bpe_vocab(path: Path) -> dict[str, Any]:
     }
 
 
+def gemma4_vocab(path: Path) -> dict[str, Any]:
+    """Gemma 4's SPM-style BPE (`tokenizer.json`: raw UTF-8 merges, U+2581 for spaces, byte
+    fallback) as llama.cpp's converter writes it: model `gemma4`, `<0xXX>` tokens typed byte,
+    added special tokens control, other added tokens user-defined."""
+    tj = _read_json(path)
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise LlmkitError(f"{path}: Gemma 4 tokenizer model {model.get('type')!r} is not BPE")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {t["content"]: t for t in tj.get("added_tokens", [])}
+    vocab |= {text: t["id"] for text, t in added.items()}
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = np.full(n, 5, np.int32)
+    for text, i in vocab.items():
+        tokens[i] = text
+        t = added.get(text)
+        if t is not None:
+            types[i] = 3 if t.get("special") else 4
+        else:
+            types[i] = 6 if len(text) == 6 and text.startswith("<0x") and text[-1] == ">" else 1
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {
+        "tokenizer.ggml.model": "gemma4",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_space_prefix": False,
+    }
+
+
+def _is_gemma4(config: dict) -> bool:
+    kinds = [*(config.get("architectures") or []), config.get("model_type") or ""]
+    return any(str(k).lower().startswith("gemma4") for k in kinds)
+
+
 def vocab_metadata(hf_dir: Path, config: dict) -> dict[str, Any]:
     """All tokenizer.* keys for the checkpoint in `hf_dir`."""
-    if (hf_dir / "tokenizer.json").exists() and not (hf_dir / "tokenizer.model").exists():
+    if (hf_dir / "tokenizer.json").exists() and _is_gemma4(config):
+        md = gemma4_vocab(hf_dir / "tokenizer.json")
+    elif (hf_dir / "tokenizer.json").exists() and not (hf_dir / "tokenizer.model").exists():
         md = bpe_vocab(hf_dir / "tokenizer.json")
     elif (hf_dir / "tokenizer.model").exists():
         md = spm_vocab(hf_dir / "tokenizer.model")

@@ -29,7 +29,13 @@ from llmkit.kernels.ops import attention_kernel
 from llmkit.quant.tensor import QTensor
 
 # general.architecture -> module under llmkit.core.models (aliases map several names to one file)
-ARCHITECTURES = {"llama": "llama", "gemma3": "gemma3", "step35": "step35"}
+ARCHITECTURES = {
+    "llama": "llama",
+    "gemma3": "gemma3",
+    "gemma4": "gemma4",
+    "gemma4-assistant": "gemma4_assistant",
+    "step35": "step35",
+}
 
 
 @dataclass

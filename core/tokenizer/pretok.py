@@ -104,6 +104,8 @@ def _group(names: str, **spec) -> dict[str, PreTokenizer]:
 
 
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    # gemma4 (SPM-style BPE, core/tokenizer/gemma4.py): newline runs only, spaces escaped to U+2581
+    **_group("gemma4", regexes=(r"[^\n]+|[\n]+",)),
     **_group(
         "default",
         regexes=(r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"),

@@ -14,6 +14,7 @@ from typing import Any
 from llmkit.errors import LlmkitError
 
 from .bpe import BpeEngine
+from .gemma4 import Gemma4Engine
 from .partition import SpecialSplitter
 from .spm import SpmEngine
 from .unicode import byte_decode
@@ -40,7 +41,12 @@ class Tokenizer:
         self.vocab = vocab
         self._special = SpecialSplitter(vocab)
         self._spm = vocab.model == "llama"
-        self._engine = SpmEngine(vocab) if self._spm else BpeEngine(vocab)
+        # llama.cpp's GEMMA4 pre-type (model gemma4, or pre gemma4): pieces carry U+2581 for spaces
+        self._escaped = self._spm or vocab.pre == "gemma4"
+        if vocab.pre == "gemma4":
+            self._engine = Gemma4Engine(vocab)
+        else:
+            self._engine = SpmEngine(vocab) if self._spm else BpeEngine(vocab)
         self._pieces: dict[int, bytes] = {}
 
     # --- vocabulary facts ---------------------------------------------------------------------
@@ -163,7 +169,9 @@ class Tokenizer:
         if attr & _VERBATIM:
             return text.encode("utf-8")
         if attr & ATTR_NORMAL:
-            return text.replace("\u2581", " ").encode("utf-8") if self._spm else byte_decode(text)
+            return (
+                text.replace("\u2581", " ").encode("utf-8") if self._escaped else byte_decode(text)
+            )
         if attr & ATTR_BYTE:
             return bytes([_hex_byte(text)])
         return b""  # unused / undefined tokens have no text

@@ -182,13 +182,15 @@ def load_vocab(md: dict[str, Any]) -> Vocab:
     model = md.get(_PREFIX + "model")
     if model is None:
         raise LlmkitError("GGUF has no tokenizer.ggml.model: cannot build a tokenizer")
-    if model not in ("llama", "gpt2"):
-        raise LlmkitError(f"unsupported tokenizer model {model!r} (supported: 'llama', 'gpt2')")
-    if model == "gpt2" and _PREFIX + "merges" not in md:
+    if model not in ("llama", "gpt2", "gemma4"):
+        raise LlmkitError(
+            f"unsupported tokenizer model {model!r} (supported: 'llama', 'gpt2', 'gemma4')"
+        )
+    if model in ("gpt2", "gemma4") and _PREFIX + "merges" not in md:
         raise LlmkitError("GGUF BPE vocabulary has no tokenizer.ggml.merges")
     tokens = _token_texts(md)
     n = len(tokens)
-    token_to_id = _index(tokens)
+    token_to_id = _index(tokens, later_wins=model == "gemma4")
     scores = np.asarray(md.get(_PREFIX + "scores", np.zeros(n)), dtype=np.float32)
     types = md.get(_PREFIX + "token_type")
     if len(scores) < n or (types is not None and len(types) < n):
@@ -201,7 +203,8 @@ def load_vocab(md: dict[str, Any]) -> Vocab:
         codes = np.asarray(types[:n], dtype=np.int64)
         attrs = table[np.where((codes >= 0) & (codes < 8), codes, 0)].tolist()
 
-    pre_name = md.get(_PREFIX + "pre", "") if model == "gpt2" else "default"
+    # gemma4: llama.cpp forces the pre-type whatever the file says
+    pre_name = {"gpt2": md.get(_PREFIX + "pre", ""), "gemma4": "gemma4"}.get(model, "default")
     vocab = Vocab(
         model=model,
         pre=pre_name or "default",
@@ -209,7 +212,7 @@ def load_vocab(md: dict[str, Any]) -> Vocab:
         scores=scores,
         attrs=attrs,
         token_to_id=token_to_id,
-        merges=list(md.get(_PREFIX + "merges", [])) if model == "gpt2" else [],
+        merges=list(md.get(_PREFIX + "merges", [])) if model != "llama" else [],
         ids={},
     )
     _set_flags(vocab, md)
@@ -233,9 +236,11 @@ def _token_texts(md: dict[str, Any]) -> list[str]:
     return texts
 
 
-def _index(tokens: list[str]) -> dict[str, int]:
+def _index(tokens: list[str], later_wins: bool = False) -> dict[str, int]:
+    """Text -> id. A duplicated text is an error, except where llama.cpp's map is known to meet
+    them (`later_wins`: Gemma 4's vocabulary repeats a few texts; the later id stays)."""
     token_to_id = dict(zip(tokens, range(len(tokens)), strict=True))
-    if len(token_to_id) != len(tokens):
+    if len(token_to_id) != len(tokens) and not later_wins:
         first: dict[str, int] = {}
         for i, text in enumerate(tokens):
             if first.setdefault(text, i) != i:
@@ -257,6 +262,8 @@ def _set_flags(vocab: Vocab, md: dict[str, Any]) -> None:
         vocab.add_bos = spec.add_bos
         vocab.add_sep = spec.add_sep
         vocab.ids.update(bos=None if spec.no_bos else 11, eos=11)
+        if vocab.model == "gemma4":  # no default ids: they come from the file
+            vocab.ids.update(bos=None, eos=None, unk=None)
     vocab.add_space_prefix = bool(md.get(_PREFIX + "add_space_prefix", vocab.add_space_prefix))
     vocab.add_bos = bool(md.get(_PREFIX + "add_bos_token", vocab.add_bos))
     vocab.add_eos = bool(md.get(_PREFIX + "add_eos_token", vocab.add_eos))

@@ -1,0 +1,191 @@
+"""Gemma 4 MTP assistant: a tiny random transformers Gemma4AssistantForCausalLM converted with
+`llm convert`, checked step by step against transformers (fp32) over the target's shared KV, and
+used as the drafter of `llm run --mtp -md`: greedy output identical to plain greedy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_gemma4 import (
+    IDS,
+    _rel_rms,
+    convert_cli,
+    gemma4_tokenizer,
+    randomize,
+    text_config,
+    write_hf_gemma4,
+)
+
+from llmkit.cli.app import main
+from llmkit.core.decode.assistant import AssistantDrafter
+from llmkit.core.decode.loop import Speculation, generate
+from llmkit.core.decode.sampling import Sampler, SamplerParams
+from llmkit.core.decode.speculative import SpecConfig, SpecStats
+from llmkit.core.gguf.reader import GGUFFile
+from llmkit.core.models.gemma4_assistant import load_assistant
+from llmkit.core.models.loader import load_model
+from llmkit.errors import LlmkitError
+
+pytest.importorskip("transformers")
+
+
+def write_hf_assistant(d: Path, vocab: int, window: int, seed: int = 3, oracle=None):
+    """A random assistant; with `oracle` (the target) an "echo" one: input = the target's hidden,
+    blocks that add nothing, the target's head, so it drafts the token that hidden produced (the
+    last sampled one) again and again: accepted exactly where the target repeats itself."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    d.mkdir(parents=True, exist_ok=True)
+    assert gemma4_tokenizer(d) == vocab
+    tc = text_config(
+        vocab,
+        hidden_size=64 if oracle is not None else 32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        num_kv_shared_layers=3,
+        use_double_wide_mlp=False,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        sliding_window=window,
+        final_logit_softcapping=None,
+    )
+    cfg = Gemma4AssistantConfig(text_config=tc.to_dict(), backbone_hidden_size=64)
+    torch.manual_seed(seed)
+    model = Gemma4AssistantForCausalLM(cfg).eval()
+    randomize(model, seed)
+    if oracle is not None:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.copy_(oracle.model.embed_tokens.weight)
+            eye = torch.eye(64)
+            model.pre_projection.weight.copy_(torch.cat([torch.zeros(64, 64), eye], 1))
+            model.post_projection.weight.copy_(eye)
+            model.model.norm.weight.fill_(1.0)
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+                layer.layer_scalar.fill_(1.0)
+    model.save_pretrained(d)
+    return model
+
+
+def build(tmp_path, monkeypatch, window: int, oracle: bool = False):
+    hf = write_hf_gemma4(tmp_path / "hf", sliding_window=window)
+    asst = write_hf_assistant(
+        tmp_path / "hfa", hf.config.vocab_size, window, oracle=hf if oracle else None
+    )
+    convert_cli(tmp_path / "hf", tmp_path / "m.gguf", monkeypatch)
+    convert_cli(tmp_path / "hfa", tmp_path / "a.gguf", monkeypatch)
+    return hf, asst, tmp_path / "m.gguf", tmp_path / "a.gguf"
+
+
+def test_draft_steps_match_transformers(tmp_path, monkeypatch):
+    # window 16 > the 10 cached tokens: both implementations see every key (they differ only at
+    # the edge of the window, where verification decides anyway)
+    hf, asst, m, a = build(tmp_path, monkeypatch, window=16)
+    g = GGUFFile(a)
+    assert g.architecture == "gemma4-assistant"
+    assert g.metadata["gemma4-assistant.embedding_length_out"] == 64
+    assert "blk.0.attn_k.weight" not in g.tensors and "nextn.pre_projection.weight" in g.tensors
+    ids, n = IDS[:11], 10
+    with torch.no_grad():
+        out = hf.model(input_ids=torch.tensor([ids[:n]]), return_shared_kv_states=True)
+        kv, h = out.shared_kv_states, out.last_hidden_state[:, -1:]
+        tok, ref = torch.tensor([[ids[n]]]), []
+        for _ in range(3):  # chained steps at the same position n
+            emb = hf.model.embed_tokens(tok)
+            o = asst(inputs_embeds=torch.cat([emb, h], -1), position_ids=torch.tensor([[n]]),
+                     shared_kv_states=kv)  # fmt: skip
+            ref.append((o.logits[0, -1], o.last_hidden_state[0, -1]))
+            tok, h = o.logits.argmax(-1), o.last_hidden_state
+    lm = load_model(m, kernels="torch")
+    cache = lm.new_cache(64, 32, "f32", "f32")
+    with torch.inference_mode():
+        hid = lm.model.forward(torch.tensor(ids[:n]), cache, logits=None).hidden
+        ours = load_assistant(a, lm.model)
+        assert ours.src == [3, 3, 2]  # the target's last KV-owning sliding / full layers
+        h, tok = ours.target_hidden(hid[-1:]), ids[n]
+        for want_z, want_h in ref:
+            z, h = ours.step(torch.tensor([tok]), h, n, cache)
+            rz, rh = _rel_rms(z[0], want_z), _rel_rms(h[0], want_h)
+            print(f"assistant step: logits rel RMS {rz:.2e}, h_next rel RMS {rh:.2e}")
+            assert rz < 1e-4 and rh < 1e-4
+            tok = int(want_z.argmax())
+    assert cache.n_past == n  # the drafter wrote nothing
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "torch"])
+def test_assistant_drafting_is_lossless(tmp_path, monkeypatch, kernels):
+    _, _, m, a = build(tmp_path, monkeypatch, window=5, oracle=True)
+    lm = load_model(m, kernels=kernels)
+    pick = lambda logits, hist: int(logits.argmax())  # noqa: E731
+    prompt, n = IDS[:7], 24
+    plain = list(generate(lm.model, lm.new_cache(128, 16), prompt, pick, n_predict=n))
+    assistant = load_assistant(a, lm.model)
+    for k in (1, 2, 3, 4):
+        cache = lm.new_cache(128, 16)
+        stats = SpecStats(k)
+        spec = Speculation(AssistantDrafter(assistant, cache), SpecConfig(k), stats)
+        got = list(generate(lm.model, cache, prompt, Sampler(SamplerParams(temp=0.0)),
+                            n_predict=n, n_ubatch=4, spec=spec))  # fmt: skip
+        d = stats.to_dict(len(got))
+        print(f"{kernels} draft {k}: acceptance {d}")
+        assert got == plain
+        assert stats.drafts > 0 and stats.accepted_tokens > 0
+    # the echo assistant reads the post-norm hidden of the row that produced `last`
+    cache = lm.new_cache(128, 16)
+    drafter = AssistantDrafter(assistant, cache)
+    greedy = Sampler(SamplerParams(temp=0.0))
+    with torch.inference_mode():
+        for p0 in (0, 4):
+            h = lm.model.forward(torch.tensor(prompt[p0 : p0 + 4]), cache, logits=None).hidden
+            drafter.observe(p0, torch.tensor(prompt[p0 : p0 + 4]), h)
+        last = int(lm.model.lm_logits(h[-1:])[0].argmax())
+    assert drafter.draft(last, 3, greedy.pick_draft).tokens == [last] * 3
+    assert cache.n_past == 7
+
+
+def test_llm_run_with_assistant(tmp_path, monkeypatch, capsys):
+    _, _, m, a = build(tmp_path, monkeypatch, window=5)
+    stats = tmp_path / "s.json"
+    runs = {}
+    for extra in ([], ["-md", str(a), "--mtp", "--draft", "3"]):
+        argv = ["llm", "run", "-m", str(m), "-p", "the river", "-n", "20", "--temp", "0",
+                "--ignore-eos", "--stats-json", str(stats), *extra]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code in (0, None), capsys.readouterr().err
+        runs[bool(extra)] = json.loads(stats.read_text())
+    assert runs[True]["tokens"] == runs[False]["tokens"] and len(runs[True]["tokens"]) == 20
+    spec = runs[True]["speculative"]
+    print("llm run --mtp -md assistant:", spec)
+    assert spec["draft_tokens"] > 0
+
+
+def test_assistant_refused_where_it_does_not_fit(tmp_path, monkeypatch):
+    _, _, m, a = build(tmp_path, monkeypatch, window=5)
+    with pytest.raises(LlmkitError, match="is a drafter"):
+        load_model(a)
+    with pytest.raises(LlmkitError, match="drafts for a gemma4 model only"):
+        load_assistant(a, object())
+    other = load_model(m)
+    other.config.sliding_window = 9  # a target whose sliding layers differ
+    with pytest.raises(LlmkitError, match="does not fit"):
+        load_assistant(a, other.model)
+
+
+def test_assistant_refuses_turbo_kv(tmp_path, monkeypatch):
+    """Its Q-only attention reads the target's K/V as vectors: turbo codes are refused by name
+    (a cache stand-in: the tiny model's head dims are below turbo's 64-value groups)."""
+    from types import SimpleNamespace
+
+    _, _, m, a = build(tmp_path, monkeypatch, window=5, oracle=False)
+    assistant = load_assistant(a, load_model(m, kernels="torch").model)
+    for tk, tv in (("turbo4", "f16"), ("f16", "turbo3")):
+        with pytest.raises(LlmkitError, match=f"does not read {tk if tk != 'f16' else tv} KV"):
+            AssistantDrafter(assistant, SimpleNamespace(type_k=tk, type_v=tv))
