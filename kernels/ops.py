@@ -13,6 +13,8 @@ look at the device themselves.
   attention    | cpu_ops.attention: the cache as    | SDPA over a [T, S]   | triton_attention (the
                |   stored, masked by position (or a |   mask, q-types      |   cache as stored,
                |   tree mask), batch-invariant      |   dequantized        |   masked by position)
+               | turbo3 / turbo4 KV: always torch   | (q rotated, output   | turbo: torch
+               |   (kv_attention_kernel)            |   un-rotated)        |
   rope, norm,  | cpu_ops (one native call; RoPE     | torch                | NEOX RoPE, RMSNorm,
   glu          |   with the per-head norm fused)    |                      |   GLU: Triton
 
@@ -175,6 +177,14 @@ def attention_kernel(family: str) -> str:
     """The attention implementation of a kernel family: the Triton kernel for "triton" (on a GPU,
     or under TRITON_INTERPRET=1 in tests), the native kernel for "cpu", SDPA for "torch"."""
     return {"triton": "triton", "cpu": "native"}.get(family, "torch")
+
+
+def kv_attention_kernel(kernel: str, type_k: str, type_v: str) -> str:
+    """The rule for KV cache types the native and Triton kernels do not read: turbo3 / turbo4
+    (rotated codes, core/cache/turbo.py) always take the torch path, whatever the device."""
+    if type_k.startswith("turbo") or type_v.startswith("turbo"):
+        return "torch"
+    return kernel
 
 
 def check_attention_kernel(kernel: str) -> None:

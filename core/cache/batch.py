@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from llmkit.core.cache import turbo
 from llmkit.core.cache.paged import PagedKV, SeqKV, SeqView
 from llmkit.core.cache.store import KV_TYPES
 from llmkit.errors import LlmkitError
@@ -57,7 +58,7 @@ class BatchCache:
     def attention(self, q, Ks, Vs, masks, scale: float) -> torch.Tensor:
         return torch.cat(
             [
-                ops.attention_torch(q[r0:r1], K, V, m, scale)
+                turbo.attention(q[r0:r1], K, V, m, scale, self.pool.type_k, self.pool.type_v)
                 for (r0, r1), K, V, m in zip(self.rows, Ks, Vs, masks)
             ]
         )

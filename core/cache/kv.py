@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from llmkit.core.cache import turbo
 from llmkit.core.cache.layout import LayerKV
 from llmkit.core.cache.store import KV_TYPES, alloc, buffer_bytes, check_fits, load, store
 from llmkit.errors import LlmkitError
@@ -91,6 +92,7 @@ class KVCache:
         # the kernel table picks by device (kernels/ops.py): "torch" (SDPA over a [T, S] mask) or
         # "triton" (reads the cache as stored, masks by slot position)
         self.attn_kernel = attn_kernel or ops.attention_kernel(default_family(self.device))
+        self.attn_kernel = ops.kv_attention_kernel(self.attn_kernel, type_k, type_v)  # turbo: torch
         ops.check_attention_kernel(self.attn_kernel)
         self._pos: torch.Tensor | None = None  # positions of the current batch
         self._group: _Group | None = None  # group of the layer last updated (for attention)
@@ -188,7 +190,7 @@ class KVCache:
                 t if isinstance(KV_TYPES[t], QT) else None for t in (self.type_k, self.type_v)
             )
             return ops.attention_triton(q, K, V, kpos, self._pos, scale, g.window, kt, vt)
-        return ops.attention_torch(q, K, V, mask, scale)
+        return turbo.attention(q, K, V, mask, scale, self.type_k, self.type_v)  # = SDPA if no turbo
 
     def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
         """Write this batch's k/v for layer il and attend q over the layer's cache: the one call a
@@ -299,6 +301,11 @@ class KVCache:
                     "cells": g.capacity,
                     "window": g.window,
                     "bytes": g.nbytes(),
+                    # K and V bytes per cached token of one layer (by its cache type)
+                    "bytes_per_token_layer": {
+                        "k": g.k[g.layers[0]][:, 0].numel() * g.k[g.layers[0]].element_size(),
+                        "v": g.v[g.layers[0]][:, 0].numel() * g.v[g.layers[0]].element_size(),
+                    },
                 }
                 for g in self.groups.values()
             },

@@ -31,6 +31,7 @@ import torch
 from llmkit.core.cache.layout import LayerKV
 from llmkit.core.cache.store import KV_TYPES, alloc, buffer_bytes, check_fits, gather, store
 from llmkit.errors import LlmkitError
+from llmkit.kernels import ops
 from llmkit.kernels.backend import default_family
 
 
@@ -118,6 +119,7 @@ class PagedKV:
         self.bs, self.type_k, self.type_v = block_size, type_k, type_v
         # native on a CPU with the library built, else SDPA over each sequence's gathered keys
         self.attn_kernel = "native" if default_family(device) == "cpu" else "torch"
+        self.attn_kernel = ops.kv_attention_kernel(self.attn_kernel, type_k, type_v)  # turbo: torch
         self.max_batch = max_batch
         n_full = math.ceil(n_tokens / block_size)
         self.groups: dict[str, Group] = {}

@@ -1,12 +1,14 @@
 """KV element storage shared by the contiguous cache and the paged pool: per-layer buffers
 [Hkv, slots, D] of a float dtype, or of ggml blocks (q8_0 / q4_0) quantized on write with ggml's
-reference formulas (per head vector) and dequantized for the torch attention path."""
+reference formulas (per head vector) and dequantized for the torch attention path, or of turbo3 /
+turbo4 codes (core/cache/turbo.py), read in their rotated basis by `turbo.attention`."""
 
 from __future__ import annotations
 
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from llmkit.core.cache.turbo import TURBO_TYPES, TurboType
 from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import dequantize, row_bytes
 from llmkit.quant.quantize import quantize
@@ -19,6 +21,7 @@ KV_TYPES = {
     "bf16": torch.bfloat16,
     "q8_0": QT.Q8_0,
     "q4_0": QT.Q4_0,
+    **TURBO_TYPES,  # rotated Lloyd-Max codes, read in the rotated basis (core/cache/turbo.py)
 }
 
 
@@ -27,6 +30,8 @@ def buffer_bytes(kind: str, n_head: int, cap: int, dim: int) -> int:
     t = KV_TYPES[kind]
     if isinstance(t, torch.dtype):
         return n_head * cap * dim * t.itemsize
+    if isinstance(t, TurboType):
+        return n_head * cap * t.row_bytes(dim)
     if dim % 32:
         raise LlmkitError(
             f"{kind} KV cache needs a head dimension that is a multiple of 32 (got {dim})"
@@ -65,8 +70,10 @@ def check_fits(nbytes: int, device, what: str) -> None:
 
 def alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
     t = KV_TYPES[kind]
-    shape = (n_head, cap, dim) if isinstance(t, torch.dtype) else (n_head, cap, row_bytes(t, dim))
     buffer_bytes(kind, n_head, cap, dim)  # the head-dim check
+    shape = (n_head, cap, buffer_bytes(kind, n_head, 1, dim) // n_head)
+    if isinstance(t, torch.dtype):
+        shape = (n_head, cap, dim)
     try:
         return torch.zeros(*shape, dtype=t if isinstance(t, torch.dtype) else torch.uint8,
                            device=device)  # fmt: skip
@@ -78,11 +85,16 @@ def store(buf: torch.Tensor, kind: str, slots: torch.Tensor, x: torch.Tensor) ->
     # x: [T, H, D] -> buf[:, slots]
     t = KV_TYPES[kind]
     x = x.transpose(0, 1)
+    if isinstance(t, TurboType):
+        buf[:, slots] = t.quantize(x)
+        return
     buf[:, slots] = x.to(t) if isinstance(t, torch.dtype) else quantize(x, t)
 
 
 def load(buf: torch.Tensor, kind: str, n: int) -> torch.Tensor:
     t = KV_TYPES[kind]
+    if isinstance(t, TurboType):  # the rotated basis: see turbo.attention
+        return t.dequantize_rotated(buf[:, :n])
     return buf[:, :n] if isinstance(t, torch.dtype) else dequantize(buf[:, :n], t)
 
 
@@ -90,4 +102,6 @@ def gather(buf: torch.Tensor, kind: str, idx: torch.Tensor) -> torch.Tensor:
     """Slots `idx` of a buffer, dequantized (the paged pool reads a sequence's blocks)."""
     t = KV_TYPES[kind]
     x = buf[:, idx]
+    if isinstance(t, TurboType):  # the rotated basis: see turbo.attention
+        return t.dequantize_rotated(x)
     return x if isinstance(t, torch.dtype) else dequantize(x, t)

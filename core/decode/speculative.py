@@ -83,6 +83,7 @@ class SpecStats:
     accepted_alternatives: int = 0  # rounds whose first position was accepted on an alternative
     draft_seconds: float = 0.0  # drafter forward passes
     verify_seconds: float = 0.0  # target verification passes + mirroring the kept rows
+    kind: str = "mtp"  # the drafter: "mtp" (NextN heads) or "early-exit" (the first L layers)
 
     def __post_init__(self):
         self.accepted_per_position = self.accepted_per_position or [0] * self.draft_max
@@ -101,7 +102,7 @@ class SpecStats:
         n = max(0, generated_tokens - 1)  # tokens produced by verification rounds
         total = self.draft_seconds + self.verify_seconds
         return {
-            "type": "mtp",
+            "type": self.kind,
             "draft_max": self.draft_max,
             "drafts": self.drafts,
             "draft_tokens": self.draft_tokens,

@@ -87,13 +87,17 @@ class OnDevice:
             dec = self._graphs[cache] = GraphDecoder(self.model, cache)
         return dec
 
-    def forward(self, tokens: torch.Tensor, cache, logits: Rows = "last") -> ForwardOutput:
+    def forward(
+        self, tokens: torch.Tensor, cache, logits: Rows = "last", n_layer: int | None = None
+    ) -> ForwardOutput:
         """A graph-replayed step returns the logits only: its hidden is not kept (an empty
-        [0, H] tensor); callers that need hidden states ask for other rows or drafts."""
-        dec = self._graph_decoder(tokens, cache, logits)
+        [0, H] tensor); callers that need hidden states ask for other rows or drafts. An early
+        exit (`n_layer`) is never graph-replayed."""
+        dec = self._graph_decoder(tokens, cache, logits) if n_layer is None else None
         if dec is not None:
             return ForwardOutput(dec(tokens).cpu(), torch.empty(0, self.config.n_embd))
-        return _cpu(self.model.forward(tokens.to(self._device), cache, logits))
+        exit_at = {} if n_layer is None else {"n_layer": n_layer}
+        return _cpu(self.model.forward(tokens.to(self._device), cache, logits, **exit_at))
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.lm_logits(x.to(self._device)).cpu()

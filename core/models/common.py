@@ -120,14 +120,16 @@ class DecoderLM:
     def kv_layout(self) -> dict:
         return {il: self.config.layer_kv(il) for il in range(self.config.n_layer)}
 
-    def forward(self, tokens: torch.Tensor, cache, logits: Rows = "last") -> ForwardOutput:
+    def forward(
+        self, tokens: torch.Tensor, cache, logits: Rows = "last", n_layer: int | None = None
+    ) -> ForwardOutput:
         """tokens [T] -> logits [n, V] fp32 for the requested rows, and the pre-norm hidden state
-        of every row [T, H]."""
+        of every row [T, H]; `n_layer`: run only the first n_layer blocks (early exit)."""
         pos = cache.positions(tokens.numel())
         cache.begin(pos)
         memo: dict = {}
         x = self.embed(tokens)  # [T, H]
-        for blk in self.blocks:
+        for blk in self.blocks[:n_layer]:
             x = blk(x, rope_rows(blk.rope, pos, memo), cache)
         out = None if logits is None else self.lm_logits(select_rows(x, logits))
         return ForwardOutput(out, x)
