@@ -3,6 +3,7 @@
     import llmkit
     lm = llmkit.load("smollm2-135m")          # a GGUF path or a known model name
     print(lm.generate("The capital of France is", n_predict=16, temp=0))
+    out = lm.create_completion("Hello", max_tokens=8)   # llama-cpp-python-like, OpenAI-shaped
 
 Subpackages: ``llmkit.core`` (GGUF reader, model contract and architectures, KV caches, the decode
 loop and drafters, tokenizers, and the apps: serve, bench, convert, mtp_train, perplexity),
@@ -11,6 +12,7 @@ formats), ``llmkit.cli`` (the ``llm`` command).
 """
 
 __version__ = "0.1.0"
+__all__ = ["LLM", "load", "__version__"]
 
 
 def load(model=None, **options):

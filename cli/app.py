@@ -17,6 +17,7 @@ from llmkit.cli import quantize as quantize_cmd
 from llmkit.cli import run as run_cmd
 from llmkit.cli import serve as serve_cmd
 from llmkit.cli import tokenize as tokenize_cmd
+from llmkit.cli.flags import LlamaCommand
 
 app = typer.Typer(
     name="llm",
@@ -26,15 +27,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("run", help=run_cmd.__doc__)(run_cmd.run)
-app.command("tokenize", help=tokenize_cmd.__doc__)(tokenize_cmd.tokenize)
-app.command("models", help=models_cmd.__doc__)(models_cmd.models)
-app.command("quantize", help=quantize_cmd.__doc__)(quantize_cmd.quantize)
-app.command("bench", help=bench_cmd.__doc__)(bench_cmd.bench)
-app.command("perplexity", help=perplexity_cmd.__doc__)(perplexity_cmd.perplexity)
-app.command("convert", help=convert_cmd.__doc__)(convert_cmd.convert)
-app.command("serve", help=serve_cmd.__doc__)(serve_cmd.serve)
-app.command("mtp-train", help=mtp_train_cmd.__doc__)(mtp_train_cmd.mtp_train)
+app.command("run", help=run_cmd.__doc__, cls=LlamaCommand)(run_cmd.run)
+app.command("tokenize", help=tokenize_cmd.__doc__, cls=LlamaCommand)(tokenize_cmd.tokenize)
+app.command("models", help=models_cmd.__doc__, cls=LlamaCommand)(models_cmd.models)
+app.command("quantize", help=quantize_cmd.__doc__, cls=LlamaCommand)(quantize_cmd.quantize)
+app.command("bench", help=bench_cmd.__doc__, cls=LlamaCommand)(bench_cmd.bench)
+app.command("perplexity", help=perplexity_cmd.__doc__, cls=LlamaCommand)(perplexity_cmd.perplexity)
+app.command("convert", help=convert_cmd.__doc__, cls=LlamaCommand)(convert_cmd.convert)
+app.command("serve", help=serve_cmd.__doc__, cls=LlamaCommand)(serve_cmd.serve)
+app.command("mtp-train", help=mtp_train_cmd.__doc__, cls=LlamaCommand)(mtp_train_cmd.mtp_train)
 
 # Typer ships its own copy of click; its usage errors derive from that copy's ClickException.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

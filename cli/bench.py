@@ -124,7 +124,13 @@ def bench(
     n_ubatch: str = typer.Option(
         "512", "-ub", "--ubatch-size", help="Prompt tokens per forward pass (comma list)."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
+    n_gpu_layers: str = typer.Option(
+        None, "-ngl", "--n-gpu-layers", help="N > 0: on the GPU when there is one."
+    ),
+    flash_attn: str = typer.Option(
+        "auto", "-fa", "--flash-attn", help="on|off|auto (lists too): attention is always fused."
+    ),
     cache_type_k: str = typer.Option(
         "f16",
         "-ctk",
@@ -176,6 +182,10 @@ def bench(
         raise LlmkitError("--draft-p-min gates MTP drafting: it needs --mtp 1")
     if draft_branches != "1" and 1 not in mtp_values:
         raise LlmkitError("--draft-branches shapes MTP drafting: it needs --mtp 1")
+    from llmkit.cli.common import check_flash_attn, gpu_device
+
+    check_flash_attn(flash_attn)
+    device = gpu_device(device, n_gpu_layers)
     default_threads = os.cpu_count() or 1
     p = BenchParams(
         models=model or [DEFAULT_MODEL],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +22,73 @@ def read_prompt(prompt: str | None, file: Path | None, required: bool = False) -
     if prompt is None and required:
         raise LlmkitError("no text given: use -p TEXT or -f FILE")
     return prompt
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlmkitError(f"cannot read {what} {path}: {e}") from None
+
+
+_BIAS = re.compile(
+    r"\s*(\d+)\s*([+-])\s*(inf|infinity|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*", re.I
+)
+BIAS_MAX = 100.0  # the sampler's (OpenAI's) range; +inf (a certainty) stands for its top
+
+
+def parse_logit_bias(items: list[str] | None) -> dict[int, float]:
+    """llama.cpp's -l/--logit-bias TOKEN_ID(+|-)BIAS items (15043+1, 15043-inf) -> {id: bias}."""
+    out = {}
+    for item in items or []:
+        m = _BIAS.fullmatch(item)
+        if m is None:
+            raise LlmkitError(f"--logit-bias {item!r}: expected TOKEN_ID(+|-)BIAS, e.g. 15043+1")
+        v = float(m.group(3)) * (-1.0 if m.group(2) == "-" else 1.0)
+        out[int(m.group(1))] = BIAS_MAX if v == math.inf else v  # -inf stays a ban
+    return out
+
+
+def parse_ngl(n_gpu_layers: str | None) -> int:
+    """-ngl N | all | auto (llama-bench's comma lists: the largest) -> layers (-1: all)."""
+    if n_gpu_layers is None:
+        return 0
+    vals = []
+    for v in n_gpu_layers.split(","):
+        if v.strip().lower() in ("all", "auto"):
+            vals.append(-1)
+            continue
+        try:
+            vals.append(int(v))
+        except ValueError:
+            raise LlmkitError(
+                f"-ngl/--n-gpu-layers must be a number, all or auto, got {n_gpu_layers!r}"
+            ) from None
+    return -1 if -1 in vals else max(vals)
+
+
+def check_flash_attn(flash_attn: str) -> None:
+    """-fa on|off|auto (llama-bench: a comma list): accepted, attention is always fused."""
+    from llmkit.cli.flags import FLASH_ATTN_VALUES
+
+    if any(v.strip().lower() not in FLASH_ATTN_VALUES for v in flash_attn.split(",")):
+        raise LlmkitError(f"-fa/--flash-attn must be on, off or auto, got {flash_attn!r}")
+
+
+def llama_load_flags(n_gpu_layers: str | None, flash_attn: str, no_mmap: bool, mlock: bool) -> dict:
+    """LLM.load options for llama.cpp's -ngl, -fa, --no-mmap, --mlock (see cli/flags.py)."""
+    check_flash_attn(flash_attn)
+    return {"n_gpu_layers": parse_ngl(n_gpu_layers), "use_mmap": not no_mmap, "use_mlock": mlock}
+
+
+def gpu_device(device: str | None, n_gpu_layers: str | None) -> str:
+    """The device for --device / -ngl (commands that load without `LLM`); prints -ngl's note."""
+    from llmkit.core.api import pick_device
+
+    dev, note = pick_device(device, parse_ngl(n_gpu_layers))
+    if note:
+        eprint(f"warning: {note}")
+    return dev
 
 
 def set_threads(threads: int | None) -> int:

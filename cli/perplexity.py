@@ -15,7 +15,19 @@ def perplexity(
     ctx_size: int = typer.Option(512, "-c", "--ctx-size", help="Chunk size in tokens."),
     chunks: int = typer.Option(-1, "--chunks", help="Score at most this many chunks (-1: all)."),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
+    n_gpu_layers: str = typer.Option(
+        None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="N > 0: on the GPU when there is one."
+    ),
+    flash_attn: str = typer.Option(
+        "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
+    ),
+    cache_type_k: str = typer.Option(
+        "f16", "-ctk", "--cache-type-k", help="K cache type (f16, q8_0, q4_0, turbo4, ...)."
+    ),
+    cache_type_v: str = typer.Option(
+        "f16", "-ctv", "--cache-type-v", help="V cache type (f16, q8_0, q4_0, turbo4, ...)."
+    ),
     kl_base: Path = typer.Option(
         None,
         "--kl-divergence-base",
@@ -26,7 +38,7 @@ def perplexity(
     ),
 ) -> None:
     """Perplexity over chunks of -c tokens, scoring the second half of each (llama-perplexity's method)."""
-    from llmkit.cli.common import eprint, read_prompt, set_threads
+    from llmkit.cli.common import check_flash_attn, eprint, gpu_device, read_prompt, set_threads
     from llmkit.core.model.catalog import resolve_model
     from llmkit.core.models.loader import load_model
     from llmkit.core.outputs import check_output
@@ -36,6 +48,8 @@ def perplexity(
 
     if kl and kl_base is None:
         raise LlmkitError("--kl-divergence needs --kl-divergence-base FILE (from a base run)")
+    check_flash_attn(flash_attn)
+    device = gpu_device(device, n_gpu_layers)
     set_threads(threads)
     text = read_prompt(None, file, required=True)
     save_rows = [] if kl_base is not None and not kl else None
@@ -58,7 +72,7 @@ def perplexity(
 
     res = perplexity(
         lm.model,
-        lambda n: lm.new_cache(n, margin=n),
+        lambda n: lm.new_cache(n, margin=n, type_k=cache_type_k, type_v=cache_type_v),
         tokens,
         ctx_size,
         tok.bos_id if tok.add_bos else None,

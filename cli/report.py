@@ -4,6 +4,7 @@ the chat loop's turns."""
 from __future__ import annotations
 
 import sys
+import time
 
 from llmkit.cli.common import eprint
 
@@ -28,9 +29,11 @@ def print_plan(llm) -> None:
         )
         for name, g in kv["groups"].items():
             kind = "full attention" if g["window"] is None else f"sliding window {g['window']}"
+            per = g.get("bytes_per_token_layer")
+            per = f", K {per['k']} + V {per['v']} bytes per token per layer" if per else ""
             eprint(
                 f"  {name:<12} {len(g['layers']):3d} layers x {g['cells']} cells ({kind}): "
-                f"{g['bytes'] / 2**20:.2f} MiB"
+                f"{g['bytes'] / 2**20:.2f} MiB{per}"
             )
 
 
@@ -53,7 +56,7 @@ def print_timings(llm) -> None:
         d = llm.spec.stats.to_dict(s.generated_tokens)
         per_pos = ", ".join(f"{a:.2f}" for a in d["acceptance_per_position"])
         eprint(
-            f"llmkit: speculative (mtp, draft {d['draft_max']}): {d['drafts']} drafts, "
+            f"llmkit: speculative ({d['type']}, draft {d['draft_max']}): {d['drafts']} drafts, "
             f"{d['accepted_tokens']}/{d['draft_tokens']} draft tokens accepted "
             f"({d['acceptance_rate']:.3f}), per position [{per_pos}], "
             f"mean accepted length {d['mean_accepted_length']:.2f}"
@@ -65,21 +68,31 @@ def print_timings(llm) -> None:
         )
 
 
+def reverse_hit(text: str, piece: str, prompts) -> bool:
+    """-r/--reverse-prompt: does one of `prompts` end within the newest `piece` of `text`?"""
+    return any(r and r in text[-(len(r) + len(piece) - 1) :] for r in prompts or ())
+
+
 def chat_loop(llm, first: str | None, system: str | None, params, n_predict: int, ignore_eos: bool,
-              verbose: bool) -> None:  # fmt: skip
+              verbose: bool, reverse_prompts=()) -> None:  # fmt: skip
     """Read user turns from stdin (`/exit` ends), stream each reply; the cache keeps the earlier
-    turns, so each turn evaluates only its new tokens."""
+    turns, so each turn evaluates only its new tokens. A reverse prompt or Ctrl-C ends the reply
+    and returns to the prompt; Ctrl-C at the prompt, or twice within a second, ends the chat."""
     if verbose:
         eprint(f"chat template: {llm.chat_format.source}")
     messages = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
-    pending = first
+    pending, last_interrupt = first, -1.0
     while True:
         if pending is None:
             if interactive:
                 sys.stdout.write("\n> ")
                 sys.stdout.flush()
-            line = sys.stdin.readline()
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                sys.stdout.write("\n")
+                break
             if not line:
                 break
             pending = line.rstrip("\n")
@@ -95,10 +108,22 @@ def chat_loop(llm, first: str | None, system: str | None, params, n_predict: int
         ids = llm.chat_prompt(messages)
         for w in llm.warnings[n_warn:]:  # the file's template failed: the built-in one is used
             eprint(f"warning: {w}")
-        for piece in llm.stream(ids, params, n_predict, ignore_eos):
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        pieces = llm.stream(ids, params, n_predict, ignore_eos)
+        try:
+            for piece in pieces:
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+                if reverse_hit("".join(reply[-64:]), piece, reverse_prompts):
+                    break
+        except KeyboardInterrupt:
+            now = time.monotonic()
+            if now - last_interrupt < 1.0:
+                raise
+            last_interrupt = now
+            eprint("\n[reply interrupted: Ctrl-C again to exit]")
+        finally:
+            pieces.close()
         messages.append({"role": "assistant", "content": "".join(reply)})
         sys.stdout.write("\n")
         sys.stdout.flush()

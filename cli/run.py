@@ -40,15 +40,55 @@ def run(
         False, "--ignore-eos", help="Keep generating past end-of-generation tokens."
     ),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
+    n_gpu_layers: str = typer.Option(
+        None,
+        "-ngl",
+        "--n-gpu-layers",
+        "--gpu-layers",
+        help="N > 0 (or all/auto): the whole model on the GPU when there is one (no partial offload).",
+    ),
+    flash_attn: str = typer.Option(
+        "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
+    ),
+    no_mmap: bool = typer.Option(False, "--no-mmap", help="Read all weights in at load."),
+    mlock: bool = typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
     batch_size: int = typer.Option(
         512, "-ub", "--ubatch-size", help="Prompt tokens per forward pass."
     ),
     conversation: bool = typer.Option(
-        False, "-cnv", "--conversation", help="Chat mode with the GGUF chat template."
+        False,
+        "-cnv/-no-cnv",
+        "--conversation/--no-conversation",
+        "--cnv/--no-cnv",
+        help="Chat mode with the GGUF chat template (default: off).",
     ),
     system: str = typer.Option(
         None, "-sys", "--system-prompt", help="System message for chat mode."
+    ),
+    system_file: Path = typer.Option(
+        None, "-sysf", "--system-prompt-file", help="Read the system message from a file."
+    ),
+    chat_template: str = typer.Option(
+        None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."
+    ),
+    chat_template_file: Path = typer.Option(
+        None, "--chat-template-file", help="Read the jinja chat template from a file."
+    ),
+    jinja: bool = typer.Option(
+        False, "--jinja", help="Accepted: chat templates are always rendered with jinja."
+    ),
+    reverse_prompt: list[str] = typer.Option(
+        None, "-r", "--reverse-prompt", help="Stop at this text (-cnv: back to the prompt)."
+    ),
+    presence_penalty: float = typer.Option(
+        0.0, "--presence-penalty", help="Penalty for tokens already present (0.0: off)."
+    ),
+    frequency_penalty: float = typer.Option(
+        0.0, "--frequency-penalty", help="Penalty by the count of each earlier token (0.0: off)."
+    ),
+    logit_bias: list[str] = typer.Option(
+        None, "-l", "--logit-bias", help="TOKEN_ID(+|-)BIAS, e.g. 15043+1 or 15043-inf."
     ),
     no_display_prompt: bool = typer.Option(
         False, "--no-display-prompt", help="Do not echo the prompt."
@@ -60,10 +100,10 @@ def run(
         None, "--stats-json", help="Write run statistics as JSON to this file."
     ),
     cache_type_k: str = typer.Option(
-        "f16", "-ctk", "--cache-type-k", help="K cache type: f16, f32, bf16, q8_0, q4_0."
+        "f16", "-ctk", "--cache-type-k", help="K cache type: f16, f32, bf16, q8_0, q4_0, turbo3|4."
     ),
     cache_type_v: str = typer.Option(
-        "f16", "-ctv", "--cache-type-v", help="V cache type: f16, f32, bf16, q8_0, q4_0."
+        "f16", "-ctv", "--cache-type-v", help="V cache type: f16, f32, bf16, q8_0, q4_0, turbo3|4."
     ),
     mtp: bool = typer.Option(
         False, "--mtp", help="Speculative decoding with the model's NextN (MTP) blocks."
@@ -73,6 +113,15 @@ def run(
     ),
     draft: int = typer.Option(
         3, "--draft", help="Max draft tokens per round (chained NextN blocks: at most their count)."
+    ),
+    spec: str = typer.Option(
+        None, "--spec", help="Drafter: mtp (same as --mtp) or early-exit (the first L layers)."
+    ),
+    n_layer_exit: int = typer.Option(
+        0,
+        "--n-layer-exit",
+        help="Run only the first L layers (with --spec early-exit: draft with them; "
+        "default: the model's measured best).",
     ),
     draft_p_min: float = typer.Option(
         0.0, "--draft-p-min", help="Stop drafting below this draft probability."
@@ -91,11 +140,28 @@ def run(
     moe_n_expert: int = typer.Option(
         None, "--moe-n-expert", help="Routed experts per token (MoE models; default: the file's)."
     ),
+    grammar: str = typer.Option(
+        None, "--grammar", help="GBNF grammar (llama.cpp syntax) the output must follow."
+    ),
+    grammar_file: Path = typer.Option(
+        None, "--grammar-file", help="Read the GBNF grammar from a file."
+    ),
+    json_schema: str = typer.Option(
+        None, "-j", "--json-schema", help="JSON schema the output must follow (e.g. '{}')."
+    ),
 ) -> None:
     """Generate text with a GGUF model; streams tokens, prints llama.cpp-style timings to stderr."""
-    from llmkit.cli.common import read_prompt, set_threads, write_json_atomic
-    from llmkit.cli.report import chat_loop, print_plan, print_timings
+    from llmkit.cli.common import (
+        llama_load_flags,
+        parse_logit_bias,
+        read_prompt,
+        read_text,
+        set_threads,
+        write_json_atomic,
+    )
+    from llmkit.cli.report import chat_loop, print_plan, print_timings, reverse_hit
     from llmkit.core.api import LLM, sampler_params
+    from llmkit.core.decode.grammar import read_grammar
     from llmkit.errors import LlmkitError
 
     text = read_prompt(prompt, file)
@@ -113,17 +179,35 @@ def run(
 
         check_output(stats_json, [p for p in (resolve_model(model), model_draft, file) if p])
     n_threads = set_threads(threads)
+    bias = parse_logit_bias(logit_bias)
     params = sampler_params(
         temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
         repeat_last_n=repeat_last_n, seed=seed,
+        **{k: v for k, v in (("presence_penalty", presence_penalty),
+                             ("frequency_penalty", frequency_penalty),
+                             ("logit_bias", bias)) if v},
     )  # fmt: skip
-    if draft_branches > 1 and (not mtp or temp > 0):
+    if system is not None and system_file is not None:
+        raise LlmkitError("give either -sys or -sysf, not both")
+    if system_file is not None:
+        system = read_text(system_file, "system prompt file")
+    if chat_template is not None and chat_template_file is not None:
+        raise LlmkitError("give either --chat-template or --chat-template-file, not both")
+    if chat_template_file is not None:
+        chat_template = read_text(chat_template_file, "chat template file")
+    constraint = read_grammar(grammar, grammar_file, json_schema)
+    if constraint is not None and (mtp or conversation or ignore_eos):
+        flag = "--mtp" if mtp else "-cnv" if conversation else "--ignore-eos"
+        raise LlmkitError(f"--grammar/--grammar-file/--json-schema cannot be combined with {flag}")
+    if draft_branches > 1 and (not (mtp or spec) or temp > 0):
         raise LlmkitError("--draft-branches > 1 needs --mtp and greedy decoding (--temp 0)")
     llm = LLM.load(
         model,
         n_ctx=ctx_size,
         n_ubatch=batch_size,
         device=device,
+        **llama_load_flags(n_gpu_layers, flash_attn, no_mmap, mlock),
+        chat_template=chat_template,
         type_k=cache_type_k,
         type_v=cache_type_v,
         mtp=mtp,
@@ -134,20 +218,28 @@ def run(
         type_k_draft=cache_type_k_draft,
         type_v_draft=cache_type_v_draft,
         moe_n_expert=moe_n_expert,
+        spec=spec,
+        n_layer_exit=n_layer_exit,
     )
     for w in llm.warnings:
         eprint(f"warning: {w}")
+    if bias and max(bias) >= llm.tokenizer.n_vocab:
+        raise LlmkitError(f"--logit-bias: token id {max(bias)} is outside the vocabulary")
     if verbose:
         print_plan(llm)
     if conversation:
-        chat_loop(llm, text, system, params, n_predict, ignore_eos, verbose)
+        chat_loop(llm, text, system, params, n_predict, ignore_eos, verbose, reverse_prompt)
     else:
         if not no_display_prompt:
             sys.stdout.write(text)
             sys.stdout.flush()
-        for piece in llm.stream(llm.tokenize(text), params, n_predict, ignore_eos):
+        ids, out = llm.tokenize(text), ""
+        for piece in llm.stream(ids, params, n_predict, ignore_eos, grammar=constraint):
             sys.stdout.write(piece)
             sys.stdout.flush()
+            out += piece
+            if reverse_hit(out, piece, reverse_prompt):
+                break
         sys.stdout.write("\n")
     print_timings(llm)
     if stats_json:

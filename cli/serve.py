@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 
@@ -26,6 +28,9 @@ def serve(
         False, "--no-prefix-sharing", help="Do not reuse cached prompt-prefix blocks."
     ),
     metrics: bool = typer.Option(False, "--metrics", help="Enable the /metrics endpoint."),
+    pooling: str = typer.Option(
+        "mean", "--pooling", help="/v1/embeddings pooling: mean, last or cls (first token)."
+    ),
     api_key: str = typer.Option(
         None, "--api-key", help="Require this key (Bearer or x-api-key) on all but /health."
     ),
@@ -42,7 +47,28 @@ def serve(
         help="Seconds to receive a request body (else 408) and to send each streamed chunk.",
     ),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
+    n_gpu_layers: str = typer.Option(
+        None,
+        "-ngl",
+        "--n-gpu-layers",
+        "--gpu-layers",
+        help="N > 0 (or all/auto): the whole model on the GPU when there is one (no partial offload).",
+    ),
+    flash_attn: str = typer.Option(
+        "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
+    ),
+    no_mmap: bool = typer.Option(False, "--no-mmap", help="Read all weights in at load."),
+    mlock: bool = typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
+    chat_template: str = typer.Option(
+        None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."
+    ),
+    chat_template_file: Path = typer.Option(
+        None, "--chat-template-file", help="Read the jinja chat template from a file."
+    ),
+    jinja: bool = typer.Option(
+        False, "--jinja", help="Accepted: chat templates are always rendered with jinja."
+    ),
     cache_type_k: str = typer.Option("f16", "-ctk", "--cache-type-k", help="K cache type."),
     cache_type_v: str = typer.Option("f16", "-ctv", "--cache-type-v", help="V cache type."),
     mtp: bool = typer.Option(False, "--mtp", help="MTP speculative decoding (NextN blocks)."),
@@ -61,15 +87,32 @@ def serve(
         "f16", "-ctvd", "--cache-type-v-draft", help="V cache type of the MTP contexts."
     ),
 ) -> None:
-    """Serve a GGUF model: /v1/chat/completions, /v1/completions, /v1/messages, /v1/models,
-    /health, /slots, /metrics; parallel slots with continuous batching and a paged KV cache."""
-    from llmkit.cli.common import eprint, set_threads
+    """Serve a GGUF model: /v1/chat/completions, /v1/completions, /v1/messages, /v1/embeddings,
+    /v1/models, /completion, /tokenize, /props, /health, /slots, /metrics, a chat page at /;
+    parallel slots with continuous batching and a paged KV cache."""
+    from llmkit.errors import LlmkitError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise LlmkitError(
+            "llm serve needs the server extras: pip install 'llmkit[serve]'"
+        ) from None
+    if metrics:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise LlmkitError(
+                "--metrics needs prometheus-client: pip install 'llmkit[serve]'"
+            ) from None
+    from llmkit.cli.common import check_flash_attn, eprint, gpu_device, read_text, set_threads
+    from llmkit.core.api import pin_weights
     from llmkit.core.model.catalog import resolve_model
     from llmkit.core.models.loader import load_model
     from llmkit.core.serve.engine import ServeOptions
     from llmkit.core.serve.server import HttpOptions, Server
     from llmkit.core.tokenizer import load_tokenizer
-    from llmkit.errors import LlmkitError
 
     for flag, v, lo in (("-np", parallel, 1), ("-ub", batch_size, 1), ("-c", ctx_size, 0)):
         if v < lo:
@@ -78,6 +121,8 @@ def serve(
         raise LlmkitError(f"--port must be between 0 and 65535, got {port}")
     if kv_cache_tokens < 0 or max_body < 1:
         raise LlmkitError("--kv-cache-tokens must be >= 0 and --max-body-bytes >= 1")
+    if pooling not in ("mean", "last", "cls"):
+        raise LlmkitError(f"--pooling must be mean, last or cls, not {pooling!r}")
     if max_queue < 1:
         raise LlmkitError(f"--max-queue must be >= 1, got {max_queue}")
     if not 0 < timeout < float("inf"):  # also refuses nan
@@ -86,14 +131,25 @@ def serve(
         raise LlmkitError(f"--draft-p-min must be in [0, 1], got {draft_p_min}")
     if model_draft and not mtp:
         raise LlmkitError("-md/--model-draft is the MTP sidecar: it needs --mtp")
+    check_flash_attn(flash_attn)
+    if chat_template is not None and chat_template_file is not None:
+        raise LlmkitError("give --chat-template or --chat-template-file, not both")
+    if chat_template_file is not None:
+        chat_template = read_text(chat_template_file, "chat template file")
+    if chat_template is not None:
+        from llmkit.core.tokenizer.chat import named_chat_template
+
+        named_chat_template(chat_template)  # an unknown name fails before loading
     set_threads(threads)
     path = resolve_model(model)
     lm = load_model(
         path,
-        device=device,
+        device=gpu_device(device, n_gpu_layers),
         mtp=mtp,
         draft_path=resolve_model(model_draft) if model_draft else None,
     )
+    for w in pin_weights(lm, not no_mmap, mlock):
+        eprint(f"warning: {w}")
     n_ctx = ctx_size or lm.config.n_ctx_train
     opts = ServeOptions(
         n_slots=parallel,
@@ -112,7 +168,10 @@ def serve(
         prefix_sharing=not no_prefix_sharing,
         max_queue=max_queue,
     )
-    http = HttpOptions(host, port, api_key, metrics, max_body, timeout_s=timeout)
+    http = HttpOptions(
+        host, port, api_key, metrics, max_body, timeout_s=timeout, pooling=pooling,
+        chat_template=chat_template,
+    )  # fmt: skip
     server = Server(lm, load_tokenizer(lm.metadata), opts, http, path.stem)
     kv = server.engine.pool.stats()
     eprint(

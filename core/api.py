@@ -6,6 +6,7 @@
     for piece in lm.generate("Once upon a time", n_predict=64, stream=True):
         print(piece, end="", flush=True)
     lm = llmkit.load("gemma3-270m", mtp=True, draft=2)   # speculative decoding with MTP heads
+    lm.create_completion("Hello", max_tokens=8)      # OpenAI-shaped dicts (core/completions.py)
 
 The object keeps one KV cache: a prompt that starts with what the cache holds (a chat's earlier
 turns) evaluates only its new tokens.
@@ -13,11 +14,14 @@ turns) evaluates only its new tokens.
 
 from __future__ import annotations
 
-import codecs
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from llmkit.core.completions import Completions, TextStream, sampler_params
+from llmkit.core.decode.assistant import assistant_spec, is_assistant_file
+from llmkit.core.decode.early_exit import early_exit_spec, exit_layers, spec_type
 from llmkit.core.decode.loop import GenStats, Speculation, generate
 from llmkit.core.decode.sampling import Sampler, SamplerParams
 from llmkit.core.decode.speculative import SpecConfig, SpecStats
@@ -34,7 +38,11 @@ class LoadOptions:
 
     n_ctx: int = 4096  # 0: the model's training context
     n_ubatch: int = 512
-    device: str = "cpu"
+    device: str | None = None  # None: cpu, or cuda when n_gpu_layers asks for a GPU
+    n_gpu_layers: int = 0  # llama.cpp's -ngl: != 0 puts the whole model on the GPU (if any)
+    use_mmap: bool = True  # False (--no-mmap): read every weight page in at load
+    use_mlock: bool = False  # --mlock: lock the weights in RAM
+    chat_template: str | None = None  # a built-in name (chatml, gemma) or a jinja template
     type_k: str = "f16"
     type_v: str = "f16"
     mtp: bool = False  # speculative decoding with the model's NextN (MTP) blocks
@@ -45,24 +53,51 @@ class LoadOptions:
     type_k_draft: str = "f16"
     type_v_draft: str = "f16"
     moe_n_expert: int | None = None
+    spec: str | None = None  # the drafter: "mtp" (same as mtp=True) or "early-exit"
+    n_layer_exit: int = 0  # > 0: the first L trunk layers (alone, or as the early-exit drafter)
 
 
-class TextStream:
-    """Token ids in, text pieces out; holds back incomplete UTF-8 sequences."""
+def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]:
+    """(device, note): an explicit device wins; -ngl N != 0 means cuda when one is available,
+    else CPU with llama.cpp's note."""
+    if device is not None:
+        return device, None
+    if not n_gpu_layers:
+        return "cpu", None
+    import torch
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tok = tokenizer
-        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if torch.cuda.is_available():
+        return "cuda", None
+    return "cpu", "no usable GPU found, --gpu-layers option will be ignored"
 
-    def put(self, token: int) -> str:
-        return self.dec.decode(self.tok.token_to_piece(token))
 
-    def end(self) -> str:
-        return self.dec.decode(b"", final=True)
+def pin_weights(lm: LoadedModel, use_mmap: bool, use_mlock: bool) -> list[str]:
+    """--no-mmap: fault every page of the GGUF in now; --mlock: lock them in RAM (mlock(2));
+    warnings for what the OS refused."""
+    import ctypes
+    import ctypes.util
+    import mmap
+
+    mm = lm.gguf._mm  # np.memmap of the whole file
+    warnings = []
+    if not use_mmap:
+        raw = getattr(mm, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_WILLNEED"):
+            raw.madvise(mmap.MADV_WILLNEED)
+        mm[:: mmap.PAGESIZE].sum()  # touch each page: the reads happen at load, not at decode
+    if use_mlock:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        if libc.mlock(ctypes.c_void_p(mm.ctypes.data), ctypes.c_size_t(mm.nbytes)) != 0:
+            err = ctypes.get_errno()
+            warnings.append(
+                f"failed to mlock {mm.nbytes}-byte buffer: {os.strerror(err)} "
+                "(try increasing RLIMIT_MEMLOCK: 'ulimit -l')"
+            )
+    return warnings
 
 
 @dataclass
-class LLM:
+class LLM(Completions):
     lm: LoadedModel
     tokenizer: Tokenizer
     cache: object  # KVCache
@@ -84,17 +119,22 @@ class LLM:
         opts = LoadOptions(**options)
         spec_cfg = SpecConfig(opts.draft, opts.draft_p_min, opts.draft_branches)
         spec_cfg.check_values()
+        kind = spec_type(opts.spec, opts.mtp)
         draft_path = resolve_model(opts.model_draft) if opts.model_draft else None
-        if draft_path and not opts.mtp:
+        if draft_path and kind != "mtp":
             raise LlmkitError("-md/--model-draft is the MTP sidecar: it needs --mtp")
+        # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
+        assistant = kind == "mtp" and draft_path is not None and is_assistant_file(draft_path)
+        device, note = pick_device(opts.device, opts.n_gpu_layers)
         lm = load_model(
             resolve_model(model),
-            device=opts.device,
-            mtp=opts.mtp,
-            draft_path=draft_path,
+            device=device,
+            mtp=kind == "mtp" and not assistant,
+            draft_path=None if assistant else draft_path,
             moe_n_expert=opts.moe_n_expert,
         )
-        warnings = []
+        warnings = [note] if note else []
+        warnings += pin_weights(lm, opts.use_mmap, opts.use_mlock)
         n_ctx = opts.n_ctx or lm.config.n_ctx_train
         if n_ctx > lm.config.n_ctx_train:
             warnings.append(
@@ -102,9 +142,16 @@ class LLM:
             )
         # the ring margin must hold a prompt chunk and a whole verify batch (rollback safety)
         margin = max(opts.n_ubatch, 64, spec_cfg.verify_rows)
+        exit_at = exit_layers(lm, kind, opts.n_layer_exit)  # core/decode/early_exit.py
         cache = lm.new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
         self = cls(lm, load_tokenizer(lm.metadata), cache, opts, warnings=warnings)
-        if opts.mtp:
+        if opts.chat_template is not None:
+            self.set_chat_template(opts.chat_template)
+        if kind == "early-exit":
+            self.spec = early_exit_spec(lm.model, cache, exit_at, spec_cfg)
+        if assistant:
+            self.spec = assistant_spec(lm, draft_path, cache, spec_cfg)
+        elif kind == "mtp":
             from llmkit.core.decode.drafter import MTPDrafter
 
             heads = lm.model.mtp
@@ -140,6 +187,12 @@ class LLM:
             self._chat = ChatFormat(self.lm.metadata, self.lm.arch, bos, eos)
         return self._chat
 
+    def set_chat_template(self, name_or_jinja: str) -> None:
+        """llama.cpp's --chat-template: a built-in name or a jinja template string."""
+        from llmkit.core.tokenizer.chat import named_chat_template
+
+        self.chat_format.template, self.chat_format.source = named_chat_template(name_or_jinja)
+
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The token ids of `messages` rendered with the GGUF's chat template (generation
         prompt added); a template that fails falls back to the built-in format, with a
@@ -155,13 +208,29 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------------------
     def generate_ids(
-        self, ids: list[int], params: SamplerParams, n_predict: int = -1, ignore_eos: bool = False
-    ) -> Iterator[int]:
-        """Token ids after the prompt `ids` (reusing the cached prefix), streamed."""
-        sampler = Sampler(params)
+        self, ids: list[int], params: SamplerParams, n_predict: int = -1, ignore_eos: bool = False,
+        logits_hook=None, grammar: str | None = None,
+    ) -> Iterator[int]:  # fmt: skip
+        """Token ids after the prompt `ids` (reusing the cached prefix), streamed; `logits_hook`
+        sees each sampled position's logits after bias and penalties (plain decoding only).
+        Closing the iterator early (a stop string, Ctrl-C) keeps the cache and `history`
+        consistent."""
+        # the prompt (cached prefix included) is not what presence/frequency penalties count
+        n = len(ids)
+        base = Sampler(params, n) if logits_hook is None else _Observed(params, logits_hook, n)
+        sampler = base
+        if grammar is not None:  # core/decode/grammar.py: plain decoding, the mask before sampling
+            from llmkit.core.decode.grammar import constrained
+
+            sampler = constrained(
+                sampler, self.tokenizer, grammar, self.spec is not None, ignore_eos
+            )
         if self.spec is not None:
+            if logits_hook is not None:
+                raise LlmkitError("logprobs need plain decoding (not --mtp)")
             self.spec.config.check_sampling(sampler.greedy)
         start = self._reuse_prefix(ids)
+        base.n_prompt = len(ids) - start  # the loop's history: the evaluated prompt, then output
         gen = generate(
             self.lm.model,
             self.cache,
@@ -175,9 +244,15 @@ class LLM:
             self.spec,
         )
         out = []
-        for t in gen:
-            out.append(t)
-            yield t
+        try:
+            for t in gen:
+                out.append(t)
+                yield t
+        except BaseException as e:
+            gen.close()
+            if not isinstance(e, GeneratorExit):  # stopped mid-forward: the cache is suspect
+                self.history = []
+                raise
         self.history = ids + out
         if self.cache.n_past < len(self.history):  # the last token was sampled, not evaluated
             self.history = self.history[: self.cache.n_past]
@@ -207,14 +282,20 @@ class LLM:
         return start
 
     def stream(
-        self, ids: list[int], params: SamplerParams, n_predict: int = -1, ignore_eos: bool = False
-    ) -> Iterator[str]:
-        """Text pieces of the generated tokens, as they become complete UTF-8."""
+        self, ids: list[int], params: SamplerParams, n_predict: int = -1, ignore_eos: bool = False,
+        grammar: str | None = None,
+    ) -> Iterator[str]:  # fmt: skip
+        """Text pieces of the generated tokens, as they become complete UTF-8 (`grammar`: a
+        compile_grammar() result the output must follow)."""
+        gen = self.generate_ids(ids, params, n_predict, ignore_eos, grammar=grammar)
         text = TextStream(self.tokenizer)
-        for t in self.generate_ids(ids, params, n_predict, ignore_eos):
-            piece = text.put(t)
-            if piece:
-                yield piece
+        try:
+            for t in gen:
+                piece = text.put(t)
+                if piece:
+                    yield piece
+        finally:
+            gen.close()
         tail = text.end()
         if tail:
             yield tail
@@ -244,7 +325,7 @@ class LLM:
     def memory_plan(self) -> dict:
         plan = self.lm.memory_plan(self.cache)
         if self.spec is not None:
-            plan["kv"]["mtp"] = self.spec.drafter.plan()
+            plan["kv"][self.spec.stats.kind] = self.spec.drafter.plan()
         return plan
 
     def stats_dict(self, threads: int | None = None) -> dict:
@@ -275,11 +356,17 @@ class LLM:
         }
 
 
-def sampler_params(**sampling) -> SamplerParams:
-    known = {f.name for f in fields(SamplerParams)}
-    bad = sorted(set(sampling) - known)
-    if bad:
-        raise LlmkitError(f"unknown sampling option(s) {', '.join(bad)} (known: {sorted(known)})")
-    p = SamplerParams(**sampling)
-    p.validate()
-    return p
+class _Observed(Sampler):
+    """A Sampler that shows each sampled position's logits (after bias and penalties, what
+    log-probabilities report) to a hook first."""
+
+    def __init__(self, params: SamplerParams, hook, n_prompt: int = 0):
+        super().__init__(params, n_prompt)
+        self.hook = hook
+
+    def sample(self, logits, history=()) -> int:
+        adjusted = self.adjust(logits, history)
+        self.hook(adjusted)
+        return self.choose(adjusted)
+
+    __call__ = sample

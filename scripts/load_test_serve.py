@@ -64,7 +64,7 @@ WRONG = [
     {"stream": "yes"},
     {"seed": 1.5},
     {"stop": [7]},
-    {"n": 2},
+    {"n": 0},
     {"min_p": -1},
 ]
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split()

@@ -24,3 +24,7 @@ def test_readme_python_example_runs(smollm_gguf):
     lines = out.getvalue().splitlines()
     assert "Paris" in lines[0]
     assert lines[-1].endswith("True")  # tokenize's ids, then a measured decode speed
+    assert lines[-2] == "True"  # detokenize(tokenize(text)) is the text
+    completion = next(ln for ln in lines if "'completion_tokens'" in ln)
+    assert "Paris" in completion and " stop {" in completion  # the stop string "\n" ended it
+    assert lines[-3].strip()  # the streamed chat reply

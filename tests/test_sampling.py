@@ -111,3 +111,52 @@ def test_llm_run_bad_sampling_flag_is_one_line(capsys, monkeypatch, args):
     rc, _, err = llm(capsys, monkeypatch, "run", "-m", "none.gguf", "-p", "hi", *args)
     assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err
     assert args[0] in err, err
+
+
+def test_presence_and_frequency_penalties_follow_openai_over_generated_tokens():
+    p = SamplerParams(temp=0, presence_penalty=0.5, frequency_penalty=0.25)
+    s = make_sampler(p)
+    s.n_prompt = 2  # history [0, 1] is the prompt: not penalised
+    out = s.adjust(LOGITS, [0, 1, 3, 3, 4])
+    assert out[3].item() == pytest.approx(3.0 - 2 * 0.25 - 0.5)
+    assert out[4].item() == pytest.approx(-1.0 - 0.25 - 0.5)
+    assert out[0].item() == 2.0 and out[1].item() == 1.0 and out[2].item() == 0.5
+
+
+def test_penalties_change_the_greedy_choice():
+    s = make_sampler(SamplerParams(temp=0, frequency_penalty=2.0))
+    assert s(LOGITS, []) == 3 and s(LOGITS, [3]) == 0  # 3 - 2 = 1 < 2
+
+
+def test_logit_bias_is_added_before_greedy_and_logprobs():
+    s = make_sampler(SamplerParams(temp=0, logit_bias={3: -100.0, 5: 1.5}))
+    z = s.adjust(LOGITS, [])
+    assert z[3].item() == -97.0 and z[5].item() == 1.5
+    assert s(LOGITS, []) == 0
+    with pytest.raises(LlmkitError, match="below 6"):
+        make_sampler(SamplerParams(logit_bias={6: 1.0})).adjust(LOGITS, [])
+
+
+def test_minus_inf_bias_bans_a_token_greedy_and_sampled():
+    top = make_sampler(SamplerParams(temp=0))(LOGITS, [])
+    for temp in (0.0, 1.0):
+        s = make_sampler(SamplerParams(temp=temp, seed=1, logit_bias={top: float("-inf")}))
+        assert all(s(LOGITS, []) != top for _ in range(50))
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"presence_penalty": 2.5}, "--presence-penalty"),
+        ({"frequency_penalty": float("nan")}, "--frequency-penalty"),
+        ({"logit_bias": {1: 101.0}}, "--logit-bias"),
+        ({"logit_bias": {1: float("inf")}}, "--logit-bias"),
+        ({"logit_bias": {1: float("nan")}}, "--logit-bias"),
+        ({"logit_bias": {-1: 1.0}}, "--logit-bias"),
+        ({"logit_bias": {"1": 1.0}}, "--logit-bias"),
+        ({"logit_bias": [1, 2]}, "--logit-bias"),
+    ],
+)
+def test_penalty_and_bias_params_validate(kw, name):
+    with pytest.raises(LlmkitError, match=name):
+        SamplerParams(**kw).validate()

@@ -35,3 +35,39 @@ def test_bad_flags_give_one_line_errors(tiny, capsys, monkeypatch, args, msg):
 def test_missing_model_is_one_line(capsys, monkeypatch):
     rc, _, err = llm(capsys, monkeypatch, "serve", "-m", "/nonexistent.gguf")
     assert rc == 1 and err.startswith("error: model file not found")
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["-fa", "sometimes"], "-fa/--flash-attn must be on, off or auto"),
+        (["--chat-template", "vicuna-ish"], "unknown chat template 'vicuna-ish'"),
+    ],
+)
+def test_bad_llama_flags_give_one_line_errors(tiny, capsys, monkeypatch, args, msg):
+    rc, out, err = llm(capsys, monkeypatch, "serve", "-m", tiny, "--port", "0", *args)
+    assert rc != 0 and msg in err and err.count("\n") == 1
+
+
+def test_llama_cpp_flags_reach_the_server(tiny, capsys, monkeypatch):
+    """`llm serve -ngl 99 -fa on --jinja --mlock --no-mmap --chat-template chatml` starts: the
+    template override is what the server renders, -ngl falls back to the CPU with llama.cpp's
+    note on a machine without a GPU."""
+    import torch
+
+    from llmkit.core.serve.server import Server
+    from llmkit.core.tokenizer.chat import CHATML
+
+    seen = {}
+
+    def fake_serve_forever(self):
+        seen["template"], seen["source"] = self.prompter.template, self.prompter.template_source
+        seen["device"] = str(self.engine.lm.model.backend.device)
+
+    monkeypatch.setattr(Server, "serve_forever", fake_serve_forever)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, out, err = llm(capsys, monkeypatch, "serve", "-m", tiny, "--port", "0", "-ngl", "99",
+                       "-fa", "on", "--jinja", "--mlock", "--no-mmap", "--chat-template", "chatml")  # fmt: skip
+    assert rc == 0, err
+    assert seen["template"] == CHATML and "chatml" in seen["source"]
+    assert seen["device"] == "cpu" and "no usable GPU found" in err

@@ -118,7 +118,7 @@ def test_deep_json_is_400_not_a_crash(server, depth, capfd):
 
 
 def test_shallow_json_still_parses(server):
-    raw = '{"prompt": "x", "max_tokens": 2, "stop": ["a"], "x": ' + "[" * 60 + "]" * 60 + "}"
+    raw = '{"prompt": "x", "max_tokens": 2, "metadata": {"x": ' + "[" * 60 + "]" * 60 + "}}"
     assert _post(server, "/v1/completions", raw).status_code == 200
 
 
@@ -146,15 +146,15 @@ def test_a_failing_slot_ends_only_its_own_request(server, monkeypatch):
     alone = [_stream_text(server.url, b) for b in bodies]
     assert all(t and not e for t, e in alone)
 
-    real = sampling.Sampler.sample
+    real = sampling.Sampler.choose
 
-    def poisoned(self, logits, history=()):
+    def poisoned(self, logits):
         self.n_calls = getattr(self, "n_calls", 0) + 1
         if self.p.seed == 666 and self.n_calls > 3:  # mid-decode, beside the healthy slots
             raise RuntimeError("poisoned sampler")
-        return real(self, logits, history)
+        return real(self, logits)
 
-    monkeypatch.setattr(sampling.Sampler, "sample", poisoned)
+    monkeypatch.setattr(sampling.Sampler, "choose", poisoned)
     bad = {"prompt": "poison", "max_tokens": 40, "ignore_eos": True, "seed": 666}
     before = metric(server, "llamacpp:requests_failed_total")
     with cf.ThreadPoolExecutor(5) as ex:

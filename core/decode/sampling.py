@@ -1,7 +1,10 @@
 """Token samplers in llama.cpp's default chain order, built once as a closure.
 
-Order (llama.cpp `common_sampler` defaults): repetition penalty -> top-k -> top-p -> min-p ->
-temperature -> draw. `temp <= 0` is greedy (argmax of the raw logits, penalties applied).
+Order (llama.cpp `common_sampler` defaults): logit bias -> penalties (repetition, then OpenAI's
+presence/frequency) -> top-k -> top-p -> min-p -> temperature -> draw. `temp <= 0` is greedy
+(argmax of the logits after bias and penalties). Reported log-probabilities (`Sampler.adjust` then
+log-softmax) are those of the fp32 logits after bias and penalties, before temperature and the
+top-k/top-p/min-p filters.
 The draw uses a seeded `torch.Generator`: the same seed gives the same tokens.
 """
 
@@ -24,7 +27,11 @@ CLI_NAMES = {
     "repeat_penalty": "--repeat-penalty",
     "repeat_last_n": "--repeat-last-n",
     "seed": "--seed",
+    "presence_penalty": "--presence-penalty",
+    "frequency_penalty": "--frequency-penalty",
+    "logit_bias": "--logit-bias",
 }
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a logit bias: [-100, 100]
 
 
 @dataclass
@@ -36,6 +43,11 @@ class SamplerParams:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int = -1  # -1: random
+    # OpenAI semantics, over the generated tokens (Sampler.n_prompt leading history tokens are the
+    # prompt): logit -= frequency_penalty * count + presence_penalty * (count > 0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def validate(self, names: dict[str, str] | None = None) -> None:
         """LlmkitError naming the bad parameter; `names` maps field -> the name the user typed
@@ -68,6 +80,26 @@ class SamplerParams:
                 f"{flag['seed']} must be -1 (random) or between 0 and {SEED_MAX} (64 bits), "
                 f"got {self.seed}"
             )
+        for key in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= number(key) <= 2.0:
+                raise LlmkitError(f"{flag[key]} must be in [-2, 2], got {getattr(self, key)}")
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict):
+            raise LlmkitError(f"{flag['logit_bias']} must map token ids to biases, got {bias!r}")
+        for tok, b in bias.items():
+            if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+                raise LlmkitError(
+                    f"{flag['logit_bias']}: token ids must be integers >= 0, got {tok!r}"
+                )
+            ok = isinstance(b, (int, float)) and not isinstance(b, bool)
+            ok = ok and (abs(b) <= LOGIT_BIAS_MAX or b == -math.inf)  # -inf: never sampled
+            if not ok:
+                raise LlmkitError(
+                    f"{flag['logit_bias']}: the bias of token {tok} must be a number in "
+                    f"[-100, 100] or -inf, got {b!r}"
+                )
 
 
 def apply_repeat_penalty(
@@ -106,30 +138,52 @@ class Sampler:
     (llama.cpp's chain, above), and `dist` / `pick_draft` / `uniform` give what speculative
     acceptance needs (core/decode/speculative.py): the target's and the draft's distributions."""
 
-    def __init__(self, p: SamplerParams):
+    def __init__(self, p: SamplerParams, n_prompt: int = 0):
         p.validate()
         self.p, self.greedy = p, p.temp <= 0
+        self.n_prompt = n_prompt  # history[:n_prompt] is the prompt: no presence/frequency penalty
         self.gen = torch.Generator()
         self.gen.manual_seed(p.seed if p.seed >= 0 else torch.seed())
+        bias = p.logit_bias or {}
+        self._bias_ids = torch.tensor(list(bias), dtype=torch.long)
+        self._bias = torch.tensor(list(bias.values()), dtype=torch.float32)
 
-    def _penalized(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+    def adjust(self, logits: torch.Tensor, history: Sequence[int] = ()) -> torch.Tensor:
+        """fp32 logits after the logit bias and the penalties: what is sampled from (after the
+        filters and temperature) and what reported log-probabilities are the log-softmax of."""
+        logits = logits.float()
+        if self._bias_ids.numel():
+            if int(self._bias_ids.max()) >= logits.numel():
+                raise LlmkitError(f"logit_bias: token ids must be below {logits.numel()}")
+            logits = logits.clone()
+            logits[self._bias_ids] += self._bias
         n = self.p.repeat_last_n
         recent = history[-n:] if n > 0 else history
-        return apply_repeat_penalty(logits, recent, self.p.repeat_penalty)
+        logits = apply_repeat_penalty(logits, recent, self.p.repeat_penalty)
+        fp, pp = self.p.frequency_penalty, self.p.presence_penalty
+        generated = history[self.n_prompt :]
+        if (fp or pp) and generated:
+            ids, counts = torch.unique(torch.tensor(list(generated)), return_counts=True)
+            logits = logits.clone()
+            logits[ids] -= fp * counts.float() + pp
+        return logits
 
-    def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
-        """The next token for logits [n_vocab] after `history` (greedy when temp <= 0)."""
-        logits = self._penalized(logits, history)
+    def choose(self, logits: torch.Tensor) -> int:
+        """The token for already adjusted logits (greedy when temp <= 0)."""
         if self.greedy:
             return int(torch.argmax(logits))
         ids, probs = filtered_probs(logits, self.p)
         return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
 
+    def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+        """The next token for logits [n_vocab] after `history` (greedy when temp <= 0)."""
+        return self.choose(self.adjust(logits, history))
+
     __call__ = sample
 
     def dist(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         """The sampling distribution as a dense [n_vocab] vector."""
-        ids, probs = filtered_probs(self._penalized(logits, history), self.p)
+        ids, probs = filtered_probs(self.adjust(logits, history), self.p)
         return torch.zeros(logits.numel(), dtype=torch.float32).index_put_((ids,), probs.float())
 
     def draw(self, probs: torch.Tensor) -> int:

@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from llmkit.core.serve import fields as F
+from llmkit.core.serve import schema, structured
 from llmkit.core.serve.fields import ApiError, Limits
 from llmkit.core.serve.request import Event, GenParams
 
@@ -17,9 +18,15 @@ class Job:
     prompt: list[int]
     params: GenParams
     stream: bool
+    n: int = 1  # one choice: Anthropic has no n
+    tools: object | None = None  # core/tools.py's ToolSpec
+
+    def choice_params(self, i: int) -> GenParams:
+        return self.params
 
 
-def parse_messages(body: dict, prompter, limits: Limits) -> Job:
+def chat_messages(body: dict) -> list[dict]:
+    """The request's system prompt and messages, as the chat template's messages."""
     F.get(body, "model", str)
     msgs = F.get(body, "messages", list, required=True)
     if not msgs:
@@ -34,6 +41,16 @@ def parse_messages(body: dict, prompter, limits: Limits) -> Job:
         out.append(
             {"role": m["role"], "content": F.text_content(m.get("content"), f"messages.{i}")}
         )
+    return out
+
+
+def count_tokens(body: dict, prompter, limits: Limits) -> dict:
+    schema.check(body, "count_tokens")
+    return {"input_tokens": len(prompter.chat(chat_messages(body)))}
+
+
+def parse_messages(body: dict, prompter, limits: Limits) -> Job:
+    schema.check(body, "messages")
     params = GenParams(
         max_tokens=F.max_tokens(body, ("max_tokens",), limits, required=True),
         sampler=F.sampler(body),
@@ -43,14 +60,15 @@ def parse_messages(body: dict, prompter, limits: Limits) -> Job:
         id_slot=F.get(body, "id_slot", int),
         cache_prompt=F.get(body, "cache_prompt", bool, True),
     )
-    return Job(prompter.chat(out), params, F.get(body, "stream", bool, False))
+    prompt, params, tools = structured.anthropic_chat(body, prompter, params, chat_messages)
+    return Job(prompt, params, F.get(body, "stream", bool, False), tools=tools)
 
 
 STOP = {"eog": "end_turn", "stop_sequence": "stop_sequence", "length": "max_tokens"}
 
 
 class Formatter:
-    def __init__(self, job: Job, model: str):
+    def __init__(self, job: Job, model: str, tok=None):
         self.job, self.model = job, model
         self.id = "msg_" + uuid.uuid4().hex[:24]
 
@@ -66,7 +84,8 @@ class Formatter:
             "usage": usage,
         }
 
-    def response(self, text: str, done: Event) -> dict:
+    def response(self, results: list) -> dict:
+        text, done = results[0].text, results[0].done
         usage = {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens}
         return self._message(
             [{"type": "text", "text": text}], STOP[done.finish], done.stop_sequence, usage
@@ -85,11 +104,14 @@ class Formatter:
             + event("ping", {"type": "ping"})
         )
 
-    def delta(self, text: str) -> str:
-        d = {"type": "text_delta", "text": text}
+    def delta(self, i: int, ev: Event) -> str:
+        d = {"type": "text_delta", "text": ev.text}
         return event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
 
-    def end(self, done: Event) -> str:
+    def close(self, dones: list[Event]) -> str:
+        return ""
+
+    def end(self, i: int, done: Event) -> str:
         delta = {"stop_reason": STOP[done.finish], "stop_sequence": done.stop_sequence}
         return (
             event("content_block_stop", {"type": "content_block_stop", "index": 0})

@@ -16,14 +16,15 @@ import sys
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmkit.core.serve import anthropic_api, openai_api
+from llmkit.core.serve import anthropic_api, openai_api, routes, tool_format
 from llmkit.core.serve.engine import Engine, QueueFull
 from llmkit.core.serve.fields import ApiError, Limits, json_depth
+from llmkit.core.serve.openai_api import Result
 from llmkit.core.serve.prompt import Prompter
 from llmkit.core.serve.request import Event
 from llmkit.core.serve.request import Request as GenRequest
@@ -91,8 +92,13 @@ def create_app(
     max_tokens: int | None = None,
     max_json_depth: int = 64,
     timeout_s: float = 60.0,
+    pooling: str = "mean",
 ) -> FastAPI:
     app = FastAPI(title="llmkit", docs_url=None, redoc_url=None, openapi_url=None)
+    # browsers may call the API from any page (as llama-server allows); keys still apply
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
+    )
     limits = Limits(max_tokens=max_tokens or engine.opts.n_ctx)
     created = int(time.time())
     key_digest = _digest(api_key) if api_key is not None else b""
@@ -140,93 +146,118 @@ def create_app(
             raise ApiError(408, f"request body not received within {timeout_s:g} s") from None
         return await run_in_threadpool(_parse_json, b"".join(chunks), max_json_depth)
 
-    def submit(job) -> tuple[GenRequest, asyncio.Queue]:
+    def submit(job) -> tuple[list[GenRequest], asyncio.Queue]:
+        """The job's n choices as n engine requests, their events into one queue as (i, event)."""
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(ev: Event) -> None:  # engine thread -> this request's queue
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, ev)
-            except RuntimeError:  # the loop is gone (server shutting down)
-                pass
+        def emitter(i: int):
+            def emit(ev: Event) -> None:  # engine thread -> this request's queue
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+                except RuntimeError:  # the loop is gone (server shutting down)
+                    pass
 
-        req = GenRequest(job.prompt, job.params, emit)
+            return emit
+
+        reqs = []
         try:
-            engine.submit(req)
+            for i in range(job.n):
+                reqs.append(GenRequest(job.prompt, job.choice_params(i), emitter(i)))
+                engine.submit(reqs[-1])
         except QueueFull as e:
+            for r in reqs[:-1]:
+                engine.cancel(r)
             retry = {"Retry-After": str(RETRY_AFTER_S)}
             raise ApiError(503, str(e), "overloaded_error", retry) from None
         except LlmkitError as e:
+            for r in reqs[:-1]:
+                engine.cancel(r)
             raise ApiError(400, str(e)) from None
-        return req, q
+        return reqs, q
 
-    async def collect(request: Request, req: GenRequest, q: asyncio.Queue):
-        """Wait for the whole answer; None if the client went away first (request cancelled)."""
+    def cancel_all(reqs: list[GenRequest]) -> None:
+        for r in reqs:
+            engine.cancel(r)
+
+    async def collect(request: Request, reqs: list[GenRequest], q: asyncio.Queue):
+        """Wait for every choice's whole answer; None if the client went away first (its requests
+        cancelled)."""
 
         async def gone():
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
         watcher = asyncio.create_task(gone())
-        parts = []
+        parts = [[] for _ in reqs]
+        lps: list = [None] * len(reqs)
+        results: list = [None] * len(reqs)
         try:
-            while True:
+            while any(r is None for r in results):
                 getter = asyncio.ensure_future(q.get())
                 await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():
                     getter.cancel()
-                    engine.cancel(req)
+                    cancel_all(reqs)
                     return None
-                ev = getter.result()
+                i, ev = getter.result()
                 if ev.kind == "text":
-                    parts.append(ev.text)
+                    parts[i].append(ev.text)
+                    if ev.logprobs is not None:
+                        lps[i] = (lps[i] or []) + ev.logprobs
                 elif ev.kind == "error":
+                    cancel_all(reqs)
                     raise ApiError(500, ev.text, "api_error")
                 else:
-                    return "".join(parts), ev
+                    has_lp = reqs[i].params.logprobs is not None
+                    results[i] = Result("".join(parts[i]), lps[i] or ([] if has_lp else None), ev)
+            return results
         finally:
             watcher.cancel()
 
-    def stream(request: Request, req: GenRequest, q: asyncio.Queue, fmt, error_chunk):
+    def stream(request: Request, reqs: list[GenRequest], q: asyncio.Queue, fmt, error_chunk):
         async def gone():
             # the client hung up: cancel now, not at the next chunk sent. Starlette already does
             # this for ASGI servers below spec 2.4 (uvicorn today); from 2.4 on it only notices
             # at a failed send, which may never come for a request still waiting in the queue
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            engine.cancel(req)
+            cancel_all(reqs)
             q.put_nowait(None)
 
         async def gen():
             watcher = asyncio.create_task(gone())
+            dones: list = [None] * len(reqs)
             try:
                 yield fmt.start()
-                while True:
-                    ev = await q.get()
-                    if ev is None:
+                while any(d is None for d in dones):
+                    item = await q.get()
+                    if item is None:
                         return
+                    i, ev = item
                     if ev.kind == "text":
-                        yield fmt.delta(ev.text)
+                        yield fmt.delta(i, ev)
                     elif ev.kind == "error":
                         yield error_chunk(ApiError(500, ev.text, "api_error"))
                         return
                     else:
-                        yield fmt.end(ev)
-                        return
+                        dones[i] = ev
+                        yield fmt.end(i, ev)
+                yield fmt.close(dones)
             finally:  # also runs when the client disconnects (the task is cancelled)
                 watcher.cancel()
-                engine.cancel(req)
+                cancel_all(reqs)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return TimedStream(gen(), timeout_s, media_type="text/event-stream", headers=headers)
 
     async def run(request: Request, job, fmt, error_chunk):
-        req, q = submit(job)
+        reqs, q = submit(job)
         if job.stream:
-            return stream(request, req, q, fmt, error_chunk)
-        got = await collect(request, req, q)
+            return stream(request, reqs, q, fmt, error_chunk)
+        got = await collect(request, reqs, q)
         if got is None:
             return Response(status_code=499)
-        return JSONResponse(fmt.response(*got))
+        return JSONResponse(fmt.response(got))
 
     async def parse(fn, body):
         # templates and tokenization of up to max_body_bytes run off the event loop
@@ -238,19 +269,19 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         job = await parse(openai_api.parse_completion, await read_json(request))
-        fmt = openai_api.Formatter(job, model_name)
+        fmt = openai_api.Formatter(job, model_name, prompter.tok)
         return await run(request, job, fmt, lambda e: openai_api.sse(openai_api.error_body(e)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         job = await parse(openai_api.parse_chat, await read_json(request))
-        fmt = openai_api.Formatter(job, model_name)
+        fmt = tool_format.formatter(openai_api, job, model_name, prompter.tok)
         return await run(request, job, fmt, lambda e: openai_api.sse(openai_api.error_body(e)))
 
     @app.post("/v1/messages")
     async def messages(request: Request):
         job = await parse(anthropic_api.parse_messages, await read_json(request))
-        fmt = anthropic_api.Formatter(job, model_name)
+        fmt = tool_format.formatter(anthropic_api, job, model_name, prompter.tok)
         err = lambda e: anthropic_api.event("error", anthropic_api.error_body(e))  # noqa: E731
         return await run(request, job, fmt, err)
 
@@ -280,7 +311,13 @@ def create_app(
         authorize(request)
         if not metrics:
             raise ApiError(501, "metrics are disabled: start the server with --metrics")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         engine.metrics.refresh(engine.snapshot)
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    ctx = routes.Ctx(
+        engine, prompter, model_name, limits, authorize, read_json, parse, run, pooling
+    )
+    routes.register(app, ctx)
     return app

@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,7 @@ class Engine:
             else None
         )
         self.queue: deque[Request] = deque()
+        self.calls: deque[tuple] = deque()  # (fn, Future): run on the engine thread between steps
         self.cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -162,6 +164,15 @@ class Engine:
             self.queue.append(req)
             self.cv.notify()
 
+    def call(self, fn) -> Future:
+        """Run fn() on the engine thread between two steps (model work outside the slots, e.g.
+        embeddings); the Future gets its result or exception."""
+        fut: Future = Future()
+        with self.cv:
+            self.calls.append((fn, fut))
+            self.cv.notify()
+        return fut
+
     def cancel(self, req: Request) -> None:
         with self.cv:
             req.cancelled = True
@@ -182,10 +193,20 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self._stop and not self.queue and all(s.req is None for s in self.slots):
+                while not (self._stop or self.queue or self.calls) and all(
+                    s.req is None for s in self.slots
+                ):
                     self.cv.wait()
                 if self._stop:
                     break
+                calls, self.calls = self.calls, deque()
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        with torch.inference_mode():
+                            fut.set_result(fn())
+                    except Exception as e:
+                        fut.set_exception(e)
             try:
                 with torch.inference_mode():
                     self.step()
@@ -235,7 +256,7 @@ class Engine:
                 self._free(s)
 
     def _uses_mtp(self, req: Request) -> bool:
-        return self.opts.mtp and req.params.speculative
+        return self.opts.mtp and req.params.speculative and req.params.grammar is None
 
     def _admit(self) -> None:
         with self.cv:
@@ -274,7 +295,13 @@ class Engine:
         s.text = TextOut(self.tok, p.stop)
         s.req_spec = type(s.req_spec)()
         s.n_requests += 1
-        s.sampler = Sampler(p.sampler)
+        s.sampler = Sampler(p.sampler, n_prompt=len(req.prompt))
+        s.logprobs = []
+        s.constraint = None
+        if p.grammar is not None:  # validated when parsed; grammar requests never draft
+            from llmkit.core.decode.grammar import Constraint
+
+            s.constraint = Constraint(self.tok, p.grammar)
         if mtp:
             s.draft = self.drafter.open()
         if seq.n_shared:
@@ -295,7 +322,7 @@ class Engine:
         s.prompt_s += time.perf_counter() - t0
         if s.n_eval == len(prompt):
             s.state = "decode"
-            self._emit(s, [s.sampler.sample(out.logits[0], s.history)])
+            self._emit(s, [s.pick(out.logits[0])])
 
     # -- generation ------------------------------------------------------------------------------
     def _decode(self, slots: list[Slot]) -> None:
@@ -383,7 +410,7 @@ class Engine:
                 self.policy.observe_accept(len(p.drafts), n_acc)
             out = [*p.drafts[:n_acc], nxt]
         else:
-            out = [s.sampler.sample(logits[r], s.history)]
+            out = [s.pick(logits[r])]
         self._emit(s, out)
 
     def _emit(self, s: Slot, toks: list[int]) -> None:
@@ -392,12 +419,13 @@ class Engine:
         req = s.req
         for tok in toks:
             if self.tok.is_eog(tok) and not req.params.ignore_eos:
+                s.logprobs = s.logprobs[:-1]  # the end-of-generation token is not part of the text
                 return self._finish(s, "eog")
             s.history.append(tok)
             s.n_gen += 1
             delta = s.text.push(tok)
             if delta:
-                req.emit(Event("text", delta))
+                req.emit(Event("text", delta, logprobs=s.take_logprobs()))
             if s.text.stopped_by is not None:
                 return self._finish(s, "stop_sequence")
             if s.n_gen >= req.params.max_tokens:
@@ -408,9 +436,9 @@ class Engine:
 
     def _finish(self, s: Slot, reason: str) -> None:
         req, m = s.req, self.metrics
-        tail = s.text.flush()
-        if tail:
-            req.emit(Event("text", tail))
+        tail, lps = s.text.flush(), s.take_logprobs()
+        if tail or lps:
+            req.emit(Event("text", tail, logprobs=lps))
         req.emit(
             Event(
                 "done",

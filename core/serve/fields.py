@@ -87,6 +87,9 @@ API_NAMES = {
     "repeat_penalty": "'repeat_penalty'",
     "repeat_last_n": "'repeat_last_n'",
     "seed": "'seed'",
+    "presence_penalty": "'presence_penalty'",
+    "frequency_penalty": "'frequency_penalty'",
+    "logit_bias": "'logit_bias'",
 }
 
 
@@ -98,13 +101,30 @@ def number(body: dict, key: str, default: float, lo: float, hi: float) -> float:
     return v
 
 
-def sampler(body: dict) -> SamplerParams:
-    """temperature/top_p/seed (both APIs) plus llama.cpp's top_k/min_p/repeat_penalty; defaults
-    are llama.cpp's sampler defaults. OpenAI's presence/frequency penalties are range-checked and
-    otherwise ignored."""
-    for key in ("presence_penalty", "frequency_penalty"):
-        number(body, key, 0.0, -2.0, 2.0)
+def logit_bias(body: dict, n_vocab: int | None) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias}: ids as decimal strings, biases in [-100, 100]."""
+    v = get(body, "logit_bias", dict)
+    if not v:
+        return None
+    out = {}
+    for k, b in v.items():
+        if not k.isdecimal() or (n_vocab is not None and int(k) >= n_vocab):
+            top = f" between 0 and {n_vocab - 1}" if n_vocab else ""
+            raise ApiError(400, f"'logit_bias' keys must be token ids{top}, got {k!r}")
+        ok = isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+        if not ok or not -100 <= b <= 100:
+            raise ApiError(400, f"'logit_bias' values must be numbers in [-100, 100], got {b!r}")
+        out[int(k)] = float(b)
+    return out
+
+
+def sampler(body: dict, n_vocab: int | None = None) -> SamplerParams:
+    """temperature/top_p/seed (both APIs), OpenAI's presence/frequency penalties and logit_bias,
+    plus llama.cpp's top_k/min_p/repeat_penalty; defaults are llama.cpp's sampler defaults."""
     p = SamplerParams(
+        presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=logit_bias(body, n_vocab),
         temp=number(body, "temperature", 0.8, 0.0, 2.0),
         top_k=get(body, "top_k", int, 40),
         top_p=number(body, "top_p", 0.95, 0.0, 1.0),

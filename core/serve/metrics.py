@@ -2,26 +2,54 @@
 
 Counters count *completed* requests (the response was produced in full), so they equal what the
 clients were sent; cancelled requests (client gone) are counted apart. Gauges are refreshed from
-the engine's snapshot when /metrics is scraped.
+the engine's snapshot when /metrics is scraped. prometheus_client is imported only for a server
+started with --metrics; otherwise the engine counts into plain in-process counters (`Stat`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    disable_created_metrics,
-    generate_latest,
-)
+from llmkit.errors import LlmkitError
 
 P = "llamacpp:"
 
 
+class Stat:
+    """A counter or gauge without prometheus_client: inc/set/labels, the value in `.value`."""
+
+    def __init__(self, *_args, **_kw):
+        self.value = 0.0
+        self.children: dict[tuple, Stat] = {}
+
+    def inc(self, v: float = 1.0) -> None:
+        self.value += v
+
+    def set(self, v: float) -> None:
+        self.value = v
+
+    def labels(self, *values: str) -> Stat:
+        return self.children.setdefault(values, Stat())
+
+
+def _prometheus():
+    try:
+        import prometheus_client
+    except ImportError:
+        raise LlmkitError(
+            "--metrics needs prometheus-client: pip install 'llmkit[serve]'"
+        ) from None
+    return prometheus_client
+
+
 class Metrics:
-    def __init__(self):
-        disable_created_metrics()  # llama.cpp exposes no *_created series
-        r = self.registry = CollectorRegistry()
+    def __init__(self, prometheus: bool = False):
+        if prometheus:
+            pc = _prometheus()
+            pc.disable_created_metrics()  # llama.cpp exposes no *_created series
+            Counter, Gauge = pc.Counter, pc.Gauge
+            r = self.registry = pc.CollectorRegistry()
+        else:
+            Counter = Gauge = Stat
+            r = self.registry = None
         self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens processed.", registry=r)
         self.prompt_seconds = Counter(P + "prompt_seconds", "Prompt processing time.", registry=r)
         self.tokens_predicted = Counter(P + "tokens_predicted", "Generated tokens.", registry=r)
@@ -108,4 +136,4 @@ class Metrics:
             self.kv_blocks_cached.labels(name).set(g["blocks_cached"])
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return _prometheus().generate_latest(self.registry)

@@ -20,6 +20,8 @@ class GenParams:
     speculative: bool = True  # per request: false turns MTP drafting off for this request
     id_slot: int | None = None  # run on this slot (llama.cpp's id_slot); None: any free slot
     cache_prompt: bool = True  # llama.cpp's switch: reuse cached prefix blocks for this prompt
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    grammar: str | None = None  # core/decode/grammar.py: the output must follow it (no drafting)
 
 
 @dataclass
@@ -33,6 +35,9 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict | None = None  # llama.cpp's per-response timings (incl. draft counts)
+    # with GenParams.logprobs: the tokens behind this text delta, each
+    # {"id", "logprob", "top": [(id, logprob), ...]} (see core/serve/logprobs.py)
+    logprobs: list | None = None
 
 
 @dataclass

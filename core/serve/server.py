@@ -13,6 +13,7 @@ import uvicorn
 
 from llmkit.core.serve.app import create_app
 from llmkit.core.serve.engine import Engine, ServeOptions
+from llmkit.core.serve.metrics import Metrics
 from llmkit.core.serve.prompt import Prompter
 from llmkit.errors import LlmkitError
 
@@ -27,12 +28,14 @@ class HttpOptions:
     max_tokens: int | None = None  # largest max_tokens a request may ask for (default: -c)
     max_json_depth: int = 64  # deeper request bodies are refused (400)
     timeout_s: float = 60.0  # to receive a request body (else 408), and for each streamed send
+    pooling: str = "mean"  # /v1/embeddings: mean, last or cls (llama.cpp's --pooling)
+    chat_template: str | None = None  # --chat-template: a built-in name or jinja (else the file's)
 
 
 class Server:
     def __init__(self, lm, tokenizer, opts: ServeOptions, http: HttpOptions, name: str):
-        self.engine = Engine(lm, tokenizer, opts)
-        self.prompter = Prompter(lm, tokenizer)
+        self.engine = Engine(lm, tokenizer, opts, Metrics(prometheus=http.metrics))
+        self.prompter = Prompter(lm, tokenizer, http.chat_template)
         self.app = create_app(
             self.engine,
             self.prompter,
@@ -43,6 +46,7 @@ class Server:
             http.max_tokens,
             http.max_json_depth,
             http.timeout_s,
+            http.pooling,
         )
         self.http = http
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from llmkit.core.cache.paged import SeqKV
 from llmkit.core.decode.drafter import DraftState
 from llmkit.core.decode.sampling import Sampler
@@ -59,6 +61,32 @@ class Slot:
     req_spec: SpecCounts = field(default_factory=SpecCounts)  # the current request
     total_spec: SpecCounts = field(default_factory=SpecCounts)  # every request on this slot
     n_requests: int = 0
+    logprobs: list = field(default_factory=list)  # entries not sent yet (GenParams.logprobs)
+    constraint: object | None = None  # the request's grammar state (core/decode/grammar.py)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """Sample the next token from logits [n_vocab]; with GenParams.logprobs, record its
+        log-probability and the top alternatives (log-softmax of the adjusted fp32 logits)."""
+        z = self.sampler.adjust(logits, self.history)
+        if self.constraint is not None:  # the grammar's mask, then the sampled token advances it
+            z = self.constraint.apply(z)
+        tok = self.sampler.choose(z)
+        if self.constraint is not None:
+            self.constraint.consume(tok)
+        k = self.req.params.logprobs
+        if k is not None:
+            lp = torch.log_softmax(z, -1)
+            top = torch.topk(lp, k) if k else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+            self.logprobs.append({"id": tok, "logprob": float(lp[tok]), "top": alts})
+        return tok
+
+    def take_logprobs(self) -> list | None:
+        """The recorded entries not sent yet (None when the request asked for none)."""
+        if self.req.params.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def describe(self) -> dict:
         d = {

@@ -25,8 +25,25 @@ GEMMA = (
 )
 
 
-def chat_template(metadata: dict, arch: str) -> tuple[str, str]:
-    """(template, where it came from)."""
+def named_chat_template(name_or_jinja: str) -> tuple[str, str]:
+    """llama.cpp's --chat-template value: a built-in name or a jinja template -> (template,
+    where it came from)."""
+    builtin = {"chatml": CHATML, "gemma": GEMMA}
+    if name_or_jinja in builtin:
+        return builtin[name_or_jinja], f"built-in {name_or_jinja} (--chat-template)"
+    if "{{" in name_or_jinja or "{%" in name_or_jinja:
+        return name_or_jinja, "--chat-template"
+    raise LlmkitError(
+        f"unknown chat template {name_or_jinja!r} (built-in: chatml, gemma; or give a jinja "
+        "template)"
+    )
+
+
+def chat_template(metadata: dict, arch: str, override: str | None = None) -> tuple[str, str]:
+    """(template, where it came from): `override` (--chat-template), else the file's, else a
+    built-in by architecture."""
+    if override is not None:
+        return named_chat_template(override)
     tpl = metadata.get("tokenizer.chat_template")
     if isinstance(tpl, str) and tpl.strip():
         return tpl, "gguf"
@@ -140,9 +157,11 @@ def render_chat(
     bos: str = "",
     eos: str = "",
     add_generation_prompt: bool = True,
+    tools: list | None = None,
 ) -> str:
     """The conversation rendered by `template` in a sandbox with the limits above: any failure
-    or excess is an LlmkitError naming it (never a hang, a recursion crash or a huge string)."""
+    or excess is an LlmkitError naming it (never a hang, a recursion crash or a huge string).
+    `tools` (OpenAI-shaped) becomes the template's `tools` variable, as llama.cpp --jinja does."""
     import sys
 
     from jinja2 import TemplateError
@@ -163,7 +182,7 @@ def render_chat(
         out, n = [], 0
         for piece in tmpl.generate(
             messages=messages, bos_token=bos, eos_token=eos,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt, **({"tools": tools} if tools else {}),
         ):  # fmt: skip
             n += len(piece)
             _bounded(n)
