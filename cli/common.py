@@ -117,3 +117,47 @@ def write_json_atomic(path: Path, obj, inputs=()) -> None:
 
     with atomic_output(path, inputs) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def load_options() -> dict:
+    """The typer options that `run` and `serve` share with llama.cpp (-ngl, -fa, --no-mmap,
+    --mlock, --chat-template[-file], --jinja): one definition, the same help in both."""
+    import typer
+
+    return {
+        "n_gpu_layers": typer.Option(
+            None, "-ngl", "--n-gpu-layers", "--gpu-layers",
+            help="N > 0 (or all/auto): the whole model on the GPU when there is one (no partial offload).",
+        ),
+        "flash_attn": typer.Option(
+            "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
+        ),
+        "no_mmap": typer.Option(False, "--no-mmap", help="Read all weights in at load."),
+        "mlock": typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
+        "chat_template": typer.Option(
+            None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."
+        ),
+        "chat_template_file": typer.Option(
+            None, "--chat-template-file", help="Read the jinja chat template from a file."
+        ),
+        "jinja": typer.Option(
+            False, "--jinja", help="Accepted: chat templates are always rendered with jinja."
+        ),
+    }  # fmt: skip
+
+
+LOAD = load_options()
+
+
+def chat_template_option(chat_template: str | None, chat_template_file: Path | None) -> str | None:
+    """--chat-template / --chat-template-file -> the template (a built-in name or jinja),
+    checked before the model loads."""
+    if chat_template is not None and chat_template_file is not None:
+        raise LlmkitError("give --chat-template or --chat-template-file, not both")
+    if chat_template_file is not None:
+        chat_template = read_text(chat_template_file, "chat template file")
+    if chat_template is not None:
+        from llmkit.core.tokenizer.chat import named_chat_template
+
+        named_chat_template(chat_template)  # an unknown name fails before loading
+    return chat_template

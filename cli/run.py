@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from llmkit.cli.common import eprint
+from llmkit.cli.common import LOAD, eprint
 
 
 def run(
@@ -41,18 +41,10 @@ def run(
     ),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
-    n_gpu_layers: str = typer.Option(
-        None,
-        "-ngl",
-        "--n-gpu-layers",
-        "--gpu-layers",
-        help="N > 0 (or all/auto): the whole model on the GPU when there is one (no partial offload).",
-    ),
-    flash_attn: str = typer.Option(
-        "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
-    ),
-    no_mmap: bool = typer.Option(False, "--no-mmap", help="Read all weights in at load."),
-    mlock: bool = typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
+    n_gpu_layers: str = LOAD["n_gpu_layers"],
+    flash_attn: str = LOAD["flash_attn"],
+    no_mmap: bool = LOAD["no_mmap"],
+    mlock: bool = LOAD["mlock"],
     batch_size: int = typer.Option(
         512, "-ub", "--ubatch-size", help="Prompt tokens per forward pass."
     ),
@@ -69,15 +61,9 @@ def run(
     system_file: Path = typer.Option(
         None, "-sysf", "--system-prompt-file", help="Read the system message from a file."
     ),
-    chat_template: str = typer.Option(
-        None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."
-    ),
-    chat_template_file: Path = typer.Option(
-        None, "--chat-template-file", help="Read the jinja chat template from a file."
-    ),
-    jinja: bool = typer.Option(
-        False, "--jinja", help="Accepted: chat templates are always rendered with jinja."
-    ),
+    chat_template: str = LOAD["chat_template"],
+    chat_template_file: Path = LOAD["chat_template_file"],
+    jinja: bool = LOAD["jinja"],
     reverse_prompt: list[str] = typer.Option(
         None, "-r", "--reverse-prompt", help="Stop at this text (-cnv: back to the prompt)."
     ),
@@ -152,6 +138,7 @@ def run(
 ) -> None:
     """Generate text with a GGUF model; streams tokens, prints llama.cpp-style timings to stderr."""
     from llmkit.cli.common import (
+        chat_template_option,
         llama_load_flags,
         parse_logit_bias,
         read_prompt,
@@ -191,10 +178,7 @@ def run(
         raise LlmkitError("give either -sys or -sysf, not both")
     if system_file is not None:
         system = read_text(system_file, "system prompt file")
-    if chat_template is not None and chat_template_file is not None:
-        raise LlmkitError("give either --chat-template or --chat-template-file, not both")
-    if chat_template_file is not None:
-        chat_template = read_text(chat_template_file, "chat template file")
+    chat_template = chat_template_option(chat_template, chat_template_file)
     constraint = read_grammar(grammar, grammar_file, json_schema)
     if constraint is not None and (mtp or conversation or ignore_eos):
         flag = "--mtp" if mtp else "-cnv" if conversation else "--ignore-eos"

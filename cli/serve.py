@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmkit.cli.common import LOAD
+
 
 def serve(
     model: str = typer.Option(
@@ -48,27 +50,13 @@ def serve(
     ),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
-    n_gpu_layers: str = typer.Option(
-        None,
-        "-ngl",
-        "--n-gpu-layers",
-        "--gpu-layers",
-        help="N > 0 (or all/auto): the whole model on the GPU when there is one (no partial offload).",
-    ),
-    flash_attn: str = typer.Option(
-        "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
-    ),
-    no_mmap: bool = typer.Option(False, "--no-mmap", help="Read all weights in at load."),
-    mlock: bool = typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
-    chat_template: str = typer.Option(
-        None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."
-    ),
-    chat_template_file: Path = typer.Option(
-        None, "--chat-template-file", help="Read the jinja chat template from a file."
-    ),
-    jinja: bool = typer.Option(
-        False, "--jinja", help="Accepted: chat templates are always rendered with jinja."
-    ),
+    n_gpu_layers: str = LOAD["n_gpu_layers"],
+    flash_attn: str = LOAD["flash_attn"],
+    no_mmap: bool = LOAD["no_mmap"],
+    mlock: bool = LOAD["mlock"],
+    chat_template: str = LOAD["chat_template"],
+    chat_template_file: Path = LOAD["chat_template_file"],
+    jinja: bool = LOAD["jinja"],
     cache_type_k: str = typer.Option("f16", "-ctk", "--cache-type-k", help="K cache type."),
     cache_type_v: str = typer.Option("f16", "-ctv", "--cache-type-v", help="V cache type."),
     mtp: bool = typer.Option(False, "--mtp", help="MTP speculative decoding (NextN blocks)."),
@@ -106,7 +94,13 @@ def serve(
             raise LlmkitError(
                 "--metrics needs prometheus-client: pip install 'llmkit[serve]'"
             ) from None
-    from llmkit.cli.common import check_flash_attn, eprint, gpu_device, read_text, set_threads
+    from llmkit.cli.common import (
+        chat_template_option,
+        check_flash_attn,
+        eprint,
+        gpu_device,
+        set_threads,
+    )  # fmt: skip
     from llmkit.core.api import pin_weights
     from llmkit.core.model.catalog import resolve_model
     from llmkit.core.models.loader import load_model
@@ -132,14 +126,7 @@ def serve(
     if model_draft and not mtp:
         raise LlmkitError("-md/--model-draft is the MTP sidecar: it needs --mtp")
     check_flash_attn(flash_attn)
-    if chat_template is not None and chat_template_file is not None:
-        raise LlmkitError("give --chat-template or --chat-template-file, not both")
-    if chat_template_file is not None:
-        chat_template = read_text(chat_template_file, "chat template file")
-    if chat_template is not None:
-        from llmkit.core.tokenizer.chat import named_chat_template
-
-        named_chat_template(chat_template)  # an unknown name fails before loading
+    chat_template = chat_template_option(chat_template, chat_template_file)
     set_threads(threads)
     path = resolve_model(model)
     lm = load_model(
