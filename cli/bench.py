@@ -87,6 +87,8 @@ class _StderrProgress:
         line = f"{r['model_type']} {r['test']}"
         if r["mtp"]:
             line += f" mtp draft {r['n_draft']}"
+        elif r["spec"] == "early-exit":
+            line += f" early-exit L{r['n_layer_exit']} draft {r['n_draft']}"
         line += f": {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} t/s"
         if r["acceptance_rate"] is not None:
             line += f", acceptance {r['acceptance_rate']:.3f}"
@@ -143,18 +145,30 @@ def bench(
     mtp: str = typer.Option(
         "0", "--mtp", help="MTP speculative decoding in tg tests: 0, 1 or 0,1 (needs NextN blocks)."
     ),
+    spec: str = typer.Option(
+        None,
+        "--spec",
+        help="Drafted tg rows beside the plain ones (comma list): early-exit, mtp (= --mtp 0,1).",
+    ),
+    n_layer_exit: str = typer.Option(
+        None,
+        "--n-layer-exit",
+        help="Exit layers L of the early-exit rows (comma list; default: the model's best).",
+    ),
     draft: str = typer.Option(
-        None, "--draft", help="Draft tokens per MTP round (comma list; default 3; needs --mtp 1)."
+        None,
+        "--draft",
+        help="Draft tokens per round (comma list; default 3; needs --mtp 1 or --spec).",
     ),
     draft_p_min: str = typer.Option(
         "0",
         "--draft-p-min",
-        help="Stop drafting below this draft probability (comma list; needs --mtp 1).",
+        help="Stop drafting below this draft probability (comma list; needs --mtp 1 or --spec).",
     ),
     draft_branches: str = typer.Option(
         "1",
         "--draft-branches",
-        help="Candidates verified at the first draft position (comma list; needs --mtp 1).",
+        help="Candidates verified at the first draft position (comma list; needs a drafter).",
     ),
     output: str = typer.Option("md", "-o", "--output", help="md, json, jsonl or csv (stdout)."),
     no_warmup: bool = typer.Option(False, "--no-warmup", help="Skip each test's warm-up run."),
@@ -164,24 +178,43 @@ def bench(
         help="Real-text tg prompts, one per paragraph (default with --mtp 1: a built-in set).",
     ),
 ) -> None:
-    """Benchmark models like llama-bench: pp/tg tests, sweeps over comma lists, MTP acceptance."""
+    """Benchmark models like llama-bench: pp/tg tests, sweeps over comma lists, MTP and
+    early-exit acceptance."""
     import torch
 
     from llmkit.core.bench.params import BenchParams, read_prompt_file
     from llmkit.core.bench.report import FORMATS, environment, render
-    from llmkit.core.bench.runner import check_mtp, run_bench
+    from llmkit.core.bench.runner import check_early_exit, check_mtp, run_bench
     from llmkit.core.model.catalog import DEFAULT_MODEL, resolve_model
     from llmkit.errors import LlmkitError
 
     if output not in FORMATS:
         raise LlmkitError(f"-o: unknown output format {output!r} (use {', '.join(FORMATS)})")
     mtp_values = _ints("--mtp", mtp)
-    if draft is not None and 1 not in mtp_values:
-        raise LlmkitError("--draft sets the MTP draft length: it needs --mtp 1")
-    if draft_p_min != "0" and 1 not in mtp_values:
-        raise LlmkitError("--draft-p-min gates MTP drafting: it needs --mtp 1")
-    if draft_branches != "1" and 1 not in mtp_values:
-        raise LlmkitError("--draft-branches shapes MTP drafting: it needs --mtp 1")
+    specs = _words(spec) if spec is not None else []
+    for name in specs:
+        if name not in ("mtp", "early-exit"):
+            raise LlmkitError(f"--spec: unknown drafter {name!r} (use early-exit, mtp)")
+    if "mtp" in specs:  # the MTP rows next to the plain ones
+        mtp_values = list(dict.fromkeys([*mtp_values, 1]))
+    if n_layer_exit is not None and "early-exit" not in specs:
+        raise LlmkitError(
+            "--n-layer-exit sets the early-exit rows' layers: it needs --spec early-exit"
+        )
+    exits = []
+    if "early-exit" in specs:
+        exits = [0]  # 0: each model's default exit layer
+        if n_layer_exit is not None:
+            exits = _ints("--n-layer-exit", n_layer_exit)
+            if any(v < 1 for v in exits):
+                raise LlmkitError(f"--n-layer-exit values must be >= 1, got {min(exits)}")
+    drafting = 1 in mtp_values or bool(exits)
+    if draft is not None and not drafting:
+        raise LlmkitError("--draft sets the draft length: it needs --mtp 1 or --spec")
+    if draft_p_min != "0" and not drafting:
+        raise LlmkitError("--draft-p-min gates drafting: it needs --mtp 1 or --spec")
+    if draft_branches != "1" and not drafting:
+        raise LlmkitError("--draft-branches shapes drafting: it needs --mtp 1 or --spec")
     from llmkit.cli.common import check_flash_attn, gpu_device
 
     check_flash_attn(flash_attn)
@@ -201,6 +234,7 @@ def bench(
         draft=_ints("--draft", draft or "3"),
         p_min=_floats("--draft-p-min", draft_p_min),
         branches=_ints("--draft-branches", draft_branches),
+        n_layer_exit=exits,
         device=device,
         warmup=not no_warmup,
         prompt_file=str(prompt_file) if prompt_file else None,
@@ -215,6 +249,9 @@ def bench(
     if 1 in p.mtp:
         for path in paths:
             check_mtp(path, p.draft)
+    if p.n_layer_exit:
+        for path in paths:
+            check_early_exit(path, p.n_layer_exit, p.draft)
     progress = _StderrProgress()
     try:
         records = run_bench(p, paths, environment(device), progress)

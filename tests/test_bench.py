@@ -1,6 +1,7 @@
 """`llm bench` on tiny models: every output format, an MTP sweep on a step35 model with NextN
-blocks, KV-type/depth sweeps, real-text prompts, the planning order, and one-line errors.
-Speeds are never asserted, only that figures exist and agree with their samples."""
+blocks, an early-exit sweep (alone and next to MTP rows, output checked against the plain row),
+KV-type/depth sweeps, real-text prompts, the planning order, and one-line errors. Speeds are
+never asserted, only that figures exist and agree with their samples."""
 
 import csv
 import io
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from cli_run import llm
-from llmkit.core.bench.params import BUILTIN_PROMPTS, BenchParams, mean_std, plan, rows
-from llmkit.core.bench.report import _params, _size
+from llmkit.core.bench.params import BUILTIN_PROMPTS, BenchParams, Instance, mean_std, plan, rows
+from llmkit.core.bench.report import _notes, _params, _size, set_lossless
 from llmkit.core.bench.runner import Session
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 from tiny_step35 import write_tiny_step35
@@ -25,6 +26,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     return {
         "llama": write_tiny_llama(d / "llama.gguf"),
+        "llama4": write_tiny_llama(d / "llama4.gguf", n_layer=4),  # early exit at 1..3
         "gemma3": write_tiny_gemma3(d / "gemma3.gguf"),  # head dim 32: q-type KV caches fit
         "step35": write_tiny_step35(d / "step35.gguf", seed=4, draft_noise=0.2),
         "no_nextn": write_tiny_step35(d / "no_nextn.gguf", seed=4, n_nextn=0),
@@ -130,6 +132,76 @@ def test_mtp_sweep_rows_acceptance_and_speedup(tiny, capsys, monkeypatch):
     assert "built-in prompt set" in out and "speedup" in out
 
 
+def check_drafted(r, k):
+    check_figures(r)
+    assert r["gen_input"] == "builtin" and r["drafts"] > 0 and r["n_draft"] == k
+    assert 0 < r["draft_tokens"] <= k * r["drafts"]
+    assert sum(r["accepted_per_position"]) == r["accepted_tokens"] <= r["draft_tokens"]
+    assert 0.0 <= r["acceptance_rate"] <= 1.0 and len(r["acceptance_per_position"]) == k
+    per_pos = r["acceptance_per_position"]
+    assert all(0.0 <= a <= 1.0 for a in per_pos) and per_pos == sorted(per_pos, reverse=True)
+    assert 1.0 <= r["mean_accepted_length"] <= 1 + k
+    assert r["lossless"] is True  # greedy drafting keeps the plain row's tokens
+
+
+def test_early_exit_sweep_rows_acceptance_and_lossless(tiny, capsys, monkeypatch):
+    args = ["-m", tiny["llama4"], *FAST, "--spec", "early-exit", "--n-layer-exit", "1,3"]
+    recs, err = bench_json(capsys, monkeypatch, *args, "--draft", "1,2")
+    got = [(r["test"], r["spec"], r["n_layer_exit"], r["n_draft"]) for r in recs]
+    assert got == [("pp16", None, None, None), ("tg8", None, None, None)] + [
+        ("tg8", "early-exit", L, k) for L in (1, 3) for k in (1, 2)
+    ]
+    assert "tg8 early-exit L3 draft 2:" in err
+    pp, base, *spec = recs
+    assert base["gen_input"] == "builtin" and base["lossless"] is None and pp["lossless"] is None
+    for r in spec:
+        check_drafted(r, r["n_draft"])
+        assert r["mtp"] == 0 and r["draft_p_min"] == 0.0 and r["draft_branches"] == 1
+        assert r["speedup"] == pytest.approx(r["avg_ts"] / base["avg_ts"])
+        assert r["model_size"] == base["model_size"]  # no weights of its own
+    rc, out, err = llm(capsys, monkeypatch, "bench", *args, "--no-warmup", "-r", 1)
+    assert rc == 0, err
+    lines = out.splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert head[4:] == [
+        "threads", "exit", "draft", "test", "t/s", "GB/s", "accept", "accept/pos", "acc len",
+        "speedup",
+    ]  # fmt: skip
+    plain = [c.strip() for c in lines[3].strip("|").split("|")]
+    ee = [c.strip() for c in lines[5].strip("|").split("|")]  # draft 3 (the default)
+    assert plain[5:8] == ["-", "-", "tg8"] and ee[5:8] == ["3", "3", "tg8"]
+    assert len(ee[-3].split("/")) == 3 and ee[-1].endswith("x")
+    assert "early exit (--spec early-exit)" in out and "WARNING" not in out
+
+
+def test_early_exit_next_to_mtp_rows_and_default_exit(tiny, capsys, monkeypatch):
+    args = ["-m", tiny["step35"], "-p", 0, "-n", 8, "-r", 2, "--spec", "early-exit,mtp"]
+    recs, _ = bench_json(capsys, monkeypatch, *args, "--draft", "2")
+    got = [(r["spec"], r["mtp"], r["n_layer_exit"], r["n_draft"]) for r in recs]
+    # no --n-layer-exit: the model's default (90% of its 4 trunk layers, at most 3)
+    assert got == [(None, 0, None, None), ("mtp", 1, None, 2), ("early-exit", 0, 3, 2)]
+    for r in recs[1:]:
+        check_drafted(r, 2)
+        assert r["speedup"] == pytest.approx(r["avg_ts"] / recs[0]["avg_ts"])
+
+
+def test_lossless_compares_each_repetition_with_the_plain_row():
+    base = dict(model_idx=0, threads=1, n_ubatch=512, type_k="f16", type_v="f16", depth=0)
+    plain = Instance(**base, kind="tg", n=4)
+    ee = Instance(**base, kind="tg", n=4, draft=2, exit_layer=1)
+    mtp = Instance(**base, kind="tg", n=4, draft=2, mtp=1)
+    recs = [{"test": "tg4", "lossless": None} for _ in range(3)]
+    outputs = [[[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 7]]]
+    set_lossless([plain, ee, mtp], recs, outputs)
+    assert [r["lossless"] for r in recs] == [None, True, False]
+    p = BenchParams(models=["x"], mtp=[0, 1], n_layer_exit=[1], n_gen=[4])
+    notes = _notes([{**r, "n_gen": 4} for r in recs], p)
+    assert any(n.startswith("WARNING: drafted output differs") and "tg4" in n for n in notes)
+    recs = [{"test": "tg4", "lossless": None} for _ in range(2)]
+    set_lossless([ee, mtp], recs, outputs[1:])  # no plain row: nothing to compare with
+    assert [r["lossless"] for r in recs] == [None, None]
+
+
 def test_draft_p_min_sweep_gates_drafting(tiny, capsys, monkeypatch):
     args = ["-m", tiny["step35"], *FAST, "--mtp", "1", "--draft", "2", "--draft-p-min", "0,1"]
     recs, _ = bench_json(capsys, monkeypatch, *args)
@@ -156,7 +228,7 @@ def test_draft_branches_sweep_adds_a_column_and_alternatives(tiny, capsys, monke
     head = [c.strip() for c in out.splitlines()[0].strip("|").split("|")]
     assert head[5:8] == ["mtp", "draft", "branches"]
     rc, _, err = llm(capsys, monkeypatch, "bench", "-m", tiny["step35"], "--draft-branches", "2")
-    assert rc == 1 and "--draft-branches shapes MTP drafting: it needs --mtp 1" in err
+    assert rc == 1 and "--draft-branches shapes drafting: it needs --mtp 1 or --spec" in err
 
 
 def test_kv_type_and_depth_sweep(tiny, capsys, monkeypatch):
@@ -247,8 +319,14 @@ def test_formatting_helpers():
         (["-o", "xml"], "-o: unknown output format 'xml'"),
         (["--mtp", 2], "--mtp values must be 0 or 1"),
         (["--mtp", 1], "llama.gguf has no NextN (MTP) blocks"),
-        (["--draft", 2], "--draft sets the MTP draft length: it needs --mtp 1"),
-        (["--draft-p-min", 0.5], "--draft-p-min gates MTP drafting: it needs --mtp 1"),
+        (["--draft", 2], "--draft sets the draft length: it needs --mtp 1 or --spec"),
+        (["--draft-p-min", 0.5], "--draft-p-min gates drafting: it needs --mtp 1 or --spec"),
+        (["--spec", "medusa"], "--spec: unknown drafter 'medusa'"),
+        (["--n-layer-exit", 1], "--n-layer-exit sets the early-exit rows' layers"),
+        (["--spec", "early-exit", "--n-layer-exit", "0"], "--n-layer-exit values must be >= 1"),
+        (["--spec", "early-exit", "--n-layer-exit", 2], "--n-layer-exit must be between 1 and 1"),
+        (["--spec", "early-exit", "--draft", "2,17"], "--draft must be between 1 and 16"),
+        (["--spec", "mtp"], "llama.gguf has no NextN (MTP) blocks"),
         (["--draft-p-min", "x", "--mtp", 1], "--draft-p-min: 'x' is not a number"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--prompt-file", "/nonexistent/p.txt"], "cannot read --prompt-file"),

@@ -51,6 +51,9 @@ class BenchParams:
     draft: list[int] = field(default_factory=lambda: [3])
     p_min: list[float] = field(default_factory=lambda: [0.0])  # --draft-p-min values
     branches: list[int] = field(default_factory=lambda: [1])  # --draft-branches values
+    # --spec early-exit: the exit layers L of its rows (empty: no early-exit rows; 0: the model's
+    # default exit, as `llm run --spec early-exit` without --n-layer-exit)
+    n_layer_exit: list[int] = field(default_factory=list)
     device: str = "cpu"
     warmup: bool = True
     prompts: list[str] | None = None  # real-text prompts (None: the built-in set)
@@ -58,8 +61,13 @@ class BenchParams:
 
     @property
     def text_gen(self) -> bool:
-        """tg rows generate from real text (an MTP sweep or an explicit prompt file)."""
-        return 1 in self.mtp or self.prompt_file is not None
+        """tg rows generate from real text (an MTP or early-exit sweep, or a prompt file)."""
+        return self.speculative or self.prompt_file is not None
+
+    @property
+    def speculative(self) -> bool:
+        """The sweep holds drafted rows (MTP or early exit)."""
+        return 1 in self.mtp or bool(self.n_layer_exit)
 
     @property
     def gen_input(self) -> str:
@@ -87,6 +95,8 @@ class BenchParams:
             ("--draft-branches", self.branches, 1),
         ):
             check(flag, values, low)
+        if self.n_layer_exit:
+            check("--n-layer-exit", self.n_layer_exit, 0)
         if self.reps < 1:
             raise LlmkitError(f"-r must be >= 1, got {self.reps}")
         if not any(self.n_prompt) and not any(self.n_gen):
@@ -121,20 +131,29 @@ class Instance:
     draft: int | None = None  # draft tokens per round (MTP rows only)
     p_min: float = 0.0  # stop drafting below this draft probability (MTP rows only)
     branches: int = 1  # candidates verified at the first draft position (MTP rows only)
+    exit_layer: int | None = None  # early-exit rows: the exit layer L (0: the model's default)
+
+    @property
+    def spec(self) -> str | None:
+        """The drafter of a row: "mtp", "early-exit" or None (plain decoding)."""
+        if self.mtp:
+            return "mtp"
+        return "early-exit" if self.exit_layer is not None else None
 
     @property
     def test(self) -> str:
         return f"{self.kind}{self.n}" + (f" @ d{self.depth}" if self.depth else "")
 
     def baseline_key(self) -> tuple:
-        """What an MTP row and its no-MTP baseline share."""
+        """What a drafted (MTP or early-exit) row and its plain baseline share."""
         return (self.model_idx, self.threads, self.n_ubatch, self.type_k, self.type_v, self.depth,
                 self.kind, self.n)  # fmt: skip
 
 
 def rows(p: BenchParams) -> list[Instance]:
     """Every instance in table order: per model and settings (in the order given), the pp tests,
-    then each tg test without MTP followed by its MTP runs (one per draft length)."""
+    then each tg test without drafting followed by its MTP runs and its early-exit runs (one per
+    exit layer, draft length, p_min and branch count)."""
     out = []
     for mi in range(len(p.models)):
         for t, ub, tk, tv, d in itertools.product(
@@ -152,12 +171,20 @@ def rows(p: BenchParams) -> list[Instance]:
                         for pm in p.p_min
                         for nb in p.branches
                     ]
+                out += [
+                    Instance(**base, kind="tg", n=n, draft=k, p_min=pm, branches=nb, exit_layer=L)
+                    for L in p.n_layer_exit
+                    for k in p.draft
+                    for pm in p.p_min
+                    for nb in p.branches
+                ]
     return out
 
 
 def plan(p: BenchParams) -> list[Instance]:
     """`rows(p)` in measuring order: grouped by (model, MTP off/on) so each model is loaded once
-    per group (no-MTP rows run on a load without NextN blocks, exactly like `llm run`)."""
+    per group (no-MTP rows, early exit included, run on a load without NextN blocks, exactly like
+    `llm run`)."""
     return sorted(rows(p), key=lambda i: (i.model_idx, i.mtp))  # stable: keeps the table order
 
 

@@ -84,10 +84,17 @@ def environment(device: str) -> dict:
 
 
 def make_record(
-    p: BenchParams, inst: Instance, lm, path, samples_ns: list[int], spec, env: dict
+    p: BenchParams,
+    inst: Instance,
+    lm,
+    path,
+    samples_ns: list[int],
+    spec,
+    env: dict,
+    exit_layer: int | None = None,
 ) -> dict:
     """The record of one instance (every key present in every record, None where it does not
-    apply, so CSV columns line up)."""
+    apply, so CSV columns line up); `exit_layer`: an early-exit row's L as resolved."""
 
     ts = [inst.n * 1e9 / ns for ns in samples_ns]
     avg_ns, std_ns = mean_std(samples_ns)
@@ -113,9 +120,11 @@ def make_record(
         "n_depth": inst.depth,
         "test": inst.test,
         "mtp": inst.mtp,
+        "spec": inst.spec,
+        "n_layer_exit": exit_layer,
         "n_draft": inst.draft,
-        "draft_p_min": inst.p_min if inst.mtp else None,
-        "draft_branches": inst.branches if inst.mtp else None,
+        "draft_p_min": inst.p_min if inst.spec else None,
+        "draft_branches": inst.branches if inst.spec else None,
         "gen_input": p.gen_input if tg else "random",
         "prompt_file": p.prompt_file if tg and p.text_gen else None,
         "warmup": p.warmup,
@@ -137,16 +146,28 @@ def make_record(
         "acceptance_per_position": acc.get("acceptance_per_position"),
         "mean_accepted_length": acc.get("mean_accepted_length"),
         "speedup": None,
+        "lossless": None,
     }
 
 
 def set_speedups(instances: list[Instance], records: list[dict]) -> None:
-    """MTP rows: t/s over the no-MTP row with the same model, settings and test (if measured)."""
-    base = {i.baseline_key(): r for i, r in zip(instances, records) if not i.mtp}
+    """Drafted (MTP, early-exit) rows: t/s over the plain row with the same model, settings and
+    test (if measured)."""
+    base = {i.baseline_key(): r for i, r in zip(instances, records) if not i.spec}
     for inst, rec in zip(instances, records):
-        ref = base.get(inst.baseline_key()) if inst.mtp else None
+        ref = base.get(inst.baseline_key()) if inst.spec else None
         if ref is not None and ref["avg_ts"] > 0:
             rec["speedup"] = rec["avg_ts"] / ref["avg_ts"]
+
+
+def set_lossless(instances: list[Instance], records: list[dict], outputs: list[list]) -> None:
+    """Drafted rows: `lossless` is whether every repetition generated the plain row's tokens
+    (greedy drafting must not change the output); None without a plain row to compare with."""
+    base = {i.baseline_key(): o for i, o in zip(instances, outputs) if not i.spec}
+    for inst, rec, out in zip(instances, records, outputs):
+        ref = base.get(inst.baseline_key()) if inst.spec else None
+        if ref is not None and None not in ref and None not in out:
+            rec["lossless"] = out == ref
 
 
 # -- markdown ----------------------------------------------------------------------------------
@@ -170,7 +191,6 @@ def _opt(fmt: str, v) -> str:
 def _columns(records: list[dict], p: BenchParams, default_threads: int) -> list[tuple]:
     """(header, cell function) per column: llama-bench's fixed ones, then each parameter swept or
     set away from its default, then the test and its figures."""
-    mtp = 1 in p.mtp
     cols = [
         ("model", lambda r: r["model_type"]),
         ("size", lambda r: _size(r["model_size"])),
@@ -182,8 +202,11 @@ def _columns(records: list[dict], p: BenchParams, default_threads: int) -> list[
     for key, default in (("n_ubatch", 512), ("type_k", "f16"), ("type_v", "f16")):
         if getattr(p, key) != [default]:
             cols.append((key, lambda r, k=key: str(r[k])))
-    if mtp:
+    if 1 in p.mtp:
         cols.append(("mtp", lambda r: str(r["mtp"])))
+    if p.n_layer_exit:
+        cols.append(("exit", lambda r: _opt("{}", r["n_layer_exit"])))
+    if p.speculative:
         cols.append(("draft", lambda r: _opt("{}", r["n_draft"])))
         if p.p_min != [0.0]:
             cols.append(("p_min", lambda r: _opt("{:g}", r["draft_p_min"])))
@@ -193,7 +216,7 @@ def _columns(records: list[dict], p: BenchParams, default_threads: int) -> list[
     cols.append(("t/s", lambda r: f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"))
     if any(r["n_gen"] for r in records):
         cols.append(("GB/s", lambda r: _opt("{:.2f}", r["bandwidth_gbs"])))
-    if mtp:
+    if p.speculative:
         cols += [
             ("accept", lambda r: _opt("{:.3f}", r["acceptance_rate"])),
             ("accept/pos", lambda r: _opt("{}", _per_pos(r["acceptance_per_position"]))),
@@ -210,11 +233,11 @@ def _per_pos(v: list[float] | None) -> str | None:
 def _notes(records: list[dict], p: BenchParams) -> list[str]:
     notes = []
     if any(r["n_gen"] for r in records):
-        effective = "; for MTP rows an effective figure (one pass's bytes per token)"
+        effective = "; for drafted rows an effective figure (one pass's bytes per token)"
         notes.append(
             "GB/s: weights read per decoded token x t/s, as gpt-fast prints it; bytes = the "
             "weight bytes the matmuls read per token (backend.linear_bytes)"
-            + (effective if 1 in p.mtp else "")
+            + (effective if p.speculative else "")
         )
     if p.text_gen:
         src = f"--prompt-file {p.prompt_file}" if p.prompt_file else "the built-in prompt set"
@@ -225,13 +248,21 @@ def _notes(records: list[dict], p: BenchParams) -> list[str]:
         )
     else:
         notes.append("pp/tg input: random tokens")
-    if 1 in p.mtp:
+    if p.speculative:
         notes.append(
-            "MTP: accept = accepted / drafted tokens; accept/pos = share of verify rounds whose "
+            "drafted rows: accept = accepted / drafted tokens; accept/pos = share of verify rounds whose "
             "draft position i was accepted; acc len = mean tokens per round; speedup = t/s over "
-            "the matching mtp 0 row; pp rows run without MTP; size/params of MTP rows include the "
-            "NextN blocks"
+            "the matching plain row; pp rows never draft"
+            + ("; size/params of MTP rows include the NextN blocks" if 1 in p.mtp else "")
         )
+    if p.n_layer_exit:
+        notes.append(
+            "early exit (--spec early-exit): exit = the layers L that draft, over the target's "
+            "own KV (no extra weights)"
+        )
+    differ = [r["test"] for r in records if r["lossless"] is False]
+    if differ:
+        notes.append(f"WARNING: drafted output differs from the plain output in {differ}")
     return notes
 
 

@@ -1,17 +1,19 @@
 """`llm bench`: llama-bench style measurements of prompt processing (pp) and generation (tg), with
-thread, ubatch, depth, KV-type and MTP sweeps. Parameters live in core/bench/params.py, formatting in core/bench/report.py.
+thread, ubatch, depth, KV-type, MTP and early-exit sweeps. Parameters live in core/bench/params.py, formatting in core/bench/report.py.
 
 Protocol (llama-bench's, ARCH_SPEC §8.1): every (model, settings, test) instance runs one untimed
 warm-up (unless disabled), then `reps` repetitions, each on a new KV cache; the `depth` context is
 evaluated before the clock starts, and the device is synchronised before every clock read.
   * pp<N>: one prompt of N random tokens (BOS first) evaluated in n_ubatch chunks.
   * tg<N>: N single-token decode steps on random tokens, as llama-bench does.
-  * tg<N> on real text: MTP acceptance on random tokens means nothing, so when the sweep holds an
-    MTP run (or a prompt file is given) every tg row, the no-MTP baselines included, generates N
+  * tg<N> on real text: draft acceptance on random tokens means nothing, so when the sweep holds
+    an MTP or early-exit run (or a prompt file is given) every tg row, the plain baselines included,
+    generates N
     tokens greedily after a real-text prompt: repetition r uses prompt r mod P of the built-in set
     (or of --prompt-file's paragraphs), preceded by `depth` tokens of the same text. The clock covers
     the decode loop after the prompt's first token: forward passes, the greedy pick and, with MTP,
-    drafting and verification. pp rows always use random tokens and never MTP.
+    drafting and verification. pp rows always use random tokens and never draft. A drafted row's
+    tokens are compared with its plain baseline's, repetition by repetition (`lossless`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from llmkit.core.bench.params import (
     plan,
     rows,
 )
-from llmkit.core.bench.report import make_record, set_speedups
+from llmkit.core.bench.report import make_record, set_lossless, set_speedups
 from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT
+from llmkit.core.decode.early_exit import MAX_DRAFT, check_exit, default_exit
 from llmkit.errors import LlmkitError
 
 
@@ -54,6 +57,22 @@ def check_mtp(path: Path, drafts: list[int]) -> None:
         raise LlmkitError(f"--draft must be between 1 and {limit} for {path} ({why})")
 
 
+def check_early_exit(path: Path, layers: list[int], drafts: list[int]) -> None:
+    """Fail before any measurement when an exit layer does not fit the model (0: its default)
+    or a draft is longer than an early-exit drafter takes."""
+    from llmkit.core.models.loader import read_model_file
+
+    mf = read_model_file(path)
+    n = mf.config.n_layer
+    for L in layers:
+        check_exit(L or default_exit(mf.arch, n), n, drafting=True)
+    if max(drafts) > MAX_DRAFT:
+        raise LlmkitError(
+            f"--draft must be between 1 and {MAX_DRAFT} for --spec early-exit "
+            f"({MAX_DRAFT} sequential early-exit passes), got {max(drafts)}"
+        )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":  # kernels run asynchronously: wait before reading the clock
         torch.cuda.synchronize(device)
@@ -74,6 +93,23 @@ class Session:
         here, before its group measures anything."""
         self.lm.new_cache(1, margin=1, type_k=type_k, type_v=type_v)
 
+    def exit_layer(self, inst: Instance) -> int | None:
+        """An early-exit row's exit layer (its 0 resolved to the model's default)."""
+        if inst.exit_layer is None:
+            return None
+        return inst.exit_layer or default_exit(self.lm.arch, self.lm.config.n_layer)
+
+    def check_spec(self, inst: Instance) -> None:
+        """An early-exit row's settings against the loaded model and its cache (draft length,
+        draft trees on this attention kernel), before its group measures anything."""
+        if inst.exit_layer is not None:
+            self._early_exit(inst, self._cache(inst, 8)[0])
+
+    def _early_exit(self, inst: Instance, cache):
+        from llmkit.core.decode.early_exit import early_exit_spec
+
+        return early_exit_spec(self.model, cache, self.exit_layer(inst), self._spec_config(inst))
+
     def _cache(self, inst: Instance, n_ctx: int):
         # ring margin: a prompt chunk and a whole verify batch (the rule of `llm run`)
         margin = max(inst.n_ubatch, 64, self._spec_config(inst).verify_rows)
@@ -83,7 +119,7 @@ class Session:
     def _spec_config(inst: Instance):
         from llmkit.core.decode.speculative import SpecConfig
 
-        return SpecConfig(inst.draft or 0, inst.p_min, inst.branches if inst.mtp else 0)
+        return SpecConfig(inst.draft or 0, inst.p_min, inst.branches if inst.spec else 0)
 
     def _random(self, n: int, seed: int) -> list[int]:
         g = torch.Generator().manual_seed(seed)
@@ -145,26 +181,28 @@ class Session:
             )
             cfg = self._spec_config(inst)
             spec = Speculation(drafter, cfg, SpecStats(cfg.draft, branches=cfg.branches))
+        elif inst.exit_layer is not None:
+            spec = self._early_exit(inst, cache)
         gen = generate(
             self.model, cache, ids, Sampler(SamplerParams(temp=0)), n + 1,
             ignore_eos=True, n_ubatch=inst.n_ubatch, spec=spec,
         )  # fmt: skip
-        next(gen)  # the prompt and its first token: not timed
+        out = [next(gen)]  # the prompt and its first token: not timed
         _sync(self.device)
         t0 = time.perf_counter_ns()
-        for _ in gen:
-            pass
+        out += gen
         _sync(self.device)
-        return time.perf_counter_ns() - t0, spec.stats if spec is not None else None
+        return time.perf_counter_ns() - t0, spec.stats if spec is not None else None, out
 
     def run_once(self, inst: Instance, n: int, rep: int, text: bool):
-        """One timed run of `n` tokens: (nanoseconds, SpecStats or None)."""
+        """One timed run of `n` tokens: (nanoseconds, SpecStats or None, the generated tokens
+        of a real-text tg run or None)."""
         with torch.inference_mode():
             if inst.kind == "pp":
-                return self._pp(inst, n, seed=2 * rep), None
+                return self._pp(inst, n, seed=2 * rep), None, None
             if text:
                 return self._tg_text(inst, n, rep)
-            return self._tg_random(inst, n, seed=2 * rep), None
+            return self._tg_random(inst, n, seed=2 * rep), None, None
 
 
 def merge_spec(total, spec):
@@ -195,13 +233,15 @@ class Progress:
 
 
 def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress):
-    """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats)."""
+    """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats,
+    each repetition's generated tokens or None)."""
     torch.set_num_threads(inst.threads)
     name = f"{session.lm.describe()} {inst.test}" + (
-        f" mtp draft {inst.draft}"
+        (" mtp" if inst.mtp else f" early-exit L{session.exit_layer(inst)}")
+        + f" draft {inst.draft}"
         + (f" p_min {inst.p_min:g}" if inst.p_min else "")
         + (f" branches {inst.branches}" if inst.branches > 1 else "")
-        if inst.mtp
+        if inst.spec
         else ""
     )
     text = p.text_gen and inst.kind == "tg"
@@ -209,13 +249,14 @@ def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress
         progress.run(f"{name} warm-up")
         n_warm = inst.n if inst.kind == "pp" else min(inst.n, WARMUP_TG_TOKENS)
         session.run_once(inst, n_warm, 0, text)
-    samples, spec = [], None
+    samples, spec, outputs = [], None, []
     for r in range(p.reps):
         progress.run(f"{name} rep {r + 1}/{p.reps}")
-        ns, s = session.run_once(inst, inst.n, r, text)
+        ns, s, out = session.run_once(inst, inst.n, r, text)
         samples.append(ns)
         spec = merge_spec(spec, s)
-    return samples, spec
+        outputs.append(out)
+    return samples, spec, outputs
 
 
 def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress | None = None):
@@ -228,6 +269,7 @@ def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress |
     progress.begin(len(instances) * (p.reps + p.warmup))
     prompts = list(p.prompts or BUILTIN_PROMPTS)
     done: dict[Instance, dict] = {}
+    outputs: dict[Instance, list] = {}
     threads = torch.get_num_threads()  # -t sweeps set torch's global pool: put it back after
     try:
         for (mi, mtp), group in itertools.groupby(instances, key=lambda i: (i.model_idx, i.mtp)):
@@ -238,8 +280,12 @@ def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress |
             for tk, tv in {(i.type_k, i.type_v) for i in group}:
                 session.check_kv(tk, tv)
             for inst in group:
-                samples, spec = measure(session, inst, p, progress)
-                done[inst] = make_record(p, inst, lm, paths[mi], samples, spec, env)
+                session.check_spec(inst)
+            for inst in group:
+                samples, spec, outputs[inst] = measure(session, inst, p, progress)
+                done[inst] = make_record(
+                    p, inst, lm, paths[mi], samples, spec, env, session.exit_layer(inst)
+                )
                 progress.finished(done[inst])
             del session, lm  # free this load's weights before the next group's
     finally:
@@ -247,4 +293,5 @@ def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress |
     table = [i for i in rows(p) if i in done]
     records = [done[i] for i in table]
     set_speedups(table, records)
+    set_lossless(table, records, [outputs[i] for i in table])
     return records

@@ -94,6 +94,7 @@ class TurboType:
         self.name, self.bits = name, bits
         self.centroids = _codebook(half)  # for g = 128, fp64
         self.mids = (self.centroids[1:] + self.centroids[:-1]) / 2
+        self._luts: dict[tuple[int, str], torch.Tensor] = {}  # see lookup()
 
     def block_bytes(self, g: int) -> int:
         return 2 + g * self.bits // 8
@@ -156,11 +157,38 @@ class TurboType:
             idx = lo | (hi << 2)
         return idx, norm, g
 
+    def lookup(self, g: int, device) -> torch.Tensor:
+        """The centroids each packed unit decodes to (`codes` in one table): turbo4 a byte ->
+        its 2 elements [256, 2]; turbo3 a low byte + 256 * the high-bit nibble of the same 4
+        elements -> those 4 elements [4096, 4]."""
+        key = (g, str(device))
+        if key not in self._luts:
+            c, _ = self.table(g, device)
+            u = torch.arange(256 if self.bits == 4 else 4096)
+            if self.bits == 4:
+                idx = torch.stack((u & 15, u >> 4), -1)
+            else:
+                lo, nib = u & 255, u >> 8
+                idx = torch.stack([(lo >> 2 * j) & 3 | ((nib >> j) & 1) << 2 for j in range(4)], -1)
+            self._luts[key] = c[idx.to(c.device)]
+        return self._luts[key]
+
     def dequantize_rotated(self, q: torch.Tensor) -> torch.Tensor:
-        """Codes -> c[idx] * n' [..., D] fp32 in the rotated basis (what attention reads)."""
-        idx, norm, g = self.codes(q)
-        c, _ = self.table(g, q.device)
-        y = c[idx] * norm
+        """Codes -> c[idx] * n' [..., D] fp32 in the rotated basis (what attention reads): one
+        table lookup per packed unit (`lookup`), the same values as indexing c by `codes`."""
+        D = self.dim_of(q.shape[-1])
+        g = group_size(D)
+        b = q.reshape(*q.shape[:-1], D // g, self.block_bytes(g))
+        norm = b[..., :2].contiguous().view(torch.float16).float()
+        body = b[..., 2:]
+        if self.bits == 4:
+            key = body.int()
+        else:  # element 4m + i: low bits in byte m, high bit at bit 4 (m % 2) + i of byte m // 2
+            lo, hi = body[..., : g // 4], body[..., g // 4 :]
+            nib = torch.stack((hi & 15, hi >> 4), -1).reshape(*hi.shape[:-1], g // 4)
+            key = lo.int() | nib.int() << 8
+        y = torch.nn.functional.embedding(key, self.lookup(g, q.device))
+        y = y.reshape(*key.shape[:-1], g) * norm
         return y.reshape(*q.shape[:-1], -1)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
