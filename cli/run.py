@@ -132,6 +132,18 @@ def run(
     grammar_file: Path = typer.Option(
         None, "--grammar-file", help="Read the GBNF grammar from a file."
     ),
+    tp: int = typer.Option(
+        1, "--tp", help="Tensor-parallel ranks: local processes (gloo on a CPU, NCCL on GPUs)."
+    ),
+    tp_mode: str = typer.Option(
+        "exact", "--tp-mode", help="exact (gathers, tp=1's bits) or sum (Megatron partial sums)."
+    ),
+    split_mode: str = typer.Option(
+        "none", "--split-mode", help="none, or layer: consecutive layers on several devices."
+    ),
+    tensor_split: str = typer.Option(
+        None, "--tensor-split", help="Layer shares per device with --split-mode layer, e.g. 1,1."
+    ),
     json_schema: str = typer.Option(
         None, "-j", "--json-schema", help="JSON schema the output must follow (e.g. '{}')."
     ),
@@ -185,6 +197,11 @@ def run(
         raise LlmkitError(f"--grammar/--grammar-file/--json-schema cannot be combined with {flag}")
     if draft_branches > 1 and (not (mtp or spec) or temp > 0):
         raise LlmkitError("--draft-branches > 1 needs --mtp and greedy decoding (--temp 0)")
+    from llmkit.core.distributed.launch import begin_run, finish, rank_plans
+    from llmkit.core.distributed.pipeline import parse_layer_split
+
+    layer_split = parse_layer_split(split_mode, tensor_split, device)
+    group = begin_run(tp, tp_mode, threads, device, model, model_draft, mtp, moe_n_expert)
     llm = LLM.load(
         model,
         n_ctx=ctx_size,
@@ -204,6 +221,9 @@ def run(
         moe_n_expert=moe_n_expert,
         spec=spec,
         n_layer_exit=n_layer_exit,
+        tp=group,
+        tp_mode=tp_mode,
+        layer_split=layer_split,
     )
     for w in llm.warnings:
         eprint(f"warning: {w}")
@@ -211,6 +231,9 @@ def run(
         raise LlmkitError(f"--logit-bias: token id {max(bias)} is outside the vocabulary")
     if verbose:
         print_plan(llm)
+        for r in rank_plans(group, llm) if group is not None else ():
+            eprint(f"tp rank {r['rank']}: weights {r['weights_bytes'] / 2**20:.2f} MiB, kv "
+                   f"{r['kv_bytes'] / 2**20:.2f} MiB (+ draft {r['draft_kv_bytes'] / 2**20:.2f})")  # fmt: skip
     if conversation:
         chat_loop(llm, text, system, params, n_predict, ignore_eos, verbose, reverse_prompt)
     else:
@@ -226,6 +249,7 @@ def run(
                 break
         sys.stdout.write("\n")
     print_timings(llm)
-    if stats_json:
+    finish(group)
+    if stats_json and (group is None or group.rank == 0):
         inputs = [p for p in (llm.lm.path, model_draft, file) if p is not None]
         write_json_atomic(stats_json, llm.stats_dict(n_threads), inputs=inputs)

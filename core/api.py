@@ -55,6 +55,9 @@ class LoadOptions:
     moe_n_expert: int | None = None
     spec: str | None = None  # the drafter: "mtp" (same as mtp=True) or "early-exit"
     n_layer_exit: int = 0  # > 0: the first L trunk layers (alone, or as the early-exit drafter)
+    tp: object = None  # a core.distributed Group: load this rank's tensor-parallel shard
+    tp_mode: str = "exact"  # how attn_output / ffn_down combine (core/distributed/shard.py)
+    layer_split: tuple = ()  # --split-mode layer: (devices, shares) (core/distributed/pipeline)
 
 
 def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]:
@@ -126,13 +129,17 @@ class LLM(Completions):
         # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
         assistant = kind == "mtp" and draft_path is not None and is_assistant_file(draft_path)
         device, note = pick_device(opts.device, opts.n_gpu_layers)
-        lm = load_model(
+        lm = (load_model if opts.tp is None else _tp_loader(opts))(
             resolve_model(model),
-            device=device,
+            device="cpu" if opts.layer_split else device,  # the split places the blocks
             mtp=kind == "mtp" and not assistant,
             draft_path=None if assistant else draft_path,
             moe_n_expert=opts.moe_n_expert,
         )
+        if opts.layer_split:  # core/distributed/pipeline.py: blocks rebuilt on their devices
+            from llmkit.core.distributed.pipeline import split_layers
+
+            lm.model = split_layers(lm, *opts.layer_split)
         warnings = [note] if note else []
         warnings += pin_weights(lm, opts.use_mmap, opts.use_mlock)
         n_ctx = opts.n_ctx or lm.config.n_ctx_train
@@ -143,7 +150,12 @@ class LLM(Completions):
         # the ring margin must hold a prompt chunk and a whole verify batch (rollback safety)
         margin = max(opts.n_ubatch, 64, spec_cfg.verify_rows)
         exit_at = exit_layers(lm, kind, opts.n_layer_exit)  # core/decode/early_exit.py
-        cache = lm.new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
+        new_cache = lm.new_cache
+        if opts.layer_split:
+            from llmkit.core.distributed.pipeline import split_cache
+
+            new_cache = lambda *a, **kw: split_cache(lm.model, *a, **kw)  # noqa: E731
+        cache = new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
         self = cls(lm, load_tokenizer(lm.metadata), cache, opts, warnings=warnings)
         if opts.chat_template is not None:
             self.set_chat_template(opts.chat_template)
@@ -219,6 +231,10 @@ class LLM(Completions):
         n = len(ids)
         base = Sampler(params, n) if logits_hook is None else _Observed(params, logits_hook, n)
         sampler = base
+        if self.opts.tp is not None:  # every rank takes rank 0's tokens
+            from llmkit.core.distributed.layers import RankSampler
+
+            sampler = base = RankSampler(base, self.opts.tp)
         if grammar is not None:  # core/decode/grammar.py: plain decoding, the mask before sampling
             from llmkit.core.decode.grammar import constrained
 
@@ -370,3 +386,10 @@ class _Observed(Sampler):
         return self.choose(adjusted)
 
     __call__ = sample
+
+
+def _tp_loader(opts: LoadOptions):
+    """load_model for one tensor-parallel rank: every rank loads, and fails together."""
+    from llmkit.core.distributed.load import load_shard
+
+    return lambda *a, **kw: opts.tp.agree(lambda: load_shard(opts.tp, *a, mode=opts.tp_mode, **kw))
