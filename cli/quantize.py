@@ -12,7 +12,7 @@ def quantize(
     out: Path = typer.Argument(..., help="Output GGUF."),
     qtype: str = typer.Argument(..., metavar="TYPE", help="Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_S/M/L Q4_K_S/M Q5_K_S/M Q6_K IQ4_NL IQ4_XS F16 BF16."),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix GGUF or legacy .dat)."),
-    threads: int = typer.Option(0, "--threads", "-t", help="CPU threads (default: torch's)."),
+    threads: int = typer.Option(0, "--threads", "-t", help="CPU threads (default: torch's; the native quantizers: all CPUs)."),
     pure: bool = typer.Option(False, "--pure", help="Every quantizable tensor gets TYPE (no mix)."),
     allow_requantize: bool = typer.Option(False, "--allow-requantize", help="Allow re-quantizing already-quantized tensors (dequantized first)."),
     keep_mtp_type: str = typer.Option(None, "--keep-mtp-type", help="Tensor type for the MTP/NextN tensors (default: like the trunk)."),
@@ -57,7 +57,11 @@ def quantize(
     inputs = (inp, imatrix)  # OUT must replace neither (imatrix may be None)
     check_output(out, inputs)  # a bad OUT fails now, not after reading the model
     if threads > 0:
+        from llmkit.kernels import cpu_native
+
         torch.set_num_threads(threads)
+        if cpu_native.available():  # the native quantizers' pool
+            cpu_native.set_threads(threads)
 
     gf = GGUFFile(inp)
     arch = gf.architecture

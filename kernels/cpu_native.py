@@ -42,15 +42,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.machinery
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
+from llmkit.native_lib import library_path, load_library
 
 SUPPORTED_TYPES: frozenset[QT] = frozenset(
     {
@@ -95,23 +94,10 @@ class _Fuse(ctypes.Structure):
 GLU_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_fp16": 2}  # see kernels/native/rowops.c
 
 
-def _library_path() -> Path | None:
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        p = here / f"_llk{suffix}"
-        if p.exists():
-            return p
-    return None
-
-
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    path = _library_path()
-    if path is None:
-        return None, "the native library _llk was not built (reinstall: pip install -e .)"
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"cannot load {path.name}: {e}"
+    lib, reason = load_library()
+    if lib is None:
+        return None, reason
     i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
     sigs = {
         "llk_matmul": (ctypes.c_int, [vp, i64, i64, i64, vp, i32, vp, i64]),
@@ -194,7 +180,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
     except AttributeError as e:
-        return None, f"{path.name} is stale or foreign ({e}); rebuild it"
+        return None, f"{library_path().name} is stale or foreign ({e}); rebuild it"
     return lib, ""
 
 

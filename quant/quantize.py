@@ -13,6 +13,10 @@ is bit j of qh. Q5_1 (32 -> 24: d @0 | m @2 | qh @4 | qs[16] @8): like Q4_1 with
 With an importance matrix (`imatrix`: one weight per column, llama.cpp's `quant_weights`) the
 Q4_0/Q4_1/Q5_0/Q5_1 and K/IQ4 types use ggml's weighted searches (`quantize_row_*_impl`); Q8_0, F16
 and BF16 ignore it, as in llama.cpp.
+
+The K-quants and IQ4_NL/IQ4_XS run natively (quant/native.py: the same algorithm in C,
+byte-identical, multithreaded) when the native library is built; the torch code here stays the
+reference and the fallback (`native=False` forces it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from gguf import GGMLQuantizationType as QT
 from llmkit.errors import LlmkitError
 from llmkit.quant import iquants as iq
 from llmkit.quant import kquants as kq
+from llmkit.quant import native as quant_native
 
 BLOCK = 32
 
@@ -174,11 +179,14 @@ _WEIGHTED = {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}
 _WEIGHTED_32 = {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1}
 
 
-def quantize(x: torch.Tensor, qtype: QT, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+def quantize(
+    x: torch.Tensor, qtype: QT, imatrix: torch.Tensor | None = None, native: bool = True
+) -> torch.Tensor:
     """x: [..., n] float -> uint8 [..., n / block * type_size] in ggml block layout.
 
     imatrix: optional [n] importance weights (llama.cpp's per-column `in_sum2 / counts`); used by
-    the types whose ggml quantizer takes `quant_weights`, ignored by Q8_0/F16/BF16."""
+    the types whose ggml quantizer takes `quant_weights`, ignored by Q8_0/F16/BF16.
+    native: use the C quantizers where available (same bytes); False runs the torch reference."""
     fn = QUANTIZERS.get(qtype)
     if fn is None:
         raise LlmkitError(
@@ -197,10 +205,11 @@ def quantize(x: torch.Tensor, qtype: QT, imatrix: torch.Tensor | None = None) ->
             )
         if qtype in _WEIGHTED_32:
             return _weighted_32(x, imatrix, qtype)
-        if qtype in _WEIGHTED:
-            qw = imatrix.float().expand(x.shape).reshape(-1)
-            out = fn(x.float().reshape(-1), qw)
-            return out.reshape(*x.shape[:-1], -1)
+    if native and qtype in quant_native.TYPES:
+        out = quant_native.quantize(x, qtype, imatrix)
+        if out is not None:
+            return out
     if qtype in _WEIGHTED:
-        return fn(x.float().reshape(-1)).reshape(*x.shape[:-1], -1)
+        qw = None if imatrix is None else imatrix.float().expand(x.shape).reshape(-1)
+        return fn(x.float().reshape(-1), qw).reshape(*x.shape[:-1], -1)
     return fn(x)

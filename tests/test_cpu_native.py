@@ -253,8 +253,14 @@ def test_errors_name_the_problem():
 
 
 def test_missing_library_is_reported_not_raised(monkeypatch):
-    monkeypatch.setattr(cn, "_library_path", lambda: None)
-    lib, reason = cn._load()
+    import llmkit.native_lib as nl
+
+    monkeypatch.setattr(nl, "library_path", lambda: None)
+    nl.load_library.cache_clear()
+    try:
+        lib, reason = cn._load()
+    finally:
+        nl.load_library.cache_clear()
     assert lib is None and "not built" in reason
 
 

@@ -106,6 +106,14 @@ LLK_API int llk_quantize_q8_1(const float *x, int64_t k, int8_t *qs, float *d, f
                               int32_t *isum);
 LLK_API int llk_quantize_q8_K(const float *x, int64_t k, int8_t *qs, float *d, int16_t *bsums);
 
+/* Weight quantization (quantize_k.c), byte-identical to llmkit.quant's torch reference (and so to
+ * llama.cpp's quantize_row_*_ref / _impl): nrows rows of n_per_row fp32 values (a multiple of the
+ * type's block size) -> nrows * n_per_row / block blocks at out. qw: NULL, or n_per_row importance
+ * weights (the imatrix column weights) used for every row. Types: Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+ * IQ4_XS. Blocks are split over the thread pool; the bytes never depend on the thread count. */
+LLK_API int llk_quantize(int32_t type, const float *x, int64_t nrows, int64_t n_per_row,
+                         const float *qw, void *out);
+
 /* ---- the rest of a decoder layer (rowops.c, attention.c, linear.c) ----
  * Row ops work row by row in a fixed order: a row's result never depends on the other rows. */
 
