@@ -145,6 +145,12 @@ def bench(
     mtp: str = typer.Option(
         "0", "--mtp", help="MTP speculative decoding in tg tests: 0, 1 or 0,1 (needs NextN blocks)."
     ),
+    model_draft: str = typer.Option(
+        None,
+        "-md",
+        "--model-draft",
+        help="The MTP rows' drafter: a gemma4-assistant GGUF or a NextN sidecar (needs --mtp 1).",
+    ),
     spec: str = typer.Option(
         None,
         "--spec",
@@ -246,9 +252,13 @@ def bench(
         p.prompts = read_prompt_file(prompt_file)
     # every check that can fail runs before the first (possibly long) measurement
     paths = [resolve_model(m) for m in p.models]
+    if model_draft is not None:
+        if 1 not in p.mtp:
+            raise LlmkitError("-md/--model-draft is the MTP rows' drafter: it needs --mtp 1")
+        p.model_draft = str(resolve_model(model_draft))
     if 1 in p.mtp:
         for path in paths:
-            check_mtp(path, p.draft)
+            check_mtp(path, p.draft, p.model_draft and Path(p.model_draft))
     if p.n_layer_exit:
         for path in paths:
             check_early_exit(path, p.n_layer_exit, p.draft)

@@ -61,7 +61,10 @@ def serve(
     cache_type_v: str = typer.Option("f16", "-ctv", "--cache-type-v", help="V cache type."),
     mtp: bool = typer.Option(False, "--mtp", help="MTP speculative decoding (NextN blocks)."),
     model_draft: str = typer.Option(
-        None, "-md", "--model-draft", help="MTP-only sidecar GGUF (with --mtp)."
+        None,
+        "-md",
+        "--model-draft",
+        help="MTP-only sidecar GGUF, or a gemma4-assistant drafter (with --mtp).",
     ),
     draft: int = typer.Option(3, "--draft", help="Max draft tokens per round."),
     draft_p_min: float = typer.Option(0.0, "--draft-p-min", help="Stop drafting below this p."),
@@ -102,6 +105,7 @@ def serve(
         set_threads,
     )  # fmt: skip
     from llmkit.core.api import pin_weights
+    from llmkit.core.decode.assistant import is_assistant_file
     from llmkit.core.model.catalog import resolve_model
     from llmkit.core.models.loader import load_model
     from llmkit.core.serve.engine import ServeOptions
@@ -129,11 +133,14 @@ def serve(
     chat_template = chat_template_option(chat_template, chat_template_file)
     set_threads(threads)
     path = resolve_model(model)
+    draft_path = resolve_model(model_draft) if model_draft else None
+    # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
+    assistant = draft_path is not None and is_assistant_file(draft_path)
     lm = load_model(
         path,
         device=gpu_device(device, n_gpu_layers),
-        mtp=mtp,
-        draft_path=resolve_model(model_draft) if model_draft else None,
+        mtp=mtp and not assistant,
+        draft_path=None if assistant else draft_path,
     )
     for w in pin_weights(lm, not no_mmap, mlock):
         eprint(f"warning: {w}")
@@ -149,6 +156,7 @@ def serve(
         type_k_draft=cache_type_k_draft,
         type_v_draft=cache_type_v_draft,
         mtp=mtp,
+        assistant=str(draft_path) if assistant else None,
         draft=draft,
         draft_p_min=draft_p_min,
         draft_policy=draft_policy,
@@ -167,8 +175,14 @@ def serve(
     )
     if mtp:
         plan = server.engine.mtp_plan
+        what = (
+            f"assistant reading target layers {plan['reads']}, a one-sequence workspace of "
+            f"{plan['workspace']['bytes'] / 2**20:.2f} MiB"
+            if assistant
+            else f"{plan['bytes'] / 2**20:.2f} MiB"
+        )
         eprint(
-            f"mtp: {plan['slots']} slot contexts reserved at start-up, "
-            f"{plan['bytes'] / 2**20:.2f} MiB, draft {draft} ({draft_policy})"
+            f"mtp: {plan['slots']} slot contexts reserved at start-up, {what}, "
+            f"draft {draft} ({draft_policy})"
         )
     server.serve_forever()

@@ -189,3 +189,33 @@ def test_assistant_refuses_turbo_kv(tmp_path, monkeypatch):
     for tk, tv in (("turbo4", "f16"), ("f16", "turbo3")):
         with pytest.raises(LlmkitError, match=f"does not read {tk if tk != 'f16' else tv} KV"):
             AssistantDrafter(assistant, SimpleNamespace(type_k=tk, type_v=tv))
+
+
+def test_llm_bench_with_assistant(tmp_path, monkeypatch, capsys):
+    """`llm bench --mtp 0,1 --draft 1,2 -md assistant.gguf`: the MTP rows draft with the
+    assistant, their greedy tokens are the plain row's, acceptance is measured."""
+    _, _, m, a = build(tmp_path, monkeypatch, window=5, oracle=True)
+
+    def bench(*extra):
+        argv = ["llm", "bench", "-m", str(m), "-p", "0", "-n", "16", "-r", "1", "-t", "1",
+                "--no-warmup", "-o", "json", *extra]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            main()
+        return e.value.code, capsys.readouterr()
+
+    rc, out = bench("--mtp", "0,1", "--draft", "1,2", "-md", str(a))
+    assert rc in (0, None), out.err
+    recs = json.loads(out.out)
+    assert [(r["test"], r["mtp"], r["n_draft"]) for r in recs] == [
+        ("tg16", 0, None),
+        ("tg16", 1, 1),
+        ("tg16", 1, 2),
+    ]
+    for r in recs[1:]:
+        print(f"bench -md assistant draft {r['n_draft']}: acceptance {r['acceptance_rate']:.3f}")
+        assert r["lossless"] is True and r["drafts"] > 0 and r["accepted_tokens"] > 0
+    rc, out = bench("-md", str(a))
+    assert rc not in (0, None) and "needs --mtp 1" in out.err
+    rc, out = bench("--mtp", "1", "--draft", "17", "-md", str(a))
+    assert rc not in (0, None) and "--draft must be between 1 and 16" in out.err

@@ -54,6 +54,7 @@ class BenchParams:
     # --spec early-exit: the exit layers L of its rows (empty: no early-exit rows; 0: the model's
     # default exit, as `llm run --spec early-exit` without --n-layer-exit)
     n_layer_exit: list[int] = field(default_factory=list)
+    model_draft: str | None = None  # -md: a gemma4-assistant drafter or a NextN sidecar (MTP rows)
     device: str = "cpu"
     warmup: bool = True
     prompts: list[str] | None = None  # real-text prompts (None: the built-in set)

@@ -38,13 +38,23 @@ from llmkit.core.decode.early_exit import MAX_DRAFT, check_exit, default_exit
 from llmkit.errors import LlmkitError
 
 
-def check_mtp(path: Path, drafts: list[int]) -> None:
-    """Fail before any measurement when the model has no NextN blocks or a draft is too long."""
+def check_mtp(path: Path, drafts: list[int], draft_path: Path | None = None) -> None:
+    """Fail before any measurement when the model has no NextN blocks (nor a -md drafter) or a
+    draft is too long."""
+    from llmkit.core.decode.assistant import is_assistant_file
     from llmkit.core.gguf.reader import GGUFFile
     from llmkit.core.model.sidecar import shipped_head
 
     gf = GGUFFile(path)
     arch = gf.architecture
+    if draft_path is not None and is_assistant_file(draft_path):
+        if arch != "gemma4":
+            raise LlmkitError(f"-md {draft_path}: a gemma4-assistant drafts for gemma4 models only")
+        if max(drafts) > SINGLE_HEAD_MAX_DRAFT:
+            raise LlmkitError(f"--draft must be between 1 and {SINGLE_HEAD_MAX_DRAFT} with -md")
+        return
+    if draft_path is not None:  # a NextN sidecar
+        gf = GGUFFile(draft_path)
     heads = int(gf.metadata.get(f"{arch}.nextn_predict_layers", 0))
     if heads == 0:  # a head shipped for this model (`llm mtp-train`)
         head = shipped_head(gf)
@@ -81,8 +91,9 @@ def _sync(device: torch.device) -> None:
 class Session:
     """One loaded model (with or without its NextN blocks): runs its tests."""
 
-    def __init__(self, lm, tokenizer, prompts: list[str]):
+    def __init__(self, lm, tokenizer, prompts: list[str], assistant=None):
         self.lm, self.model, self.device = lm, lm.model, lm.backend.device
+        self.assistant = assistant  # the -md gemma4 assistant of MTP rows (else NextN heads)
         self.bos = tokenizer.bos_id if tokenizer.add_bos else None
         self.n_vocab = lm.config.n_vocab
         self.texts = [tokenizer.encode(t, add_special=False, parse_special=False) for t in prompts]
@@ -173,11 +184,16 @@ class Session:
         cache, margin = self._cache(inst, len(ids) + n + (inst.draft or 0))
         spec = None
         if inst.mtp:
+            from llmkit.core.decode.assistant import AssistantDrafter
             from llmkit.core.decode.drafter import MTPDrafter
             from llmkit.core.decode.speculative import SpecStats
 
-            drafter = MTPDrafter(
-                self.model.mtp, cache.n_ctx, margin, inst.type_k, inst.type_v, self.device
+            drafter = (
+                AssistantDrafter(self.assistant, cache)
+                if self.assistant is not None
+                else MTPDrafter(
+                    self.model.mtp, cache.n_ctx, margin, inst.type_k, inst.type_v, self.device
+                )
             )
             cfg = self._spec_config(inst)
             spec = Speculation(drafter, cfg, SpecStats(cfg.draft, branches=cfg.branches))
@@ -261,6 +277,8 @@ def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress
 
 def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress | None = None):
     """Measure every instance of `plan(p)`; return one record per instance in table order."""
+    from llmkit.core.decode.assistant import is_assistant_file
+    from llmkit.core.models.gemma4_assistant import load_assistant
     from llmkit.core.models.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
 
@@ -274,8 +292,14 @@ def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress |
     try:
         for (mi, mtp), group in itertools.groupby(instances, key=lambda i: (i.model_idx, i.mtp)):
             progress.status(f"loading {p.models[mi]}" + (" with its NextN blocks" if mtp else ""))
-            lm = load_model(paths[mi], device=p.device, mtp=bool(mtp))
-            session = Session(lm, load_tokenizer(lm.metadata), prompts)
+            draft = p.model_draft if mtp else None
+            asst = draft is not None and is_assistant_file(draft)
+            lm = load_model(
+                paths[mi], device=p.device, mtp=bool(mtp) and not asst,
+                draft_path=None if asst else draft,
+            )  # fmt: skip
+            assistant = load_assistant(draft, lm.model) if asst else None
+            session = Session(lm, load_tokenizer(lm.metadata), prompts, assistant)
             group = list(group)
             for tk, tv in {(i.type_k, i.type_v) for i in group}:
                 session.check_kv(tk, tv)

@@ -62,6 +62,29 @@ class Drafter(Protocol):
     def plan(self) -> dict: ...
 
 
+class BatchDrafter(Protocol):
+    """Drafting for many sequences at once (the server's slots), with one state per sequence:
+    `NextNDrafter` (its own KV per head) and the Gemma 4 assistant (core/decode/assistant.py: no KV,
+    it reads the target's). Each `draft` is one drafter forward per step over every job's row(s)."""
+
+    shares_prefix: bool  # whether a sequence may start from a prompt prefix it never observed
+
+    def open(self, target=None):
+        """A new sequence's state; `target`: that sequence's own target KV (cache or paged seq)."""
+
+    def close(self, state) -> None: ...
+
+    def observe(self, state, p0: int, tokens: torch.Tensor, hidden: torch.Tensor) -> None: ...
+
+    def catch_up(self, states: list) -> None:
+        """Whatever the observed rows still need before the states draft (NextN: mirroring)."""
+
+    def draft(self, jobs: list, p_min: float = 0.0) -> list[Draft]: ...
+
+    def plan(self) -> dict:
+        """What was reserved at start-up for every sequence (reported in /slots)."""
+
+
 # -- where a NextN drafter's KV lives ---------------------------------------------------------------
 
 
@@ -194,8 +217,13 @@ class NextNDrafter:
             q = q.new_zeros(self.heads.n_vocab).index_copy_(0, ids, q)
         return int(ids[tok]), q, prob, ids[top].tolist()
 
-    def open(self) -> DraftState:
+    shares_prefix = False  # mirroring needs the hidden state of every prompt row
+
+    def open(self, target=None) -> DraftState:
         return DraftState(self.kv.open())
+
+    def plan(self) -> dict:
+        return self.kv.plan()
 
     def close(self, st: DraftState) -> None:
         self.kv.close(st.seqs)

@@ -139,15 +139,22 @@ class Assistant:
     def step(self, tokens: torch.Tensor, h: torch.Tensor, pos: int, cache):
         """One draft step for rows (tokens [T], target-width hidden h [T, Ho]) at position `pos`
         over the target `cache`: (logits [T, V] fp32 on the CPU, h_next [T, Ho])."""
+        p = torch.full((tokens.numel(),), pos, dtype=torch.long)
+        return self.rows(tokens, h, p, lambda il, q, w: attend_readonly(cache, il, q, pos, w))
+
+    def rows(self, tokens: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, attend):
+        """One draft step for rows of possibly different sequences, row i at position pos[i]:
+        attend(il, q [T, Hq, D], window) -> [T, Hq * D] reads, for each row, target layer il's
+        KV of that row's own sequence. (logits [T, V] fp32 on the CPU, h_next [T, Ho])."""
         c = self.config
         tokens, h = tokens.to(self.device), h.to(self.device)
         x = self.target.embed(tokens)  # the target's table, scaled by sqrt(H_target)
         z = ops.linear(self.pre, torch.cat((x, h), dim=-1).contiguous())
-        p = torch.full((tokens.numel(),), pos, dtype=torch.long, device=z.device)
+        p = pos.to(device=z.device, dtype=torch.long)
         memo: dict = {}
         for blk, src in zip(self.blocks, self.src, strict=True):
             q, _ = blk.query(z, rope_rows(blk.rope, p, memo))
-            z = blk.finish(z, attend_readonly(cache, src, q, pos, blk.window), None)
+            z = blk.finish(z, attend(src, q, blk.window), None)
         y = ops.rms_norm(z, self.output_norm, c.eps)
         return self.head(y).float().cpu(), ops.linear(self.post, y)
 

@@ -13,8 +13,9 @@ Each step:
 Decode forwards carry at most `max_rows` (16) rows: the kernel table's CPU matmuls are batch-
 invariant in that regime (kernels/ops.py), and BatchCache attends per sequence, so a row's logits
 do not depend on its neighbours and greedy output is the same alone or beside 7 other requests. A
-step with more rows runs several forwards. MTP slots draft through the one NextN drafter
-(core/decode/drafter.py) over paged pools reserved at start-up for every slot.
+step with more rows runs several forwards. MTP slots draft through one batched drafter reserved
+at start-up for every slot (core/serve/drafting.py): NextN heads over paged pools of their own, or
+a Gemma 4 assistant reading the target's pool.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 
 from llmkit.core.cache.batch import BatchCache
 from llmkit.core.cache.paged import PagedKV
-from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT, DraftJob, NextNDrafter, PagedDraftKV
+from llmkit.core.decode.drafter import DraftJob
 from llmkit.core.decode.sampling import Sampler
 from llmkit.core.decode.speculative import accept
+from llmkit.core.serve.drafting import reserve_drafter
 from llmkit.core.serve.metrics import Metrics
 from llmkit.core.serve.policy import DraftPolicy
 from llmkit.core.serve.request import Event, Request
@@ -55,6 +57,7 @@ class ServeOptions:
     type_k_draft: str = "f16"
     type_v_draft: str = "f16"
     mtp: bool = False
+    assistant: str | None = None  # a gemma4-assistant GGUF drafting instead of NextN heads
     draft: int = 3
     draft_p_min: float = 0.0
     draft_policy: str = "adaptive"  # adaptive | fixed
@@ -97,8 +100,8 @@ class Engine:
             opts.type_v,
             lm.backend.device,
         )
-        self.drafter = self._reserve_mtp() if opts.mtp else None
-        self.mtp_plan = self.drafter.kv.plan() if self.drafter else None
+        self.drafter = reserve_drafter(lm, opts, self.pool) if opts.mtp else None
+        self.mtp_plan = self.drafter.plan() if self.drafter else None
         self.slots = [Slot(i, opts.mtp) for i in range(opts.n_slots)]
         self.policy = (
             DraftPolicy(opts.draft, opts.draft_policy == "adaptive", opts.max_rows)
@@ -113,26 +116,6 @@ class Engine:
         self._rr = 0  # round-robin pointer over prefilling slots
         self.snapshot: dict = {}
         self._publish_snapshot()
-
-    def _reserve_mtp(self) -> NextNDrafter:
-        """The draft KV of every slot, allocated once at start-up (a reserve-only plan)."""
-        o, heads = self.opts, self.model.mtp
-        if heads is None:
-            raise LlmkitError("--mtp: this model has no NextN (MTP) blocks loaded")
-        limit = min(heads.n_heads if heads.n_heads > 1 else SINGLE_HEAD_MAX_DRAFT, o.max_rows - 1)
-        if not 1 <= o.draft <= limit:
-            raise LlmkitError(f"--draft must be between 1 and {limit}, got {o.draft}")
-        kv = PagedDraftKV(
-            heads,
-            o.n_slots,
-            o.n_ctx,
-            o.kv_block_size,
-            max(o.n_ubatch, o.draft + 1),
-            o.type_k_draft,
-            o.type_v_draft,
-            self.lm.backend.device,
-        )
-        return NextNDrafter(heads, kv)
 
     # -- public (any thread) ----------------------------------------------------------------------
     def n_tokens(self, req: Request) -> int:
@@ -271,8 +254,9 @@ class Engine:
                 if not free:
                     return
                 mtp = self._uses_mtp(req)
-                # MTP would need the hidden states of a shared prefix, which are not kept
-                share = self.opts.prefix_sharing and req.params.cache_prompt and not mtp
+                # NextN would need the hidden states of a shared prefix, which are not kept
+                share = self.opts.prefix_sharing and req.params.cache_prompt
+                share = share and not (mtp and not self.drafter.shares_prefix)
                 seq = self.pool.admit(req.prompt, self.n_tokens(req), self.opts.n_ctx, share)
                 if seq is None:  # deferred until blocks come back
                     if not req.deferred:
@@ -303,7 +287,7 @@ class Engine:
 
             s.constraint = Constraint(self.tok, p.grammar)
         if mtp:
-            s.draft = self.drafter.open()
+            s.draft = self.drafter.open(seq)
         if seq.n_shared:
             self.metrics.prefix_cache_hits.inc()
 
