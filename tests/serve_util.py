@@ -48,3 +48,15 @@ def metric(server, name: str, headers=None) -> float:
     if not found:
         return 0.0
     return total
+
+
+def sdk_clients(url: str, key: str = "none"):
+    """(openai.OpenAI, anthropic.Anthropic) for a live server, without retries (a failure shows
+    at once)."""
+    import anthropic
+    import openai
+
+    return (
+        openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0),
+        anthropic.Anthropic(base_url=url, api_key=key, max_retries=0),
+    )

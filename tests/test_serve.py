@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from llmkit.core.serve.server import HttpOptions
-from serve_util import live_server, metric, wait_idle
+from serve_util import live_server, metric, sdk_clients, wait_idle
 from tiny_step35 import write_tiny_step35
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -26,12 +26,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    return sdk_clients(server.url)[0]
 
 
 @pytest.fixture(scope="module")
 def ant(server):
-    return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0)
+    return sdk_clients(server.url)[1]
 
 
 def _chat(oai, msgs, n=16, stream=False, **extra):

@@ -7,14 +7,13 @@ import json
 import subprocess
 import sys
 
-import anthropic
 import httpx
 import openai
 import pytest
 
 from llmkit.core.embed import embed
 from llmkit.core.serve.server import HttpOptions
-from serve_util import live_server
+from serve_util import live_server, sdk_clients
 from tiny_step35 import write_tiny_step35
 
 MSGS = [{"role": "user", "content": "hello there"}]
@@ -81,7 +80,7 @@ def test_native_completion_streamed_and_not(server):
 
 
 def test_embeddings_with_both_encodings(server, model_path):
-    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    oai = sdk_clients(server.url)[0]
     r = oai.embeddings.create(model="tiny", input=["hello", "a different sentence"])
     a, b = (d.embedding for d in r.data)
     n_embd = server.engine.model.config.n_embd
@@ -113,7 +112,7 @@ def test_embedding_poolings_differ_and_are_normalised(server):
 
 
 def test_count_tokens_with_the_anthropic_client(server):
-    ant = anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0)
+    ant = sdk_clients(server.url)[1]
     n = ant.messages.count_tokens(model="tiny", messages=MSGS, system="be brief")
     msgs = [{"role": "system", "content": "be brief"}, *MSGS]
     assert n.input_tokens == len(server.prompter.chat(msgs))

@@ -4,7 +4,6 @@ a walk over the SDKs' request schemas: every field is honoured or refused with a
 
 import math
 
-import anthropic
 import httpx
 import openai
 import pytest
@@ -17,7 +16,7 @@ from openai.types.chat import completion_create_params as oai_chat
 
 from llmkit.core.serve import schema
 from llmkit.core.serve.server import HttpOptions
-from serve_util import live_server
+from serve_util import live_server, sdk_clients
 from tiny_step35 import write_tiny_step35
 
 GREEDY = {"ignore_eos": True}
@@ -33,12 +32,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oai(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+    return sdk_clients(server.url)[0]
 
 
 @pytest.fixture(scope="module")
 def ant(server):
-    return anthropic.Anthropic(base_url=server.url, api_key="none", max_retries=0)
+    return sdk_clients(server.url)[1]
 
 
 def _chat(oai, n=12, **kw):

@@ -9,7 +9,7 @@ import httpx
 import jsonschema
 import pytest
 
-from serve_util import live_server
+from serve_util import live_server, sdk_clients
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
@@ -64,9 +64,8 @@ def server(request, smollm_gguf, gemma_gguf):
 
 
 def _openai(server):
-    import openai
 
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    return sdk_clients(server.url, "x")[0]
 
 
 def test_json_schema_many_requests(server):
@@ -161,9 +160,8 @@ def test_openai_tools_required(server, stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_anthropic_tools_any(server, stream):
-    import anthropic
 
-    client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+    client = sdk_clients(server.url, "x")[1]
     tool = {"name": "get_weather", "description": "weather", "input_schema":
             WEATHER["function"]["parameters"]}  # fmt: skip
     kw = dict(model="m", max_tokens=120, tools=[tool], tool_choice={"type": "any"},
