@@ -77,6 +77,12 @@ def serve(
     cache_type_v_draft: str = typer.Option(
         "f16", "-ctvd", "--cache-type-v-draft", help="V cache type of the MTP contexts."
     ),
+    tp: int = typer.Option(
+        1, "--tp", help="Tensor-parallel ranks: rank 0 serves and drives the others."
+    ),
+    tp_mode: str = typer.Option(
+        "exact", "--tp-mode", help="exact (gathers, tp=1's bits) or sum (Megatron partial sums)."
+    ),
 ) -> None:
     """Serve a GGUF model: /v1/chat/completions, /v1/completions, /v1/messages, /v1/embeddings,
     /v1/models, /completion, /tokenize, /props, /health, /slots, /metrics, a chat page at /;
@@ -130,18 +136,29 @@ def serve(
     if model_draft and not mtp:
         raise LlmkitError("-md/--model-draft is the MTP sidecar: it needs --mtp")
     check_flash_attn(flash_attn)
+    if tp > 1 and mtp:
+        raise LlmkitError("--tp: llm serve does not draft (--mtp) under tensor parallelism")
     chat_template = chat_template_option(chat_template, chat_template_file)
     set_threads(threads)
+    from llmkit.core.distributed.launch import begin_run, finish
+
+    dev = gpu_device(device, n_gpu_layers)
+    group = begin_run(tp, tp_mode, threads, dev, model, None, False, None)
     path = resolve_model(model)
     draft_path = resolve_model(model_draft) if model_draft else None
     # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
     assistant = draft_path is not None and is_assistant_file(draft_path)
-    lm = load_model(
-        path,
-        device=gpu_device(device, n_gpu_layers),
-        mtp=mtp and not assistant,
-        draft_path=None if assistant else draft_path,
-    )
+    if group is not None:
+        from llmkit.core.distributed.load import load_shard
+
+        lm = group.agree(lambda: load_shard(group, path, device=dev or "cpu", mode=tp_mode))
+    else:
+        lm = load_model(
+            path,
+            device=dev,
+            mtp=mtp and not assistant,
+            draft_path=None if assistant else draft_path,
+        )
     for w in pin_weights(lm, not no_mmap, mlock):
         eprint(f"warning: {w}")
     n_ctx = ctx_size or lm.config.n_ctx_train
@@ -167,7 +184,19 @@ def serve(
         host, port, api_key, metrics, max_body, timeout_s=timeout, pooling=pooling,
         chat_template=chat_template,
     )  # fmt: skip
+    if group is not None and group.rank > 0:  # a follower: rank 0's engine drives this one
+        from llmkit.core.serve.engine import Engine
+        from llmkit.core.serve.tp import follow
+
+        follow(group, Engine(lm, load_tokenizer(lm.metadata), opts))
+        return finish(group)
     server = Server(lm, load_tokenizer(lm.metadata), opts, http, path.stem)
+    lead = None
+    if group is not None:
+        from llmkit.core.serve.tp import Leader
+
+        lead = Leader(group)
+        lead.attach(server.engine)
     kv = server.engine.pool.stats()
     eprint(
         f"model: {path} ({lm.describe()}); {parallel} slots x {n_ctx} tokens; KV pool "
@@ -185,4 +214,9 @@ def serve(
             f"mtp: {plan['slots']} slot contexts reserved at start-up, {what}, "
             f"draft {draft} ({draft_policy})"
         )
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        if lead is not None:
+            lead.stop()
+            finish(group)

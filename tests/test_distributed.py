@@ -19,7 +19,7 @@ from llmkit.core.distributed.shard import col_slice, row_slice, span, spans
 from llmkit.core.gguf.writer import encode_tensor
 from llmkit.errors import LlmkitError
 from llmkit.quant.tensor import QTensor
-from tiny_models import write_tiny_llama
+from tiny_models import write_tiny_gemma3, write_tiny_llama
 from tiny_step35 import write_tiny_step35
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,8 @@ def tiny(tmp_path_factory):
     return {
         "llama": write_tiny_llama(d / "llama.gguf", n_layer=3, tied=False),
         "step35": write_tiny_step35(d / "step35.gguf", draft_noise=0.3),
+        "gemma3": write_tiny_gemma3(d / "gemma3.gguf", n_head=4, n_head_kv=2),
+        "gemma3_kv1": write_tiny_gemma3(d / "gemma3_kv1.gguf", seed=1, n_head=4, n_head_kv=1),
     }
 
 
@@ -74,6 +76,17 @@ def test_tp2_step35_mtp_matches_tp1(capsys, monkeypatch, tmp_path, tiny):
     assert 0 < spec["accepted_tokens"] < spec["draft_tokens"]  # accepts and rollbacks both ran
 
 
+@pytest.mark.parametrize("name", ["gemma3", "gemma3_kv1"])
+def test_tp2_gemma3_matches_tp1(capsys, monkeypatch, tmp_path, tiny, name):
+    """Post-norms after the gathered attn_output / ffn_down, sliding and global layers past the
+    window; gemma3_kv1: one KV head replicated on both ranks, two query heads each."""
+    args = ("-p", "the cat sat on the mat and the dog ran", "-n", 24)
+    ref, _ = _run(capsys, monkeypatch, tmp_path, tiny[name], *args, tag="a")
+    got, err = _run(capsys, monkeypatch, tmp_path, tiny[name], *args, "--tp", 2, "-v", tag="b")
+    assert got["tokens"] == ref["tokens"] and len(ref["tokens"]) == 24
+    assert len([line for line in err.splitlines() if line.startswith("tp rank")]) == 2, err
+
+
 def test_tp2_sum_mode_runs_in_step(capsys, monkeypatch, tmp_path, tiny):
     """Megatron partial sums: every rank on rank 0's tokens (greedy may differ from tp=1 only
     at near-ties; on this model it does not)."""
@@ -93,11 +106,23 @@ def test_tp2_smollm_matches_tp1_half_weights(capsys, monkeypatch, tmp_path, smol
     assert len(per_rank) == 2 and all(0.4 * total < w < 0.56 * total for w in per_rank), err
 
 
+def test_tp2_real_gemma3_replicated_kv_head(capsys, monkeypatch, tmp_path, gemma_gguf):
+    """Gemma 3 270M: 1 KV head, 4 query heads: the KV head on both ranks, 2 query heads each."""
+    args = ("-p", "The capital of France is", "-c", 256)
+    ref, _ = _run(capsys, monkeypatch, tmp_path, gemma_gguf, *args, tag="a")
+    got, err = _run(capsys, monkeypatch, tmp_path, gemma_gguf, *args, "--tp", 2, "-v", tag="b")
+    assert got["tokens"] == ref["tokens"]
+    per_rank = [float(line.split()[4]) for line in err.splitlines() if line.startswith("tp rank")]
+    assert len(per_rank) == 2 and all(
+        w < 0.56 * os.path.getsize(gemma_gguf) / 2**20 for w in per_rank
+    )
+
+
 def test_tp_refuses_bad_split_before_spawning(capsys, monkeypatch, tmp_path, tiny):
     rc, _, err = llm(capsys, monkeypatch, "run", "-m", tiny["llama"], "-p", "hi", "--tp", 3)
     assert rc == 1 and err.strip().splitlines() == [
-        "error: --tp 3: layer 0 has 2 KV heads, fewer than the 3 ranks (each rank holds whole "
-        "KV-head groups)"
+        "error: --tp 3: layer 0 has 2 KV heads and 4 query heads: each rank holds whole KV-head "
+        "groups, or one replicated KV head and an even share of its query heads"
     ]
 
 

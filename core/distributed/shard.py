@@ -9,7 +9,10 @@ What each rank holds (rank r of N, contiguous ranges):
   attn_q / attn_gate      rows of its query heads; attn_k / attn_v rows of its KV heads. A rank
                           holds whole GQA groups: a contiguous share of the KV heads (uneven when
                           they do not divide: SmolLM2's 3 on 2 ranks are 2 + 1) and their query
-                          heads; fewer KV heads than ranks is a one-line error.
+                          heads. Fewer KV heads than ranks (Gemma 3 270M: 1 KV head, 4 query
+                          heads): each KV head is replicated on world / n_kv ranks, each holding
+                          an even share of its query heads; a split that does not divide so is a
+                          one-line error.
   ffn_gate / ffn_up       rows r*F/N .. (also the shared expert's *_shexp)
   attn_output, ffn_down   mode "exact" (default): rows r*H/N ..: the input is all-gathered first
                           and the outputs all-gathered after, so every output element is the same
@@ -34,7 +37,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.tensor import QTensor
 
 MODES = ("exact", "sum")
-SUPPORTED_ARCHS = ("llama", "step35")
+SUPPORTED_ARCHS = ("llama", "step35", "gemma3")
 
 
 def span(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -98,6 +101,22 @@ def _per_layer(v, n: int) -> list[int]:
     return list(v) if isinstance(v, list) else [v] * n
 
 
+def replicates_kv(hq: int, hkv: int, world: int) -> bool:
+    """Fewer KV heads than ranks, split by replicating each KV head on world / hkv ranks."""
+    return hkv < world and world % hkv == 0 and hq % world == 0
+
+
+def heads(hq: int, hkv: int, world: int, rank: int) -> tuple[int, int, int, int]:
+    """Rank's query heads [qlo, qhi) and KV heads [klo, khi): whole GQA groups, or (fewer KV
+    heads than ranks) an even share of one replicated KV head's query heads."""
+    g = hq // hkv
+    if hkv >= world:
+        klo, khi = span(hkv, world, rank)
+        return klo * g, khi * g, klo, khi
+    qlo, qhi = span(hq, world, rank)
+    return qlo, qhi, qlo // g, qlo // g + 1
+
+
 def check_shardable(arch: str, cfg, world: int, mode: str = "exact") -> None:
     """The one-line refusals, before any rank is started."""
     if mode not in MODES:
@@ -112,11 +131,13 @@ def check_shardable(arch: str, cfg, world: int, mode: str = "exact") -> None:
             f"{', '.join(SUPPORTED_ARCHS)})"
         )
     n = cfg.n_layer_all
-    for il, hkv in enumerate(_per_layer(cfg.n_head_kv, n)):
-        if hkv < world:
+    pairs = zip(_per_layer(cfg.n_head, n), _per_layer(cfg.n_head_kv, n), strict=True)
+    for il, (hq, hkv) in enumerate(pairs):
+        if hkv < world and not replicates_kv(hq, hkv, world):
             raise LlmkitError(
-                f"--tp {world}: layer {il} has {hkv} KV heads, fewer than the {world} ranks "
-                "(each rank holds whole KV-head groups)"
+                f"--tp {world}: layer {il} has {hkv} KV heads and {hq} query heads: each rank "
+                f"holds whole KV-head groups, or one replicated KV head and an even share of "
+                f"its query heads"
             )
     if cfg.n_vocab < world or cfg.n_embd < world:
         raise LlmkitError(f"--tp {world}: the model is too small to split {world} ways")
@@ -134,14 +155,13 @@ def _cut_out(name: str, t: QTensor, cfg, world: int, rank: int, plan: ShardPlan)
     il, kind = int(parts[1]), parts[-2]
     n = cfg.n_layer_all
     hq, hkv = _per_layer(cfg.n_head, n)[il], _per_layer(cfg.n_head_kv, n)[il]
-    g = hq // hkv
-    klo, khi = span(hkv, world, rank)  # whole KV-head groups
+    qlo, qhi, klo, khi = heads(hq, hkv, world, rank)
     if kind == "attn_q":
-        return row_slice(t, klo * g, khi * g, t.shape[0] // hq)
+        return row_slice(t, qlo, qhi, t.shape[0] // hq)
     if kind in ("attn_k", "attn_v"):
         return row_slice(t, klo, khi, t.shape[0] // hkv)
     if kind == "attn_gate":
-        return row_slice(t, klo * g, khi * g)
+        return row_slice(t, qlo, qhi)
     if kind in ("ffn_gate", "ffn_up", "ffn_gate_shexp", "ffn_up_shexp"):
         return row_slice(t, *span(t.shape[0], world, rank))
     if kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
@@ -174,8 +194,8 @@ def local_config(cfg, world: int, rank: int):
     c = copy.copy(cfg)
 
     def mine(hq: int, hkv: int) -> tuple[int, int]:
-        lo, hi = span(hkv, world, rank)
-        return (hi - lo) * (hq // hkv), hi - lo
+        qlo, qhi, klo, khi = heads(hq, hkv, world, rank)
+        return qhi - qlo, khi - klo
 
     if isinstance(c.n_head, list):
         pairs = [mine(q, k) for q, k in zip(c.n_head, c.n_head_kv, strict=True)]
@@ -189,7 +209,7 @@ def attn_in_sizes(cfg, il: int, k: int, world: int) -> list[int]:
     """attn_output's input columns (k of them in all) held by each rank: its query heads."""
     n = cfg.n_layer_all
     hq, hkv = _per_layer(cfg.n_head, n)[il], _per_layer(cfg.n_head_kv, n)[il]
-    return [s * (hq // hkv) * (k // hq) for s in spans(hkv, world)]
+    return [(b - a) * (k // hq) for a, b, _, _ in (heads(hq, hkv, world, r) for r in range(world))]
 
 
 def plan_shard(arch: str, cfg, tensors: dict[str, QTensor], world: int, rank: int,
