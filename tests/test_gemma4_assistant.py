@@ -219,3 +219,89 @@ def test_llm_bench_with_assistant(tmp_path, monkeypatch, capsys):
     assert rc not in (0, None) and "needs --mtp 1" in out.err
     rc, out = bench("--mtp", "1", "--draft", "17", "-md", str(a))
     assert rc not in (0, None) and "--draft must be between 1 and 16" in out.err
+
+
+def test_acceptance_matches_transformers_assisted_generation(tmp_path, monkeypatch, capsys):
+    """transformers' own assisted generation (`generate(assistant_model=...)`, its
+    SinglePositionMultiTokenCandidateGenerator, a constant number of drafts) against `llm run
+    --mtp -md --draft N` on the same prompt: the same greedy tokens and acceptance.
+
+    The assistant is the serving test's: echo-like, with a random output projection under a small
+    post-attention norm, so its drafts depend on the KV it reads and are often, not always,
+    accepted. After a partly rejected round, stock transformers still shows the drafter the first
+    rejected draft's K/V at its own position (spec part 4.6); with the target's K/V cut to the
+    committed n_past keys (llama.cpp's rule, ours) its drafts and acceptance are exactly ours.
+    Pooled over N = 1..4, stock transformers' acceptance is within 0.05 of ours. The window (64)
+    covers the whole sequence: once transformers' sliding cache evicts, it indexes the shared
+    K/V by position though the tensor no longer starts at 0 (rejected drafts past it included)."""
+    from transformers.generation import candidate_generator as cg
+
+    from llmkit.core.tokenizer import load_tokenizer
+
+    gen = getattr(cg, "SinglePositionMultiTokenCandidateGenerator", None)
+    if gen is None:
+        pytest.skip("this transformers has no Gemma 4 assistant candidate generator")
+    hf, asst, m, a = build(tmp_path, monkeypatch, window=64, oracle=True)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for layer in asst.model.layers:
+            w = layer.self_attn.o_proj.weight
+            w.copy_(torch.randn(w.shape, generator=g))
+            layer.post_attention_layernorm.weight.mul_(0.2)
+    asst.save_pretrained(tmp_path / "hfa")
+    convert_cli(tmp_path / "hfa", a, monkeypatch)
+
+    counts = {}
+
+    def get_candidates(self, input_ids, model_kwargs, model_outputs, is_first_iteration, **kw):
+        if counts["crop"] and not is_first_iteration:  # keys of positions 0 .. n_past - 1 only
+            n_past = input_ids.shape[1] - 1
+            kv = model_outputs.shared_kv_states
+            model_outputs.shared_kv_states = {
+                t: (k[:, :, :n_past], v[:, :, :n_past]) for t, (k, v) in kv.items()
+            }
+        ids, logits = orig_get(self, input_ids, model_kwargs=model_kwargs,
+                               model_outputs=model_outputs, is_first_iteration=is_first_iteration,
+                               **kw)  # fmt: skip
+        counts["drafted"] += ids.shape[1] - input_ids.shape[1]
+        return ids, logits
+
+    def update(self, input_ids, scores, n_matches):
+        counts["accepted"] += int(n_matches)
+        return orig_update(self, input_ids, scores, n_matches)
+
+    orig_get, orig_update = gen.get_candidates, gen.update_candidate_strategy
+    monkeypatch.setattr(gen, "get_candidates", get_candidates)
+    monkeypatch.setattr(gen, "update_candidate_strategy", update)
+    text, n = "the river", 40
+    prompt = load_tokenizer(GGUFFile(m).metadata).encode(text)
+    stats, totals = tmp_path / "s.json", {"stock": [0, 0], "ours": [0, 0]}
+    asst.generation_config.num_assistant_tokens_schedule = "constant"
+    for k in (1, 2, 3, 4):
+        argv = ["llm", "run", "-m", str(m), "-md", str(a), "--mtp", "--draft", str(k), "-p", text,
+                "-n", str(n), "--temp", "0", "--ignore-eos", "--stats-json", str(stats)]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code in (0, None), capsys.readouterr().err
+        run = json.loads(stats.read_text())
+        assert run["prompt_tokens"] == len(prompt)
+        ours = (run["speculative"]["accepted_tokens"], run["speculative"]["draft_tokens"])
+        hf_runs = {}
+        asst.generation_config.num_assistant_tokens = k
+        for crop in (False, True):
+            counts.update(drafted=0, accepted=0, crop=crop)
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt]), assistant_model=asst, do_sample=False,
+                                  max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
+            assert out[0, len(prompt) :].tolist() == run["tokens"]
+            hf_runs[crop] = (counts["accepted"], counts["drafted"])
+        print(f"draft {k}: transformers {hf_runs[False]}, with n_past keys {hf_runs[True]}, "
+              f"llm run {ours} (accepted, drafted)")  # fmt: skip
+        assert hf_runs[True] == ours and 0 < ours[0]
+        for key, (acc, drafted) in (("stock", hf_runs[False]), ("ours", ours)):
+            totals[key][0] += acc
+            totals[key][1] += drafted
+    stock, mine = (acc / drafted for acc, drafted in totals.values())
+    print(f"pooled acceptance: transformers {stock:.3f}, llm run {mine:.3f}")
+    assert abs(stock - mine) <= 0.05 and mine < 1  # drafts often, not always, accepted
