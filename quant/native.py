@@ -1,6 +1,8 @@
 """Native weight quantizers (kernels/native/quantize_k.c): Q2_K..Q6_K, IQ4_NL and IQ4_XS, with or
-without an importance matrix, byte-identical to llmkit.quant's torch reference (kquants.py,
-iquants.py) and so to llama.cpp's llama-quantize.
+without an importance matrix, and (quantize_legacy.c) Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 without one
+(Q8_0 ignores it; the weighted Q4_0..Q5_1 searches stay in torch: `quantize()` returns None),
+byte-identical to llmkit.quant's torch reference (quantize.py, kquants.py, iquants.py) and so to
+llama.cpp's llama-quantize.
 
 The C code is the torch reference's algorithm written as scalar fp32 code in the same operation
 order (no fused multiply-add, correctly rounded division and sqrtf, round-half-to-even), one
@@ -22,7 +24,10 @@ from llmkit.native_lib import load_library
 
 TYPES: frozenset[QT] = frozenset(
     {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}
+    | {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
 )
+# legacy types whose importance-weighted quantizer has no native version
+_UNWEIGHTED_ONLY: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1})
 
 _fn = None
 _checked = False
@@ -51,9 +56,10 @@ def quantize(
     x: torch.Tensor, qtype: QT, imatrix: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """x [..., n] float -> uint8 [..., n / block * type_size], or None if `qtype` has no native
-    quantizer here. imatrix: None or [n] importance weights (one per column)."""
+    quantizer here (or none for `imatrix`). imatrix: None or [n] importance weights (one per
+    column); Q8_0 ignores it."""
     fn = _quantize_fn()
-    if fn is None or qtype not in TYPES:
+    if fn is None or qtype not in TYPES or (imatrix is not None and qtype in _UNWEIGHTED_ONLY):
         return None
     block, type_size = GGML_QUANT_SIZES[qtype]
     n = x.shape[-1]
@@ -69,6 +75,8 @@ def quantize(
             raise LlmkitError(f"imatrix has {qw.numel()} weights for rows of {n} values")
     if rows == 0:
         return out
+    if qtype == QT.Q8_0:
+        qw = None
     rc = fn(
         int(qtype), xf.data_ptr(), rows, n, None if qw is None else qw.data_ptr(), out.data_ptr()
     )

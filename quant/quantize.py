@@ -14,9 +14,10 @@ With an importance matrix (`imatrix`: one weight per column, llama.cpp's `quant_
 Q4_0/Q4_1/Q5_0/Q5_1 and K/IQ4 types use ggml's weighted searches (`quantize_row_*_impl`); Q8_0, F16
 and BF16 ignore it, as in llama.cpp.
 
-The K-quants and IQ4_NL/IQ4_XS run natively (quant/native.py: the same algorithm in C,
-byte-identical, multithreaded) when the native library is built; the torch code here stays the
-reference and the fallback (`native=False` forces it).
+The K-quants, IQ4_NL/IQ4_XS and (without an importance matrix) Q4_0..Q8_0 run natively on CPU
+tensors (quant/native.py: the same algorithm in C, byte-identical, multithreaded) when the native
+library is built; the torch code here stays the reference, the fallback and the path for tensors
+on other devices (`native=False` forces it).
 """
 
 from __future__ import annotations
@@ -64,10 +65,17 @@ def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], -1)
 
 
+def _signed_absmax(b: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude per block [..., nb, 1], first occurrence; +0.0 for a block
+    of zeros whatever their signs (ggml starts from max = 0.0f and never replaces it)."""
+    a = b.abs()
+    m = torch.gather(b, -1, a.argmax(-1, keepdim=True))
+    return torch.where(a.amax(-1, keepdim=True) == 0, torch.zeros_like(m), m)
+
+
 def quantize_q4_0(x: torch.Tensor) -> torch.Tensor:
     b = _blocks(x)
-    imax = b.abs().argmax(-1, keepdim=True)
-    d = torch.gather(b, -1, imax) / -8  # [..., nb, 1]
+    d = _signed_absmax(b) / -8  # [..., nb, 1]
     q = torch.trunc(b * _inv(d) + 8.5).clamp(0, 15).to(torch.uint8)  # [..., nb, 32]
     packed = q[..., :16] | (q[..., 16:] << 4)  # [..., nb, 16]
     out = torch.cat((_fp16_bytes(d), packed), dim=-1)  # [..., nb, 18]
@@ -101,8 +109,7 @@ def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     b = _blocks(x)
-    imax = b.abs().argmax(-1, keepdim=True)
-    d = torch.gather(b, -1, imax) / -16
+    d = _signed_absmax(b) / -16
     q = torch.trunc(b * _inv(d) + 16.5).clamp(0, 31).to(torch.uint8)
     qh, qs = _pack5(q)
     out = torch.cat((_fp16_bytes(d), qh, qs), dim=-1)  # [..., nb, 22]
@@ -205,7 +212,7 @@ def quantize(
             )
         if qtype in _WEIGHTED_32:
             return _weighted_32(x, imatrix, qtype)
-    if native and qtype in quant_native.TYPES:
+    if native and qtype in quant_native.TYPES and x.device.type == "cpu":
         out = quant_native.quantize(x, qtype, imatrix)
         if out is not None:
             return out

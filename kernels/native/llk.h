@@ -110,7 +110,9 @@ LLK_API int llk_quantize_q8_K(const float *x, int64_t k, int8_t *qs, float *d, i
  * llama.cpp's quantize_row_*_ref / _impl): nrows rows of n_per_row fp32 values (a multiple of the
  * type's block size) -> nrows * n_per_row / block blocks at out. qw: NULL, or n_per_row importance
  * weights (the imatrix column weights) used for every row. Types: Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
- * IQ4_XS. Blocks are split over the thread pool; the bytes never depend on the thread count. */
+ * IQ4_XS, and (quantize_legacy.c) Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 with qw NULL (LLK_E_TYPE otherwise;
+ * Q8_0 ignores qw). Blocks are split over the thread pool; the bytes never depend on the thread
+ * count. */
 LLK_API int llk_quantize(int32_t type, const float *x, int64_t nrows, int64_t n_per_row,
                          const float *qw, void *out);
 

@@ -212,6 +212,14 @@ void llk_quant_q8_K_scalar(const float *x, int64_t k, int8_t *qs, float *d, int1
 void llk_round_f16_scalar(const float *x, int64_t k, float *out);
 void llk_round_bf16_scalar(const float *x, int64_t k, float *out);
 
+/* ---- legacy 32-value weight quantizers (quantize_legacy.c), one block each; qw unused ---- */
+
+void llk_qblock_q4_0(const float *x, const float *qw, uint8_t *y);
+void llk_qblock_q4_1(const float *x, const float *qw, uint8_t *y);
+void llk_qblock_q5_0(const float *x, const float *qw, uint8_t *y);
+void llk_qblock_q5_1(const float *x, const float *qw, uint8_t *y);
+void llk_qblock_q8_0(const float *x, const float *qw, uint8_t *y);
+
 /* ---- thread pool (threadpool.c) ---- */
 
 typedef void (*llk_chunk_fn)(void *arg, int chunk);

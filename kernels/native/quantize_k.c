@@ -1,6 +1,7 @@
 /* quantize_k.c: the K-quant (Q2_K .. Q6_K) and IQ4_NL / IQ4_XS weight quantizers, with and without
  * importance weights: llmkit.quant's torch reference (quant/kquants.py, quant/iquants.py) written
- * as scalar C, one super-block at a time, the blocks split over the thread pool.
+ * as scalar C, one super-block at a time, the blocks split over the thread pool. llk_quantize also
+ * runs the legacy Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 blocks of quantize_legacy.c.
  *
  * Byte identity with the reference rests on doing the same fp32 operations in the same order:
  * every expression keeps the reference's association (no fused multiply-add: the library is
@@ -411,17 +412,26 @@ int llk_quantize(int32_t type, const float *x, int64_t nrows, int64_t n_per_row,
     case LLK_Q6_K: fn = block_q6_k; break;
     case LLK_IQ4_NL: fn = block_iq4_nl; break;
     case LLK_IQ4_XS: fn = block_iq4_xs; break;
+    /* quantize_legacy.c; Q8_0 ignores importance weights (as llama.cpp), the others have no
+     * native weighted search (llmkit.quant runs those in torch) */
+    case LLK_Q4_0: fn = llk_qblock_q4_0; break;
+    case LLK_Q4_1: fn = llk_qblock_q4_1; break;
+    case LLK_Q5_0: fn = llk_qblock_q5_0; break;
+    case LLK_Q5_1: fn = llk_qblock_q5_1; break;
+    case LLK_Q8_0: fn = llk_qblock_q8_0; qw = NULL; break;
     default: return LLK_E_TYPE;
     }
+    if (qw && (type == LLK_Q4_0 || type == LLK_Q4_1 || type == LLK_Q5_0 || type == LLK_Q5_1))
+        return LLK_E_TYPE;
     const int64_t bs = llk_block_size(type);
     if (nrows < 0 || n_per_row <= 0 || n_per_row % bs) return LLK_E_SHAPE;
     pthread_once(&iq_once, iq_init);
     qjob j = {fn, x, qw, out, bs, llk_type_size(type), n_per_row, nrows * (n_per_row / bs), 0};
     if (j.nblocks == 0) return LLK_OK;
-    /* ~8 chunks per thread for balance on a busy machine, at least 16 blocks each */
+    /* ~8 chunks per thread for balance on a busy machine, at least 4096 values each */
     const int64_t want = (int64_t)llk_pool_threads() * 8;
     j.per_chunk = (j.nblocks + want - 1) / want;
-    if (j.per_chunk < 16) j.per_chunk = 16;
+    if (j.per_chunk < 4096 / bs) j.per_chunk = 4096 / bs;
     const int64_t nchunks = (j.nblocks + j.per_chunk - 1) / j.per_chunk;
     llk_run_locked(run_chunk, &j, (int)nchunks);
     return LLK_OK;
