@@ -5,7 +5,11 @@ the rotated pairs of the full-attention head ("proportional" RoPE rotates the fi
 partial_rotary_factor * hd / 2 pairs), 1e30 for the others. transformers 5.25 writes the
 full-layer head dim (and KV-head count) into `per_layer_config`, not `global_head_dim`.
 The assistant's centroid head (`masked_embedding.*`) is dropped, as upstream does: the drafter
-uses the full tied head.
+uses the full tied head. MoE checkpoints (`enable_moe_block`) follow llama.cpp's
+conversion/gemma.py: `router.proj` -> ffn_gate_inp.weight, `router.scale` -> ffn_gate_inp.scale,
+`router.per_expert_scale` -> ffn_down_exps.scale, `experts.gate_up_proj` -> ffn_gate_up_exps
+(fused, gate rows first), `experts.down_proj` -> ffn_down_exps, plus expert_count /
+expert_used_count / expert_feed_forward_length.
 """
 
 from __future__ import annotations
@@ -42,6 +46,14 @@ GEMMA4 = [
     (L + r"per_layer_input_gate\.weight", "blk.{0}.inp_gate.weight", None),
     (L + r"per_layer_projection\.weight", "blk.{0}.proj.weight", None),
     (L + r"post_per_layer_input_norm\.weight", "blk.{0}.post_norm.weight", None),
+    (L + r"pre_feedforward_layernorm_2\.weight", "blk.{0}.pre_ffw_norm_2.weight", None),
+    (L + r"post_feedforward_layernorm_1\.weight", "blk.{0}.post_ffw_norm_1.weight", None),
+    (L + r"post_feedforward_layernorm_2\.weight", "blk.{0}.post_ffw_norm_2.weight", None),
+    (L + r"router\.proj\.weight", "blk.{0}.ffn_gate_inp.weight", None),
+    (L + r"router\.scale", "blk.{0}.ffn_gate_inp.scale", "f32"),
+    (L + r"router\.per_expert_scale", "blk.{0}.ffn_down_exps.scale", "f32"),
+    (L + r"experts\.gate_up_proj", "blk.{0}.ffn_gate_up_exps.weight", None),
+    (L + r"experts\.down_proj", "blk.{0}.ffn_down_exps.weight", None),
 ]
 
 
@@ -50,9 +62,21 @@ def _layer_cfg(c: dict, il: int) -> dict:
     return plc.get(str(il)) or plc.get(il) or {}
 
 
+def _experts(p: str, c: dict) -> dict:
+    """The MoE keys (empty for a dense checkpoint), validated like llama.cpp's loader needs them."""
+    if not c.get("enable_moe_block"):
+        return {}
+    e, k = int(c.get("num_experts") or 0), int(c.get("top_k_experts") or 0)
+    ff = int(c.get("moe_intermediate_size") or c.get("expert_intermediate_size") or 0)
+    if not (e > 0 and 0 < k <= e and ff > 0):
+        raise LlmkitError(
+            f"gemma4: enable_moe_block needs num_experts > 0, top_k_experts in 1..num_experts and "
+            f"moe_intermediate_size > 0 (got {e}, {k}, {ff})"
+        )
+    return {p + "expert_count": e, p + "expert_used_count": k, p + "expert_feed_forward_length": ff}
+
+
 def _metadata(arch: str, c: dict) -> tuple[dict, torch.Tensor]:
-    if c.get("enable_moe_block") or c.get("num_experts"):
-        raise LlmkitError("gemma4: mixture-of-experts checkpoints are not supported")
     n = int(c["num_hidden_layers"])
     types = list(c.get("layer_types") or [])
     if len(types) != n:
@@ -105,6 +129,7 @@ def _metadata(arch: str, c: dict) -> tuple[dict, torch.Tensor]:
             hd_swa * float(rp_swa.get("partial_rotary_factor", 1.0))
         ),
     }
+    md |= _experts(p, c)
     if c.get("final_logit_softcapping"):
         md[p + "final_logit_softcapping"] = float(c["final_logit_softcapping"])
     if c.get("attention_k_eq_v"):
@@ -128,6 +153,8 @@ def gemma4_assistant_plan(c: dict) -> ArchPlan:
     if not isinstance(tc, dict):
         raise LlmkitError("gemma4-assistant: config.json has no text_config")
     tc = dict(tc)
+    if tc.get("enable_moe_block"):
+        raise LlmkitError("gemma4-assistant: mixture-of-experts drafters are not expected")
     n = int(tc["num_hidden_layers"])
     tc["num_kv_shared_layers"] = int(tc.get("num_kv_shared_layers") or n)
     if tc["num_kv_shared_layers"] != n:

@@ -1,4 +1,4 @@
-"""Gemma 4 text decoder, as llama.cpp's `gemma4` graph (dense blocks; MoE blocks are refused).
+"""Gemma 4 text decoder, as llama.cpp's `gemma4` graph (dense and MoE blocks).
 
 x0 = embd[tok] * sqrt(n_embd). Per layer il: a = rms(x); q = rope(qnorm(Wq a)); layers that own
 KV: k = rope(knorm(Wk a)), v = rms_noweight(Wv a) (Wk a when attn_v is absent); attention scale
@@ -10,7 +10,8 @@ last KV-owning layer of their type. Then x += post_attn_norm(Wo o);
 x += post_ffw_norm(down(gelu_tanh(gate f) * up f)) with f = ffn_norm(x); with per-layer
 embeddings x += post_norm(proj(gelu_tanh(inp_gate x) * P_il)); finally x *= layer_output_scale.
 P = (rms(W_pl x0 / sqrt(n_embd); per_layer_proj_norm) + E_pl[tok] * sqrt(d_pl)) / sqrt(2).
-Logits: c * tanh(head(rms(x)) / c). GGUF norms are stored as is (no +1).
+Logits: c * tanh(head(rms(x)) / c). GGUF norms are stored as is (no +1). MoE checkpoints
+(`expert_count` > 0) add routed experts beside the dense FFN in every block (gemma4_moe.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf, p
 from llmkit.core.model.protocol import ForwardOutput, Rows
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import DecoderLM, Embedding, rope_rows, select_rows
+from llmkit.core.models.gemma4_moe import Gemma4Experts, moe_specs
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
 from llmkit.kernels.backend import Backend
@@ -64,13 +66,21 @@ class Config(ModelConfig):
     n_kv_shared: int = gguf("attention.shared_kv_layers", 0, at_least=0, at_most=1 << 16)
     n_embd_pl: int = gguf("embedding_length_per_layer_input", 0, at_least=0, at_most=MAX_DIM)
     n_expert: int = gguf("expert_count", 0, at_least=0, at_most=1 << 16)
+    n_expert_used: int = gguf("expert_used_count", 0, at_least=0, at_most=1 << 16)
+    n_ff_exp: int = gguf("expert_feed_forward_length", 0, at_least=0, at_most=MAX_DIM)
+    n_expert_used_override: int | None = None  # --moe-n-expert (set by the loader, not in GGUF)
 
     def __post_init__(self):
         super().__post_init__()
         L = self.n_layer
         a = self.__class__.__module__.rsplit(".", 1)[-1].replace("_", "-")
-        if self.n_expert:
-            raise LlmkitError(f"{a}: mixture-of-experts blocks are not supported")
+        if self.n_expert and not (0 < self.n_expert_used <= self.n_expert and self.n_ff_exp):
+            raise LlmkitError(
+                f"{a}: expert_count {self.n_expert} needs expert_used_count in 1..{self.n_expert} "
+                f"(got {self.n_expert_used}) and expert_feed_forward_length (got {self.n_ff_exp})"
+            )
+        if self.n_expert_used_override is not None:
+            self.top_k()
         self.head_dim_v = self.head_dim_v or self.head_dim
         self.head_dim_v_swa = self.head_dim_v_swa or self.head_dim_swa
         if (self.head_dim_v, self.head_dim_v_swa) != (self.head_dim, self.head_dim_swa):
@@ -94,6 +104,15 @@ class Config(ModelConfig):
                 )
         self.n_kv_from_start = L - self.n_kv_shared
         self.kv_owner = [self._owner(il) for il in range(L)] if self.checks_owners else []
+
+    def top_k(self) -> int:
+        """Experts used per token: --moe-n-expert when given, else expert_used_count."""
+        k = self.n_expert_used_override
+        if k is None:
+            return self.n_expert_used
+        if not 1 <= k <= self.n_expert:
+            raise LlmkitError(f"--moe-n-expert {k} must be between 1 and {self.n_expert}")
+        return k
 
     checks_owners = True  # the assistant (all layers shared) reads another model's caches
 
@@ -142,7 +161,7 @@ def block_names(c: Config, il: int) -> list[TensorSpec]:
             TensorSpec(b + "proj.weight", (H, c.n_embd_pl)),
             TensorSpec(b + "post_norm.weight", (H,)),
         ]
-    return specs
+    return specs + (moe_specs(c, il) if c.n_expert else [])
 
 
 def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
@@ -191,8 +210,8 @@ class Block:
     `c.kv_owner[il]`'s cache with the K/V that layer computed for this batch (rewritten into
     the same slots, so every cache kind serves it unchanged)."""
 
-    def __init__(self, c: Config, il: int, w, factors: torch.Tensor | None):
-        self.c, self.il, self.w = c, il, w
+    def __init__(self, c: Config, il: int, w, factors: torch.Tensor | None, moe=None):
+        self.c, self.il, self.w, self.moe = c, il, w, moe
         swa = c.swa[il]
         self.D, self.n_kv = c.hd(il), c.kv_heads[il]
         self.owns_kv = il < c.n_kv_from_start
@@ -225,7 +244,13 @@ class Block:
         x = ops.linear(w.wo, o, post_norm=(w.post_attn_norm, c.eps), residual=x)
         h = ops.linear(w.w_gate_up, x, norm=(w.ffn_norm, c.eps))
         post = (w.post_ffw_norm, c.eps)
-        x = ops.linear(w.w_down, h, glu_act="gelu_tanh", post_norm=post, residual=x)
+        if self.moe is None:
+            x = ops.linear(w.w_down, h, glu_act="gelu_tanh", post_norm=post, residual=x)
+        else:  # dense and routed FFNs side by side on x, each with its own post-norm
+            s = ops.linear(
+                w.w_down, h, glu_act="gelu_tanh", post_norm=(self.moe.post_norm_1, c.eps)
+            )
+            x = x + ops.rms_norm(s + self.moe(x), *post)
         if pl is not None:  # proj(gelu(gate x) * P_il): a GLU over [gate x | P_il]
             g = torch.cat((ops.linear(w.w_pl_gate, x), pl), dim=-1)
             x = ops.linear(
@@ -257,6 +282,8 @@ class Model(DecoderLM):
             c, tensors, backend, Embedding(tensors["token_embd.weight"], math.sqrt(c.n_embd))
         )
         self.mtp = None
+        # MoE routing reads the selected experts back to the host: no CUDA graph capture
+        self.supports_cuda_graphs = not c.n_expert
         if c.n_embd_pl:
             d = c.n_embd_pl
             self.pl_embed = Embedding(tensors["per_layer_token_embd.weight"], math.sqrt(d))
@@ -264,7 +291,9 @@ class Model(DecoderLM):
             self.pl_norm = tensors["per_layer_proj_norm.weight"].dequantize()
 
     def load_block(self, il: int) -> Block:
-        return Block(self.config, il, load_weights(self.tensors, il, self.backend), self.factors)
+        c, t, be = self.config, self.tensors, self.backend
+        moe = Gemma4Experts(c, t, il, be) if c.n_expert else None
+        return Block(c, il, load_weights(t, il, be), self.factors, moe)
 
     def kv_layout(self) -> dict:
         c = self.config

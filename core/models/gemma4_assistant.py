@@ -38,8 +38,8 @@ class Config(gemma4.Config):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n_embd_pl:
-            raise LlmkitError("gemma4-assistant: per-layer embeddings are not expected")
+        if self.n_embd_pl or self.n_expert:
+            raise LlmkitError("gemma4-assistant: per-layer embeddings and experts are not expected")
         if self.n_kv_shared != self.n_layer:
             raise LlmkitError(
                 f"gemma4-assistant: shared_kv_layers is {self.n_kv_shared}, must equal the "
