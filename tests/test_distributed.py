@@ -87,6 +87,46 @@ def test_tp2_gemma3_matches_tp1(capsys, monkeypatch, tmp_path, tiny, name):
     assert len([line for line in err.splitlines() if line.startswith("tp rank")]) == 2, err
 
 
+@pytest.mark.parametrize("n_kv", [2, 1])
+def test_tp2_gemma4_matches_tp1(capsys, monkeypatch, tmp_path, n_kv):
+    """Gemma 4: sliding layers (head dim 16) and full layers (head dim 32), 2 KV heads (one per
+    rank) or 1 (replicated, two query heads each), KV-shared trailing layers reading their
+    owner's cache on each rank, replicated per-layer embeddings, double-wide FFNs, softcap."""
+    pytest.importorskip("transformers")
+    from test_gemma4 import convert_cli, write_hf_gemma4
+
+    write_hf_gemma4(tmp_path / "hf", num_key_value_heads=n_kv, initializer_range=0.05)
+    model = tmp_path / "g4.gguf"
+    convert_cli(tmp_path / "hf", model, monkeypatch)
+    capsys.readouterr()
+    from llmkit.core.gguf.reader import GGUFFile
+
+    md = GGUFFile(model).metadata
+    assert md["gemma4.attention.shared_kv_layers"] == 2 and md["gemma4.attention.key_length"] == 32
+    assert md["gemma4.feed_forward_length"][-1] == 2 * md["gemma4.feed_forward_length"][0]
+    args = ("-p", "the river that runs through the old town", "-n", 24, "--ignore-eos")
+    ref, _ = _run(capsys, monkeypatch, tmp_path, model, *args, tag="a")
+    got, err = _run(capsys, monkeypatch, tmp_path, model, *args, "--tp", 2, "-v", tag="b")
+    assert got["tokens"] == ref["tokens"] and len(ref["tokens"]) == 24
+    assert len(set(ref["tokens"])) > 6  # not one repeated token
+    assert len([line for line in err.splitlines() if line.startswith("tp rank")]) == 2, err
+
+
+def test_tp_gemma4_refusals():
+    """Gemma 4's MoE blocks are not split; one n_head over layers whose KV heads split the query
+    heads unevenly on some rank cannot be described by the rank's config."""
+    from types import SimpleNamespace
+
+    from llmkit.core.distributed.shard import check_shardable
+
+    cfg = SimpleNamespace(n_layer_all=2, n_head=8, n_head_kv=[2, 2], n_vocab=64, n_embd=32)
+    check_shardable("gemma4", cfg, 2)
+    with pytest.raises(LlmkitError, match="gemma4 mixture-of-experts blocks are not split"):
+        check_shardable("gemma4", SimpleNamespace(**vars(cfg), n_expert=4), 2)
+    with pytest.raises(LlmkitError, match="8 query heads split unevenly over layers with"):
+        check_shardable("gemma4", SimpleNamespace(**vars(cfg) | {"n_head_kv": [4, 8]}), 3)
+
+
 def test_tp2_sum_mode_runs_in_step(capsys, monkeypatch, tmp_path, tiny):
     """Megatron partial sums: every rank on rank 0's tokens (greedy may differ from tp=1 only
     at near-ties; on this model it does not)."""

@@ -1,6 +1,6 @@
 """`llm serve --tp 2`: a live server whose rank 0 drives rank 1 in lockstep (gloo on the CPU):
 the same greedy text as one process, concurrent slots, prefix sharing and an idle spell longer
-than the collectives' timeout (the heartbeat)."""
+than the collectives' timeout (the heartbeat), and /v1/embeddings with the same fp32 bits."""
 
 import json
 import os
@@ -57,11 +57,19 @@ def _complete(url, prompt):
     return body["content"]
 
 
+def _embed(url, inputs, fmt="float"):
+    code, body = _post(url, "/v1/embeddings", {"input": inputs, "encoding_format": fmt})
+    assert code == 200, body
+    return [d["embedding"] for d in body["data"]]
+
+
 def test_serve_tp2_matches_tp1(model, tmp_path):
     prompts = ["the cat sat", "hello world", LONG, LONG + "and then"]
+    texts = ["the cat sat", LONG, "hello world"]
     p, url = _start(model, tmp_path)
     try:
         ref = [_complete(url, q) for q in prompts]
+        ref_emb, ref_b64 = _embed(url, texts), _embed(url, "hello world", "base64")
     finally:
         p.terminate()
         p.wait(30)
@@ -76,9 +84,12 @@ def test_serve_tp2_matches_tp1(model, tmp_path):
         with urllib.request.urlopen(url + "/slots", timeout=30) as r:
             slots = json.loads(r.read())
         assert len(slots["slots"]) == 3 and slots["kv"]["prefix_hits"] >= 1
-        code, body = _post(url, "/v1/embeddings", {"input": "hi"})
-        assert code == 400 and "--tp" in json.dumps(body)
-        assert _complete(url, "hello world") == ref[1]  # still in step after the refusal
+        # /v1/embeddings: every rank runs the same forwards over its shard; exact mode keeps
+        # the fp32 bits (the base64 encoding carries them as they are)
+        emb = _embed(url, texts)
+        assert emb == ref_emb and len(emb) == 3 and len(emb[0]) > 1 and emb[0] != emb[2]
+        assert _embed(url, "hello world", "base64") == ref_b64
+        assert _complete(url, "hello world") == ref[1]  # still in step after the embeddings
     finally:
         p.terminate()
         p.wait(30)

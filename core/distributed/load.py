@@ -94,6 +94,8 @@ def wrap_model(model, plan: ShardPlan, group: Group, full: dict) -> None:
     for blk in model.blocks:
         _wrap_block(blk, plan, group, full)
     model.embed = VocabEmbedding(model.embed, group, lo, hi)
+    if getattr(model, "pl_embed", None) is not None:  # Gemma 4's per-layer token embedding
+        model.pl_embed = VocabEmbedding(model.pl_embed, group, lo, hi)
     model.output = GatherRows(model.output, group, plan.vocab_sizes, None)
     if model.mtp is None:
         return

@@ -24,6 +24,13 @@ What each rank holds (rank r of N, contiguous ranges):
   *_exps (MoE)            its experts r*E/N .. (whole experts)
   nextn.eh_proj           rows (all-gathered); shared_head_head / embed_tokens: vocabulary rows
   norms, router, rope     replicated
+  per-layer inputs        Gemma 4: per_layer_token_embd by vocabulary rows (like token_embd);
+                          per_layer_model_proj and each block's inp_gate / proj replicated (they
+                          act on whole rows: every rank computes them whole, as without TP)
+
+Gemma 4's KV-shared layers (no attn_k / attn_v) read their owner's cache: the owner is a layer of
+the same type, so the same KV-head count and the same split, and a rank's query heads find their
+KV heads in its own cache.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from llmkit.errors import LlmkitError
 from llmkit.quant.tensor import QTensor
 
 MODES = ("exact", "sum")
-SUPPORTED_ARCHS = ("llama", "step35", "gemma3")
+SUPPORTED_ARCHS = ("llama", "step35", "gemma3", "gemma4")
 
 
 def span(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -117,6 +124,18 @@ def heads(hq: int, hkv: int, world: int, rank: int) -> tuple[int, int, int, int]
     return qlo, qhi, qlo // g, qlo // g + 1
 
 
+def _pairs(cfg) -> list[tuple[int, int]]:
+    """(query heads, KV heads) of every layer."""
+    n = cfg.n_layer_all
+    return list(zip(_per_layer(cfg.n_head, n), _per_layer(cfg.n_head_kv, n), strict=True))
+
+
+def _q_uniform(cfg, world: int, rank: int) -> bool:
+    """One query-head count for every layer on this rank (a config with one n_head needs it)."""
+    counts = {qhi - qlo for qlo, qhi, _, _ in (heads(*p, world, rank) for p in _pairs(cfg))}
+    return len(counts) == 1
+
+
 def check_shardable(arch: str, cfg, world: int, mode: str = "exact") -> None:
     """The one-line refusals, before any rank is started."""
     if mode not in MODES:
@@ -130,15 +149,21 @@ def check_shardable(arch: str, cfg, world: int, mode: str = "exact") -> None:
             f"--tp: architecture {arch} is not supported (tensor parallelism: "
             f"{', '.join(SUPPORTED_ARCHS)})"
         )
+    if arch == "gemma4" and getattr(cfg, "n_expert", 0):
+        raise LlmkitError(f"--tp: {arch} mixture-of-experts blocks are not split across ranks")
     n = cfg.n_layer_all
-    pairs = zip(_per_layer(cfg.n_head, n), _per_layer(cfg.n_head_kv, n), strict=True)
-    for il, (hq, hkv) in enumerate(pairs):
+    for il, (hq, hkv) in enumerate(_pairs(cfg)):
         if hkv < world and not replicates_kv(hq, hkv, world):
             raise LlmkitError(
                 f"--tp {world}: layer {il} has {hkv} KV heads and {hq} query heads: each rank "
                 f"holds whole KV-head groups, or one replicated KV head and an even share of "
                 f"its query heads"
             )
+    if isinstance(cfg.n_head, int) and not all(_q_uniform(cfg, world, r) for r in range(world)):
+        raise LlmkitError(
+            f"--tp {world}: {cfg.n_head} query heads split unevenly over layers with "
+            f"{sorted(set(_per_layer(cfg.n_head_kv, n)))} KV heads"
+        )
     if cfg.n_vocab < world or cfg.n_embd < world:
         raise LlmkitError(f"--tp {world}: the model is too small to split {world} ways")
 
@@ -146,9 +171,11 @@ def check_shardable(arch: str, cfg, world: int, mode: str = "exact") -> None:
 def _cut_out(name: str, t: QTensor, cfg, world: int, rank: int, plan: ShardPlan) -> QTensor:
     """The rank's part of one tensor (see the module docstring)."""
     parts = name.split(".")
-    if name in ("token_embd.weight", "output.weight") or name.endswith(
-        (".nextn.shared_head_head.weight", ".nextn.embed_tokens.weight")
-    ):
+    if name in (
+        "token_embd.weight",
+        "output.weight",
+        "per_layer_token_embd.weight",
+    ) or name.endswith((".nextn.shared_head_head.weight", ".nextn.embed_tokens.weight")):
         return row_slice(t, *plan.vocab)
     if parts[0] != "blk" or len(t.shape) < 2:
         return t  # norms, rope factors, biases
@@ -183,6 +210,8 @@ def _cut_out(name: str, t: QTensor, cfg, world: int, rank: int, plan: ShardPlan)
                 f"{block_size(t)}-value blocks at {bounds[1:-1]}: cut by rows instead"
             )
         return row_slice(t, *span(t.shape[0], world, rank))
+    if kind in ("inp_gate", "proj"):
+        return t  # Gemma 4's per-layer input gate and projection: replicated
     if kind == "eh_proj":
         return row_slice(t, *span(t.shape[0], world, rank))
     raise LlmkitError(f"tensor parallel: no rule to split {name} {list(t.shape)}")
@@ -197,11 +226,12 @@ def local_config(cfg, world: int, rank: int):
         qlo, qhi, klo, khi = heads(hq, hkv, world, rank)
         return qhi - qlo, khi - klo
 
-    if isinstance(c.n_head, list):
-        pairs = [mine(q, k) for q, k in zip(c.n_head, c.n_head_kv, strict=True)]
-        c.n_head, c.n_head_kv = [p[0] for p in pairs], [p[1] for p in pairs]
-    else:
-        c.n_head, c.n_head_kv = mine(c.n_head, c.n_head_kv)
+    pairs = [mine(q, k) for q, k in _pairs(cfg)]
+    c.n_head = [p[0] for p in pairs] if isinstance(c.n_head, list) else pairs[0][0]
+    c.n_head_kv = [p[1] for p in pairs] if isinstance(c.n_head_kv, list) else pairs[0][1]
+    if hasattr(c, "kv_heads"):  # Gemma 4's per-layer lists, derived from the file's config
+        c.kv_heads = [p[1] for p in pairs[: len(c.kv_heads)]]
+        c.ff = [b - a for a, b in (span(f, world, rank) for f in c.ff)]
     return c
 
 

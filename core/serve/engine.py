@@ -35,6 +35,7 @@ from llmkit.core.cache.paged import PagedKV
 from llmkit.core.decode.drafter import DraftJob
 from llmkit.core.decode.sampling import Sampler
 from llmkit.core.decode.speculative import accept
+from llmkit.core.embed import embed
 from llmkit.core.serve.drafting import reserve_drafter
 from llmkit.core.serve.metrics import Metrics
 from llmkit.core.serve.policy import DraftPolicy
@@ -146,6 +147,10 @@ class Engine:
                 raise QueueFull(f"server busy: {waiting} requests already waiting, retry later")
             self.queue.append(req)
             self.cv.notify()
+
+    def embed(self, ids: list[list[int]], pooling: str) -> list[list[float]]:
+        """/v1/embeddings' forwards, on the engine thread (under --tp: core/serve/tp.py)."""
+        return embed(self.lm, ids, pooling)
 
     def call(self, fn) -> Future:
         """Run fn() on the engine thread between two steps (model work outside the slots, e.g.

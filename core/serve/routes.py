@@ -11,7 +11,6 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from llmkit.core.embed import embed
 from llmkit.core.serve import anthropic_api, llama_api, openai_api, schema
 from llmkit.core.serve import fields as F
 from llmkit.core.serve.fields import ApiError
@@ -156,7 +155,7 @@ def register(app: FastAPI, c: Ctx) -> None:
         if dims is not None and dims != n_embd:
             raise ApiError(400, f"'dimensions' is not supported by this server (only {n_embd})")
         ids = await c.parse(lambda b, p, _l: embedding_inputs(b, p, engine.opts.n_ctx), body)
-        fut = engine.call(lambda: embed(engine.lm, ids, c.pooling))
+        fut = engine.call(lambda: engine.embed(ids, c.pooling))
         try:
             vecs = await asyncio.wrap_future(fut)
         except LlmkitError as e:

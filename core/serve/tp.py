@@ -11,15 +11,19 @@ other ranks replay it on their own pools, which therefore hold the same block ta
   publish(id) / truncate(id, p) / release(id)
   forward(ids, seq ids, counts, logits, n_past)  a BatchCache over those sequences and one
                                               forward on every rank (its collectives pair up)
+  embed(ids lists, pooling)                   /v1/embeddings: core/embed.py's `embed` on every
+                                              rank, each over its own shard (fresh caches
+                                              outside the pool; same inputs, same forwards)
   noop                                        a heartbeat while idle (collectives time out)
   stop
 
 Sampling stays on rank 0 (the logits are whole on every rank after the vocab gather). MTP
-drafting and /v1/embeddings (a forward outside the pool) are refused under --tp.
+drafting is refused under --tp.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import time
@@ -27,6 +31,7 @@ import time
 import torch
 
 from llmkit.core.cache.batch import BatchCache
+from llmkit.core.embed import embed
 from llmkit.errors import LlmkitError
 
 
@@ -82,6 +87,19 @@ class MirroredModel:
             return self._model.forward(ids, cache, logits=logits)
 
 
+class MirroredEmbed:
+    """Rank 0's /v1/embeddings: announced as an op, then run here over the unwrapped model (the
+    other ranks run the same `embed` over their shards, so every collective pairs up)."""
+
+    def __init__(self, lm, lead: Leader):
+        self._lm, self._lead = lm, lead
+
+    def __call__(self, ids: list[list[int]], pooling: str) -> list[list[float]]:
+        with self._lead.lock:
+            self._lead.send(("embed", ids, pooling))
+            return embed(self._lm, ids, pooling)
+
+
 class Leader:
     """Rank 0's side: the op channel, its lock (ops and their collectives never interleave with
     the heartbeat) and the heartbeat thread."""
@@ -113,9 +131,10 @@ class Leader:
         """Route the engine's pool and model through the op channel; start the heartbeat."""
         if engine.drafter is not None:
             raise LlmkitError("--tp: llm serve does not draft (--mtp) under tensor parallelism")
+        engine.embed = MirroredEmbed(copy.copy(engine.lm), self)  # over the model as loaded
         engine.pool = MirroredPool(engine.pool, self)
         engine.model = MirroredModel(engine.model, engine.pool, self)
-        engine.lm.model = engine.model  # what /v1/embeddings runs: refused, not run alone
+        engine.lm.model = engine.model  # any other forward outside the slots: refused
         self._beat.start()
 
     def stop(self) -> None:
@@ -155,6 +174,8 @@ def follow(group, engine) -> None:
                         )
                     bc = BatchCache(pool, batch, counts)
                     model.forward(torch.tensor(ids, dtype=torch.long), bc, logits=logits)
+                elif kind == "embed":
+                    embed(engine.lm, op[1], op[2])
                 elif kind == "release":
                     pool.release(seqs.pop(op[1]))
                 else:  # publish / truncate
