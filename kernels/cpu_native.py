@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from collections.abc import Iterator, Sequence
+from threading import get_ident
 
 import torch
 from gguf import GGML_QUANT_SIZES
@@ -99,6 +100,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if lib is None:
         return None, reason
     i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
+    # fmt: off
     sigs = {
         "llk_matmul": (ctypes.c_int, [vp, i64, i64, i64, vp, i32, vp, i64]),
         "llk_set_threads": (ctypes.c_int, [ctypes.c_int]),
@@ -116,65 +118,16 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_rope": (ctypes.c_int, [vp, i64, i64, i64, i64, i64, i32, vp, vp, vp, f32, f32]),
         "llk_glu": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i64]),
         "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
-        "llk_attend": (
-            ctypes.c_int,
-            [
-                vp,
-                i64,
-                i64,
-                i64,
-                vp,
-                vp,
-                vp,
-                vp,
-                i32,
-                i64,
-                i64,
-                vp,
-                i32,
-                i64,
-                i64,
-                i64,
-                i64,
-                i64,
-                vp,
-                vp,
-                i64,
-                vp,
-                f32,
-                vp,
-            ],
-        ),
-        "llk_attention": (
-            ctypes.c_int,
-            [
-                vp,
-                i64,
-                i64,
-                i64,
-                i64,
-                vp,
-                i32,
-                i64,
-                i64,
-                vp,
-                i32,
-                i64,
-                i64,
-                i64,
-                i64,
-                i64,
-                vp,
-                vp,
-                vp,
-                i64,
-                vp,
-                f32,
-                vp,
-                i64,
-            ],
-        ),
+        "llk_attend": (ctypes.c_int, [
+            vp, i64, i64, i64, vp, vp, vp, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64,
+            vp, vp, i64, vp, f32, vp,
+        ]),
+        "llk_attention": (ctypes.c_int, [
+            vp, i64, i64, i64, i64, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64, vp, vp,
+            vp, i64, vp, f32, vp, i64,
+        ]),
     }
+    # fmt: on
     try:
         for name, (res, args) in sigs.items():
             fn = getattr(lib, name)
@@ -385,6 +338,7 @@ class NativeLinear:
         self._n_parts = len(descs)
         self._parts = (_Part * len(descs))(*descs)
         self.weight_bytes = sum(w.shape[0] * w.shape[1] for w in self._weights)
+        self._fuses: dict = {}  # see fused()
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -410,14 +364,46 @@ class NativeLinear:
         return y.view(*lead, self.out_features) if out is None else y
 
     def fused(self, x: torch.Tensor, norm=None, glu: str | None = None, post_norm=None,
-              residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+              residual: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """One native call: y = residual + post_norm(glu(norm(x)) @ W^T); `norm` and
         `post_norm` are (weight fp32 [n], eps), `glu` "silu" or "gelu_tanh" over an [M, 2K]
-        input. x: contiguous fp32 [M, K] (or [M, 2K]); residual: contiguous fp32 [M, N]."""
-        k_in = x.shape[1]
-        m, n = x.shape[0], self.out_features
-        if k_in != (2 * self.in_features if glu else self.in_features):
+        input. x: contiguous fp32 [M, K] (or [M, 2K]); residual: contiguous fp32 [M, N];
+        `out`, if given (contiguous fp32 [M, N]), is written and returned."""
+        m, k_in, n = x.shape[0], x.shape[1], self.out_features
+        if k_in != (self.in_features << 1 if glu else self.in_features):
             raise LlmkitError(f"{self!r}: input of {k_in} columns" + (" (GLU)" if glu else ""))
+        # the llk_fuse struct of a call site (its norms, GLU; per thread: the residual pointer is
+        # set per call) is built once: a decode step makes a hundred of these calls
+        key = (
+            None if norm is None else id(norm[0]), None if norm is None else norm[1], glu,
+            None if post_norm is None else id(post_norm[0]),
+            None if post_norm is None else post_norm[1], get_ident(),
+        )  # fmt: skip
+        fb = self._fuses.get(key)
+        if fb is None:
+            fb = self._fuses[key] = self._fuse(norm, glu, post_norm)
+        f, ref = fb[0], fb[1]
+        f.residual = residual.data_ptr() if residual is not None else None
+        if out is None:
+            y = torch.empty(m, n, dtype=torch.float32)
+        elif out.dtype == torch.float32 and out.shape == (m, n) and out.is_contiguous():
+            y = out
+        else:
+            raise LlmkitError(f"out must be contiguous fp32 [{m}, {n}]")
+        rc = _LINEAR(x.data_ptr(), m, k_in, k_in, ref, self._parts, self._n_parts, y.data_ptr(), n)
+        if rc:
+            raise LlmkitError(f"native linear failed: {_ERRORS.get(rc, rc)}")
+        return y
+
+    def site(self, norm=None, glu: str | None = None, post_norm=None) -> _Site:
+        """`fused` bound to one call site's norms and GLU: a callable (x, residual=None,
+        out=None) with its llk_fuse built once. Not thread-safe (a call sets its residual
+        pointer): one per thread, e.g. in per-thread step buffers."""
+        return _Site(self, self._fuse(norm, glu, post_norm))
+
+    def _fuse(self, norm, glu, post_norm) -> tuple:
+        """(llk_fuse, its byref, the norm weights it points into: kept alive with it)."""
         f = _Fuse(
             norm[0].data_ptr() if norm is not None else None,
             norm[1] if norm is not None else 0.0,
@@ -425,19 +411,39 @@ class NativeLinear:
             post_norm[0].data_ptr() if post_norm is not None else None,
             post_norm[1] if post_norm is not None else 0.0,
             0,
-            residual.data_ptr() if residual is not None else None,
-            n,
+            None,
+            self.out_features,
         )
-        y = torch.empty(m, n, dtype=torch.float32)
-        rc = _LINEAR(x.data_ptr(), m, k_in, k_in, ctypes.byref(f), self._parts, self._n_parts,
-                     y.data_ptr(), n)  # fmt: skip
-        if rc:
-            raise LlmkitError(f"native linear failed: {_ERRORS.get(rc, rc)}")
-        return y
+        return f, ctypes.byref(f), norm, post_norm
 
     def __repr__(self) -> str:
         types = "+".join(t.name for t in self.qtypes)
         return f"NativeLinear({types}, {self.in_features} -> {self.out_features})"
+
+
+class _Site:
+    """NativeLinear.site(): one native call, y = residual + post_norm(glu(norm(x)) @ W^T)."""
+
+    def __init__(self, lin: NativeLinear, fuse: tuple):
+        self.lin, self._fuse = lin, fuse  # fuse keeps the norm weights alive
+        self._f, self._ref = fuse[0], fuse[1]
+        self._k = lin.in_features * (2 if fuse[0].glu >= 0 else 1)
+        self._n, self._parts, self._n_parts = lin.out_features, lin._parts, lin._n_parts
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """x contiguous fp32 [M, K] (checked); residual / out contiguous fp32 [M, N] (the
+        caller's to guarantee: e.g. its own buffers and outputs)."""
+        k, n = self._k, self._n
+        m = x.shape[0]
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or not x.is_contiguous():
+            raise LlmkitError(f"{self.lin!r}: input must be contiguous fp32 [M, {k}]")
+        self._f.residual = residual.data_ptr() if residual is not None else None
+        y = torch.empty(m, n, dtype=torch.float32) if out is None else out
+        rc = _LINEAR(x.data_ptr(), m, k, k, self._ref, self._parts, self._n_parts, y.data_ptr(), n)
+        if rc:
+            raise LlmkitError(f"native linear failed: {_ERRORS.get(rc, rc)}")
+        return y
 
 
 def _quantize_rows(x: torch.Tensor, kind: str):

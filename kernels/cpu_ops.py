@@ -45,21 +45,54 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tenso
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int, norm=None,
-         scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+         scale: float = 1.0, inplace: bool = False) -> torch.Tensor:  # fmt: skip
     """x [T, H, D] (a strided view of wider rows is fine): a rotated copy, the per-head norm
-    (weight, eps) applied first and `scale` last when given."""
+    (weight, eps) applied first and `scale` last when given. `inplace`: x is the caller's scratch
+    (e.g. heads of a fresh q/k/v projection): when its heads are fp32 rows of D contiguous
+    values, x itself is rotated and returned, whatever its row stride."""
     T, H, D = x.shape
-    y = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
-    if y.data_ptr() == x.data_ptr():
-        y = y.clone()  # never rotate the caller's tensor in place
+    if inplace and x.dtype == torch.float32 and x.stride(2) == 1 and x.stride(1) == D:
+        y, ld = x, x.stride(0)
+    else:
+        y = x.contiguous() if x.dtype == torch.float32 else x.float().contiguous()
+        if y.data_ptr() == x.data_ptr():
+            y = y.clone()  # never rotate the caller's tensor in place
+        ld = H * D
     cos, sin = _rows(cos), _rows(sin)
     nw, eps = (norm[0].data_ptr(), norm[1]) if norm is not None else (None, 0.0)
     rc = cpu_native.library().llk_rope(
-        y.data_ptr(), T, H, D, H * D, 2 * cos.shape[-1], int(mode == ROPE_NEOX),
+        y.data_ptr(), T, H, D, ld, cos.shape[-1] << 1, int(mode == ROPE_NEOX),
         cos.data_ptr(), sin.data_ptr(), nw, eps, scale,
     )  # fmt: skip
     _check(rc, "rope")
     return y
+
+
+class RopeSite:
+    """`rope(x, ..., inplace=True)` bound to one buffer view x [T, H, D] (fp32 heads of D
+    contiguous values, any row stride), its mode, per-head norm and scale: a callable (cos, sin)
+    that rotates x in place and returns it."""
+
+    def __init__(self, x: torch.Tensor, mode: int, norm=None, scale: float = 1.0):
+        T, H, D = x.shape
+        if x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != D:
+            raise LlmkitError(f"RoPE in place needs fp32 heads of {D} contiguous values")
+        self.x, self._norm = x, norm  # both kept alive: the call reads their pointers
+        self._head = (x.data_ptr(), T, H, D, x.stride(0))
+        self._tail = (
+            norm[0].data_ptr() if norm is not None else None,
+            norm[1] if norm is not None else 0.0,
+            scale,
+        )
+        self._neox = int(mode == ROPE_NEOX)
+
+    def __call__(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cos, sin = _rows(cos), _rows(sin)
+        rc = cpu_native.library().llk_rope(
+            *self._head, cos.shape[-1] << 1, self._neox, cos.data_ptr(), sin.data_ptr(), *self._tail
+        )
+        _check(rc, "rope")
+        return self.x
 
 
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:

@@ -89,10 +89,12 @@ def make_linear(backend: Backend, *weights: QTensor):
 
 
 def linear(lin, x: torch.Tensor, norm=None, glu_act: str | None = None, post_norm=None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+           residual: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """y = residual + post_norm(lin(glu(norm(x)))), each step optional: `norm` / `post_norm` are
     (weight, eps) RMSNorms, `glu_act` "silu" or "gelu_tanh" for a GLU over an [M, 2K] input. One
-    native call on a CPU; the same ops one by one elsewhere."""
+    native call on a CPU; the same ops one by one elsewhere. `out`: a buffer the native call
+    writes (and returns) instead of a fresh tensor; other paths ignore it (use the result)."""
     if (
         isinstance(lin, cpu_native.NativeLinear)
         and x.dtype == torch.float32
@@ -101,12 +103,28 @@ def linear(lin, x: torch.Tensor, norm=None, glu_act: str | None = None, post_nor
     ):
         # the cpu family computes what llama.cpp's CPU backend does: its GELU reads an fp16 table
         act = "gelu_fp16" if glu_act == "gelu_tanh" else glu_act
-        return lin.fused(x, norm, act, post_norm, residual)
+        return lin.fused(x, norm, act, post_norm, residual, out)
     h = rms_norm(x, *norm) if norm is not None else x
     h = lin(glu(h, glu_act) if glu_act else h)
     if post_norm is not None:
         h = rms_norm(h, *post_norm)
     return h if residual is None else residual + h
+
+
+def linear_site(lin, norm=None, glu_act: str | None = None, post_norm=None):
+    """`linear` bound to one call site of a native CPU linear (cpu_native.NativeLinear.site):
+    a callable (x, residual=None, out=None), for per-thread step buffers; None on other paths."""
+    if not isinstance(lin, cpu_native.NativeLinear):
+        return None
+    return lin.site(norm, "gelu_fp16" if glu_act == "gelu_tanh" else glu_act, post_norm)
+
+
+def rope_site(x: torch.Tensor, mode: int, norm=None, scale: float = 1.0):
+    """`rope(x, ..., inplace=True)` bound to a buffer view x (cpu_ops.RopeSite): a callable
+    (cos, sin) that rotates x in place; None off the native CPU path."""
+    if not _NATIVE or x.is_cuda:
+        return None
+    return cpu_ops.RopeSite(x, mode, norm, scale)
 
 
 def make_expert_linear(backend: Backend, qt: QTensor) -> ExpertLinear:
@@ -152,13 +170,15 @@ def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: int, norm=None,
-         scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+         scale: float = 1.0, inplace: bool = False) -> torch.Tensor:  # fmt: skip
     """x [T, H, D]: the per-head RMSNorm `norm` (weight, eps) first when given, then rotate the
     first 2 * cos.shape[-1] dims (NORM: adjacent pairs, NEOX: halves), then times `scale`.
     NORM stays on torch on a GPU: its 2 kernels measured faster than the Triton launch in a
-    graph-replayed step (1.83 against 1.92 ms per step of a 1.1B llama on an H100)."""
+    graph-replayed step (1.83 against 1.92 ms per step of a 1.1B llama on an H100).
+    `inplace`: x is the caller's scratch, which the native path may rotate in place (use the
+    result, not x)."""
     if _NATIVE and not x.is_cuda and not x.requires_grad:
-        return cpu_ops.rope(x, cos, sin, mode, norm, scale)
+        return cpu_ops.rope(x, cos, sin, mode, norm, scale, inplace)
     if norm is not None:
         x = rms_norm(x, *norm)
     if x.is_cuda and mode == ROPE_NEOX:

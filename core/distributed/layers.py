@@ -22,6 +22,14 @@ def _fused(lin, x, norm=None, glu=None, post_norm=None, residual=None):
     return ops.linear(lin, x, norm=norm, glu_act=act, post_norm=post_norm, residual=residual)
 
 
+def _into(out: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """ops.linear's `out=` contract: the result written into the caller's buffer when given."""
+    if out is None:
+        return y
+    out.copy_(y)
+    return out
+
+
 class GatherRows(NativeLinear):
     """A linear cut by output rows whose full output every rank needs: local rows, then an
     all-gather. `gather_input`: the input arrives cut as well (attention heads, the FFN's F
@@ -50,7 +58,10 @@ class GatherRows(NativeLinear):
         y = self.inner(self._input(x.reshape(-1, x.shape[-1]), False))
         return self.group.all_gather(y, 1, self.out_sizes).view(*lead, -1)
 
-    def fused(self, x, norm=None, glu=None, post_norm=None, residual=None) -> torch.Tensor:
+    def fused(self, x, norm=None, glu=None, post_norm=None, residual=None, out=None):
+        return _into(out, self._fused(x, norm, glu, post_norm, residual))
+
+    def _fused(self, x, norm, glu, post_norm, residual) -> torch.Tensor:
         xf = self._input(x, glu is not None)
         if post_norm is None:  # the residual's columns of this rank go into the local call
             res = residual[:, self.lo : self.hi].contiguous() if residual is not None else None
@@ -75,11 +86,11 @@ class SumColumns(NativeLinear):
     def __call__(self, x: torch.Tensor, out=None) -> torch.Tensor:
         return self.group.sum(self.inner(x))
 
-    def fused(self, x, norm=None, glu=None, post_norm=None, residual=None) -> torch.Tensor:
+    def fused(self, x, norm=None, glu=None, post_norm=None, residual=None, out=None):
         y = self.group.sum(_fused(self.inner, x, norm, glu))
         if post_norm is not None:
             y = ops.rms_norm(y, *post_norm)
-        return y if residual is None else residual + y
+        return _into(out, y if residual is None else residual + y)
 
     def __repr__(self) -> str:
         return f"SumColumns({self.inner!r})"

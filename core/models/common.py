@@ -11,6 +11,7 @@ The NextN (MTP) heads reuse the architecture's own Block (core/models/nextn.py).
 
 from __future__ import annotations
 
+from threading import get_ident
 from types import SimpleNamespace
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ import torch
 from llmkit.core.model.config import ModelConfig
 from llmkit.core.model.protocol import ForwardOutput, Rows
 from llmkit.core.model.weights import TensorSpec
-from llmkit.kernels import ops
+from llmkit.kernels import cpu_native, ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.rope import rope_cache
 from llmkit.quant.tensor import QTensor
@@ -97,6 +98,31 @@ def rope_rows(rope: tuple, pos: torch.Tensor, memo: dict) -> tuple[torch.Tensor,
     if rows is None:
         rows = memo[key] = rope_cache(pos, *rope)
     return rows
+
+
+def row_scratch(store: dict, x: torch.Tensor, lins: tuple, make):
+    """A block's state for a one-row step (decode) on the native CPU path, or None (another
+    path, or several rows: those allocate per call). Built by `make()` once per thread (and
+    again if `lin`, the block's first linear, was replaced) and kept in `store`: the block's
+    temporaries (its q/k/v projection with the head views attention reads, the gate/up rows),
+    written in place each step, and its kernel calls bound to them (ops.linear_site,
+    ops.rope_site). Values are unchanged (the same kernels, another destination), so batch
+    invariance holds. `lins`: every linear the bound calls use; all must be plain native
+    linears (a tensor-parallel one, core/distributed/layers.py, gathers across ranks)."""
+    lin = lins[0]
+    if (
+        x.shape[0] != 1
+        or any(type(w) is not cpu_native.NativeLinear for w in lins)
+        or x.dtype != torch.float32
+        or not x.is_contiguous()
+        or x.requires_grad
+    ):
+        return None
+    s = store.get(get_ident())
+    if s is None or s[0] is not lin:
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, reusable anywhere
+            s = store[get_ident()] = (lin, make())
+    return s[1]
 
 
 class DecoderLM:

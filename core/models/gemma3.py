@@ -22,6 +22,7 @@ from llmkit.core.models.common import (
     Embedding,
     block_specs,
     load_block_weights,
+    row_scratch,
     trunk_specs,
 )
 from llmkit.core.models.nextn import NextNHeads, nextn_specs
@@ -125,15 +126,16 @@ class Block:
             None,
         )
         self.split = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v)
+        self._rows: dict = {}  # thread -> one-row step buffers (common.row_scratch)
 
     def qkv(self, x: torch.Tensor, rope) -> tuple:
         """Attention inputs on rows x [T, H]: (q, k, v, scale); q is pre-scaled, so scale = 1."""
         c, w, T = self.c, self.w, x.shape[0]
         q, k, v = ops.linear(w.wqkv, x, norm=(w.attn_norm, c.eps)).split(self.split, dim=-1)
-        q = ops.rope(
-            q.view(T, c.n_head, c.head_dim), *rope, ROPE_NEOX, (w.q_norm, c.eps), c.q_scale
-        )
-        k = ops.rope(k.view(T, c.n_head_kv, c.head_dim), *rope, ROPE_NEOX, (w.k_norm, c.eps))
+        q, k = q.view(T, c.n_head, c.head_dim), k.view(T, c.n_head_kv, c.head_dim)
+        # in place: q and k are views of the fresh projection
+        q = ops.rope(q, *rope, ROPE_NEOX, (w.q_norm, c.eps), c.q_scale, inplace=True)
+        k = ops.rope(k, *rope, ROPE_NEOX, (w.k_norm, c.eps), inplace=True)
         return q, k, v.view(T, c.n_head_kv, c.head_dim_v), 1.0
 
     def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
@@ -144,8 +146,40 @@ class Block:
         post = (w.post_ffw_norm, c.eps)
         return ops.linear(w.w_down, h, glu_act="gelu_tanh", post_norm=post, residual=x)
 
+    def _scratch(self) -> tuple:
+        """One-row step state (common.row_scratch): buffers and the calls bound to them."""
+        c, w = self.c, self.w
+        qkv = torch.empty(1, sum(self.split), dtype=torch.float32)
+        q, k, v = qkv.split(self.split, dim=-1)
+        q, k = q.view(1, c.n_head, c.head_dim), k.view(1, c.n_head_kv, c.head_dim)
+        h = torch.empty(1, w.w_gate_up.out_features, dtype=torch.float32)
+        return (
+            ops.linear_site(w.wqkv, norm=(w.attn_norm, c.eps)), qkv,
+            ops.rope_site(q, ROPE_NEOX, (w.q_norm, c.eps), c.q_scale),
+            ops.rope_site(k, ROPE_NEOX, (w.k_norm, c.eps)),
+            q, k, v.view(1, c.n_head_kv, c.head_dim_v),
+            ops.linear_site(w.wo, post_norm=(w.post_attn_norm, c.eps)),
+            ops.linear_site(w.w_gate_up, norm=(w.ffn_norm, c.eps)), h,
+            ops.linear_site(w.w_down, glu_act="gelu_tanh", post_norm=(w.post_ffw_norm, c.eps)),
+        )  # fmt: skip
+
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
-        return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
+        w = self.w
+        s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
+        if s is None:
+            return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
+        # one row on the native CPU path: the projection and the GLU input go to this block's
+        # buffers, q and k are normed, roped (q scaled) in place; the same kernels as
+        # finish(x, attend(qkv(x)))
+        wqkv, qkv, rope_q, rope_k, q, k, v, wo, gate_up, h, down = s
+        wqkv(x, out=qkv)
+        rope_q(*rope)
+        rope_k(*rope)
+        o = att.attend(self.il, q, k, v, 1.0)
+        if o.dtype != torch.float32 or not o.is_contiguous():  # another cache's attention
+            o = o.float().contiguous()
+        x = wo(o, residual=x)
+        return down(gate_up(x, out=h), residual=x)
 
 
 class Model(DecoderLM):

@@ -20,6 +20,7 @@ from llmkit.core.models.common import (
     Embedding,
     block_specs,
     load_block_weights,
+    row_scratch,
     trunk_specs,
 )
 from llmkit.core.models.nextn import NextNHeads, nextn_specs
@@ -120,13 +121,15 @@ class Block:
         self.c, self.il, self.w = c, il, w
         self.rope = (c.n_rot, c.rope_base, c.freq_scale, rope_factors)
         self.nq, self.nkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+        self._rows: dict = {}  # thread -> one-row step buffers (common.row_scratch)
 
     def qkv(self, x: torch.Tensor, rope) -> tuple:
         """Attention inputs on rows x [T, H]: (q, k, v, scale) with q and k roped."""
         c, w, T = self.c, self.w, x.shape[0]
         qkv = ops.linear(w.wqkv, x, norm=(w.attn_norm, c.eps))  # [T, (Hq + 2 Hkv) * D]
-        # rotate q and k heads in one call: [T, Hq + Hkv, D]
-        qk = ops.rope(qkv[:, : self.nq + self.nkv].view(T, -1, c.head_dim), *rope, ROPE_NORM)
+        # rotate q and k heads in one call, in place: [T, Hq + Hkv, D]
+        qk = qkv[:, : self.nq + self.nkv].view(T, -1, c.head_dim)
+        qk = ops.rope(qk, *rope, ROPE_NORM, inplace=True)
         v = qkv[:, self.nq + self.nkv :].view(T, c.n_head_kv, c.head_dim)
         return qk[:, : c.n_head], qk[:, c.n_head :], v, c.scale
 
@@ -137,8 +140,35 @@ class Block:
         h = ops.linear(w.w_gate_up, x, norm=(w.ffn_norm, c.eps))
         return ops.linear(w.w_down, h, glu_act="silu", residual=x)
 
+    def _scratch(self) -> tuple:
+        """One-row step state (common.row_scratch): buffers and the calls bound to them."""
+        c, w = self.c, self.w
+        qkv = torch.empty(1, self.nq + 2 * self.nkv, dtype=torch.float32)
+        heads = qkv.view(1, -1, c.head_dim)
+        q, k, v = heads.split((c.n_head, c.n_head_kv, c.n_head_kv), dim=1)
+        h = torch.empty(1, w.w_gate_up.out_features, dtype=torch.float32)
+        return (
+            ops.linear_site(w.wqkv, norm=(w.attn_norm, c.eps)), qkv,
+            ops.rope_site(heads[:, : c.n_head + c.n_head_kv], ROPE_NORM), q, k, v,
+            ops.linear_site(w.wo), ops.linear_site(w.w_gate_up, norm=(w.ffn_norm, c.eps)), h,
+            ops.linear_site(w.w_down, glu_act="silu"),
+        )  # fmt: skip
+
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
-        return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
+        w = self.w
+        s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
+        if s is None:
+            return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
+        # one row on the native CPU path: the projection and the GLU input go to this block's
+        # buffers, q and k are roped in place; the same kernels as finish(x, attend(qkv(x)))
+        wqkv, qkv, rope_qk, q, k, v, wo, gate_up, h, down = s
+        wqkv(x, out=qkv)
+        rope_qk(*rope)
+        o = att.attend(self.il, q, k, v, self.c.scale)
+        if o.dtype != torch.float32 or not o.is_contiguous():  # another cache's attention
+            o = o.float().contiguous()
+        x = wo(o, residual=x)
+        return down(gate_up(x, out=h), residual=x)
 
 
 class Model(DecoderLM):
