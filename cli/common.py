@@ -92,15 +92,11 @@ def gpu_device(device: str | None, n_gpu_layers: str | None) -> str:
 
 
 def set_threads(threads: int | None) -> int:
-    """-t: the threads of the native kernels and of PyTorch (0: every core)."""
-    import torch
-
-    from llmkit.kernels import cpu_native
+    """-t: the run's CPU threads (0: every core), as kernels/ops.py's set_threads shares them."""
+    from llmkit.kernels import ops
 
     n = threads if threads and threads > 0 else (os.cpu_count() or 1)
-    torch.set_num_threads(n)
-    if cpu_native.available():
-        cpu_native.set_threads(n)
+    ops.set_threads(n)
     return n
 
 

@@ -36,6 +36,7 @@ from llmkit.core.bench.report import make_record, set_lossless, set_speedups
 from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT
 from llmkit.core.decode.early_exit import MAX_DRAFT, check_exit, default_exit
 from llmkit.errors import LlmkitError
+from llmkit.kernels import ops
 
 
 def check_mtp(path: Path, drafts: list[int], draft_path: Path | None = None) -> None:
@@ -251,7 +252,7 @@ class Progress:
 def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress):
     """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats,
     each repetition's generated tokens or None)."""
-    torch.set_num_threads(inst.threads)
+    ops.set_threads(inst.threads)
     name = f"{session.lm.describe()} {inst.test}" + (
         (" mtp" if inst.mtp else f" early-exit L{session.exit_layer(inst)}")
         + f" draft {inst.draft}"

@@ -34,14 +34,9 @@ def launched_world() -> int | None:
 
 def _set_threads(threads: int, world: int) -> None:
     """-t, or this rank's share of the cores (the native pool and torch's)."""
-    import torch
+    from llmkit.kernels import ops
 
-    from llmkit.kernels import cpu_native
-
-    n = threads if threads > 0 else max(1, (os.cpu_count() or 1) // world)
-    torch.set_num_threads(n)
-    if cpu_native.available():
-        cpu_native.set_threads(n)
+    ops.set_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) // world))
 
 
 def start(tp: int, argv: list[str], threads: int = 0, device: str = "cpu",
