@@ -43,10 +43,9 @@ def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
 
     from llmkit.core.model.catalog import resolve_model
     from llmkit.core.models.loader import load_model
-    from llmkit.kernels import cpu_native
+    from llmkit.kernels import cpu_native, ops
 
-    cpu_native.set_threads(threads)
-    torch.set_num_threads(threads)
+    ops.set_threads(threads)  # as `llm run -t` shares them
     lm = load_model(resolve_model(model))
     g = torch.Generator().manual_seed(0)
 
