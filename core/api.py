@@ -38,6 +38,7 @@ class LoadOptions:
 
     n_ctx: int = 4096  # 0: the model's training context
     n_ubatch: int = 512
+    n_threads: int | None = None  # CPU threads (kernels/ops.set_threads); None: as set already
     device: str | None = None  # None: cpu, or cuda when n_gpu_layers asks for a GPU
     n_gpu_layers: int = 0  # llama.cpp's -ngl: != 0 puts the whole model on the GPU (if any)
     use_mmap: bool = True  # False (--no-mmap): read every weight page in at load
@@ -129,6 +130,10 @@ class LLM(Completions):
         # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
         assistant = kind == "mtp" and draft_path is not None and is_assistant_file(draft_path)
         device, note = pick_device(opts.device, opts.n_gpu_layers)
+        if opts.n_threads is not None:  # the CLI sets them itself (-t); a script may ask here
+            from llmkit.kernels import ops
+
+            ops.set_threads(opts.n_threads if opts.n_threads > 0 else (os.cpu_count() or 1))
         lm = (load_model if opts.tp is None else _tp_loader(opts))(
             resolve_model(model),
             device="cpu" if opts.layer_split else device,  # the split places the blocks

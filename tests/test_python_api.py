@@ -178,3 +178,19 @@ def test_real_model_by_name(smollm_gguf):
     chat = lm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=8,
                                      temperature=0)  # fmt: skip
     assert chat["choices"][0]["message"]["content"]
+
+
+def test_n_threads_sets_the_native_pool_and_one_torch_thread(tmp_path):
+    import torch
+
+    from llmkit.kernels import cpu_native
+
+    if not cpu_native.available():
+        pytest.skip("native library not built")
+    before = torch.get_num_threads(), cpu_native.get_threads()
+    try:
+        llmkit.load(str(write_tiny_llama(tmp_path / "t.gguf")), n_ctx=64, n_threads=3)
+        assert cpu_native.get_threads() == 3 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        cpu_native.set_threads(before[1])
