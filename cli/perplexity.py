@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmkit.cli.common import LOAD
+
 
 def perplexity(
     model: str = typer.Option(
@@ -16,12 +18,8 @@ def perplexity(
     chunks: int = typer.Option(-1, "--chunks", help="Score at most this many chunks (-1: all)."),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: all cores)."),
     device: str = typer.Option(None, "--device", help="cpu or cuda (default: cpu, or -ngl's)."),
-    n_gpu_layers: str = typer.Option(
-        None, "-ngl", "--n-gpu-layers", "--gpu-layers", help="N > 0: on the GPU when there is one."
-    ),
-    flash_attn: str = typer.Option(
-        "auto", "-fa", "--flash-attn", help="on|off|auto: accepted; attention is always fused."
-    ),
+    n_gpu_layers: str = LOAD["n_gpu_layers"],
+    flash_attn: str = LOAD["flash_attn"],
     cache_type_k: str = typer.Option(
         "f16", "-ctk", "--cache-type-k", help="K cache type (f16, q8_0, q4_0, turbo4, ...)."
     ),

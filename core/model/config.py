@@ -162,6 +162,20 @@ def read_config(cls: type[T], md: dict[str, Any], arch: str, **overrides) -> T:
         raise LlmkitError(f"bad {arch} config: {e}") from None
 
 
+class MoEConfig:
+    """The routed-experts part of an architecture's config (fields n_expert, n_expert_used,
+    n_expert_used_override): `top_k` is the experts used per token."""
+
+    def top_k(self) -> int:
+        """Experts used per token: --moe-n-expert when given, else expert_used_count."""
+        k = self.n_expert_used_override
+        if k is None:
+            return self.n_expert_used
+        if not 1 <= k <= self.n_expert:
+            raise LlmkitError(f"--moe-n-expert {k} must be between 1 and {self.n_expert}")
+        return k
+
+
 def per_layer(value: Any, n_layer: int, name: str) -> list:
     """Expand a scalar-or-array hparam to one value per layer (arrays must match n_layer)."""
     if isinstance(value, (list, tuple)):

@@ -23,7 +23,14 @@ from types import SimpleNamespace
 import torch
 
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf, per_layer
+from llmkit.core.model.config import (
+    MAX_DIM,
+    MAX_HEAD_DIM,
+    ModelConfig,
+    MoEConfig,
+    gguf,
+    per_layer,
+)  # fmt: skip
 from llmkit.core.model.protocol import ForwardOutput, Rows
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import DecoderLM, Embedding, rope_rows, select_rows
@@ -44,7 +51,7 @@ NORMS = {
 
 
 @dataclass(kw_only=True)
-class Config(ModelConfig):
+class Config(ModelConfig, MoEConfig):
     eps: float = gguf("attention.layer_norm_rms_epsilon", 1e-6, above=0.0, at_most=1.0)
     n_ctx_train: int = gguf("context_length", 131072, at_least=1, at_most=1 << 30)
     softcap: float = gguf("final_logit_softcapping", 0.0, at_least=0.0)
@@ -104,15 +111,6 @@ class Config(ModelConfig):
                 )
         self.n_kv_from_start = L - self.n_kv_shared
         self.kv_owner = [self._owner(il) for il in range(L)] if self.checks_owners else []
-
-    def top_k(self) -> int:
-        """Experts used per token: --moe-n-expert when given, else expert_used_count."""
-        k = self.n_expert_used_override
-        if k is None:
-            return self.n_expert_used
-        if not 1 <= k <= self.n_expert:
-            raise LlmkitError(f"--moe-n-expert {k} must be between 1 and {self.n_expert}")
-        return k
 
     checks_owners = True  # the assistant (all layers shared) reads another model's caches
 

@@ -21,7 +21,14 @@ from typing import ClassVar
 import torch
 
 from llmkit.core.cache.layout import LayerKV
-from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf, per_layer
+from llmkit.core.model.config import (
+    MAX_DIM,
+    MAX_HEAD_DIM,
+    ModelConfig,
+    MoEConfig,
+    gguf,
+    per_layer,
+)  # fmt: skip
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import DecoderLM, Embedding, trunk_specs
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
@@ -34,7 +41,7 @@ from llmkit.quant.tensor import QTensor
 
 
 @dataclass(kw_only=True)
-class Config(ModelConfig):
+class Config(ModelConfig, MoEConfig):
     n_ctx_train: int = gguf("context_length", 262144, at_least=1, at_most=1 << 30)
     n_ff: int = gguf("feed_forward_length", at_least=1, at_most=MAX_DIM)
     n_head: int | list[int] = gguf(
@@ -102,15 +109,6 @@ class Config(ModelConfig):
             )
         if self.n_expert_used_override is not None:
             self.top_k()
-
-    def top_k(self) -> int:
-        """Experts used per token: --moe-n-expert when given, else expert_used_count."""
-        k = self.n_expert_used_override
-        if k is None:
-            return self.n_expert_used
-        if not 1 <= k <= self.n_expert:
-            raise LlmkitError(f"--moe-n-expert {k} must be between 1 and {self.n_expert}")
-        return k
 
     def layer_kv(self, il: int) -> LayerKV:
         window = self.sliding_window if self.swa[il] else None
