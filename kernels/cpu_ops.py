@@ -95,6 +95,11 @@ class RopeSite:
         return self.x
 
 
+def argmax(x: torch.Tensor) -> int:
+    x = x.contiguous()
+    return int(cpu_native.library().llk_argmax(x.data_ptr(), x.numel()))
+
+
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     gu = _rows(gate_up)
     f = gu.shape[-1] // 2

@@ -170,6 +170,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return torch_ops.rms_norm(x, weight, eps)
 
 
+def argmax(x: torch.Tensor) -> int:
+    """The index of the first maximum of a 1-D row (greedy sampling), as torch.argmax: native
+    on the CPU path (torch's is single-threaded and ~10x slower on a 262k vocabulary row)."""
+    if _NATIVE and not x.is_cuda and x.dim() == 1 and x.dtype == torch.float32:
+        return cpu_ops.argmax(x)
+    return int(torch.argmax(x))
+
+
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """[..., 2F] (gate | up) -> act(gate) * up; act "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     if gate_up.is_cuda:

@@ -167,3 +167,21 @@ def test_attention_is_the_same_bits_on_every_isa(k_kind, v_kind, D):
     for isa in cpu_native.supported_isas():
         with cpu_native.use_isa(isa):
             assert torch.equal(cpu_ops.attention(q, *args), best), isa
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 1000, 49157])
+def test_argmax_is_torch_argmax_on_every_isa(n):
+    """First maximum on ties, first NaN when there is one (torch's choice), all -inf -> 0."""
+    g = _g(n)
+    rows = [torch.randn(n, generator=g), torch.round(torch.randn(n, generator=g) * 2) / 2,
+            torch.full((n,), float("-inf")), torch.zeros(n)]  # fmt: skip
+    nan = torch.randn(n, generator=g)
+    nan[torch.randint(0, n, (2,), generator=g)] = float("nan")
+    rows.append(nan)
+    big = torch.randn(n, generator=g)
+    big[n // 2] = float("inf")
+    rows.append(big)
+    for isa in cpu_native.supported_isas():
+        with cpu_native.use_isa(isa):
+            for x in rows:
+                assert cpu_ops.argmax(x) == int(torch.argmax(x)), (isa, x[:8])

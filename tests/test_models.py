@@ -135,6 +135,21 @@ def test_incremental_decode_equals_one_batch(tiny, arch, kv):
     assert float((full - want).norm() / want.norm()) < 0.02
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_verify_sized_batches_equal_one_batch(tiny, arch):
+    """Batches of 2-8 rows (MTP verify batches: their blocks run on bound per-M buffers) give
+    each row the bits the whole sequence in one batch gives it."""
+    lm = load_model(tiny[arch])
+    with torch.inference_mode():
+        full = lm.model.forward(TOKENS, lm.new_cache(64, 32), logits="all").logits
+        cache, steps, i = lm.new_cache(64, 8), [], 0
+        for n in (2, 5, 1, 3, 8, 4, 2, 6, 7):
+            if i < len(TOKENS):
+                steps.append(lm.model.forward(TOKENS[i : i + n], cache, logits="all").logits)
+                i += n
+        assert torch.equal(torch.cat(steps), full[: sum(s.shape[0] for s in steps)])
+
+
 def test_gemma3_window_matters(tiny):
     lm = load_model(tiny["gemma3"], kernels="torch")
     with torch.inference_mode():

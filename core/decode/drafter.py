@@ -33,6 +33,7 @@ from llmkit.core.model.protocol import DraftHeads
 from llmkit.errors import LlmkitError
 
 SINGLE_HEAD_MAX_DRAFT = 16  # one reused NextN block: drafts are capped by the verify batch
+FOLD_MAX = 32  # queued rows a draft step mirrors in its own pass (more: a separate mirror pass)
 # pick(logits [V]) -> (token, q, p): q the dense draft distribution it was drawn from (None when
 # greedy), p its probability of the token (for --draft-p-min)
 Pick = Callable[[torch.Tensor], tuple[int, torch.Tensor | None, float]]
@@ -281,12 +282,35 @@ class NextNDrafter:
                 toks = torch.cat([t for _, t, _ in rnd])
                 self.heads.forward(j, toks, torch.cat([x for _, _, x in rnd]), cache, logits=None)
 
+    def _fold_lag(self, jobs: list[DraftJob]) -> dict:
+        """The queued rows a single head mirrors inside the first draft step (job index ->
+        (tokens, paired hiddens) it lacks): one block pass over [lag..., last] instead of a
+        mirror pass and a draft pass, which reads the block's weights once per round. Chained
+        heads, jobs that draft nothing and long lags (a prompt) are caught up first."""
+        fold, rest = {}, []
+        for i, j in enumerate(jobs):
+            st = j.state
+            n_lag = sum(t.numel() for _, t, _ in st.lag)
+            if not n_lag:
+                continue
+            if self.chained or j.k <= 0 or n_lag + 1 > min(FOLD_MAX, self.kv.max_batch):
+                rest.append(st)
+                continue
+            p_lag = st.lag[0][0]
+            toks = torch.cat([t for _, t, _ in st.lag])
+            h_in = torch.cat([x for _, _, x in st.lag])
+            skip = max(0, st.seqs[0].n_past - p_lag)
+            st.lag = []
+            if skip < toks.numel():
+                fold[i] = (toks[skip:].tolist(), h_in[skip:])
+        self.catch_up(rest)
+        return fold
+
     def draft(self, jobs: list[DraftJob], p_min: float = 0.0) -> list[Draft]:
-        """Draft for every job together (states caught up). Caches are trimmed back to each
-        round's start, keeping the row of `last` in every head that ran."""
-        for j in jobs:
-            if j.state.lag:
-                raise LlmkitError("draft before catch_up: the MTP context lags the target")
+        """Draft for every job together (rows still queued are mirrored first, or folded into
+        the first step: _fold_lag). Caches are trimmed back to each round's start, keeping the
+        row of `last` in every head that ran."""
+        lag = self._fold_lag(jobs)
         p0 = [j.state.end for j in jobs]
         toks = [[j.last] for j in jobs]
         hs = [[j.state.pending_h] for j in jobs]
@@ -303,9 +327,15 @@ class NextNDrafter:
                 h_rows = [torch.stack(hs[i]) for i in act]
                 for i in act:
                     self.kv.truncate(head, jobs[i].state.seqs[head], p0[i])
-            else:  # one head, one new row per step on top of the KV it wrote
-                rows = [toks[i][-1:] for i in act]
-                h_rows = [hs[i][-1][None] for i in act]
+            else:  # one head, one new row per step on top of the KV it wrote; the first
+                # step also mirrors the rows observed since the last round (folded: one pass)
+                first = lambda i: lag.pop(i, ([], None))  # noqa: E731
+                rows, h_rows = [], []
+                for i in act:
+                    lt, lh = first(i)
+                    rows.append(lt + toks[i][-1:])
+                    h_last = hs[i][-1][None]
+                    h_rows.append(h_last if lh is None else torch.cat((lh, h_last)))
             counts = [len(r) for r in rows]
             cache = self.kv.batch(head, [jobs[i].state.seqs[head] for i in act], counts)
             t = torch.tensor([x for r in rows for x in r])
@@ -343,6 +373,8 @@ class MTPDrafter:
 
     @property
     def caches(self) -> list[KVCache]:
+        """The NextN caches, holding every observed row (queued rows are mirrored first)."""
+        self.core.catch_up([self.state])
         return self.kv.caches
 
     @property
@@ -350,8 +382,8 @@ class MTPDrafter:
         return self.state.end
 
     def observe(self, p0: int, tokens: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Queue the rows: the next draft mirrors them in its first pass (NextNDrafter.draft)."""
         self.core.observe(self.state, p0, tokens, hidden)
-        self.core.catch_up([self.state])  # mirror now: its cost belongs to the verify step
 
     def draft(self, last: int, k: int, pick: Pick, p_min: float = 0.0, branches: int = 1) -> Draft:
         return self.core.draft([DraftJob(self.state, last, k, pick, branches)], p_min)[0]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
+from llmkit.kernels import ops
 
 SEED_MAX = 2**64 - 1  # torch.Generator seeds are 64-bit
 CLI_NAMES = {
@@ -171,7 +172,7 @@ class Sampler:
     def choose(self, logits: torch.Tensor) -> int:
         """The token for already adjusted logits (greedy when temp <= 0)."""
         if self.greedy:
-            return int(torch.argmax(logits))
+            return ops.argmax(logits)
         ids, probs = filtered_probs(logits, self.p)
         return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
 
@@ -195,7 +196,7 @@ class Sampler:
     def pick_draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
         """(token, q, q[token]) for a draft step: greedy drafts carry no distribution."""
         if self.greedy:
-            tok = int(torch.argmax(logits))
+            tok = ops.argmax(logits)
             return tok, None, float(torch.softmax(logits.float(), -1)[tok])
         q = self.dist(logits, ())
         tok = self.draw(q)

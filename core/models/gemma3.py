@@ -126,7 +126,7 @@ class Block:
             None,
         )
         self.split = (c.n_head * c.head_dim, c.n_head_kv * c.head_dim, c.n_head_kv * c.head_dim_v)
-        self._rows: dict = {}  # thread -> one-row step buffers (common.row_scratch)
+        self._rows: dict = {}  # (thread, rows) -> step buffers (common.row_scratch)
 
     def qkv(self, x: torch.Tensor, rope) -> tuple:
         """Attention inputs on rows x [T, H]: (q, k, v, scale); q is pre-scaled, so scale = 1."""
@@ -146,18 +146,18 @@ class Block:
         post = (w.post_ffw_norm, c.eps)
         return ops.linear(w.w_down, h, glu_act="gelu_tanh", post_norm=post, residual=x)
 
-    def _scratch(self) -> tuple:
-        """One-row step state (common.row_scratch): buffers and the calls bound to them."""
+    def _scratch(self, m: int) -> tuple:
+        """An m-row step's state (common.row_scratch): buffers and the calls bound to them."""
         c, w = self.c, self.w
-        qkv = torch.empty(1, sum(self.split), dtype=torch.float32)
+        qkv = torch.empty(m, sum(self.split), dtype=torch.float32)
         q, k, v = qkv.split(self.split, dim=-1)
-        q, k = q.view(1, c.n_head, c.head_dim), k.view(1, c.n_head_kv, c.head_dim)
-        h = torch.empty(1, w.w_gate_up.out_features, dtype=torch.float32)
+        q, k = q.view(m, c.n_head, c.head_dim), k.view(m, c.n_head_kv, c.head_dim)
+        h = torch.empty(m, w.w_gate_up.out_features, dtype=torch.float32)
         return (
             ops.linear_site(w.wqkv, norm=(w.attn_norm, c.eps)), qkv,
             ops.rope_site(q, ROPE_NEOX, (w.q_norm, c.eps), c.q_scale),
             ops.rope_site(k, ROPE_NEOX, (w.k_norm, c.eps)),
-            q, k, v.view(1, c.n_head_kv, c.head_dim_v),
+            q, k, v.view(m, c.n_head_kv, c.head_dim_v),
             ops.linear_site(w.wo, post_norm=(w.post_attn_norm, c.eps)),
             ops.linear_site(w.w_gate_up, norm=(w.ffn_norm, c.eps)), h,
             ops.linear_site(w.w_down, glu_act="gelu_tanh", post_norm=(w.post_ffw_norm, c.eps)),
@@ -168,7 +168,7 @@ class Block:
         s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
         if s is None:
             return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
-        # one row on the native CPU path: the projection and the GLU input go to this block's
+        # few rows on the native CPU path: the projection and the GLU input go to this block's
         # buffers, q and k are normed, roped (q scaled) in place; the same kernels as
         # finish(x, attend(qkv(x)))
         wqkv, qkv, rope_q, rope_k, q, k, v, wo, gate_up, h, down = s

@@ -121,7 +121,7 @@ class Block:
         self.c, self.il, self.w = c, il, w
         self.rope = (c.n_rot, c.rope_base, c.freq_scale, rope_factors)
         self.nq, self.nkv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
-        self._rows: dict = {}  # thread -> one-row step buffers (common.row_scratch)
+        self._rows: dict = {}  # (thread, rows) -> step buffers (common.row_scratch)
 
     def qkv(self, x: torch.Tensor, rope) -> tuple:
         """Attention inputs on rows x [T, H]: (q, k, v, scale) with q and k roped."""
@@ -140,13 +140,13 @@ class Block:
         h = ops.linear(w.w_gate_up, x, norm=(w.ffn_norm, c.eps))
         return ops.linear(w.w_down, h, glu_act="silu", residual=x)
 
-    def _scratch(self) -> tuple:
-        """One-row step state (common.row_scratch): buffers and the calls bound to them."""
+    def _scratch(self, m: int) -> tuple:
+        """An m-row step's state (common.row_scratch): buffers and the calls bound to them."""
         c, w = self.c, self.w
-        qkv = torch.empty(1, self.nq + 2 * self.nkv, dtype=torch.float32)
-        heads = qkv.view(1, -1, c.head_dim)
+        qkv = torch.empty(m, self.nq + 2 * self.nkv, dtype=torch.float32)
+        heads = qkv.view(m, -1, c.head_dim)
         q, k, v = heads.split((c.n_head, c.n_head_kv, c.n_head_kv), dim=1)
-        h = torch.empty(1, w.w_gate_up.out_features, dtype=torch.float32)
+        h = torch.empty(m, w.w_gate_up.out_features, dtype=torch.float32)
         return (
             ops.linear_site(w.wqkv, norm=(w.attn_norm, c.eps)), qkv,
             ops.rope_site(heads[:, : c.n_head + c.n_head_kv], ROPE_NORM), q, k, v,
@@ -159,7 +159,7 @@ class Block:
         s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
         if s is None:
             return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
-        # one row on the native CPU path: the projection and the GLU input go to this block's
+        # few rows on the native CPU path: the projection and the GLU input go to this block's
         # buffers, q and k are roped in place; the same kernels as finish(x, attend(qkv(x)))
         wqkv, qkv, rope_qk, q, k, v, wo, gate_up, h, down = s
         wqkv(x, out=qkv)

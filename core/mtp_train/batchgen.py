@@ -44,7 +44,9 @@ class BatchedTrunk:
 
     def _step(self, tokens, pos, valid_k, kv, logits_rows):
         """tokens/pos [B, T]; valid_k [B, S] bool key validity over all columns so far (S includes
-        these T); kv: per-layer [k, v] lists of [B, S_prev, Hkv, D]. Returns (logits, hidden)."""
+        these T); kv: per-layer (k, v) buffers [B, s_max, Hkv, D] (None before the first step:
+        allocated then; growing them by concatenation cost a copy of the whole KV per step).
+        Returns (logits, hidden)."""
         B, T = tokens.shape
         c, m = self.c, self.m
         x = m.embed(tokens.reshape(-1))
@@ -62,9 +64,11 @@ class BatchedTrunk:
 
             def attend(q, k, v, scale, il=il, lmask=lmask):
                 k, v = k.view(B, T, *k.shape[1:]), v.view(B, T, *v.shape[1:])
-                if kv[il] is not None:
-                    k, v = torch.cat((kv[il][0], k), 1), torch.cat((kv[il][1], v), 1)
-                kv[il] = (k, v)
+                if kv[il] is None:  # the whole generation's columns, written in place
+                    kv[il] = (k.new_empty(B, self.s_max, *k.shape[2:]),
+                              v.new_empty(B, self.s_max, *v.shape[2:]))  # fmt: skip
+                kv[il][0][:, S - T : S], kv[il][1][:, S - T : S] = k, v
+                k, v = kv[il][0][:, :S], kv[il][1][:, :S]
                 o = F.scaled_dot_product_attention(
                     q.view(B, T, *q.shape[1:]).transpose(1, 2),
                     k.transpose(1, 2),
@@ -103,6 +107,7 @@ class BatchedTrunk:
         valid = cols >= pad[:, None]
         pos = (cols - pad[:, None]).clamp_min(0)
         kv: list = [None] * len(self.m.blocks)
+        self.s_max = P + n_new
         logits, h = self._step(toks, pos, valid, kv, "all")
         # teacher top-k per step: full [B, T, V] logits would be GBs for a 262k vocabulary
         rows_tok, rows_h, rows_valid = [toks], [h], [valid]

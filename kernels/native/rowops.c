@@ -262,3 +262,65 @@ int llk_kv_store(const float *x, int64_t T, int64_t H, int64_t D, int64_t ldx,
         }
     return LLK_OK;
 }
+
+/* ---- argmax: greedy sampling over a vocabulary row ----
+ * The index of the first maximum (torch.argmax's choice), or of the first NaN when there is one
+ * (torch ranks NaN above every number). Lanes keep their own first maximum (strict >), then the
+ * smallest index among the lanes holding the overall maximum. Bytes: 4 n read once. */
+static int64_t first_nan(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (x[i] != x[i]) return i;
+    return -1;
+}
+
+static int64_t argmax_scalar(const float *x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx512f"))) static int64_t argmax_avx512(const float *x, int64_t n, int *nan) {
+    __m512 m = _mm512_loadu_ps(x);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i cur = idx;
+    __mmask16 unord = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+    int64_t i = 16;
+    for (; i + 16 <= n; i += 16) {
+        cur = _mm512_add_epi32(cur, step);
+        const __m512 v = _mm512_loadu_ps(x + i);
+        unord |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, m, _CMP_GT_OQ);
+        m = _mm512_mask_mov_ps(m, gt, v);
+        idx = _mm512_mask_mov_epi32(idx, gt, cur);
+    }
+    float mv[16];
+    int32_t iv[16];
+    _mm512_storeu_ps(mv, m);
+    _mm512_storeu_si512(iv, idx);
+    int64_t best = iv[0];
+    for (int l = 1; l < 16; l++)
+        if (mv[l] > x[best] || (mv[l] == x[best] && iv[l] < best)) best = iv[l];
+    for (; i < n; i++) {
+        if (x[i] != x[i]) unord = 1;
+        if (x[i] > x[best]) best = i;
+    }
+    *nan = unord != 0;
+    return best;
+}
+#endif
+
+int64_t llk_argmax(const float *x, int64_t n) {
+    if (n <= 0) return -1;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (n >= 16 && n < ((int64_t)1 << 31) && llk_get_isa() == LLK_ISA_AVX512_VNNI) {
+        int nan = 0;
+        const int64_t best = argmax_avx512(x, n, &nan);
+        return nan ? first_nan(x, n) : best;
+    }
+#endif
+    const int64_t nan_at = first_nan(x, n);
+    return nan_at >= 0 ? nan_at : argmax_scalar(x, n);
+}
