@@ -118,6 +118,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_rope": (ctypes.c_int, [vp, i64, i64, i64, i64, i64, i32, vp, vp, vp, f32, f32]),
         "llk_glu": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i64]),
         "llk_argmax": (i64, [vp, i64]),
+        "llk_all_finite": (ctypes.c_int, [vp, i64]),
         "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
         "llk_attend": (ctypes.c_int, [
             vp, i64, i64, i64, vp, vp, vp, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64,

@@ -100,6 +100,11 @@ def argmax(x: torch.Tensor) -> int:
     return int(cpu_native.library().llk_argmax(x.data_ptr(), x.numel()))
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    x = x.contiguous()
+    return bool(cpu_native.library().llk_all_finite(x.data_ptr(), x.numel()))
+
+
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     gu = _rows(gate_up)
     f = gu.shape[-1] // 2

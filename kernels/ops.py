@@ -178,6 +178,14 @@ def argmax(x: torch.Tensor) -> int:
     return int(torch.argmax(x))
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether x holds no NaN and no infinity (the logits check before sampling): native on the
+    CPU path (one pass; torch's isfinite().all() builds a bool tensor first)."""
+    if _NATIVE and not x.is_cuda and x.dtype == torch.float32:
+        return cpu_ops.all_finite(x)
+    return bool(torch.isfinite(x).all())
+
+
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """[..., 2F] (gate | up) -> act(gate) * up; act "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     if gate_up.is_cuda:

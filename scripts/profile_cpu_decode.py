@@ -4,7 +4,8 @@
                                          [--rows 1,2,4,8]
 
 For each model: a `depth`-token random context is prefilled, then `n` greedy single-token steps
-(forward with last-position logits + argmax, as `llm run` decodes) are timed: the step time.
+(forward with last-position logits + the greedy sampler's argmax, kernels/ops.argmax, as `llm run`
+decodes) are timed: the step time.
 Alternating with those plain runs, the same steps run with every native entry point wrapped in a
 timer (kernels/cpu_native's matmul/linear and the library's row ops and attention): time inside
 those calls per step, per entry point, with call counts. "Outside the kernels" = the instrumented
@@ -25,9 +26,10 @@ import torch
 
 from llmkit.core.model.catalog import resolve_model
 from llmkit.core.models.loader import load_model
-from llmkit.kernels import cpu_native
+from llmkit.kernels import cpu_native, ops
 
-ROW_OPS = ("llk_rms_norm", "llk_rope", "llk_glu", "llk_kv_store", "llk_attention", "llk_attend")
+ROW_OPS = ("llk_rms_norm", "llk_rope", "llk_glu", "llk_kv_store", "llk_attention", "llk_attend",
+           "llk_argmax")
 
 
 class Timers:
@@ -87,11 +89,11 @@ def decode_ms(lm, depth: int, n: int, on_start=lambda: None) -> float:
     g = torch.Generator().manual_seed(0)
     cache = lm.new_cache(depth + n + 8)
     ctx = torch.randint(0, lm.config.n_vocab, (depth,), generator=g)
-    tok = lm.model.forward(ctx, cache, logits="last").logits[-1].argmax().view(1)
+    tok = torch.tensor([ops.argmax(lm.model.forward(ctx, cache, logits="last").logits[-1])])
     on_start()  # the clock (and the counters) start after the context's prefill
     t0 = time.perf_counter()
     for _ in range(n):
-        tok = lm.model.forward(tok, cache, logits="last").logits[-1].argmax().view(1)
+        tok = torch.tensor([ops.argmax(lm.model.forward(tok, cache, logits="last").logits[-1])])
     return (time.perf_counter() - t0) * 1e3 / n
 
 

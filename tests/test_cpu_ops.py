@@ -185,3 +185,17 @@ def test_argmax_is_torch_argmax_on_every_isa(n):
         with cpu_native.use_isa(isa):
             for x in rows:
                 assert cpu_ops.argmax(x) == int(torch.argmax(x)), (isa, x[:8])
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 4099])
+def test_all_finite_on_every_isa(n):
+    g = _g(n)
+    for isa in cpu_native.supported_isas():
+        with cpu_native.use_isa(isa):
+            x = torch.randn(n, generator=g) * 1e30
+            assert cpu_ops.all_finite(x)
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                for at in {0, n // 2, n - 1}:
+                    y = x.clone()
+                    y[at] = bad
+                    assert not cpu_ops.all_finite(y), (isa, bad, at)

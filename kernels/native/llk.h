@@ -135,6 +135,8 @@ LLK_API int llk_glu(const float *gu, int64_t m, int64_t f, int64_t ldg, int32_t 
 /* The index of the first maximum of x[0, n), or of its first NaN (torch.argmax's choice); -1
  * when n <= 0. */
 LLK_API int64_t llk_argmax(const float *x, int64_t n);
+/* 1 when x[0, n) holds no NaN and no infinity, else 0. */
+LLK_API int llk_all_finite(const float *x, int64_t n);
 /* Rows x [T, H, D] into cache slots: cache + h * head_stride + slots[t] * slot_stride (bytes),
  * as F32, F16, BF16, Q8_0 or Q4_0 (ggml's reference quantizers). */
 LLK_API int llk_kv_store(const float *x, int64_t t, int64_t h, int64_t d, int64_t ldx,

@@ -324,3 +324,27 @@ int64_t llk_argmax(const float *x, int64_t n) {
     const int64_t nan_at = first_nan(x, n);
     return nan_at >= 0 ? nan_at : argmax_scalar(x, n);
 }
+
+/* ---- all_finite: the logits check before sampling (1: no NaN or infinity in x[0, n)) ---- */
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx512f"))) static int all_finite_avx512(const float *x, int64_t n) {
+    const __m512 zero = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) { /* v - v is 0 for a finite v, NaN for an infinity or NaN */
+        const __m512 v = _mm512_loadu_ps(x + i);
+        bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), zero, _CMP_NEQ_UQ);
+    }
+    for (; i < n; i++) bad |= !(x[i] - x[i] == 0.0f);
+    return bad == 0;
+}
+#endif
+
+int llk_all_finite(const float *x, int64_t n) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (llk_get_isa() == LLK_ISA_AVX512_VNNI) return all_finite_avx512(x, n);
+#endif
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= !(x[i] - x[i] == 0.0f);
+    return !bad;
+}
