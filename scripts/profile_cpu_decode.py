@@ -28,8 +28,15 @@ from llmkit.core.model.catalog import resolve_model
 from llmkit.core.models.loader import load_model
 from llmkit.kernels import cpu_native, ops
 
-ROW_OPS = ("llk_rms_norm", "llk_rope", "llk_glu", "llk_kv_store", "llk_attention", "llk_attend",
-           "llk_argmax")
+ROW_OPS = (
+    "llk_rms_norm",
+    "llk_rope",
+    "llk_glu",
+    "llk_kv_store",
+    "llk_attention",
+    "llk_attend",
+    "llk_argmax",
+)
 
 
 class Timers:

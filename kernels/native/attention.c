@@ -42,6 +42,9 @@
 
 #define TILE 8 /* query rows that share each decoded K/V row */
 #define KB 8   /* K rows whose dots run side by side: independent fma chains */
+#define SB 32  /* K rows of a slot-vectorized block (few lanes, AVX-512): two vectors of 16 */
+/* floats of the thread's K-row area: KB decoded rows, or SB rows and their transpose */
+#define K_AREA(dk) (2 * SB * (dk))
 #define VB 64  /* V rows decoded at a time for the probability-weighted sum */
 #define PHASE_MIN_WORK (1 << 18) /* slots x (Dk + Dv) from which decode splits a unit's work */
 
@@ -109,10 +112,10 @@ static void *grow(char **buf, size_t *cap, size_t n) {
     return *buf;
 }
 
-/* decoded K rows [KB][dk], then V rows [VB][dv16] (or the softmax's lane bits [S]) */
+/* decoded K rows (K_AREA floats), then V rows [VB][dv16] (or the softmax's lane bits [S]) */
 static size_t rows_bytes(int64_t dk, int64_t dv, int64_t S) {
     const size_t v = (size_t)(VB * ((dv + 15) / 16 * 16)) * 4;
-    return (size_t)(KB * dk) * 4 + (v > (size_t)S ? v : (size_t)S);
+    return (size_t)K_AREA(dk) * 4 + (v > (size_t)S ? v : (size_t)S);
 }
 
 static inline int visible(const attn_job *J, int64_t t, int64_t i) {
