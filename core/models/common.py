@@ -106,27 +106,24 @@ ROW_SCRATCH_MAX = 8  # rows a bound step serves: decode (1), MTP verify batches 
 def row_scratch(store: dict, x: torch.Tensor, lins: tuple, make):
     """A block's state for a step of M <= ROW_SCRATCH_MAX rows (decode, an MTP verify batch) on
     the native CPU path, or None (another path, or more rows: those allocate per call). Built by
-    `make(M)` once per thread and M (and again if `lin`, the block's first linear, was replaced)
-    and kept in `store`: the block's temporaries (its q/k/v projection with the head views
+    `make(M)` once per thread and M (and again if one of `lins` was replaced) and kept in
+    `store`: the block's temporaries (its q/k/v projection with the head views
     attention reads, the gate/up rows), written in place each step, and its kernel calls bound
     to them (ops.linear_site, ops.rope_site). Values are unchanged (the same kernels, another
     destination), so batch invariance holds. `lins`: every linear the bound calls use; all must
     be plain native linears (a tensor-parallel one, core/distributed/layers.py, gathers across
     ranks)."""
-    lin, m = lins[0], x.shape[0]
-    if (
-        m > ROW_SCRATCH_MAX
-        or any(type(w) is not cpu_native.NativeLinear for w in lins)
-        or x.dtype != torch.float32
-        or not x.is_contiguous()
-        or x.requires_grad
-    ):
+    m = x.shape[0]
+    if m > ROW_SCRATCH_MAX or x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
         return None
     key = (get_ident(), m)
     s = store.get(key)
-    if s is None or s[0] is not lin:
-        with torch.inference_mode(False), torch.no_grad():  # plain tensors, reusable anywhere
-            s = store[key] = (lin, make(m))
+    if s is None or s[0] != lins:  # linears compare by identity: a replaced one rebuilds
+        if any(type(w) is not cpu_native.NativeLinear for w in lins):
+            s = store[key] = (lins, None)
+        else:
+            with torch.inference_mode(False), torch.no_grad():  # plain tensors, reusable anywhere
+                s = store[key] = (lins, make(m))
     return s[1]
 
 
