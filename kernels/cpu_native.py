@@ -121,8 +121,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_all_finite": (ctypes.c_int, [vp, i64]),
         "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
         "llk_attend": (ctypes.c_int, [
-            vp, i64, i64, i64, vp, vp, vp, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64,
-            vp, vp, i64, vp, f32, vp,
+            vp, i64, i64, i64, i64, vp, i64, vp, i64, vp, vp, i32, i64, i64, vp, i32, i64, i64,
+            i64, i64, i64, vp, vp, i64, vp, f32, vp,
         ]),
         "llk_attention": (ctypes.c_int, [
             vp, i64, i64, i64, i64, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64, vp, vp,

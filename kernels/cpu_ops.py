@@ -95,6 +95,29 @@ class RopeSite:
         return self.x
 
 
+def _heads(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[T, H, D] as fp32 rows of H dense heads and the row stride in floats: views of one
+    projection (rows strided) are used in place, anything else is copied."""
+    T, H, D = x.shape
+    if (
+        x.dtype == torch.float32
+        and x.stride(2) == 1
+        and (H == 1 or x.stride(1) == D)
+        and (T == 1 or x.stride(0) >= H * D)
+    ):
+        return x, (x.stride(0) if T > 1 else H * D)
+    return x.float().contiguous(), H * D
+
+
+def _mask_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A [T, S] mask as the kernel's bytes (!= 0: visible): a bool mask is viewed, not copied."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.contiguous().view(torch.uint8)
+    return mask.to(torch.uint8).contiguous()
+
+
 def argmax(x: torch.Tensor) -> int:
     x = x.contiguous()
     return int(cpu_native.library().llk_argmax(x.data_ptr(), x.numel()))
@@ -147,7 +170,7 @@ def attention(q, k_buf, k_kind, v_buf, v_kind, dv: int, n_slots: int, kpos, qpos
     hkv = k_buf.shape[0]
     out = torch.empty(T, hq * dv, dtype=torch.float32)
     ks, vs = k_buf.element_size(), v_buf.element_size()
-    m = mask.to(torch.uint8).contiguous() if mask is not None else None
+    m = _mask_bytes(mask)
     kp = kpos.contiguous() if kpos is not None else None
     qp = qpos.contiguous()
     si = slot_idx.contiguous() if slot_idx is not None else None
@@ -179,13 +202,15 @@ class LayerAttention:
         self._fn = cpu_native.library().llk_attend
 
     def __call__(self, q, k, v, slots, n_read: int, kpos, qpos, scale: float, window, mask=None):
-        """q [T, Hq, Dk], k/v [T, Hkv, D] (fp32), slots/kpos/qpos int64 -> [T, Hq * Dv]."""
-        q, k, v = _rows(q), _rows(k), _rows(v)
+        """q [T, Hq, Dk], k/v [T, Hkv, D] (fp32, heads contiguous; rows may be strided, e.g.
+        views of one projection), slots/kpos/qpos int64 -> [T, Hq * Dv]."""
+        (q, ldq), (k, ldk), (v, ldv) = _heads(q), _heads(k), _heads(v)
         T, hq, dk = q.shape
         out = torch.empty(T, hq * self.dv, dtype=torch.float32)
-        m = mask.to(torch.uint8).contiguous() if mask is not None else None  # alive during the call
+        m = _mask_bytes(mask)  # alive during the call
         rc = self._fn(
-            q.data_ptr(), T, hq, dk, k.data_ptr(), v.data_ptr(), slots.data_ptr(), *self._static,
+            q.data_ptr(), T, hq, dk, ldq, k.data_ptr(), ldk, v.data_ptr(), ldv, slots.data_ptr(),
+            *self._static,
             n_read, kpos.data_ptr(), qpos.data_ptr(), window or 0,
             m.data_ptr() if m is not None else None, scale, out.data_ptr(),
         )  # fmt: skip

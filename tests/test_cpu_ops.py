@@ -200,3 +200,26 @@ def test_all_finite_on_every_isa(n):
                     y = x.clone()
                     y[at] = bad
                     assert not cpu_ops.all_finite(y), (isa, bad, at)
+
+
+def test_layer_attention_reads_strided_projection_views_in_place():
+    """q/k/v as views of one [T, (Hq + 2 Hkv) * D] projection (rows strided) give the bits of
+    contiguous copies, and the cache receives the same rows."""
+    g = _g(5)
+    T, Hq, Hkv, D, S = 3, 4, 2, 32, 16
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split((Hq * D, Hkv * D, Hkv * D), dim=-1))
+    outs, caches = [], []
+    for views in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
+        kb, vb = (
+            torch.zeros(Hkv, S, D, dtype=torch.float16),
+            torch.zeros(Hkv, S, D, dtype=torch.float16),
+        )
+        step = cpu_ops.LayerAttention(kb, torch.float16, vb, torch.float16, D)
+        kpos = torch.full((S,), -1, dtype=torch.long)
+        slots = torch.arange(5, 5 + T)
+        kpos[slots] = slots
+        outs.append(step(*views, slots, S, kpos, slots.clone(), 0.2, None))
+        caches.append((kb, vb))
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1], strict=True))

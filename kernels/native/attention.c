@@ -377,15 +377,17 @@ int llk_attention(const float *q, int64_t T, int64_t hq, int64_t dk, int64_t ldq
     return LLK_OK;
 }
 
-int llk_attend(const float *q, int64_t T, int64_t hq, int64_t dk, const float *k_new,
-               const float *v_new, const int64_t *slots, void *k, int32_t kt, int64_t k_head_stride,
-               int64_t k_slot_stride, void *v, int32_t vt, int64_t v_head_stride,
-               int64_t v_slot_stride, int64_t dv, int64_t hkv, int64_t S, const int64_t *kpos,
-               const int64_t *qpos, int64_t window, const uint8_t *mask, float scale, float *out) {
-    int rc = llk_kv_store(k_new, T, hkv, dk, hkv * dk, slots, k, kt, k_head_stride, k_slot_stride);
-    if (!rc) rc = llk_kv_store(v_new, T, hkv, dv, hkv * dv, slots, v, vt, v_head_stride, v_slot_stride);
+int llk_attend(const float *q, int64_t T, int64_t hq, int64_t dk, int64_t ldq, const float *k_new,
+               int64_t ldk, const float *v_new, int64_t ldv, const int64_t *slots, void *k,
+               int32_t kt, int64_t k_head_stride, int64_t k_slot_stride, void *v, int32_t vt,
+               int64_t v_head_stride, int64_t v_slot_stride, int64_t dv, int64_t hkv, int64_t S,
+               const int64_t *kpos, const int64_t *qpos, int64_t window, const uint8_t *mask,
+               float scale, float *out) {
+    if (ldq < hq * dk || ldk < hkv * dk || ldv < hkv * dv) return LLK_E_SHAPE;
+    int rc = llk_kv_store(k_new, T, hkv, dk, ldk, slots, k, kt, k_head_stride, k_slot_stride);
+    if (!rc) rc = llk_kv_store(v_new, T, hkv, dv, ldv, slots, v, vt, v_head_stride, v_slot_stride);
     if (!rc)
-        rc = llk_attention(q, T, hq, dk, hq * dk, k, kt, k_head_stride, k_slot_stride, v, vt,
+        rc = llk_attention(q, T, hq, dk, ldq, k, kt, k_head_stride, k_slot_stride, v, vt,
                            v_head_stride, v_slot_stride, dv, hkv, S, NULL, kpos, qpos, window, mask,
                            scale, out, hq * dv);
     return rc;

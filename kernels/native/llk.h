@@ -155,13 +155,15 @@ LLK_API int llk_attention(const float *q, int64_t t, int64_t hq, int64_t dk, int
                           const uint8_t *mask, float scale, float *out, int64_t ldo);
 
 /* A layer's attention step on a contiguous cache: write this batch's rows k_new [T, hkv, dk] and
- * v_new [T, hkv, dv] (contiguous) into `slots`, then llk_attention over the first S slots
- * (q [T, hq, dk] and out [T, hq * dv] contiguous). One call per layer and step. */
-LLK_API int llk_attend(const float *q, int64_t t, int64_t hq, int64_t dk, const float *k_new,
-                       const float *v_new, const int64_t *slots, void *k, int32_t kt,
-                       int64_t k_head_stride, int64_t k_slot_stride, void *v, int32_t vt,
-                       int64_t v_head_stride, int64_t v_slot_stride, int64_t dv, int64_t hkv,
-                       int64_t s, const int64_t *kpos, const int64_t *qpos, int64_t window,
+ * v_new [T, hkv, dv] (heads contiguous, rows ldk / ldv floats apart) into `slots`, then
+ * llk_attention over the first S slots (q [T, hq, dk], rows ldq floats apart: e.g. views of one
+ * q|k|v projection; out [T, hq * dv] contiguous). One call per layer and step. */
+LLK_API int llk_attend(const float *q, int64_t t, int64_t hq, int64_t dk, int64_t ldq,
+                       const float *k_new, int64_t ldk, const float *v_new, int64_t ldv,
+                       const int64_t *slots, void *k, int32_t kt, int64_t k_head_stride,
+                       int64_t k_slot_stride, void *v, int32_t vt, int64_t v_head_stride,
+                       int64_t v_slot_stride, int64_t dv, int64_t hkv, int64_t s,
+                       const int64_t *kpos, const int64_t *qpos, int64_t window,
                        const uint8_t *mask, float scale, float *out);
 
 /* What llk_linear fuses around the matmul (NULL / -1: nothing). Layout is part of the ABI. */
