@@ -43,8 +43,9 @@ def main() -> None:
     res = subprocess.run([*base, "-o", "json"], check=True, stdout=subprocess.PIPE, text=True)
     if a.json:
         Path(a.json).write_text(res.stdout)
-    print("| model | mtp | draft | p_min | branches | tg t/s | accept/pos | acc len | speedup |")
-    print("| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: |")
+    print("| model | mtp | draft | p_min | branches | tg t/s | accept/pos | acc len | speedup | "
+          "paired |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |")
     for r in json.loads(res.stdout):
         if r.get("n_gen", 0) == 0:
             continue
@@ -52,11 +53,12 @@ def main() -> None:
         pos = "/".join(f"{x:.2f}" for x in pos) if pos else "-"
         acc = f"{r['mean_accepted_length']:.2f}" if r.get("mean_accepted_length") else "-"
         sp = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        paired = f"{r['speedup_paired']:.2f}x" if r.get("speedup_paired") else "-"
         print(
             f"| {r['model_type']} | {r['mtp']} | {r.get('n_draft') or '-'} | "
             f"{'-' if r.get('draft_p_min') is None else r['draft_p_min']} | "
             f"{r.get('draft_branches') or '-'} | "
-            f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} | {pos} | {acc} | {sp} |"
+            f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} | {pos} | {acc} | {sp} | {paired} |"
         )
 
 

@@ -119,16 +119,22 @@ def test_mtp_sweep_rows_acceptance_and_speedup(tiny, capsys, monkeypatch):
         assert 1.0 <= r["mean_accepted_length"] <= 1 + k
         assert r["speedup"] == pytest.approx(r["avg_ts"] / base["avg_ts"])
         assert r["model_size"] > base["model_size"]  # the MTP load holds the NextN blocks
+        # the paired plain runs: one per repetition, right before it, on the MTP load
+        assert len(r["paired_plain_ns"]) == len(r["samples_ns"])
+        assert r["speedup_paired"] == pytest.approx(
+            sum(r["paired_plain_ns"]) / sum(r["samples_ns"])
+        )
+    assert base["speedup_paired"] is None and base["paired_plain_ns"] is None
     rc, out, err = llm(capsys, monkeypatch, "bench", *args, "--no-warmup", "-r", 1)
     assert rc == 0, err
     head = [c.strip() for c in out.splitlines()[0].strip("|").split("|")]
     assert head[4:] == [
         "threads", "mtp", "draft", "test", "t/s", "GB/s", "accept", "accept/pos", "acc len",
-        "speedup",
+        "speedup", "paired",
     ]  # fmt: skip
     last = [c.strip() for c in out.splitlines()[5].strip("|").split("|")]
     assert last[5:8] == ["1", "2", "tg8"] and last[-1].endswith("x")
-    assert len(last[-3].split("/")) == 2  # acceptance per draft position
+    assert len(last[-4].split("/")) == 2  # acceptance per draft position
     assert "built-in prompt set" in out and "speedup" in out
 
 
@@ -165,12 +171,12 @@ def test_early_exit_sweep_rows_acceptance_and_lossless(tiny, capsys, monkeypatch
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert head[4:] == [
         "threads", "exit", "draft", "test", "t/s", "GB/s", "accept", "accept/pos", "acc len",
-        "speedup",
+        "speedup", "paired",
     ]  # fmt: skip
     plain = [c.strip() for c in lines[3].strip("|").split("|")]
     ee = [c.strip() for c in lines[5].strip("|").split("|")]  # draft 3 (the default)
     assert plain[5:8] == ["-", "-", "tg8"] and ee[5:8] == ["3", "3", "tg8"]
-    assert len(ee[-3].split("/")) == 3 and ee[-1].endswith("x")
+    assert len(ee[-4].split("/")) == 3 and ee[-1].endswith("x")
     assert "early exit (--spec early-exit)" in out and "WARNING" not in out
 
 

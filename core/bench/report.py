@@ -92,9 +92,11 @@ def make_record(
     spec,
     env: dict,
     exit_layer: int | None = None,
+    paired_ns: list[int] | None = None,
 ) -> dict:
     """The record of one instance (every key present in every record, None where it does not
-    apply, so CSV columns line up); `exit_layer`: an early-exit row's L as resolved."""
+    apply, so CSV columns line up); `exit_layer`: an early-exit row's L as resolved;
+    `paired_ns`: a drafted row's plain runs, each timed right before one of its repetitions."""
 
     ts = [inst.n * 1e9 / ns for ns in samples_ns]
     avg_ns, std_ns = mean_std(samples_ns)
@@ -146,6 +148,8 @@ def make_record(
         "acceptance_per_position": acc.get("acceptance_per_position"),
         "mean_accepted_length": acc.get("mean_accepted_length"),
         "speedup": None,
+        "paired_plain_ns": list(paired_ns) if paired_ns else None,
+        "speedup_paired": sum(paired_ns) / sum(samples_ns) if paired_ns else None,
         "lossless": None,
     }
 
@@ -222,6 +226,7 @@ def _columns(records: list[dict], p: BenchParams, default_threads: int) -> list[
             ("accept/pos", lambda r: _opt("{}", _per_pos(r["acceptance_per_position"]))),
             ("acc len", lambda r: _opt("{:.2f}", r["mean_accepted_length"])),
             ("speedup", lambda r: _opt("{:.2f}x", r["speedup"])),
+            ("paired", lambda r: _opt("{:.2f}x", r["speedup_paired"])),
         ]
     return cols
 
@@ -252,7 +257,8 @@ def _notes(records: list[dict], p: BenchParams) -> list[str]:
         notes.append(
             "drafted rows: accept = accepted / drafted tokens; accept/pos = share of verify rounds whose "
             "draft position i was accepted; acc len = mean tokens per round; speedup = t/s over "
-            "the matching plain row; pp rows never draft"
+            "the matching plain row; paired = plain time / drafted time, the plain run of each "
+            "repetition's prompt timed right before it on the same load; pp rows never draft"
             + ("; size/params of MTP rows include the NextN blocks" if 1 in p.mtp else "")
         )
     if p.n_layer_exit:

@@ -18,6 +18,8 @@ evaluated before the clock starts, and the device is synchronised before every c
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import time
 from pathlib import Path
@@ -251,7 +253,7 @@ class Progress:
 
 def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress):
     """Warm-up (unless disabled) and `p.reps` timed runs: (samples in ns, summed SpecStats,
-    each repetition's generated tokens or None)."""
+    each repetition's generated tokens or None, the paired plain runs' ns or None)."""
     ops.set_threads(inst.threads)
     name = f"{session.lm.describe()} {inst.test}" + (
         (" mtp" if inst.mtp else f" early-exit L{session.exit_layer(inst)}")
@@ -266,14 +268,24 @@ def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress
         progress.run(f"{name} warm-up")
         n_warm = inst.n if inst.kind == "pp" else min(inst.n, WARMUP_TG_TOKENS)
         session.run_once(inst, n_warm, 0, text)
-    samples, spec, outputs = [], None, []
+    # a drafted text row also times plain decoding of the same prompt right before each of its
+    # repetitions, on the same load: a speedup from interleaved runs (speedup_paired) that the
+    # machine's drift between rows (minutes apart, another load) cannot move
+    plain = (
+        dataclasses.replace(inst, mtp=0, draft=None, p_min=0.0, branches=1, exit_layer=None)
+        if inst.spec and text
+        else None
+    )
+    samples, spec, outputs, paired = [], None, [], []
     for r in range(p.reps):
         progress.run(f"{name} rep {r + 1}/{p.reps}")
+        if plain is not None:
+            paired.append(session.run_once(plain, inst.n, r, text)[0])
         ns, s, out = session.run_once(inst, inst.n, r, text)
         samples.append(ns)
         spec = merge_spec(spec, s)
         outputs.append(out)
-    return samples, spec, outputs
+    return samples, spec, outputs, paired or None
 
 
 def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress | None = None):
@@ -307,9 +319,9 @@ def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress |
             for inst in group:
                 session.check_spec(inst)
             for inst in group:
-                samples, spec, outputs[inst] = measure(session, inst, p, progress)
+                samples, spec, outputs[inst], paired = measure(session, inst, p, progress)
                 done[inst] = make_record(
-                    p, inst, lm, paths[mi], samples, spec, env, session.exit_layer(inst)
+                    p, inst, lm, paths[mi], samples, spec, env, session.exit_layer(inst), paired
                 )
                 progress.finished(done[inst])
             del session, lm  # free this load's weights before the next group's
