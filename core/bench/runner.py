@@ -19,7 +19,6 @@ evaluated before the clock starts, and the device is synchronised before every c
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import time
 from pathlib import Path
