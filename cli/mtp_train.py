@@ -38,6 +38,9 @@ def mtp_train(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     threads: int = typer.Option(0, "-t", "--threads", help="CPU threads (0: torch default)."),
     resume: str | None = typer.Option(None, "--resume", help="Checkpoint to continue from."),
+    init: str | None = typer.Option(
+        None, "--init", help="An MTP head (sidecar GGUF) whose blocks start the training."
+    ),
     ckpt: str | None = typer.Option(None, "--ckpt", help="Checkpoint path (default OUT.ckpt)."),
     ckpt_every: int = typer.Option(100, "--ckpt-every", help="Steps between checkpoints."),
     eval_every: int = typer.Option(100, "--eval-every", help="Steps between held-out checks."),
@@ -89,6 +92,7 @@ def mtp_train(
         seed=seed,
         device=device,
         resume=resume,
+        init=init,
         outtype=outtype,
         merge=merge,
         merge_type=merge_type,

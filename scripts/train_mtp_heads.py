@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/llmkit-mtp-train", help="data cache / checkpoints")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", default=None, help="checkpoint to continue from")
+    ap.add_argument("--init", default=None, help="a head whose blocks start the training")
     ap.add_argument("--hidden-weight", type=float, default=None, help="override the preset's")
     ap.add_argument("--lr", type=float, default=None, help="override the preset's")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's")
@@ -128,6 +129,7 @@ def main() -> None:
             ckpt_every=50,
             max_minutes=a.minutes,
             resume=a.resume,
+            init=a.init,
             outtype="q8_0",
             eval_prompts=str(DEV),
             **preset,

@@ -67,3 +67,19 @@ def init_from_trunk(arch, c, tensors, h_rms: float, gen: torch.Generator) -> dic
     init["hnorm"] = torch.ones(H)
     init["shared_head_norm"] = tensors["output_norm.weight"].dequantize()
     return init
+
+
+def init_from_head(arch, c, tensors, j: int) -> dict:
+    """Initial weights from an existing NextN block j (a trained head, to train on further: new
+    data, or the trunk's numerics after a kernel change): `tensors` of the base loaded with that
+    head, so block j sits at layer n_layer + j."""
+    b = f"blk.{c.n_layer + j}."
+    parts = [p for ps in arch.LINEARS.values() for p in ps]
+    init = {p: tensors[b + p + ".weight"].dequantize() for p in parts}
+    for a, name in arch.NORMS.items():
+        init[a] = tensors[b + name + ".weight"].dequantize()
+    for n in ("eh_proj", "enorm", "hnorm"):
+        init[n] = tensors[b + f"nextn.{n}.weight"].dequantize()
+    shn = tensors.get(b + "nextn.shared_head_norm.weight") or tensors["output_norm.weight"]
+    init["shared_head_norm"] = shn.dequantize()
+    return init

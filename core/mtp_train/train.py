@@ -23,7 +23,7 @@ from llmkit.core.model.sidecar import base_identity
 from llmkit.core.models.loader import arch_module
 from llmkit.core.mtp_train import data as D
 from llmkit.core.mtp_train.export import OUT_TYPES, write_merged, write_sidecar
-from llmkit.core.mtp_train.module import TrainBlock, init_from_trunk
+from llmkit.core.mtp_train.module import TrainBlock, init_from_head, init_from_trunk
 from llmkit.core.mtp_train.streams import (
     distill_loss,
     hidden_loss,
@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     resume: str | None = None
+    init: str | None = None  # an MTP head (sidecar GGUF) whose blocks start the training
     outtype: str = "q8_0"
     merge: str | None = None  # path of the merged model (base + NextN blocks)
     merge_type: str | None = None  # None: like the trunk's last layer
@@ -87,7 +88,7 @@ class TrainConfig:
 
     def sources(self) -> tuple:
         """The files training reads: no output (checkpoint, data cache, head) may replace them."""
-        return (self.base, *self.text, self.eval_prompts)
+        return (self.base, *self.text, self.eval_prompts, self.init)
 
     def check_outputs(self) -> None:
         """Fail before hours of training, not at the end: every output must be writable, none an
@@ -242,10 +243,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     depth = cfg.blocks if cfg.blocks > 1 else cfg.depth
     h_rms = float(torch.cat([s.hidden for s in train_set[:64]]).pow(2).mean().sqrt())
-    blocks = torch.nn.ModuleList(
-        TrainBlock(arch, init_from_trunk(arch, c, lm.tensors, h_rms, gen))
-        for _ in range(cfg.blocks)
-    ).to(cfg.device)
+    if cfg.init:  # train on from a head's blocks
+        src = load_model(cfg.base, mtp=True, draft_path=cfg.init)
+        if src.config.n_nextn < cfg.blocks:
+            raise LlmkitError(f"{cfg.init} has {src.config.n_nextn} NextN blocks, not {cfg.blocks}")
+        inits = [init_from_head(arch, c, src.tensors, j) for j in range(cfg.blocks)]
+        log(f"blocks initialised from {cfg.init}")
+    else:
+        inits = [init_from_trunk(arch, c, lm.tensors, h_rms, gen) for _ in range(cfg.blocks)]
+    blocks = torch.nn.ModuleList(TrainBlock(arch, init) for init in inits).to(cfg.device)
     opt = torch.optim.AdamW(blocks.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, losses = 0, []
     if state is not None:
