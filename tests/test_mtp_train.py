@@ -21,6 +21,7 @@ from llmkit.core.mtp_train.data import prompt_sequences, to_batch
 from llmkit.core.mtp_train.streams import Batch, hidden_loss
 from llmkit.core.mtp_train.train import TrainConfig, train
 from llmkit.core.tokenizer import load_tokenizer
+from llmkit.errors import LlmkitError
 from tiny_models import write_tiny_llama
 
 HELDOUT = Path(__file__).parent / "data" / "mtp_heldout_prompts.txt"
@@ -156,6 +157,23 @@ def test_resume_continues_from_the_checkpoint(trained, tmp_path):
     r = train(more)
     assert r.steps == 20 and torch.load(ckpt, weights_only=False)["step"] == 20
     assert GGUFFile(more.out).metadata["llmkit.mtp.train.steps"] == 20
+
+
+def test_init_starts_from_a_heads_blocks(trained, tmp_path):
+    """--init: step 0's blocks are the head's (f32 out type: exactly), so zero steps write the
+    same tensors back; a head with fewer blocks than asked is one line."""
+    d, _, cfg, _ = trained
+    again = tmp_path / "again.gguf"
+    cont = TrainConfig(**{**vars(cfg), "steps": 0, "init": cfg.out, "out": str(again),
+                          "merge": None, "ckpt": str(tmp_path / "c.ckpt")})  # fmt: skip
+    train(cont)
+    a, b = GGUFFile(cfg.out), GGUFFile(again)
+    names = [n for n in a.tensors if n.startswith("blk.")]
+    assert names and sorted(names) == sorted(n for n in b.tensors if n.startswith("blk."))
+    for n in names:
+        assert torch.equal(a.torch_raw(n), b.torch_raw(n)), n
+    with pytest.raises(LlmkitError, match="NextN blocks"):
+        train(TrainConfig(**{**vars(cont), "blocks": 2, "depth": 2}))
 
 
 def test_sidecar_identity_and_bad_input(trained, tmp_path, capsys, monkeypatch):
