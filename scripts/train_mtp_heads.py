@@ -36,8 +36,11 @@ PRESETS = {
     # position (on CPU only draft 1 can pay off for it: a verify row costs a whole step there,
     # docs/BENCHMARKS.md). SmolLM2's lr of 2e-3 reached in 600 steps the held-out agreement that
     # 8e-4 reached near step 900, and went on past 8e-4's plateau; the same lr with about twice the text
-    # raised Gemma's held-out acceptance from 0.27 to 0.32 (docs/BENCHMARKS.md). The shipped heads
-    # ran with --minutes 40 (smollm2) and --minutes 30 (gemma3).
+    # raised Gemma's held-out acceptance from 0.27 to 0.32 (docs/BENCHMARKS.md). Those heads ran
+    # with --minutes 40 (smollm2) and --minutes 30 (gemma3) on the earlier bf16 kernels; the
+    # shipped ones then trained on from them on the native kernels' hidden states:
+    #   smollm2-135m --init heads/smollm2-135m.mtp.gguf --lr 6e-4 --generate 150000 --minutes 22
+    #   gemma3-270m --init heads/gemma3-270m.mtp.gguf --lr 6e-4 --minutes 18
     "smollm2-135m": dict(
         generate=300000,
         lr=2e-3,
