@@ -194,6 +194,14 @@ class DraftJob:
     branches: int = 1  # > 1: also return the first step's next most likely tokens
 
 
+def _take_lag(st: DraftState) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A state's queued rows, dequeued: (first position, tokens, paired hiddens)."""
+    p0 = st.lag[0][0]
+    toks, h_in = torch.cat([t for _, t, _ in st.lag]), torch.cat([x for _, _, x in st.lag])
+    st.lag = []
+    return p0, toks, h_in
+
+
 class NextNDrafter:
     """Drafting with a model's NextN heads for any number of sequences: each draft step and each
     mirror round is one heads.forward over the rows of every sequence involved."""
@@ -260,13 +268,7 @@ class NextNDrafter:
     def catch_up(self, states: list[DraftState]) -> None:
         """Mirror every state's queued rows: rounds of up to kv.max_batch rows per state, each
         round one forward per head over all states; a head skips the rows it already holds."""
-        work = []
-        for st in states:
-            if st.lag:
-                p0 = st.lag[0][0]
-                work.append((st, p0, torch.cat([t for _, t, _ in st.lag]),
-                             torch.cat([x for _, _, x in st.lag])))  # fmt: skip
-                st.lag = []
+        work = [(st, *_take_lag(st)) for st in states if st.lag]
         for j in range(self.n_heads):
             rows = []  # (state, tokens, paired hiddens) this head lacks
             for st, p0, toks, h_in in work:
@@ -296,11 +298,8 @@ class NextNDrafter:
             if self.chained or j.k <= 0 or n_lag + 1 > min(FOLD_MAX, self.kv.max_batch):
                 rest.append(st)
                 continue
-            p_lag = st.lag[0][0]
-            toks = torch.cat([t for _, t, _ in st.lag])
-            h_in = torch.cat([x for _, _, x in st.lag])
+            p_lag, toks, h_in = _take_lag(st)
             skip = max(0, st.seqs[0].n_past - p_lag)
-            st.lag = []
             if skip < toks.numel():
                 fold[i] = (toks[skip:].tolist(), h_in[skip:])
         self.catch_up(rest)
@@ -329,10 +328,9 @@ class NextNDrafter:
                     self.kv.truncate(head, jobs[i].state.seqs[head], p0[i])
             else:  # one head, one new row per step on top of the KV it wrote; the first
                 # step also mirrors the rows observed since the last round (folded: one pass)
-                first = lambda i: lag.pop(i, ([], None))  # noqa: E731
                 rows, h_rows = [], []
                 for i in act:
-                    lt, lh = first(i)
+                    lt, lh = lag.pop(i, ([], None))
                     rows.append(lt + toks[i][-1:])
                     h_last = hs[i][-1][None]
                     h_rows.append(h_last if lh is None else torch.cat((lh, h_last)))
