@@ -176,12 +176,25 @@ def speed(model: str, a) -> dict:
     return out
 
 
+# Runs argv[1:] as its grandchild and prints that process's peak RSS in KiB. A child spawned
+# straight from this (torch-importing) process would inherit our memory's high-water mark in its
+# ru_maxrss (Linux keeps the larger of the pre-exec image's and its own), so a small interpreter
+# forks the measured command from its own small image.
+_RSS_PROBE = """import os, sys
+pid = os.fork()
+if pid == 0:  # the command's output is not ours to print
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))"""
+
+
 def _peak_rss_mib(cmd: list[str]) -> float:
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr.read().decode()[-500:]}")
-    return usage.ru_maxrss / 1024  # KiB on Linux
+    p = subprocess.run([sys.executable, "-S", "-c", _RSS_PROBE, *cmd], capture_output=True)
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {p.stderr.decode()[-500:]}")
+    return int(p.stdout.split()[-1]) / 1024  # KiB on Linux
 
 
 def rss(model: str, a) -> dict:
