@@ -12,15 +12,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmkit.core.distributed.group import Group
 from llmkit.core.distributed.layers import GatherRows, ShardedExperts, SumColumns, VocabEmbedding
 from llmkit.core.distributed.shard import ShardPlan, attn_in_sizes, plan_shard, spans
 from llmkit.core.model.device import OnDevice, tensors_to
-from llmkit.core.model.sidecar import DRAFT_VOCAB_KEY
-from llmkit.core.models.loader import LoadedModel, read_model_file
+from llmkit.core.models.loader import LoadedModel, apply_draft_vocab, read_model_file
 from llmkit.errors import LlmkitError
 from llmkit.kernels.backend import Backend
 
@@ -49,11 +47,8 @@ def load_shard(group: Group, path: str | Path, device: str = "cpu", mtp: bool = 
         tensors = tensors_to(tensors, backend.device)
     model = mf.module.Model(plan.config, tensors, backend, mtp=mtp)
     wrap_model(model, plan, group, mf.tensors)
-    vocab = (mf.gd or mf.gf).metadata.get(DRAFT_VOCAB_KEY) if mtp else None
-    if vocab is not None:
-        if not (isinstance(vocab, np.ndarray) and vocab.dtype.kind in "iu" and vocab.ndim == 1):
-            raise LlmkitError(f"GGUF metadata {DRAFT_VOCAB_KEY} must be an array of integers")
-        model.mtp.set_draft_vocab(torch.as_tensor(vocab.astype(np.int64)))
+    if mtp:
+        apply_draft_vocab(model, mf.gd or mf.gf)
     if backend.device.type != "cpu":
         model = OnDevice(model, backend.device)
     lm = LoadedModel(Path(path), mf.gf, mf.arch, mf.config, model, tensors, backend,

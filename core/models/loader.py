@@ -211,6 +211,16 @@ def read_model_file(
     return ModelFile(gf, gd, arch, mod, cfg, tensors)
 
 
+def apply_draft_vocab(model, gf: GGUFFile) -> None:
+    """The MTP heads' draft vocabulary from the head file's metadata (DRAFT_VOCAB_KEY), if any."""
+    vocab = gf.metadata.get(DRAFT_VOCAB_KEY)
+    if vocab is None:
+        return
+    if not (isinstance(vocab, np.ndarray) and vocab.dtype.kind in "iu" and vocab.ndim == 1):
+        raise LlmkitError(f"GGUF metadata {DRAFT_VOCAB_KEY} must be an array of integers")
+    model.mtp.set_draft_vocab(torch.as_tensor(vocab.astype(np.int64)))
+
+
 def load_model(
     path: str | Path,
     device: str = "cpu",
@@ -234,11 +244,8 @@ def load_model(
     if backend.device.type != "cpu":
         tensors = tensors_to(tensors, backend.device)
     model = mod.Model(cfg, tensors, backend, mtp=mtp)
-    vocab = (gd or gf).metadata.get(DRAFT_VOCAB_KEY) if mtp else None
-    if vocab is not None:
-        if not (isinstance(vocab, np.ndarray) and vocab.dtype.kind in "iu" and vocab.ndim == 1):
-            raise LlmkitError(f"GGUF metadata {DRAFT_VOCAB_KEY} must be an array of integers")
-        model.mtp.set_draft_vocab(torch.as_tensor(vocab.astype(np.int64)))
+    if mtp:
+        apply_draft_vocab(model, gd or gf)
     if backend.device.type != "cpu":
         model = OnDevice(model, backend.device)
     return LoadedModel(Path(path), gf, arch, cfg, model, tensors, backend, time.perf_counter() - t0)
