@@ -11,11 +11,14 @@ cache in their stored type, once per kv head); flops: a few per element (attenti
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_native
+from llmkit.kernels.cpu_block import KVLayer
 from llmkit.kernels.rope import ROPE_NEOX
 
 # cache element types the native attention reads: torch dtypes and ggml block types
@@ -109,7 +112,7 @@ def _heads(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x.float().contiguous(), H * D
 
 
-def _mask_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
+def mask_bytes(mask: torch.Tensor | None) -> torch.Tensor | None:
     """A [T, S] mask as the kernel's bytes (!= 0: visible): a bool mask is viewed, not copied."""
     if mask is None:
         return None
@@ -126,6 +129,32 @@ def argmax(x: torch.Tensor) -> int:
 def all_finite(x: torch.Tensor) -> bool:
     x = x.contiguous()
     return bool(cpu_native.library().llk_all_finite(x.data_ptr(), x.numel()))
+
+
+class EmbedRows:
+    """Rows of a GGUF weight (raw: uint8 [n_rows, >= row bytes], rows contiguous) as fp32
+    [len(ids), k], times `scale` unless it is 0; an id out of range raises."""
+
+    def __init__(self, raw: torch.Tensor, qtype, k: int, scale: float):
+        self.raw, self.k = raw, k  # raw: kept alive while its pointer is bound
+        self.bound = (int(qtype), raw.data_ptr(), raw.shape[0], raw.stride(0), k)
+        self.scale = scale
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype != torch.int64 or not ids.is_contiguous():
+            ids = ids.to(torch.int64).contiguous()
+        t = ids.numel()
+        y = torch.empty(t, self.k, dtype=torch.float32)
+        rc = cpu_native.library().llk_embed_rows(
+            *self.bound, ids.data_ptr(), t, self.scale, y.data_ptr()
+        )
+        if rc:
+            if rc == -2:
+                raise LlmkitError(
+                    f"token ids must lie in [0, {self.raw.shape[0]}) for the embedding lookup"
+                )
+            _check(rc, "embed_rows")
+        return y
 
 
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
@@ -170,7 +199,7 @@ def attention(q, k_buf, k_kind, v_buf, v_kind, dv: int, n_slots: int, kpos, qpos
     hkv = k_buf.shape[0]
     out = torch.empty(T, hq * dv, dtype=torch.float32)
     ks, vs = k_buf.element_size(), v_buf.element_size()
-    m = _mask_bytes(mask)
+    m = mask_bytes(mask)
     kp = kpos.contiguous() if kpos is not None else None
     qp = qpos.contiguous()
     si = slot_idx.contiguous() if slot_idx is not None else None
@@ -200,6 +229,9 @@ class LayerAttention:
             dv, self.hkv,
         )  # fmt: skip
         self._fn = cpu_native.library().llk_attend
+        st = self._static  # the same buffers as llk_kv_layer, for a whole-block call
+        self.kv = KVLayer(st[0], st[2], st[3], st[4], st[6], st[7], dv, self.hkv, st[1], st[5])
+        self.kv_ref = ctypes.byref(self.kv)
 
     def __call__(self, q, k, v, slots, n_read: int, kpos, qpos, scale: float, window, mask=None):
         """q [T, Hq, Dk], k/v [T, Hkv, D] (fp32, heads contiguous; rows may be strided, e.g.
@@ -207,7 +239,7 @@ class LayerAttention:
         (q, ldq), (k, ldk), (v, ldv) = _heads(q), _heads(k), _heads(v)
         T, hq, dk = q.shape
         out = torch.empty(T, hq * self.dv, dtype=torch.float32)
-        m = _mask_bytes(mask)  # alive during the call
+        m = mask_bytes(mask)  # alive during the call
         rc = self._fn(
             q.data_ptr(), T, hq, dk, ldq, k.data_ptr(), ldk, v.data_ptr(), ldv, slots.data_ptr(),
             *self._static,

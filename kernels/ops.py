@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu_native, cpu_ops, torch_ops
+from llmkit.kernels import cpu_block, cpu_native, cpu_ops, torch_ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.linear_torch import DenseLinear, ExpertLinear
 from llmkit.kernels.linear_triton import FLOAT_TYPES, TritonLinear
@@ -186,6 +186,36 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def embed_site(weight: QTensor, scale: float | None = None):
+    """The embedding lookup of `weight`: a callable tokens [T] -> fp32 [T, n_embd] (rows times
+    `scale`, Gemma's sqrt(n_embd)). Native on the CPU path: one call decodes the rows from the
+    GGUF blocks, with everything but the tokens bound once (the torch decode is a dozen small
+    ops, each slow on the caches a streamed weight matrix just evicted: ~0.2 ms per lookup in a
+    decode step); the same fp32 values as the torch one."""
+    raw = weight.raw
+    if (
+        _NATIVE
+        and not raw.is_cuda
+        and raw.dtype == torch.uint8
+        and raw.dim() == 2
+        and raw.stride(1) == 1
+        and weight.qtype in cpu_native.SUPPORTED_TYPES
+        and scale != 0.0
+    ):
+        return cpu_ops.EmbedRows(raw, weight.qtype, weight.shape[-1], scale or 0.0)
+
+    def lookup(tokens: torch.Tensor) -> torch.Tensor:
+        x = weight.rows(tokens.to(raw.device))
+        return x * scale if scale is not None else x
+
+    return lookup
+
+
+def embed(weight: QTensor, tokens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """embed_site(weight, scale)(tokens): one lookup."""
+    return embed_site(weight, scale)(tokens)
+
+
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """[..., 2F] (gate | up) -> act(gate) * up; act "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     if gate_up.is_cuda:
@@ -260,6 +290,19 @@ def attention_torch(q, k, v, mask, scale: float) -> torch.Tensor:
 
 kv_store_native = cpu_ops.kv_store  # rows into cache slots, converted or quantized on write
 layer_attention = cpu_ops.LayerAttention  # one layer's write + attend, bound to its buffers
+mask_bytes = cpu_ops.mask_bytes  # a [T, S] bool mask as the native kernels' bytes (a view)
+BlockShape = cpu_block.BlockShape
+
+
+def block_site(m: int, linears: tuple, norms: tuple, eps: float, glu: str, shape: BlockShape):
+    """A pre-norm block (q|k|v, output, gate|up and down linears; norms (attn, post-attn or
+    None, ffn, post-ffn or None)) in one native call per step of up to m rows
+    (cpu_block.BlockSite), or None off the native CPU path. A caller pairs it with its cache's
+    `native_step(il)`."""
+    if not _NATIVE or any(type(w) is not cpu_native.NativeLinear for w in linears):
+        return None
+    act = "gelu_fp16" if glu == "gelu_tanh" else glu  # as linear_site: llama.cpp's GELU table
+    return cpu_block.BlockSite(m, linears, norms, eps, act, shape)
 
 
 def attention_native(q, k, k_kind, v, v_kind, dv: int, n_read: int, kpos, qpos, scale: float,

@@ -26,7 +26,7 @@ import torch
 
 from llmkit.core.model.catalog import resolve_model
 from llmkit.core.models.loader import load_model
-from llmkit.kernels import cpu_native, ops
+from llmkit.kernels import cpu_block, cpu_native, ops
 
 ROW_OPS = (
     "llk_rms_norm",
@@ -36,6 +36,7 @@ ROW_OPS = (
     "llk_attention",
     "llk_attend",
     "llk_argmax",
+    "llk_embed_rows",
 )
 
 
@@ -64,9 +65,13 @@ class Timers:
         for name in ROW_OPS:
             self._saved.append((lib, name, getattr(lib, name)))
             setattr(lib, name, self._wrap(name, getattr(lib, name)))
-        for glob, name in (("_MATMUL", "llk_matmul"), ("_LINEAR", "llk_linear")):
-            self._saved.append((cpu_native, glob, getattr(cpu_native, glob)))
-            setattr(cpu_native, glob, self._wrap(name, getattr(cpu_native, glob)))
+        for mod, glob, name in (
+            (cpu_native, "_MATMUL", "llk_matmul"),
+            (cpu_native, "_LINEAR", "llk_linear"),
+            (cpu_block, "_RUN", "llk_block_run"),  # a whole block: its linears and attention
+        ):
+            self._saved.append((mod, glob, getattr(mod, glob)))
+            setattr(mod, glob, self._wrap(name, getattr(mod, glob)))
 
     def remove(self):
         for obj, name, fn in reversed(self._saved):

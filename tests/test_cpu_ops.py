@@ -6,6 +6,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_native, cpu_ops, torch_ops
 from llmkit.kernels.rope import ROPE_NEOX, ROPE_NORM, rope_cache
 from llmkit.quant.dequant import dequantize
@@ -223,3 +224,24 @@ def test_layer_attention_reads_strided_projection_views_in_place():
         caches.append((kb, vb))
     assert torch.equal(outs[0], outs[1])
     assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1], strict=True))
+
+
+@pytest.mark.parametrize("qtype", sorted(cpu_native.SUPPORTED_TYPES), ids=lambda t: t.name)
+def test_embed_rows_are_the_torch_decode_bit_for_bit(qtype):
+    from llmkit.kernels import ops
+    from llmkit.quant.tensor import QTensor
+
+    g = _g(11)
+    V, K = 9, 512
+    x = torch.randn(V, K, generator=g)
+    floats = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
+    raw = x.to(floats[qtype]).view(torch.uint8) if qtype in floats else quantize(x, qtype)
+    w = QTensor("token_embd.weight", qtype, (V, K), raw)
+    ids = torch.tensor([3, 0, 8, 3, 5])
+    for scale in (None, 25.298221281347036):  # Gemma's sqrt(640)
+        want = dequantize(w.raw[ids], qtype)
+        want = want * scale if scale is not None else want
+        got = ops.embed(w, ids, scale)
+        assert got.dtype == torch.float32 and torch.equal(got, want), qtype.name
+    with pytest.raises(LlmkitError, match=r"token ids must lie in \[0, 9\)"):
+        ops.embed(w, torch.tensor([1, 9]))

@@ -168,3 +168,33 @@ def test_bf16_backend_stays_close(tiny):
         b = lm.model.forward(TOKENS, lm.new_cache(64), logits="all").logits
     assert (a - b).abs().max() < 0.02 * a.abs().max()
     assert lm.backend.extra_bytes > 0 and lm.memory_plan()["backend_weight_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("kv", ["f16", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_whole_block_call_is_the_separate_calls(tiny, arch, kv, monkeypatch):
+    """Decode and verify steps run each block as one native call (kernels/cpu_block.py) when the
+    cache is the native contiguous one: the same bits as the block's separate kernel calls,
+    through a sliding ring that wraps and a draft-tree mask."""
+    from llmkit.core.cache.kv import KVCache
+    from llmkit.kernels import cpu_block
+
+    lm = load_model(tiny[arch])
+    calls = []
+    whole = cpu_block.BlockSite.__call__
+    monkeypatch.setattr(cpu_block.BlockSite, "__call__", lambda *a: calls.append(1) or whole(*a))
+
+    def run():
+        with torch.inference_mode():
+            cache, out, i = lm.new_cache(64, 4, kv, kv), [], 0
+            for n in (3, 1, 2, 1, 4, 1, 1, 3, 1):
+                out.append(lm.model.forward(TOKENS[i : i + n], cache, logits="all").logits)
+                i += n
+            with cache.tree_batch([-1, 0, 0]):  # a root and two siblings
+                out.append(lm.model.forward(TOKENS[i : i + 3], cache, logits="all").logits)
+        return torch.cat(out)
+
+    fused = run()
+    assert len(calls) == 10 * lm.config.n_layer
+    monkeypatch.setattr(KVCache, "native_step", lambda self, il: None)
+    assert torch.equal(run(), fused) and len(calls) == 10 * lm.config.n_layer

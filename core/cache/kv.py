@@ -87,6 +87,7 @@ class KVCache:
             g.k[il] = alloc(type_k, spec.n_head_kv, cap, spec.head_dim_k, device)
             g.v[il] = alloc(type_v, spec.n_head_kv, cap, spec.head_dim_v, device)
             self.group_of[il] = g
+        self._dv = {il: spec.head_dim_v for il, spec in layers.items()}
         self.n_past = 0  # positions 0..n_past-1 are cached
         self.device = torch.device(device)
         # the kernel table picks by device (kernels/ops.py): "torch" (SDPA over a [T, S] mask) or
@@ -198,11 +199,28 @@ class KVCache:
         if self.attn_kernel != "native":
             return self.attention(q, *self.update(il, k, v), scale)
         g = self.group_of[il]
+        return self._layer_step(il)(q, k, v, g.slots, g.n_read, g.slot_pos, self._pos, scale,
+                                    g.window, g.mask)  # fmt: skip
+
+    def native_step(self, il: int) -> tuple | None:
+        """What a whole-block native call needs of layer il this step (kernels/cpu_block.py):
+        (the layer's bound K/V buffers, slots written, slots read, their positions, the rows'
+        positions, window, mask bytes or None); None off the native attention path."""
+        if self.attn_kernel != "native":
+            return None
+        g = self.group_of[il]
+        mask = ops.mask_bytes(g.mask) if g.mask is not None else None
+        return (self._layer_step(il).kv_ref, g.slots, g.n_read, g.slot_pos, self._pos, g.window,
+                mask)  # fmt: skip
+
+    def _layer_step(self, il: int):
+        """Layer il's native write + attend, bound to its buffers once."""
         step = self._native.get(il)
-        if step is None:  # the layer's buffers bound once
+        if step is None:
+            g = self.group_of[il]
             kt, vt = KV_TYPES[self.type_k], KV_TYPES[self.type_v]
-            step = self._native[il] = ops.layer_attention(g.k[il], kt, g.v[il], vt, v.shape[-1])
-        return step(q, k, v, g.slots, g.n_read, g.slot_pos, self._pos, scale, g.window, g.mask)
+            step = self._native[il] = ops.layer_attention(g.k[il], kt, g.v[il], vt, self._dv[il])
+        return step
 
     def begin(self, pos: torch.Tensor) -> None:
         """Reserve slots for a batch at positions `pos` [T] (contiguous, starting at n_past; in a

@@ -92,6 +92,9 @@ class SplitCache:
     def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
         return self.cache_of[il].attend(il, q, k, v, scale)
 
+    def native_step(self, il: int) -> tuple | None:
+        return self.cache_of[il].native_step(il)
+
     @contextlib.contextmanager
     def tree_batch(self, parents: list[int]):
         with contextlib.ExitStack() as st:

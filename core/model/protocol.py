@@ -41,6 +41,12 @@ class Attention(Protocol):
         self, il: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor: ...
 
+    def native_step(self, il: int) -> tuple | None:
+        """Layer il's arguments for a whole-block native call (kernels/cpu_block.py: this
+        step's bound K/V buffers, slots, positions, mask), or None: the block then calls
+        `attend` between its own kernels (another cache layout or attention kernel)."""
+        ...
+
 
 class Cache(Attention, Protocol):
     """A batch's cache: KVCache (one sequence), BatchCache (several, paged), or a test double."""

@@ -31,10 +31,10 @@ class Embedding:
 
     def __init__(self, weight: QTensor, scale: float | None = None):
         self.weight, self.scale = weight, scale
+        self.lookup = ops.embed_site(weight, scale)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.weight.rows(tokens.to(self.weight.raw.device))  # [T, n_embd] fp32
-        return x * self.scale if self.scale is not None else x
+        return self.lookup(tokens)  # [T, n_embd] fp32
 
 
 def lm_head(backend: Backend, tensors: dict[str, QTensor]):

@@ -161,6 +161,12 @@ class Block:
             ops.linear_site(w.wo, post_norm=(w.post_attn_norm, c.eps)),
             ops.linear_site(w.w_gate_up, norm=(w.ffn_norm, c.eps)), h,
             ops.linear_site(w.w_down, glu_act="gelu_tanh", post_norm=(w.post_ffw_norm, c.eps)),
+            ops.block_site(m, (w.wqkv, w.wo, w.w_gate_up, w.w_down),
+                           (w.attn_norm, w.post_attn_norm, w.ffn_norm, w.post_ffw_norm), c.eps,
+                           "gelu_tanh",
+                           ops.BlockShape(c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v,
+                                          c.head_dim, True, (w.q_norm, c.eps), (w.k_norm, c.eps),
+                                          c.q_scale)),
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
@@ -168,10 +174,14 @@ class Block:
         s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
         if s is None:
             return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
-        # few rows on the native CPU path: the projection and the GLU input go to this block's
+        # few rows on the native CPU path: the whole block in one native call when the cache is
+        # the native contiguous one, else the projection and the GLU input go to this block's
         # buffers, q and k are normed, roped (q scaled) in place; the same kernels as
         # finish(x, attend(qkv(x)))
-        wqkv, qkv, rope_q, rope_k, q, k, v, wo, gate_up, h, down = s
+        wqkv, qkv, rope_q, rope_k, q, k, v, wo, gate_up, h, down, whole = s
+        step = att.native_step(self.il)
+        if step is not None:
+            return whole(x, *rope, *step)
         wqkv(x, out=qkv)
         rope_q(*rope)
         rope_k(*rope)

@@ -152,6 +152,10 @@ class Block:
             ops.rope_site(heads[:, : c.n_head + c.n_head_kv], ROPE_NORM), q, k, v,
             ops.linear_site(w.wo), ops.linear_site(w.w_gate_up, norm=(w.ffn_norm, c.eps)), h,
             ops.linear_site(w.w_down, glu_act="silu"),
+            ops.block_site(m, (w.wqkv, w.wo, w.w_gate_up, w.w_down),
+                           (w.attn_norm, None, w.ffn_norm, None), c.eps, "silu",
+                           ops.BlockShape(c.n_head, c.n_head_kv, c.head_dim, c.head_dim, c.n_rot,
+                                          False, attn_scale=c.scale)),
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
@@ -159,9 +163,13 @@ class Block:
         s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
         if s is None:
             return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
-        # few rows on the native CPU path: the projection and the GLU input go to this block's
+        # few rows on the native CPU path: the whole block in one native call when the cache is
+        # the native contiguous one, else the projection and the GLU input go to this block's
         # buffers, q and k are roped in place; the same kernels as finish(x, attend(qkv(x)))
-        wqkv, qkv, rope_qk, q, k, v, wo, gate_up, h, down = s
+        wqkv, qkv, rope_qk, q, k, v, wo, gate_up, h, down, whole = s
+        step = att.native_step(self.il)
+        if step is not None:
+            return whole(x, *rope, *step)
         wqkv(x, out=qkv)
         rope_qk(*rope)
         o = att.attend(self.il, q, k, v, self.c.scale)

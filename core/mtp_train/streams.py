@@ -59,6 +59,9 @@ class FnAttention:
     def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
         return self.fn(q, k, v, scale)
 
+    def native_step(self, il: int) -> None:
+        return None  # the attention is the function
+
 
 def stream_forward(make_block, c, blocks, embed: torch.Tensor, b: Batch, depth: int, n_main: int):
     """Outputs H_1..H_depth, each [B, T, H] (pre-norm). `make_block(il, weights)` is the model's

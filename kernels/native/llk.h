@@ -137,6 +137,10 @@ LLK_API int llk_glu(const float *gu, int64_t m, int64_t f, int64_t ldg, int32_t 
 LLK_API int64_t llk_argmax(const float *x, int64_t n);
 /* 1 when x[0, n) holds no NaN and no infinity, else 0. */
 LLK_API int llk_all_finite(const float *x, int64_t n);
+/* y[i, :k] = row ids[i] (< n_rows; rows row_bytes apart) of a weight of `type` decoded to fp32 as
+ * quant/dequant.py decodes it, times `scale` unless it is 0 (the embedding lookup). */
+LLK_API int llk_embed_rows(int32_t type, const void *w, int64_t n_rows, int64_t row_bytes,
+                           int64_t k, const int64_t *ids, int64_t t, float scale, float *y);
 /* Rows x [T, H, D] into cache slots: cache + h * head_stride + slots[t] * slot_stride (bytes),
  * as F32, F16, BF16, Q8_0 or Q4_0 (ggml's reference quantizers). */
 LLK_API int llk_kv_store(const float *x, int64_t t, int64_t h, int64_t d, int64_t ldx,
@@ -181,6 +185,40 @@ typedef struct {
 /* llk_matmul with the fused prologue and epilogue above; k_in = K (2K with a GLU). */
 LLK_API int llk_linear(const float *x, int64_t m, int64_t k_in, int64_t ldx, const llk_fuse *f,
                        const llk_part *parts, int32_t n_parts, float *y, int64_t ldy);
+
+/* One layer's KV cache buffers (contiguous [hkv, slots, d] per head, as llk_attend reads them). */
+typedef struct {
+    void *k;
+    int64_t k_head_stride, k_slot_stride; /* bytes */
+    void *v;
+    int64_t v_head_stride, v_slot_stride;
+    int64_t dv, hkv;
+    int32_t kt, vt; /* LLK_F32 / F16 / BF16 / Q8_0 / Q4_0 */
+} llk_kv_layer;
+
+/* A pre-norm decoder block bound to its weights and to step buffers of up to m rows (block.c).
+ * Linears: 0 = q|k|v (fuse: input norm), 1 = output (post-norm optional), 2 = gate|up (input
+ * norm), 3 = down (GLU, post-norm optional); the residual pointers of 1 and 3 are set per call.
+ * Layout is part of the ABI (mirrored by ctypes in kernels/cpu_ops.py). */
+typedef struct {
+    const llk_part *parts[4];
+    int32_t n_parts[4];
+    llk_fuse fuse[4];
+    int64_t n_embd, n_qkv, n_gu, m;
+    int64_t hq, hkv, dk, dv, n_rot;
+    int32_t neox, reserved;
+    const float *q_norm, *k_norm; /* per-head RMSNorm before RoPE, or NULL */
+    float qk_eps, q_scale, attn_scale, reserved2;
+    float *qkv, *o, *x1, *h; /* [m, n_qkv], [m, hq * dv], [m, n_embd], [m, n_gu] */
+} llk_block;
+
+/* y [m, n_embd] = the block over rows x (contiguous; y must not alias x): its linears, RoPE from
+ * cos/sin [m, n_rot / 2], and attention over the layer's cache `kv` (this step's k/v written into
+ * `slots`; S = n_read slots read, masked as llk_attend masks). */
+LLK_API int llk_block_run(const llk_block *b, int64_t m, const float *x, float *y,
+                          const float *cos_t, const float *sin_t, const llk_kv_layer *kv,
+                          const int64_t *slots, int64_t n_read, const int64_t *kpos,
+                          const int64_t *qpos, int64_t window, const uint8_t *mask);
 
 #ifdef __cplusplus
 }

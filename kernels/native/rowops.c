@@ -17,6 +17,7 @@
 #include <pthread.h>
 
 #include "llk_internal.h"
+#include "scalar_decode.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include "x86_vexp.h"
 #endif
@@ -347,4 +348,54 @@ int llk_all_finite(const float *x, int64_t n) {
     int bad = 0;
     for (int64_t i = 0; i < n; i++) bad |= !(x[i] - x[i] == 0.0f);
     return !bad;
+}
+
+/* ---- embed_rows: the embedding lookup, decoded straight from the GGUF rows ----
+ * out[t] = row ids[t] of w (n_rows rows of k values, row_bytes apart), each value computed as
+ * quant/dequant.py does it (32-value types: q * d (+ m); 256-value types: q * (d * sc) - dmin *
+ * mn; float types: the value), then times `scale` when it is not 0 (Gemma's sqrt(n_embd)): the
+ * same fp32 operations in the same order, so the result equals the torch reference bit for bit.
+ * One call instead of a dozen torch ops per lookup (cold after each streamed weight matrix). */
+static void embed_row(int32_t type, const uint8_t *w, int64_t k, float scale, float *y) {
+    const int bs = llk_block_size(type), ts = llk_type_size(type);
+    if (bs == 1) {
+        for (int64_t i = 0; i < k; i++) y[i] = llk_wfloat(type, w, i);
+    } else if (bs == 32) {
+        int8_t q[32];
+        float d, m;
+        for (int64_t b = 0; b < k / 32; b++, w += ts, y += 32) {
+            llk_decode32(type, w, q, &d, &m);
+            const int has_min = type == LLK_Q4_1 || type == LLK_Q5_1;
+            for (int i = 0; i < 32; i++) y[i] = has_min ? (float)q[i] * d + m : (float)q[i] * d;
+        }
+        y -= k;
+    } else {
+        int8_t q[256];
+        int sc[16], mn[16];
+        float d, dmin;
+        const int has_min = type == LLK_Q2_K || type == LLK_Q4_K || type == LLK_Q5_K;
+        for (int64_t b = 0; b < k / 256; b++, w += ts, y += 256) {
+            llk_decode256(type, w, q, sc, mn, &d, &dmin);
+            for (int j = 0; j < 16; j++) {
+                const float dl = d * (float)sc[j], ml = dmin * (float)mn[j];
+                for (int i = 16 * j; i < 16 * j + 16; i++)
+                    y[i] = has_min ? (float)q[i] * dl - ml : (float)q[i] * dl;
+            }
+        }
+        y -= k;
+    }
+    if (scale != 0.0f)
+        for (int64_t i = 0; i < k; i++) y[i] *= scale;
+}
+
+int llk_embed_rows(int32_t type, const void *w, int64_t n_rows, int64_t row_bytes, int64_t k,
+                   const int64_t *ids, int64_t t, float scale, float *y) {
+    const int bs = llk_block_size(type);
+    if (llk_type_index(type) < 0 || bs <= 0) return LLK_E_TYPE;
+    if (k <= 0 || k % bs || row_bytes < k / bs * llk_type_size(type) || t < 0) return LLK_E_SHAPE;
+    for (int64_t i = 0; i < t; i++)
+        if (ids[i] < 0 || ids[i] >= n_rows) return LLK_E_SHAPE;
+    for (int64_t i = 0; i < t; i++)
+        embed_row(type, (const uint8_t *)w + ids[i] * row_bytes, k, scale, y + i * k);
+    return LLK_OK;
 }

@@ -1,0 +1,134 @@
+"""A whole pre-norm decoder block in one native call (kernels/native/block.c): the q|k|v
+projection with its input norm, RoPE (per-head norms and the query scale fused), the KV write
+and attention, the output projection, the FFN with its GLU, post-norms and residuals.
+
+It runs the same native calls a block makes one by one (cpu_native.NativeLinear sites,
+cpu_ops.RopeSite, cpu_ops.LayerAttention) on the same buffers in the same order, so a row's
+result is bit for bit the same; what it saves is the interpreter between them (a decode step
+makes one call per layer instead of six). Bytes and flops: the four linears' and attention's.
+
+    site = BlockSite(m, (wqkv, wo, w_gate_up, w_down), norms, heads, rope, attn_scale)
+    y = site(x, cos, sin, *cache.native_step(il))   # x, y fp32 [m, n_embd]
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.errors import LlmkitError
+from llmkit.kernels import cpu_native
+
+_vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class KVLayer(ctypes.Structure):
+    """llk.h's llk_kv_layer: one cache layer's K/V buffers as llk_attend reads them."""
+
+    _fields_ = [
+        ("k", _vp), ("k_head_stride", _i64), ("k_slot_stride", _i64),
+        ("v", _vp), ("v_head_stride", _i64), ("v_slot_stride", _i64),
+        ("dv", _i64), ("hkv", _i64), ("kt", _i32), ("vt", _i32),
+    ]  # fmt: skip
+
+
+class _Block(ctypes.Structure):
+    """llk.h's llk_block."""
+
+    _fields_ = [
+        ("parts", _vp * 4), ("n_parts", _i32 * 4), ("fuse", cpu_native._Fuse * 4),
+        ("n_embd", _i64), ("n_qkv", _i64), ("n_gu", _i64), ("m", _i64),
+        ("hq", _i64), ("hkv", _i64), ("dk", _i64), ("dv", _i64), ("n_rot", _i64),
+        ("neox", _i32), ("reserved", _i32), ("q_norm", _vp), ("k_norm", _vp),
+        ("qk_eps", _f32), ("q_scale", _f32), ("attn_scale", _f32), ("reserved2", _f32),
+        ("qkv", _vp), ("o", _vp), ("x1", _vp), ("h", _vp),
+    ]  # fmt: skip
+
+
+# looked up per call (a module global: scripts/profile_cpu_decode.py times it by replacing it)
+_RUN = cpu_native._lib.llk_block_run if cpu_native._lib is not None else None
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A block's heads and its RoPE: hq query and hkv KV heads of dk (values dv); RoPE over the
+    first n_rot dims (NEOX halves or NORM pairs), per-head norms (weight [dk], eps) or None, the
+    query scale (Gemma's, folded into q) and the attention scale."""
+
+    hq: int
+    hkv: int
+    dk: int
+    dv: int
+    n_rot: int
+    neox: bool
+    q_norm: tuple | None = None
+    k_norm: tuple | None = None
+    q_scale: float = 1.0
+    attn_scale: float = 1.0
+
+
+class BlockSite:
+    """One block bound to its weights and to buffers for steps of up to `m` rows: a callable
+    (x, cos, sin, kv_layer, slots, n_read, kpos, qpos, window, mask) -> y. Not thread-safe
+    (its buffers): one per thread, e.g. in common.row_scratch's per-thread step state."""
+
+    def __init__(self, m: int, linears: tuple, norms: tuple, eps: float, glu: str, s: BlockShape):
+        """linears: NativeLinear q|k|v, output, gate|up, down; norms: (attn_norm, post_attn_norm
+        or None, ffn_norm, post_ffn_norm or None), fp32 [n_embd] each."""
+        wqkv, wo, wgu, wdown = linears
+        attn_norm, post_attn, ffn_norm, post_ffn = norms
+        n_embd = wqkv.in_features
+        if (
+            wqkv.out_features != (s.hq + s.hkv) * s.dk + s.hkv * s.dv
+            or wo.in_features != s.hq * s.dv
+            or wo.out_features != n_embd
+            or wgu.in_features != n_embd
+            or wdown.in_features * 2 != wgu.out_features
+            or wdown.out_features != n_embd
+        ):
+            raise LlmkitError("BlockSite: the linears' shapes do not make one block")
+        fuses = (
+            wqkv._fuse((attn_norm, eps), None, None),
+            wo._fuse(None, None, (post_attn, eps) if post_attn is not None else None),
+            wgu._fuse((ffn_norm, eps), None, None),
+            wdown._fuse(None, glu, (post_ffn, eps) if post_ffn is not None else None),
+        )
+        f32 = torch.float32
+        self.buffers = (
+            torch.empty(m, wqkv.out_features, dtype=f32), torch.empty(m, s.hq * s.dv, dtype=f32),
+            torch.empty(m, n_embd, dtype=f32), torch.empty(m, wgu.out_features, dtype=f32),
+        )  # fmt: skip
+        b = _Block()
+        for i, (lin, fu) in enumerate(zip(linears, fuses, strict=True)):
+            b.parts[i] = ctypes.cast(lin._parts, _vp)
+            b.n_parts[i] = lin._n_parts
+            b.fuse[i] = fu[0]
+        b.n_embd, b.n_qkv, b.n_gu, b.m = n_embd, wqkv.out_features, wgu.out_features, m
+        b.hq, b.hkv, b.dk, b.dv, b.n_rot, b.neox = s.hq, s.hkv, s.dk, s.dv, s.n_rot, int(s.neox)
+        b.q_norm = s.q_norm[0].data_ptr() if s.q_norm is not None else None
+        b.k_norm = s.k_norm[0].data_ptr() if s.k_norm is not None else None
+        eps_qk = {n[1] for n in (s.q_norm, s.k_norm) if n is not None}
+        if len(eps_qk) > 1:
+            raise LlmkitError("BlockSite: the q and k norms must share their eps")
+        b.qk_eps, b.q_scale, b.attn_scale = eps_qk.pop() if eps_qk else 0.0, s.q_scale, s.attn_scale
+        b.qkv, b.o, b.x1, b.h = (t.data_ptr() for t in self.buffers)
+        # everything the struct points into stays alive with it
+        self._keep = (linears, fuses, norms, s)
+        self._b, self._ref, self.n_embd = b, ctypes.byref(b), n_embd
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv, slots,
+                 n_read: int, kpos, qpos, window, mask) -> torch.Tensor:  # fmt: skip
+        """x: contiguous fp32 [M, n_embd] (the caller's to guarantee); cos/sin fp32 [M, n_rot/2];
+        kv: a KVLayer (byref); slots, kpos, qpos int64; mask: uint8 [M, n_read] or None."""
+        m = x.shape[0]
+        y = torch.empty(m, self.n_embd, dtype=torch.float32)
+        rc = _RUN(
+            self._ref, m, x.data_ptr(), y.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv,
+            slots.data_ptr(), n_read, kpos.data_ptr(), qpos.data_ptr(), window or 0,
+            mask.data_ptr() if mask is not None else None,
+        )  # fmt: skip
+        if rc:
+            raise LlmkitError(f"native block failed (code {rc})")
+        return y
