@@ -17,6 +17,11 @@ look at the device themselves.
                |   (kv_attention_kernel)            |   un-rotated)        |
   rope, norm,  | cpu_ops (one native call; RoPE     | torch                | NEOX RoPE, RMSNorm,
   glu          |   with the per-head norm fused)    |                      |   GLU: Triton
+  whole block  | cpu_block (M <= 8 rows on the      | -                    | -
+  (block_site) |   native KV cache: one call for    |                      |
+               |   linears, RoPE, KV write, attn)   |                      |
+  embedding    | cpu_ops.EmbedRows (rows decoded    | QTensor.rows         | QTensor.rows
+               |   from the GGUF blocks)            |                      |
 
 The small ops (rope, rms_norm, glu) are chosen by the tensor's device: native on a CPU when the
 library is built, else torch; Triton for the fused GPU ones. Regimes: GEMV (M <= GEMV_MAX_ROWS
