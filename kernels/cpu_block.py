@@ -132,3 +132,48 @@ class BlockSite:
         if rc:
             raise LlmkitError(f"native block failed (code {rc})")
         return y
+
+
+class StepGroup(ctypes.Structure):
+    """llk.h's llk_step_group: one step's attention inputs for a cache group's layers."""
+
+    _fields_ = [
+        ("slots", _vp), ("kpos", _vp), ("qpos", _vp),
+        ("n_read", _i64), ("window", _i64), ("mask", _vp),
+    ]  # fmt: skip
+
+
+_STACK = cpu_native._lib.llk_stack_run if cpu_native._lib is not None else None
+
+
+class StackSite:
+    """Blocks run one after the other in one native call (llk_stack_run): each block's BlockSite
+    (all bound for the same m rows) and the index of its RoPE table among a step's tables. A
+    callable (x, tables [(cos, sin)], kv_layers, group_of_layer, groups) -> y, the arguments
+    after the tables coming from the cache (KVCache.native_stack). Not thread-safe."""
+
+    def __init__(self, sites: list[BlockSite], rope_index: list[int]):
+        n, self.m, self.n_embd = len(sites), sites[0]._b.m, sites[0].n_embd
+        if any(s._b.m != self.m or s.n_embd != self.n_embd for s in sites):
+            raise LlmkitError("StackSite: the blocks must share their rows and width")
+        self.n = n
+        self._blocks = (_vp * n)(*(ctypes.addressof(s._b) for s in sites))
+        self._rope = (_i32 * n)(*rope_index)
+        n_tables = max(rope_index) + 1
+        self._cos, self._sin = (_vp * n_tables)(), (_vp * n_tables)()
+        self._tmp = torch.empty(2, self.m, self.n_embd, dtype=torch.float32)
+        self._keep = sites  # the structs the pointers point to
+
+    def __call__(self, x: torch.Tensor, tables: list, kvs, group_of_layer, groups) -> torch.Tensor:
+        """x: contiguous fp32 [M, n_embd]; tables: contiguous fp32 (cos, sin) per RoPE table."""
+        for i, (c, s) in enumerate(tables):
+            self._cos[i], self._sin[i] = c.data_ptr(), s.data_ptr()
+        m = x.shape[0]
+        y = torch.empty(m, self.n_embd, dtype=torch.float32)
+        rc = _STACK(
+            self._blocks, kvs, group_of_layer, self._rope, self.n, m, x.data_ptr(), y.data_ptr(),
+            self._tmp.data_ptr(), self._cos, self._sin, groups,
+        )  # fmt: skip
+        if rc:
+            raise LlmkitError(f"native block stack failed (code {rc})")
+        return y

@@ -297,6 +297,7 @@ kv_store_native = cpu_ops.kv_store  # rows into cache slots, converted or quanti
 layer_attention = cpu_ops.LayerAttention  # one layer's write + attend, bound to its buffers
 mask_bytes = cpu_ops.mask_bytes  # a [T, S] bool mask as the native kernels' bytes (a view)
 BlockShape = cpu_block.BlockShape
+StepGroup = cpu_block.StepGroup  # a step's attention inputs for one cache group (native_stack)
 
 
 def block_site(m: int, linears: tuple, norms: tuple, eps: float, glu: str, shape: BlockShape):
@@ -308,6 +309,14 @@ def block_site(m: int, linears: tuple, norms: tuple, eps: float, glu: str, shape
         return None
     act = "gelu_fp16" if glu == "gelu_tanh" else glu  # as linear_site: llama.cpp's GELU table
     return cpu_block.BlockSite(m, linears, norms, eps, act, shape)
+
+
+def stack_site(sites: list, rope_index: list[int]):
+    """Block sites (block_site, all for the same m) run in turn by one native call
+    (cpu_block.StackSite), block l with RoPE table rope_index[l]; None if a block has none."""
+    if not sites or any(s is None for s in sites):
+        return None
+    return cpu_block.StackSite(sites, rope_index)
 
 
 def attention_native(q, k, k_kind, v, v_kind, dv: int, n_read: int, kpos, qpos, scale: float,

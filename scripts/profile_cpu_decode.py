@@ -69,6 +69,7 @@ class Timers:
             (cpu_native, "_MATMUL", "llk_matmul"),
             (cpu_native, "_LINEAR", "llk_linear"),
             (cpu_block, "_RUN", "llk_block_run"),  # a whole block: its linears and attention
+            (cpu_block, "_STACK", "llk_stack_run"),  # every block of a step in one call
         ):
             self._saved.append((mod, glob, getattr(mod, glob)))
             setattr(mod, glob, self._wrap(name, getattr(mod, glob)))

@@ -172,17 +172,19 @@ def test_bf16_backend_stays_close(tiny):
 
 @pytest.mark.parametrize("kv", ["f16", "bf16"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_whole_block_call_is_the_separate_calls(tiny, arch, kv, monkeypatch):
-    """Decode and verify steps run each block as one native call (kernels/cpu_block.py) when the
-    cache is the native contiguous one: the same bits as the block's separate kernel calls,
-    through a sliding ring that wraps and a draft-tree mask."""
+def test_native_block_and_stack_calls_are_the_separate_calls(tiny, arch, kv, monkeypatch):
+    """Decode and verify steps on the native KV cache run all blocks in one native call
+    (kernels/cpu_block.StackSite), or each block in one (BlockSite) where the cache offers no
+    stack: the same bits as the blocks' separate kernel calls, through a sliding ring that wraps
+    and a draft-tree mask."""
     from llmkit.core.cache.kv import KVCache
     from llmkit.kernels import cpu_block
 
     lm = load_model(tiny[arch])
-    calls = []
-    whole = cpu_block.BlockSite.__call__
-    monkeypatch.setattr(cpu_block.BlockSite, "__call__", lambda *a: calls.append(1) or whole(*a))
+    calls = {"stack": 0, "block": 0}
+    for cls, name in ((cpu_block.StackSite, "stack"), (cpu_block.BlockSite, "block")):
+        orig = cls.__call__
+        monkeypatch.setattr(cls, "__call__", lambda *a, o=orig, n=name: calls.__setitem__(n, calls[n] + 1) or o(*a))  # fmt: skip
 
     def run():
         with torch.inference_mode():
@@ -194,7 +196,9 @@ def test_whole_block_call_is_the_separate_calls(tiny, arch, kv, monkeypatch):
                 out.append(lm.model.forward(TOKENS[i : i + 3], cache, logits="all").logits)
         return torch.cat(out)
 
-    fused = run()
-    assert len(calls) == 10 * lm.config.n_layer
+    stacked = run()
+    assert calls == {"stack": 10, "block": 0}
+    monkeypatch.setattr(KVCache, "native_stack", lambda self, layers: None)
+    assert torch.equal(run(), stacked) and calls == {"stack": 10, "block": 10 * lm.config.n_layer}
     monkeypatch.setattr(KVCache, "native_step", lambda self, il: None)
-    assert torch.equal(run(), fused) and len(calls) == 10 * lm.config.n_layer
+    assert torch.equal(run(), stacked) and calls["block"] == 10 * lm.config.n_layer

@@ -71,6 +71,9 @@ class BatchCache:
     def native_step(self, il: int) -> None:
         return None  # paged: each sequence's blocks are read through its own index
 
+    def native_stack(self, layers: tuple[int, ...]) -> None:
+        return None
+
     def attend(self, il: int, q, k, v, scale: float) -> torch.Tensor:
         """update + attention for layer il (the call a model block makes). The native kernel
         reads each sequence's blocks in place, in logical order, under its mask."""

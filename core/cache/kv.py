@@ -13,6 +13,7 @@ n_ubatch for the same reasons).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +101,8 @@ class KVCache:
         self._static: tuple[torch.Tensor, int] | None = None  # see static_batch()
         self._tree: tuple[torch.Tensor, torch.Tensor] | None = None  # see tree_batch()
         self._native: dict = {}  # il -> the native attention step bound to its buffers
+        self._stacks: dict = {}  # layers -> their bound K/V pointers for native_stack
+        self._stack_masks: list = []
 
     @property
     def layers(self) -> list[int]:
@@ -212,6 +215,40 @@ class KVCache:
         mask = ops.mask_bytes(g.mask) if g.mask is not None else None
         return (self._layer_step(il).kv_ref, g.slots, g.n_read, g.slot_pos, self._pos, g.window,
                 mask)  # fmt: skip
+
+    def native_stack(self, layers: tuple[int, ...]) -> tuple | None:
+        """What one native call over the blocks of `layers` needs of this step
+        (kernels/cpu_block.StackSite): (each layer's bound K/V buffers, its group's index, the
+        groups' step arguments: slots, positions, slots read, window, mask); None off the native
+        attention path or for a layer this cache does not hold."""
+        if self.attn_kernel != "native":
+            return None
+        st = self._stacks.get(layers)
+        if st is None:
+            if any(il not in self.group_of for il in layers):
+                return None
+            names = list(self.groups)
+            kvs = (ctypes.c_void_p * len(layers))(
+                *(ctypes.addressof(self._layer_step(il).kv) for il in layers)
+            )
+            gidx = (ctypes.c_int32 * len(layers))(
+                *(names.index(self.group_of[il].name) for il in layers)
+            )
+            st = self._stacks[layers] = (kvs, gidx, (ops.StepGroup * len(names))(), names)
+        kvs, gidx, groups, names = st
+        self._stack_masks = []  # the mask bytes the call reads, alive until the next step
+        for sg, name in zip(groups, names):
+            g = self.groups[name]
+            sg.slots, sg.kpos, sg.qpos = (
+                g.slots.data_ptr(),
+                g.slot_pos.data_ptr(),
+                self._pos.data_ptr(),
+            )
+            sg.n_read, sg.window = g.n_read, g.window or 0
+            mask = ops.mask_bytes(g.mask) if g.mask is not None else None
+            sg.mask = mask.data_ptr() if mask is not None else None
+            self._stack_masks.append(mask)
+        return kvs, gidx, groups
 
     def _layer_step(self, il: int):
         """Layer il's native write + attend, bound to its buffers once."""

@@ -95,6 +95,9 @@ class SplitCache:
     def native_step(self, il: int) -> tuple | None:
         return self.cache_of[il].native_step(il)
 
+    def native_stack(self, layers: tuple[int, ...]) -> None:
+        return None  # the layers live on several devices: one call per block
+
     @contextlib.contextmanager
     def tree_batch(self, parents: list[int]):
         with contextlib.ExitStack() as st:

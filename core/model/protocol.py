@@ -55,6 +55,11 @@ class Cache(Attention, Protocol):
 
     def begin(self, pos: torch.Tensor) -> None: ...
 
+    def native_stack(self, layers: tuple[int, ...]) -> tuple | None:
+        """This step's arguments for one native call over the blocks of `layers`
+        (kernels/cpu_block.StackSite), or None: the blocks then run one by one."""
+        ...
+
 
 class DraftHeads(Protocol):
     """NextN (MTP) blocks: head j reads (token at p, hidden of p - 1) and predicts token p + 1."""

@@ -137,6 +137,7 @@ class DecoderLM:
         """The trunk: blocks 0 .. n_layer - 1, output norm and head (the NextN heads, when
         loaded, are set by the subclass: `self.mtp = NextNHeads(self)`)."""
         self.config, self.tensors, self.backend, self.embed = c, tensors, backend, embed
+        self._stacks: dict = {}  # (thread, rows, depth) -> DecoderLM._stack's bound state
         self.blocks = [self.load_block(il) for il in range(c.n_layer)]
         self.output_norm = tensors["output_norm.weight"].dequantize()
         self.output = lm_head(backend, tensors)
@@ -157,10 +158,41 @@ class DecoderLM:
         cache.begin(pos)
         memo: dict = {}
         x = self.embed(tokens)  # [T, H]
-        for blk in self.blocks[:n_layer]:
-            x = blk(x, rope_rows(blk.rope, pos, memo), cache)
+        blocks = self.blocks[:n_layer]
+        stack = self._stack(x, blocks, cache)
+        if stack is not None:  # few rows on the native path: every block in one native call
+            site, ropes, args = stack
+            x = site(x, [rope_rows(r, pos, memo) for r in ropes], *args)
+        else:
+            for blk in blocks:
+                x = blk(x, rope_rows(blk.rope, pos, memo), cache)
         out = None if logits is None else self.lm_logits(select_rows(x, logits))
         return ForwardOutput(out, x)
+
+    def _stack(self, x: torch.Tensor, blocks: list, cache):
+        """(ops.stack_site over `blocks`, their distinct RoPE tables, the cache's
+        native_stack arguments) for a step of x's rows, or None: more rows than
+        ROW_SCRATCH_MAX, a block without a native site, or a cache without native_stack. Built
+        once per thread, row count and depth (the blocks' linears are bound then, as in
+        row_scratch)."""
+        m = x.shape[0]
+        if m > ROW_SCRATCH_MAX or not blocks:
+            return None
+        key = (get_ident(), m, len(blocks))
+        st = self._stacks.get(key)
+        if st is None:
+            tables: dict = {}  # RoPE key (common.rope_rows) -> (index, the block's rope)
+            for blk in blocks:
+                tables.setdefault((*blk.rope[:3], id(blk.rope[3])), (len(tables), blk.rope))
+            index = [tables[(*b.rope[:3], id(b.rope[3]))][0] for b in blocks]
+            site = ops.stack_site([blk.native_site(x) for blk in blocks], index)
+            layers = tuple(blk.il for blk in blocks)
+            st = self._stacks[key] = (site, [r for _, r in tables.values()], layers)
+        site, ropes, layers = st
+        if site is None:
+            return None
+        args = cache.native_stack(layers)
+        return None if args is None else (site, ropes, args)
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-norm hidden rows x [n, H] -> logits [n, V] fp32 (output norm and LM head)."""

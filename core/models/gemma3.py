@@ -169,6 +169,13 @@ class Block:
                                           c.q_scale)),
         )  # fmt: skip
 
+    def native_site(self, x: torch.Tensor):
+        """The whole block as one native call for a step of x's rows (ops.block_site, bound in
+        the per-thread step state), or None off that path."""
+        w = self.w
+        s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
+        return s[-1] if s is not None else None
+
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
         w = self.w
         s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)

@@ -214,6 +214,9 @@ class Block:
         )
         self.w_down = ops.make_linear(backend, t[b + ffn[2] + ".weight"])
 
+    def native_site(self, x: torch.Tensor) -> None:
+        return None  # its blocks (MoE, per-layer heads) run op by op
+
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
         c, T = self.c, x.shape[0]
         D, Dv = c.head_dim, c.head_dim_v

@@ -53,3 +53,23 @@ int llk_block_run(const llk_block *b, int64_t m, const float *x, float *y, const
     if (!rc) rc = llk_linear(h, m, b->n_gu, b->n_gu, &f[3], b->parts[3], b->n_parts[3], y, b->n_embd);
     return rc;
 }
+
+/* Blocks 0 .. n - 1 in one call: block l reads the previous one's output (tmp holds two [m,
+ * n_embd] buffers in turn) and the last writes y; each block's K/V buffers are kvs[l], its step's
+ * slots / positions / mask those of groups[group[l]], its RoPE table cos[rope[l]] / sin[rope[l]]. */
+int llk_stack_run(const llk_block *const *blocks, const llk_kv_layer *const *kvs,
+                  const int32_t *group, const int32_t *rope, int64_t n, int64_t m, const float *x,
+                  float *y, float *tmp, const float *const *cos_t, const float *const *sin_t,
+                  const llk_step_group *groups) {
+    const float *in = x;
+    for (int64_t l = 0; l < n; l++) {
+        const llk_block *b = blocks[l];
+        float *out = l == n - 1 ? y : tmp + (l & 1) * m * b->n_embd;
+        const llk_step_group *g = &groups[group[l]];
+        const int rc = llk_block_run(b, m, in, out, cos_t[rope[l]], sin_t[rope[l]], kvs[l],
+                                     g->slots, g->n_read, g->kpos, g->qpos, g->window, g->mask);
+        if (rc) return rc;
+        in = out;
+    }
+    return LLK_OK;
+}

@@ -220,6 +220,20 @@ LLK_API int llk_block_run(const llk_block *b, int64_t m, const float *x, float *
                           const int64_t *slots, int64_t n_read, const int64_t *kpos,
                           const int64_t *qpos, int64_t window, const uint8_t *mask);
 
+/* One step's attention inputs for the layers of one cache group (same slots and positions). */
+typedef struct {
+    const int64_t *slots, *kpos, *qpos;
+    int64_t n_read, window;
+    const uint8_t *mask;
+} llk_step_group;
+
+/* llk_block_run over blocks 0 .. n - 1 in turn (block.c): x -> y [m, n_embd] through tmp [2, m,
+ * n_embd]; block l with kvs[l], groups[group[l]] and the RoPE table cos/sin[rope[l]]. */
+LLK_API int llk_stack_run(const llk_block *const *blocks, const llk_kv_layer *const *kvs,
+                          const int32_t *group, const int32_t *rope, int64_t n, int64_t m,
+                          const float *x, float *y, float *tmp, const float *const *cos_t,
+                          const float *const *sin_t, const llk_step_group *groups);
+
 #ifdef __cplusplus
 }
 #endif
