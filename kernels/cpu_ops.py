@@ -35,6 +35,23 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
+def rms_norm_cat(parts: tuple, eps: float) -> torch.Tensor:
+    """[rms(x_0) * w_0 | rms(x_1) * w_1 | ...] for parts ((x_i [..., n_i], w_i), ...) of the same
+    leading shape: each part normed straight into its columns of one [..., sum n_i] output."""
+    lead = parts[0][0].shape[:-1]
+    xs = [_rows(x).reshape(-1, x.shape[-1]) for x, _ in parts]
+    t = xs[0].shape[0]
+    widths = [x.shape[-1] for x in xs]
+    y = torch.empty(*lead, sum(widths), dtype=torch.float32)
+    lib, col = cpu_native.library(), 0
+    for x, (_, w), n in zip(xs, parts, widths, strict=True):
+        wp = w.data_ptr() if w is not None else None
+        rc = lib.llk_rms_norm(x.data_ptr(), t, n, n, wp, eps, y.data_ptr() + 4 * col, y.shape[-1])
+        _check(rc, "rms_norm")
+        col += n
+    return y
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
     x = _rows(x)
     n = x.shape[-1]

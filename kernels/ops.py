@@ -175,6 +175,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return torch_ops.rms_norm(x, weight, eps)
 
 
+def rms_norm_cat(parts: tuple, eps: float) -> torch.Tensor:
+    """torch.cat([rms_norm(x, w, eps) for x, w in parts], -1) for parts of the same leading shape:
+    on the native CPU path each part is normed straight into its columns (one output)."""
+    if _NATIVE and not any(x.is_cuda or x.requires_grad for x, _ in parts):
+        return cpu_ops.rms_norm_cat(parts, eps)
+    return torch.cat([rms_norm(x, w, eps) for x, w in parts], -1)
+
+
 def argmax(x: torch.Tensor) -> int:
     """The index of the first maximum of a 1-D row (greedy sampling), as torch.argmax: native
     on the CPU path (torch's is single-threaded and ~10x slower on a 262k vocabulary row)."""

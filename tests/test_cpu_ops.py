@@ -245,3 +245,14 @@ def test_embed_rows_are_the_torch_decode_bit_for_bit(qtype):
         assert got.dtype == torch.float32 and torch.equal(got, want), qtype.name
     with pytest.raises(LlmkitError, match=r"token ids must lie in \[0, 9\)"):
         ops.embed(w, torch.tensor([1, 9]))
+
+
+def test_rms_norm_cat_is_the_cat_of_the_norms():
+    from llmkit.kernels import ops
+
+    g = _g(12)
+    e, h = torch.randn(3, 40, generator=g), torch.randn(6, 56, generator=g)[::2, :48] * 7
+    w1, w2 = torch.rand(40, generator=g), torch.rand(48, generator=g)
+    want = torch.cat((cpu_ops.rms_norm(e, w1, 1e-6), cpu_ops.rms_norm(h, w2, 1e-6)), -1)
+    assert torch.equal(ops.rms_norm_cat(((e, w1), (h, w2)), 1e-6), want)  # h: strided rows
+    torch.testing.assert_close(want[:, :40], torch_ops.rms_norm(e, w1, 1e-6))

@@ -57,7 +57,7 @@ def nextn_specs(c, block_specs: Callable[[int], list[TensorSpec]]) -> list[Tenso
 
 def nextn_input(c, eh_proj, enorm, hnorm, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """x0 = eh_proj [rms(e, enorm) | rms(h, hnorm)] (embedding first, as Step3.5/DeepSeek)."""
-    return eh_proj(torch.cat((ops.rms_norm(e, enorm, c.eps), ops.rms_norm(h, hnorm, c.eps)), -1))
+    return eh_proj(ops.rms_norm_cat(((e, enorm), (h, hnorm)), c.eps))
 
 
 @dataclass
