@@ -7,8 +7,9 @@ cpu_ops.RopeSite, cpu_ops.LayerAttention) on the same buffers in the same order,
 result is bit for bit the same; what it saves is the interpreter between them (a decode step
 makes one call per layer instead of six). Bytes and flops: the four linears' and attention's.
 
-    site = BlockSite(m, (wqkv, wo, w_gate_up, w_down), norms, heads, rope, attn_scale)
+    site = BlockSite(m, (wqkv, wo, w_gate_up, w_down), norms, eps, "silu", BlockShape(...))
     y = site(x, cos, sin, *cache.native_step(il))   # x, y fp32 [m, n_embd]
+    y = StackSite(sites, rope_index)(x, tables, *cache.native_stack(layers))   # every block
 """
 
 from __future__ import annotations

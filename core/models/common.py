@@ -4,7 +4,8 @@ declared name table, and `DecoderLM`, the one forward pass (embed, blocks, norm,
 An architecture module (one file per `general.architecture`, see core/model/loader.py) defines:
   * `Config`, a `ModelConfig` dataclass read from GGUF metadata, with `layer_kv(il)`;
   * `tensor_specs(cfg, part, names)`, its tensor contract as data ("trunk" or "mtp");
-  * `Block`, one decoder block: `rope` (the key of its RoPE table) and `__call__(x, rope, att)`;
+  * `Block`, one decoder block: `rope` (the key of its RoPE table), `__call__(x, rope, att)` and
+    `native_site(x)` (the block as one native call for x's rows, or None: `StepBlock`);
   * `Model(DecoderLM)`, which builds its blocks.
 The NextN (MTP) heads reuse the architecture's own Block (core/models/nextn.py).
 """
@@ -91,10 +92,16 @@ def load_block_weights(t: dict[str, QTensor], il: int, backend: Backend, linears
     return SimpleNamespace(**w)
 
 
+def rope_key(rope: tuple) -> tuple:
+    """A block's RoPE table (n_rot, base, freq_scale, factors or None) as a dict key: the
+    factors by identity (a tensor compares elementwise)."""
+    return (*rope[:3], id(rope[3]))
+
+
 def rope_rows(rope: tuple, pos: torch.Tensor, memo: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of a block's RoPE table (n_rot, base, freq_scale, factors or None) at `pos`,
     computed once per batch and table."""
-    key = (*rope[:3], id(rope[3]))  # factors by identity: a tensor compares elementwise
+    key = rope_key(rope)
     rows = memo.get(key)
     if rows is None:
         rows = memo[key] = rope_cache(pos, *rope)
@@ -126,6 +133,22 @@ def row_scratch(store: dict, x: torch.Tensor, lins: tuple, make):
             with torch.inference_mode(False), torch.no_grad():  # plain tensors, reusable anywhere
                 s = store[key] = (lins, make(m))
     return s[1]
+
+
+class StepBlock:
+    """A pre-norm attention + GLU block (llama, Gemma 3) whose few-row steps on the native CPU
+    path keep bound state (`row_scratch` over its four linears `w.wqkv`, `w.wo`,
+    `w.w_gate_up`, `w.w_down`); its `_scratch(m)` puts the whole-block native call last."""
+
+    def step_state(self, x: torch.Tensor):
+        w = self.w
+        return row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
+
+    def native_site(self, x: torch.Tensor):
+        """The whole block as one native call for a step of x's rows (ops.block_site), or
+        None off that path."""
+        s = self.step_state(x)
+        return s[-1] if s is not None else None
 
 
 class DecoderLM:
@@ -182,10 +205,10 @@ class DecoderLM:
         key = (get_ident(), m, len(blocks))
         st = self._stacks.get(key)
         if st is None:
-            tables: dict = {}  # RoPE key (common.rope_rows) -> (index, the block's rope)
+            tables: dict = {}  # rope_key -> (index, the block's rope)
             for blk in blocks:
-                tables.setdefault((*blk.rope[:3], id(blk.rope[3])), (len(tables), blk.rope))
-            index = [tables[(*b.rope[:3], id(b.rope[3]))][0] for b in blocks]
+                tables.setdefault(rope_key(blk.rope), (len(tables), blk.rope))
+            index = [tables[rope_key(b.rope)][0] for b in blocks]
             site = ops.stack_site([blk.native_site(x) for blk in blocks], index)
             layers = tuple(blk.il for blk in blocks)
             st = self._stacks[key] = (site, [r for _, r in tables.values()], layers)

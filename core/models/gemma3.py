@@ -20,9 +20,9 @@ from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import (
     DecoderLM,
     Embedding,
+    StepBlock,
     block_specs,
     load_block_weights,
-    row_scratch,
     trunk_specs,
 )
 from llmkit.core.models.nextn import NextNHeads, nextn_specs
@@ -112,7 +112,7 @@ def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
     return trunk_specs(c, specs_of, ())
 
 
-class Block:
+class Block(StepBlock):
     """One Gemma 3 block; `w` holds the weights under the LINEARS / NORMS names (loaded from the
     GGUF, or the trainer's differentiable modules)."""
 
@@ -169,16 +169,8 @@ class Block:
                                           c.q_scale)),
         )  # fmt: skip
 
-    def native_site(self, x: torch.Tensor):
-        """The whole block as one native call for a step of x's rows (ops.block_site, bound in
-        the per-thread step state), or None off that path."""
-        w = self.w
-        s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
-        return s[-1] if s is not None else None
-
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
-        w = self.w
-        s = row_scratch(self._rows, x, (w.wqkv, w.wo, w.w_gate_up, w.w_down), self._scratch)
+        s = self.step_state(x)
         if s is None:
             return self.finish(x, att.attend(self.il, *self.qkv(x, rope)))
         # few rows on the native CPU path: the whole block in one native call when the cache is
