@@ -131,7 +131,7 @@ class BlockSite:
             mask.data_ptr() if mask is not None else None,
         )  # fmt: skip
         if rc:
-            raise LlmkitError(f"native block failed (code {rc})")
+            raise LlmkitError(f"native block failed: {cpu_native._ERRORS.get(rc, rc)}")
         return y
 
 
@@ -176,5 +176,5 @@ class StackSite:
             self._tmp.data_ptr(), self._cos, self._sin, groups,
         )  # fmt: skip
         if rc:
-            raise LlmkitError(f"native block stack failed (code {rc})")
+            raise LlmkitError(f"native block stack failed: {cpu_native._ERRORS.get(rc, rc)}")
         return y

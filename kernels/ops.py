@@ -224,11 +224,6 @@ def embed_site(weight: QTensor, scale: float | None = None):
     return lookup
 
 
-def embed(weight: QTensor, tokens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """embed_site(weight, scale)(tokens): one lookup."""
-    return embed_site(weight, scale)(tokens)
-
-
 def glu(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     """[..., 2F] (gate | up) -> act(gate) * up; act "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
     if gate_up.is_cuda:

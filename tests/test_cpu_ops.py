@@ -241,10 +241,10 @@ def test_embed_rows_are_the_torch_decode_bit_for_bit(qtype):
     for scale in (None, 25.298221281347036):  # Gemma's sqrt(640)
         want = dequantize(w.raw[ids], qtype)
         want = want * scale if scale is not None else want
-        got = ops.embed(w, ids, scale)
+        got = ops.embed_site(w, scale)(ids)
         assert got.dtype == torch.float32 and torch.equal(got, want), qtype.name
     with pytest.raises(LlmkitError, match=r"token ids must lie in \[0, 9\)"):
-        ops.embed(w, torch.tensor([1, 9]))
+        ops.embed_site(w)(torch.tensor([1, 9]))
 
 
 def test_rms_norm_cat_is_the_cat_of_the_norms():
