@@ -31,6 +31,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "llk_internal.h"
 
@@ -315,9 +316,19 @@ static int run_phases(const attn_job *J, kernels_t K, void (*prep)(unit_t *), in
         return LLK_E_NOMEM;
     }
     for (int64_t c = 0; c < n_units; c++) {
-        unit_init(&units[c], J, c);
-        unit_carve(&units[c], mem + c * ub, G, J->S, J->dk, J->dv);
-        unit_prepare(&units[c], prep);
+        unit_t *u = &units[c];
+        unit_init(u, J, c);
+        unit_carve(u, mem + c * ub, G, J->S, J->dk, J->dv);
+        if (u->g == 0) {
+            unit_slots(u);
+        } else { /* the other kv heads of a tile see the same slots: copy, not rescan */
+            const unit_t *first = &units[c - u->g];
+            u->n = first->n;
+            memcpy(u->list, first->list, (size_t)u->n * sizeof(int32_t));
+            for (int64_t r = 0; r < u->R; r++)
+                memcpy(u->vis + r * J->S, first->vis + r * J->S, (size_t)u->n);
+        }
+        prep(u);
     }
     const int64_t nth = llk_pool_threads();
     phase_job pj = {units, n_units, 1, 0, K, J};
