@@ -1,6 +1,6 @@
 """llmkit and llama.cpp side by side on this CPU: speed, memory, kernels, MTP.
 
-    python scripts/bench_cpu.py [MODEL ...] [-t 2] [-r 5] [--llama-python /tmp/lcpp/bin/python]
+    python scripts/bench_cpu.py [MODEL ...] [-t 2] [-r 5] [-d 0] [--llama-python /tmp/lcpp/bin/python]
                                 [--sections speed,rss,kernels,mtp] [--json out.json]
 
 llama.cpp runs through llama-cpp-python (an optional dev dependency, source build; give the Python
@@ -8,8 +8,9 @@ that has it with --llama-python, default: this one). Sections:
   speed    llama-bench's pp512 / tg128 (-p / -n): two long-lived workers, one per engine, take
            turns repetition by repetition (so machine drift hits both), after one warm-up each.
            pp: one prompt of random tokens in ubatches of 512; tg: single-token steps after one
-           token, each repetition on a new cache. min / median tok/s and llmkit/llama.cpp ratios
-           of the medians.
+           token (-d D: after a D-token random context, llama-bench's "tg128 @ dD": how the
+           attention over a long cache weighs), each repetition on a new cache. min / median
+           tok/s and llmkit/llama.cpp ratios of the medians.
   rss      peak resident memory (wait4's ru_maxrss) of `llm run -n 16 -c 4096` greedy against a
            llama-cpp-python process doing the same (Llama(n_ctx=4096), 16 tokens), min of 2. Both
            include their Python interpreter and libraries; each engine's bare imports are measured
@@ -37,7 +38,7 @@ RSS_PROMPT = "Write a short story about a lighthouse keeper who finds a message 
 # ---- workers: one process per engine, one repetition per stdin line ----
 
 
-def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
+def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int, depth: int) -> None:
     import torch
 
     from llmkit.core.model.catalog import resolve_model
@@ -56,9 +57,10 @@ def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
             for s in range(0, n_prompt, 512):
                 lm.model.forward(toks[s : s + 512], cache, logits="last")
             t_pp = time.perf_counter() - t0
-            cache = lm.new_cache(n_gen + 8)
-            tok = toks[:1]
-            lm.model.forward(tok, cache, logits="last")
+            cache = lm.new_cache(depth + n_gen + 8)
+            ctx = torch.randint(0, lm.config.n_vocab, (depth + 1,), generator=g)
+            for s in range(0, depth + 1, 512):
+                lm.model.forward(ctx[s : s + 512], cache, logits="last")
             t0 = time.perf_counter()
             for i in range(n_gen):
                 lm.model.forward(toks[i + 1 : i + 2], cache, logits="last")
@@ -73,13 +75,13 @@ def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
     _serve(once)
 
 
-def _llama_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
+def _llama_worker(model: str, threads: int, n_prompt: int, n_gen: int, depth: int) -> None:
     import random
 
     from llama_cpp import Llama, __version__
 
     path = _model_path(model)
-    llm = Llama(model_path=path, n_ctx=max(n_prompt, n_gen) + 16, n_batch=512, n_ubatch=512,
+    llm = Llama(model_path=path, n_ctx=max(n_prompt, depth + n_gen) + 16, n_batch=512, n_ubatch=512,
                 n_threads=threads, n_threads_batch=threads, verbose=False)  # fmt: skip
     rng = random.Random(0)
 
@@ -90,7 +92,7 @@ def _llama_worker(model: str, threads: int, n_prompt: int, n_gen: int) -> None:
         llm.eval(toks[:n_prompt])
         t_pp = time.perf_counter() - t0
         llm.reset()
-        llm.eval(toks[:1])
+        llm.eval([rng.randrange(1000, llm.n_vocab()) for _ in range(depth + 1)])
         t0 = time.perf_counter()
         for i in range(n_gen):
             llm.eval([toks[i + 1]])
@@ -131,7 +133,7 @@ def _model_path(model: str) -> str:
 class Worker:
     def __init__(self, python: str, kind: str, model: str, a) -> None:
         cmd = [python, __file__, "--worker", kind, model, "-t", str(a.threads),
-               "-p", str(a.n_prompt), "-n", str(a.n_gen)]  # fmt: skip
+               "-p", str(a.n_prompt), "-n", str(a.n_gen), "-d", str(a.n_depth)]  # fmt: skip
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._read()
 
@@ -224,6 +226,7 @@ def main() -> None:
     ap.add_argument("-r", "--reps", type=int, default=5)
     ap.add_argument("-p", "--n-prompt", type=int, default=512)
     ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("-d", "--n-depth", type=int, default=0, help="tg after this many tokens")
     ap.add_argument("--llama-python", default=sys.executable)
     ap.add_argument("--sections", default="speed,rss,kernels,mtp")
     ap.add_argument("--mtp-reps", type=int, default=10)
@@ -233,9 +236,9 @@ def main() -> None:
     if a.worker:
         model = a.models[0]
         if a.worker == "llmkit":
-            return _llmkit_worker(model, a.threads, a.n_prompt, a.n_gen)
+            return _llmkit_worker(model, a.threads, a.n_prompt, a.n_gen, a.n_depth)
         if a.worker == "llama":
-            return _llama_worker(model, a.threads, a.n_prompt, a.n_gen)
+            return _llama_worker(model, a.threads, a.n_prompt, a.n_gen, a.n_depth)
         return _llama_rss(model, a.threads)
     sections = set(a.sections.split(","))
     from llmkit.core.bench.report import cpu_name  # the workers may run without llmkit
@@ -251,8 +254,11 @@ def main() -> None:
             for test, n in (("pp", a.n_prompt), ("tg", a.n_gen)):
                 cells = [f"{e} {s[f'{e} {test}']['min']:7.1f} / {s[f'{e} {test}']['median']:7.1f}"
                          for e in ("llmkit", "llama.cpp")]  # fmt: skip
+                at = f" @ d{a.n_depth}" if test == "tg" and a.n_depth else ""
                 print(
-                    f"  {test}{n:<4} " + "   ".join(cells) + f"   ratio {s[f'ratio {test}']:.2f}x"
+                    f"  {test}{n}{at:<6} "
+                    + "   ".join(cells)
+                    + f"   ratio {s[f'ratio {test}']:.2f}x"
                 )
         if "rss" in sections:
             r = rec["rss"] = rss(m, a)
