@@ -171,20 +171,22 @@ def test_attention_is_the_same_bits_on_every_isa(k_kind, v_kind, D):
                 assert torch.equal(cpu_ops.attention(q[-t:], *args), best), (isa, t)
 
 
-@pytest.mark.parametrize("G, hkv, D, S", [(1, 2, 64, 45), (2, 1, 64, 45), (4, 1, 256, 530),
-                                            (5, 1, 64, 2100), (7, 2, 64, 61), (8, 1, 64, 2050),
-                                            (3, 3, 64, 2060)])  # fmt: skip
-def test_few_lane_attention_is_the_same_bits_on_every_isa(G, hkv, D, S):
+@pytest.mark.parametrize("G, hkv, D, S, kind", [(1, 2, 64, 45, "f16"), (2, 1, 64, 45, "f16"),
+                                                  (4, 1, 256, 530, "f16"), (5, 1, 64, 2100, "f16"),
+                                                  (7, 2, 64, 61, "f16"), (8, 1, 64, 2050, "f16"),
+                                                  (3, 3, 64, 2060, "f16"), (3, 2, 64, 45, "bf16"),
+                                                  (4, 1, 32, 45, "f32")])  # fmt: skip
+def test_few_lane_attention_is_the_same_bits_on_every_isa(G, hkv, D, S, kind):
     """The decode kernels for 1-8 query lanes per KV head (slot-vectorized dots, in-place f16 V
     for the weighted sum), with and without the phase split of long contexts (S (Dk + Dv) >=
     2^18: Gemma-like 256-wide heads, or 2k slots): one result on every ISA, and a verify batch's
     row equals the row alone."""
     g = _g(G * 100 + S)
-    kb, kf = _cache("f16", torch.randn(hkv, S, D, generator=g))
-    vb, vf = _cache("f16", torch.randn(hkv, S, D, generator=g))
+    kb, kf = _cache(kind, torch.randn(hkv, S, D, generator=g))
+    vb, vf = _cache(kind, torch.randn(hkv, S, D, generator=g))
     q, kpos = torch.randn(2, G * hkv, D, generator=g), torch.arange(S)
     for t in (1, 2):
-        args = (kb, torch.float16, vb, torch.float16, D, S, kpos, torch.arange(S - t, S), 0.1, 0)
+        args = (kb, KINDS[kind], vb, KINDS[kind], D, S, kpos, torch.arange(S - t, S), 0.1, 0)
         best = cpu_ops.attention(q[-t:], *args)
         qh = q[-t:].double().view(t, hkv, G, D)  # reference: causal softmax in float64
         s = torch.einsum("thgd,hsd->thgs", qh, kf.double()) * 0.1
