@@ -30,6 +30,7 @@
  * each row decoded once for the tile's lanes), flops ~ 2 * T * Hq * S_visible * (Dk + Dv).
  */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -160,19 +161,29 @@ static void unit_init(unit_t *u, const attn_job *J, int64_t c) {
     u->dv16 = (J->dv + 15) / 16 * 16;
 }
 
-/* The visible-slot list of the unit, in position order, and which row sees which slot. */
+/* The visible-slot list of the unit, in position order, and which row sees which slot. A list
+ * already in position order (a cache that has not wrapped) skips the reordering, and a one-row
+ * unit sees every listed slot: the same list and flags, without the passes that would find so. */
 static void unit_slots(unit_t *u) {
     const attn_job *J = u->J;
-    int64_t n = 0;
+    int64_t n = 0, prev = INT64_MIN;
+    int ordered = 1;
     for (int64_t i = 0; i < J->S; i++)
         for (int64_t r = 0; r < u->R; r++)
             if (visible(J, u->t0 + r, i)) {
                 u->list[n++] = (int32_t)i;
+                if (J->kpos) {
+                    ordered &= J->kpos[i] >= prev;
+                    prev = J->kpos[i];
+                }
                 break;
             }
-    if (J->kpos) position_order(u->list, n, J->kpos);
-    for (int64_t r = 0; r < u->R; r++)
-        for (int64_t j = 0; j < n; j++) u->vis[r * J->S + j] = (uint8_t)visible(J, u->t0 + r, u->list[j]);
+    if (J->kpos && !ordered) position_order(u->list, n, J->kpos);
+    if (u->R == 1)
+        memset(u->vis, 1, (size_t)n);
+    else
+        for (int64_t r = 0; r < u->R; r++)
+            for (int64_t j = 0; j < n; j++) u->vis[r * J->S + j] = (uint8_t)visible(J, u->t0 + r, u->list[j]);
     u->n = n;
 }
 
