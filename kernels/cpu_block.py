@@ -178,3 +178,74 @@ class StackSite:
         if rc:
             raise LlmkitError(f"native block stack failed: {cpu_native._ERRORS.get(rc, rc)}")
         return y
+
+
+class _NextN(ctypes.Structure):
+    """llk.h's llk_nextn."""
+
+    _fields_ = [
+        ("embd", _vp), ("embd_rows", _i64), ("embd_row_bytes", _i64),
+        ("embd_type", _i32), ("eh_n_parts", _i32), ("embd_scale", _f32), ("eps", _f32),
+        ("enorm", _vp), ("hnorm", _vp), ("eh_parts", _vp), ("block", _vp), ("head_parts", _vp),
+        ("head_n_parts", _i32), ("reserved", _i32), ("head_fuse", cpu_native._Fuse),
+        ("e", _vp), ("cat", _vp), ("x0", _vp), ("zin", _vp),
+    ]  # fmt: skip
+
+
+_NEXTN = cpu_native._lib.llk_nextn_run if cpu_native._lib is not None else None
+
+
+class NextNSite:
+    """A NextN head's draft step in one native call (llk_nextn_run): the embedding lookup
+    (cpu_ops.EmbedRows), x0 = eh_proj [rms(e) * enorm | rms(h_prev) * hnorm], the head's block
+    (its BlockSite, bound for up to m rows) and the draft head with its input norm on the rows
+    that draft: the calls core/models/nextn.py makes one by one, on buffers of the same values,
+    so the same bits. A callable (tokens, h_prev, z_rows, cos, sin, kv, slots, n_read, kpos,
+    qpos, window, mask) -> (y [T, n_embd], z [len(z_rows), head rows]). Not thread-safe."""
+
+    def __init__(self, block: BlockSite, embed, norms: tuple, eps: float, eh_proj, head,
+                 head_norm: torch.Tensor):  # fmt: skip
+        """embed: a cpu_ops.EmbedRows; norms: (enorm, hnorm) fp32 [n_embd]; eh_proj, head:
+        NativeLinear [2 n_embd -> n_embd] and [n_embd -> head rows]."""
+        e, m = block.n_embd, block._b.m
+        if eh_proj.in_features != 2 * e or eh_proj.out_features != e or head.in_features != e:
+            raise LlmkitError("NextNSite: eh_proj / head shapes do not fit the block")
+        if embed.k != e:
+            raise LlmkitError("NextNSite: the embedding width is not the block's")
+        f32 = torch.float32
+        self.buffers = tuple(torch.empty(m, w, dtype=f32) for w in (e, 2 * e, e, e))
+        fuse = head._fuse((head_norm, eps), None, None)
+        n = _NextN()
+        n.embd_type, n.embd, n.embd_rows, n.embd_row_bytes, _ = embed.bound
+        n.embd_scale, n.eps = embed.scale, eps
+        n.enorm, n.hnorm = (t.data_ptr() for t in norms)
+        n.eh_parts, n.eh_n_parts = ctypes.cast(eh_proj._parts, _vp), eh_proj._n_parts
+        n.block = ctypes.addressof(block._b)
+        n.head_parts, n.head_n_parts = ctypes.cast(head._parts, _vp), head._n_parts
+        n.head_fuse = fuse[0]
+        n.e, n.cat, n.x0, n.zin = (t.data_ptr() for t in self.buffers)
+        self._keep = (block, embed, norms, eh_proj, head, fuse)  # what the struct points into
+        self._ref, self.m, self.n_embd, self.n_head = ctypes.byref(n), m, e, head.out_features
+        self._n = n
+
+    def __call__(self, tokens: torch.Tensor, h_prev: torch.Tensor, z_rows: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, kv, slots, n_read: int, kpos, qpos, window,
+                 mask) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """tokens, z_rows: contiguous int64; h_prev: contiguous fp32 [T, n_embd]; the rest as
+        BlockSite's."""
+        t, nz = tokens.numel(), z_rows.numel()
+        y = torch.empty(t, self.n_embd, dtype=torch.float32)
+        z = torch.empty(nz, self.n_head, dtype=torch.float32)
+        rc = _NEXTN(
+            self._ref, t, tokens.data_ptr(), h_prev.data_ptr(), y.data_ptr(), nz,
+            z_rows.data_ptr(), z.data_ptr(), cos.data_ptr(), sin.data_ptr(), kv, slots.data_ptr(),
+            n_read, kpos.data_ptr(), qpos.data_ptr(), window or 0,
+            mask.data_ptr() if mask is not None else None,
+        )  # fmt: skip
+        if rc == -2 and (int(tokens.min()) < 0 or int(tokens.max()) >= self._n.embd_rows):
+            raise LlmkitError(
+                f"token ids must lie in [0, {self._n.embd_rows}) for the embedding lookup"
+            )
+        if rc:
+            raise LlmkitError(f"native NextN step failed: {cpu_native._ERRORS.get(rc, rc)}")
+        return y, z

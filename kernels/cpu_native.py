@@ -122,6 +122,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_embed_rows": (ctypes.c_int, [i32, vp, i64, i64, i64, vp, i64, f32, vp]),
         "llk_block_run": (ctypes.c_int, [vp, i64, vp, vp, vp, vp, vp, vp, i64, vp, vp, i64, vp]),
         "llk_stack_run": (ctypes.c_int, [vp, vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp]),
+        "llk_nextn_run": (ctypes.c_int, [
+            vp, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, i64, vp, vp, i64, vp,
+        ]),
         "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
         "llk_attend": (ctypes.c_int, [
             vp, i64, i64, i64, i64, vp, i64, vp, i64, vp, vp, i32, i64, i64, vp, i32, i64, i64,

@@ -322,6 +322,19 @@ def stack_site(sites: list, rope_index: list[int]):
     return cpu_block.StackSite(sites, rope_index)
 
 
+def nextn_site(block, embed, norms: tuple, eps: float, eh_proj, head, head_norm):
+    """A NextN head's draft step (embedding, input norms, eh_proj, its block `block`: a
+    block_site, and the draft head with its norm `head_norm`) in one native call
+    (cpu_block.NextNSite), or None when a part is off the native CPU path."""
+    if (
+        block is None
+        or not isinstance(embed, cpu_ops.EmbedRows)
+        or any(type(w) is not cpu_native.NativeLinear for w in (eh_proj, head))
+    ):
+        return None
+    return cpu_block.NextNSite(block, embed, norms, eps, eh_proj, head, head_norm)
+
+
 def attention_native(q, k, k_kind, v, v_kind, dv: int, n_read: int, kpos, qpos, scale: float,
                      window, mask=None, slot_idx=None) -> torch.Tensor:  # fmt: skip
     """The native kernel over the cache as stored: k/v [Hkv, cap, row] of their element types,

@@ -165,6 +165,47 @@ def test_draft_vocabulary_restricts_draft_logits(base, tmp_path):
         lm.model.mtp.set_draft_vocab(torch.tensor([0, lm.config.n_vocab]))
 
 
+@pytest.mark.parametrize("vocab", [None, [3, 5, 17, 40, 41, 99, 200]])
+def test_native_draft_step_is_the_separate_calls(base, tmp_path, vocab, monkeypatch):
+    """A draft pass on the native CPU path is one call (kernels/cpu_block.NextNSite): the same
+    hidden rows and draft logits, bit for bit, as the head's forward and draft_logits call by
+    call, for passes of 1..5 rows (mirrored rows folded in) over a cache that already holds
+    rows."""
+    from llmkit.core.cache.kv import KVCache
+    from llmkit.kernels import cpu_block
+
+    lm32 = load_model(base, kernels="torch")
+    head = _write_head(lm32, _blocks(lm32, 1), tmp_path / "head.gguf")
+    lm = load_model(base, mtp=True, draft_path=head)
+    heads, H = lm.model.mtp, lm.config.n_embd
+    heads.set_draft_vocab(torch.tensor(vocab) if vocab is not None else None)
+    calls = [0]
+    orig = cpu_block.NextNSite.__call__
+    monkeypatch.setattr(cpu_block.NextNSite, "__call__", lambda *a: calls.__setitem__(0, calls[0] + 1) or orig(*a))  # fmt: skip
+
+    def run():
+        gen, out = torch.Generator().manual_seed(1), []
+        with torch.inference_mode():
+            cache = MTPDrafter(heads, 64, 8).kv.caches[0]
+            heads.forward(0, torch.randint(0, 300, (6,), generator=gen),
+                          torch.randn(6, H, generator=gen), cache, logits=None)  # fmt: skip
+            for t in (1, 2, 5, 3, 1):
+                rows = [t - 1] if t < 3 else [0, t - 1]
+                tokens = torch.randint(0, 300, (t,), generator=gen)
+                x, z, ids = heads.draft_step(0, tokens, torch.randn(t, H, generator=gen) * 3,
+                                             cache, rows)  # fmt: skip
+                assert (ids is None) == (vocab is None)
+                out += [x, z]
+        return out
+
+    native = run()
+    assert calls[0] == 5
+    monkeypatch.setattr(KVCache, "native_step", lambda self, il: None)
+    separate = run()
+    assert calls[0] == 5
+    assert all(torch.equal(a, b) for a, b in zip(native, separate, strict=True))
+
+
 def test_draft_vocab_ranks_teacher_argmaxes():
     def seq(top1):
         t = torch.tensor(top1)

@@ -337,9 +337,10 @@ class NextNDrafter:
             counts = [len(r) for r in rows]
             cache = self.kv.batch(head, [jobs[i].state.seqs[head] for i in act], counts)
             t = torch.tensor([x for r in rows for x in r])
-            h_out = self.heads.forward(head, t, torch.cat(h_rows), cache, logits=None).hidden
             ends = list(itertools.accumulate(counts))
-            z, ids = self.heads.draft_logits(head, h_out[[e - 1 for e in ends]])
+            h_out, z, ids = self.heads.draft_step(
+                head, t, torch.cat(h_rows), cache, [e - 1 for e in ends]
+            )
             for r, (i, end) in enumerate(zip(act, ends, strict=True)):
                 ran[i][head] = True
                 b = jobs[i].branches if step == 0 else 1

@@ -53,6 +53,11 @@ class _HeadsOnDevice:
         z, ids = self._heads.draft_logits(head, x.to(self._device))
         return z.cpu(), ids.cpu() if ids is not None else None
 
+    def draft_step(self, head: int, tokens, h, cache, rows: list[int]):
+        d = self._device
+        x, z, ids = self._heads.draft_step(head, tokens.to(d), h.to(d), cache, rows)
+        return x.cpu(), z.cpu(), ids.cpu() if ids is not None else None
+
 
 class OnDevice:
     """Wraps an architecture's Model (the CausalLM contract, CPU tensors in and out). On a CUDA

@@ -77,6 +77,12 @@ class DraftHeads(Protocol):
         self, head: int, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
+    def draft_step(
+        self, head: int, tokens: torch.Tensor, h: torch.Tensor, cache: Cache, rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """forward(..., logits=None).hidden and draft_logits(head, hidden[rows]) in one."""
+        ...
+
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None: ...
 
 

@@ -46,8 +46,12 @@ def lm_head(backend: Backend, tensors: dict[str, QTensor]):
 def head_logits(c: ModelConfig, head, norm: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """head(rms(x)), soft-capped when the model declares a cap: logits [n, V] fp32 (the norm is
     the native linear's prologue on a CPU: the same row op, one call)."""
-    out = ops.linear(head, x, norm=(norm, c.eps))
-    return torch.tanh(out / c.softcap) * c.softcap if c.softcap > 0 else out
+    return softcap(c, ops.linear(head, x, norm=(norm, c.eps)))
+
+
+def softcap(c: ModelConfig, z: torch.Tensor) -> torch.Tensor:
+    """Logits soft-capped when the model declares a cap (tanh(z / cap) * cap), else z."""
+    return torch.tanh(z / c.softcap) * c.softcap if c.softcap > 0 else z
 
 
 def select_rows(x: torch.Tensor, logits: Rows) -> torch.Tensor:

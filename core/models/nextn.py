@@ -18,13 +18,14 @@ window, so its cache is a ring like the trunk's local layers).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from threading import get_ident
 
 import torch
 
 from llmkit.core.model.protocol import Cache, ForwardOutput, Rows
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import Embedding, head_logits, select_rows
+from llmkit.core.models.common import Embedding, head_logits, select_rows, softcap
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
 from llmkit.kernels.rope import rope_cache
@@ -71,6 +72,7 @@ class NextNHead:
     head_weight: QTensor  # the head's GGUF tensor (a draft vocabulary selects rows of it)
     embed: Embedding
     draft_head: object | None = None  # head restricted to the draft vocabulary
+    sites: dict = field(default_factory=dict)  # (thread, rows) -> its draft_step native call
 
 
 class NextNHeads:
@@ -131,6 +133,36 @@ class NextNHeads:
         """NextN block `head` on rows (token at p, trunk or draft hidden of p - 1) -> logits for
         the requested rows and h_out [T, H] pre-norm. `cache` holds layer n_layer + head;
         logits=None skips the head (mirroring only fills the block's KV)."""
+        n, rope = self._begin(head, tokens, h, cache)
+        x = self._block(n, tokens, h, rope, cache)
+        if logits is None:
+            return ForwardOutput(None, x)
+        z, ids = self.draft_logits(head, select_rows(x, logits))
+        if ids is None:
+            return ForwardOutput(z, x)
+        full = z.new_full((z.shape[0], self.config.n_vocab), float("-inf"))
+        full[:, ids] = z
+        return ForwardOutput(full, x)
+
+    def draft_step(self, head: int, tokens: torch.Tensor, h: torch.Tensor, cache: Cache,
+                   rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """A draft pass: forward(head, tokens, h, cache, logits=None).hidden and the
+        draft_logits of its rows `rows`, as (h_out [T, H], z, ids). On the native CPU path one
+        call (ops.nextn_site) makes the same kernel calls on the same values: the same bits,
+        without the interpreter between them."""
+        n, rope = self._begin(head, tokens, h, cache)
+        site = self._site(n, h)
+        step = cache.native_step(n.block.il) if site is not None else None
+        if step is None:
+            x = self._block(n, tokens, h, rope, cache)
+            return (x, *self.draft_logits(head, x[rows]))
+        if tokens.dtype != torch.long or not tokens.is_contiguous():
+            tokens = tokens.long().contiguous()
+        y, z = site(tokens, h, torch.tensor(rows, dtype=torch.long), *rope, *step)
+        return y, softcap(self.config, z), self.draft_vocab
+
+    def _begin(self, head: int, tokens: torch.Tensor, h: torch.Tensor, cache: Cache) -> tuple:
+        """Checks, then this pass's positions reserved in `cache`: (the head, its RoPE rows)."""
         if not 0 <= head < self.n_heads:
             raise LlmkitError(f"MTP head {head} is not loaded ({self.n_heads} heads)")
         c, n = self.config, self.heads[head]
@@ -139,16 +171,27 @@ class NextNHeads:
             raise LlmkitError(f"MTP hidden must be [{T}, {c.n_embd}], got {list(h.shape)}")
         pos = cache.positions(T)
         cache.begin(pos)
-        x0 = nextn_input(c, n.eh_proj, n.enorm, n.hnorm, n.embed(tokens), h.float())
-        x = n.block(x0, rope_cache(pos, *n.block.rope), cache)
-        if logits is None:
-            return ForwardOutput(None, x)
-        z, ids = self.draft_logits(head, select_rows(x, logits))
-        if ids is None:
-            return ForwardOutput(z, x)
-        full = z.new_full((z.shape[0], c.n_vocab), float("-inf"))
-        full[:, ids] = z
-        return ForwardOutput(full, x)
+        return n, rope_cache(pos, *n.block.rope)
+
+    def _block(self, n: NextNHead, tokens, h, rope, cache) -> torch.Tensor:
+        """The head's input projection and block, op by op."""
+        x0 = nextn_input(self.config, n.eh_proj, n.enorm, n.hnorm, n.embed(tokens), h.float())
+        return n.block(x0, rope, cache)
+
+    def _site(self, n: NextNHead, h: torch.Tensor):
+        """Head n's draft pass for h's rows as one native call (ops.nextn_site), or None: built
+        once per thread and row count, and again when the draft head changes."""
+        if h.dtype != torch.float32 or not h.is_contiguous() or h.requires_grad:
+            return None
+        head = n.draft_head if self.draft_vocab is not None else n.head
+        block = n.block.native_site(h)  # the block's own bound call for these rows
+        key = (get_ident(), h.shape[0])
+        s = n.sites.get(key)
+        if s is None or s[0] is not block or s[1] is not head:
+            site = ops.nextn_site(block, n.embed.lookup, (n.enorm, n.hnorm), self.config.eps,
+                                  n.eh_proj, head, n.head_norm)  # fmt: skip
+            s = n.sites[key] = (block, head, site)
+        return s[2]
 
     def draft_logits(self, head: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of head `head` for its output rows x [n, H] over the draft vocabulary: (z [n,

@@ -73,3 +73,33 @@ int llk_stack_run(const llk_block *const *blocks, const llk_kv_layer *const *kvs
     }
     return LLK_OK;
 }
+
+/* A NextN draft step: the calls core/models/nextn.py makes one by one (embedding lookup, the two
+ * input norms into the halves of one row, eh_proj, the block, the draft head on the rows that
+ * draft), on buffers of the same values, so the same bits; one call instead of five. */
+int llk_nextn_run(const llk_nextn *n, int64_t m, const int64_t *tokens, const float *h_prev,
+                  float *y, int64_t n_z, const int64_t *z_rows, float *z, const float *cos_t,
+                  const float *sin_t, const llk_kv_layer *kv, const int64_t *slots, int64_t n_read,
+                  const int64_t *kpos, const int64_t *qpos, int64_t window, const uint8_t *mask) {
+    const llk_block *b = n->block;
+    const int64_t e = b->n_embd;
+    if (m < 1 || m > b->m || n_z < 0 || n_z > m) return LLK_E_SHAPE;
+    for (int64_t i = 0; i < n_z; i++)
+        if (z_rows[i] < 0 || z_rows[i] >= m) return LLK_E_SHAPE;
+    int rc = llk_embed_rows(n->embd_type, n->embd, n->embd_rows, n->embd_row_bytes, e, tokens, m,
+                            n->embd_scale, n->e);
+    if (!rc) rc = llk_rms_norm(n->e, m, e, e, n->enorm, n->eps, n->cat, 2 * e);
+    if (!rc) rc = llk_rms_norm(h_prev, m, e, e, n->hnorm, n->eps, n->cat + e, 2 * e);
+    if (!rc) rc = llk_matmul(n->cat, m, 2 * e, 2 * e, n->eh_parts, n->eh_n_parts, n->x0, e);
+    if (!rc)
+        rc = llk_block_run(b, m, n->x0, y, cos_t, sin_t, kv, slots, n_read, kpos, qpos, window,
+                           mask);
+    if (rc || n_z == 0) return rc;
+    for (int64_t i = 0; i < n_z; i++)
+        memcpy(n->zin + i * e, y + z_rows[i] * e, (size_t)e * sizeof(float));
+    int64_t n_out = 0;
+    for (int32_t p = 0; p < n->head_n_parts; p++)
+        if (n->head_parts[p].col + n->head_parts[p].n > n_out)
+            n_out = n->head_parts[p].col + n->head_parts[p].n;
+    return llk_linear(n->zin, n_z, e, e, &n->head_fuse, n->head_parts, n->head_n_parts, z, n_out);
+}

@@ -234,6 +234,34 @@ LLK_API int llk_stack_run(const llk_block *const *blocks, const llk_kv_layer *co
                           const float *x, float *y, float *tmp, const float *const *cos_t,
                           const float *const *sin_t, const llk_step_group *groups);
 
+/* A NextN (MTP) head's draft step bound to its weights and to buffers of up to `m` rows (block.c):
+ * the token embedding (any weight type, times embd_scale unless 0), the input norms and eh_proj,
+ * the head's decoder block, and the draft head with its input norm (fuse). Layout is part of the
+ * ABI (mirrored by ctypes in kernels/cpu_block.py). */
+typedef struct {
+    const void *embd;
+    int64_t embd_rows, embd_row_bytes;
+    int32_t embd_type, eh_n_parts;
+    float embd_scale, eps;
+    const float *enorm, *hnorm;
+    const llk_part *eh_parts;
+    const llk_block *block;
+    const llk_part *head_parts;
+    int32_t head_n_parts, reserved;
+    llk_fuse head_fuse;
+    float *e, *cat, *x0, *zin; /* [m, n_embd], [m, 2 n_embd], [m, n_embd], [m, n_embd] */
+} llk_nextn;
+
+/* y [m, n_embd] = the head's block over x0 = eh_proj [rms(embd[tokens]) * enorm | rms(h_prev) *
+ * hnorm] (h_prev [m, n_embd] contiguous), and z [n_z, head rows] = the draft head over the norm
+ * of rows z_rows of y; the block's arguments as llk_block_run's. */
+LLK_API int llk_nextn_run(const llk_nextn *n, int64_t m, const int64_t *tokens,
+                          const float *h_prev, float *y, int64_t n_z, const int64_t *z_rows,
+                          float *z, const float *cos_t, const float *sin_t,
+                          const llk_kv_layer *kv, const int64_t *slots, int64_t n_read,
+                          const int64_t *kpos, const int64_t *qpos, int64_t window,
+                          const uint8_t *mask);
+
 #ifdef __cplusplus
 }
 #endif
