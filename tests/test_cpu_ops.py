@@ -201,6 +201,38 @@ def test_few_lane_attention_is_the_same_bits_on_every_isa(G, hkv, D, S, kind):
             assert torch.equal(cpu_ops.attention(q[-1:], *one), best[-1:])
 
 
+@pytest.mark.parametrize("G, hkv, D, S", [(4, 1, 256, 200), (4, 1, 256, 530), (3, 3, 64, 2060)])
+def test_decode_attention_schedules_give_the_same_bits(G, hkv, D, S):
+    """Decode attention splits a few units' work in phases over the threads (with one KV head
+    as soon as S (Dk + Dv) >= 2^16: a thread would idle) or runs each unit in one chunk (one
+    thread): the same arithmetic, so one thread and two give the same bits."""
+    g = _g(S + D)
+    kb, _ = _cache("f16", torch.randn(hkv, S, D, generator=g))
+    vb, _ = _cache("f16", torch.randn(hkv, S, D, generator=g))
+    q = torch.randn(2, G * hkv, D, generator=g)
+    args = (
+        kb,
+        KINDS["f16"],
+        vb,
+        KINDS["f16"],
+        D,
+        S,
+        torch.arange(S),
+        torch.arange(S - 2, S),
+        0.1,
+        0,
+    )
+    n = cpu_native.get_threads()
+    try:
+        out = []
+        for threads in (1, 2):
+            cpu_native.set_threads(threads)
+            out.append(cpu_ops.attention(q, *args))
+    finally:
+        cpu_native.set_threads(n)
+    assert torch.equal(out[0], out[1])
+
+
 @pytest.mark.parametrize("n", [1, 7, 16, 17, 33, 1000, 49157])
 def test_argmax_is_torch_argmax_on_every_isa(n):
     """First maximum on ties, first NaN when there is one (torch's choice), all -inf -> 0."""
