@@ -48,9 +48,10 @@
 /* floats of the thread's K-row area: KB decoded rows, or SB rows and their transpose */
 #define K_AREA(dk) (2 * SB * (dk))
 #define VB 64  /* V rows decoded at a time for the probability-weighted sum */
-/* slots x (Dk + Dv) from which decode splits a unit's work: earlier when a thread would idle */
-#define PHASE_MIN_WORK (1 << 18)
-#define PHASE_MIN_WORK_IDLE (1 << 16)
+/* slots x (Dk + Dv) from which decode splits a unit's work (Zen 4, 2 threads: Gemma 3's one KV
+ * head at 300 slots 14% less trunk time than one thread on it; SmolLM2's 3 at 560-1200 slots
+ * 1-3% less; below, the three hand-offs cost more than the idle thread) */
+#define PHASE_MIN_WORK (1 << 16)
 
 /* The query in K's dot format: floats rounded to K's type, or q8_0 blocks (codes + fp16 d). */
 typedef struct {
@@ -389,10 +390,8 @@ int llk_attention(const float *q, int64_t T, int64_t hq, int64_t dk, int64_t ldq
                         slot_idx, mask, scale, out};
     const int64_t units = (T + TILE - 1) / TILE * hkv;
     const kernels_t K = kernels_for_isa();
-    /* phases cost three hand-offs: worth it only when a few units hold much work, or (fewer
-     * units than threads: Gemma 3's one KV head) when a thread would otherwise idle */
-    const int64_t nth = llk_pool_threads(), work = S * (dk + dv);
-    if ((units < 2 * nth && work >= PHASE_MIN_WORK) || (units < nth && work >= PHASE_MIN_WORK_IDLE))
+    /* phases cost three hand-offs: worth it only when a few units hold much work */
+    if (units < 2 * llk_pool_threads() && S * (dk + dv) >= PHASE_MIN_WORK)
         return run_phases(&J, K, prep_for_isa(), units);
     const int64_t G = hq / hkv;
     if (!grow(&tl_unit, &tl_unit_cap, unit_bytes(G, S, dk, dv)) ||
