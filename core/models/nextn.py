@@ -181,7 +181,12 @@ class NextNHeads:
     def _site(self, n: NextNHead, h: torch.Tensor):
         """Head n's draft pass for h's rows as one native call (ops.nextn_site), or None: built
         once per thread and row count, and again when the draft head changes."""
-        if h.dtype != torch.float32 or not h.is_contiguous() or h.requires_grad:
+        if (
+            h.dtype != torch.float32
+            or not h.is_contiguous()
+            or h.requires_grad
+            or type(n.embed) is not Embedding  # e.g. a tensor-parallel one (core/distributed)
+        ):
             return None
         head = n.draft_head if self.draft_vocab is not None else n.head
         block = n.block.native_site(h)  # the block's own bound call for these rows
