@@ -323,13 +323,11 @@ def stack_site(sites: list, rope_index: list[int]):
 
 
 def nextn_site(block, embed, norms: tuple, eps: float, eh_proj, head, head_norm):
-    """A NextN head's draft step (embedding, input norms, eh_proj, its block `block`: a
-    block_site, and the draft head with its norm `head_norm`) in one native call
-    (cpu_block.NextNSite), or None when a part is off the native CPU path."""
-    if (
-        block is None
-        or not isinstance(embed, cpu_ops.EmbedRows)
-        or any(type(w) is not cpu_native.NativeLinear for w in (eh_proj, head))
+    """A NextN head's draft step (embedding, input norms, eh_proj, its block: a block_site, and
+    the draft head with its norm `head_norm`) in one native call (cpu_block.NextNSite), or None
+    when a part is off the native CPU path."""
+    if not isinstance(embed, cpu_ops.EmbedRows) or any(
+        type(w) is not cpu_native.NativeLinear for w in (eh_proj, head)
     ):
         return None
     return cpu_block.NextNSite(block, embed, norms, eps, eh_proj, head, head_norm)

@@ -188,8 +188,10 @@ class NextNHeads:
             or type(n.embed) is not Embedding  # e.g. a tensor-parallel one (core/distributed)
         ):
             return None
-        head = n.draft_head if self.draft_vocab is not None else n.head
         block = n.block.native_site(h)  # the block's own bound call for these rows
+        if block is None:  # off the native path, or more rows than a bound step serves
+            return None
+        head = n.draft_head if self.draft_vocab is not None else n.head
         key = (get_ident(), h.shape[0])
         s = n.sites.get(key)
         if s is None or s[0] is not block or s[1] is not head:
