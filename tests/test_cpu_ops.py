@@ -157,7 +157,8 @@ def test_fused_linear_is_the_separate_calls(qtype):
 
 @pytest.mark.parametrize("k_kind, v_kind, D", [("f16", "f16", 64), ("bf16", "f16", 44),
                                                ("f16", "bf16", 44), ("q8_0", "q4_0", 64),
-                                               ("f16", "q8_0", 96), ("q8_0", "q8_0", 96)])  # fmt: skip
+                                               ("f16", "q8_0", 96), ("q8_0", "q8_0", 96),
+                                               ("q4_0", "f16", 96)])  # fmt: skip
 def test_attention_is_the_same_bits_on_every_isa(k_kind, v_kind, D):
     """Each ISA's decoders (vector row conversions with scalar tails) and micro-kernels: one result."""
     g = _g(4)
