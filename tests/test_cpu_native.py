@@ -165,6 +165,27 @@ def test_batch_and_thread_invariant_bit_for_bit(qtype, path):
             assert torch.equal(cn.matmul(x[perm], wb, qtype), single[perm])
 
 
+def test_fused_parts_split_and_stolen_between_threads_bit_for_bit():
+    """Output groups of 8 rows cut into one range per thread and stolen from the back
+    (matmul.c, llk_ranges): parts whose row counts are not multiples of 8, mixed types, and
+    more threads than CPUs (descheduled workers: the others take their ranges) compute every
+    element once, exactly as one thread does."""
+    k = 512
+    parts = [(_weights(QT.Q4_K, 13, k, seed=7), QT.Q4_K, (13, k)),
+             (_weights(QT.Q8_0, 29, k, seed=8), QT.Q8_0, (29, k)),
+             (_weights(QT.Q6_K, 3, k, seed=9), QT.Q6_K, (3, k)),
+             (_weights(QT.Q4_1, 70, k, seed=10), QT.Q4_1, (70, k))]  # fmt: skip
+    lin = cn.NativeLinear(parts)
+    x = _x(17, k, seed=11)
+    cn.set_threads(1)
+    want = lin(x)
+    for threads in (2, 3, 5):
+        cn.set_threads(threads)
+        for m in (1, 2, 5, 17):
+            for _ in range(20):  # schedules differ from call to call
+                assert torch.equal(lin(x[:m]), want[:m]), f"threads={threads} M={m}"
+
+
 @pytest.mark.skipif(cn.isa() == "scalar" if cn.available() else True, reason="no SIMD path")
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_simd_close_to_scalar(qtype):
@@ -283,3 +304,4 @@ def test_concurrent_python_threads_get_correct_results():
     for t in threads:
         t.join()
     assert not errors and len(results) == 150 and all(results)
+

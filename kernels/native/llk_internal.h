@@ -235,4 +235,23 @@ void llk_run_locked(llk_chunk_fn fn, void *arg, int nchunks);
 int llk_pool_set_threads(int n); /* with the call lock held; n < 1: all CPUs of the affinity */
 void llk_pool_set_spin_us(int us);
 
+/* Work ranges with stealing: slot s holds the unclaimed part [lo, hi) of its range of items. Its
+ * home thread claims from the front (contiguous pieces: the weight stream goes on without a
+ * restart); a thread whose own slot is empty steals the back half of the fullest other slot into
+ * it. Balanced to about an item, whichever thread is slow or never runs, with few stream starts
+ * (each costs a DRAM latency or more: 8 even chunks per thread instead of 1 made small M = 1
+ * calls up to 1.7x slower). */
+#define LLK_MAX_SLOTS 256
+typedef struct {
+    _Alignas(64) uint64_t w; /* hi << 32 | lo */
+} llk_slot;
+typedef struct {
+    int n;
+    llk_slot s[LLK_MAX_SLOTS];
+} llk_ranges;
+/* n slots (n <= LLK_MAX_SLOTS), slot i = [bounds[i], bounds[i + 1]) (bounds < 2^31). */
+void llk_ranges_init(llk_ranges *r, const int64_t *bounds, int n);
+/* The next piece [*lo, *hi) for the thread whose slot is `home`; 0 when every item is claimed. */
+int llk_ranges_next(llk_ranges *r, int home, int64_t *lo, int64_t *hi);
+
 #endif

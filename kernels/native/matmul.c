@@ -2,9 +2,10 @@
  *
  * A call: (1) each activation row is converted once to every format its weight types need
  * (llk_internal.h), into a grow-only scratch buffer (large calls share this among the threads
- * as the first chunks of the job); (2) the concatenated output columns of all parts are cut into
- * a few contiguous chunks per thread (weighted by weight bytes when M is small, where the call
- * streams memory; boundaries on multiples of 8 rows), claimed by whichever thread is free. Each
+ * as the first chunks of the job); (2) the concatenated output columns of all parts, in groups of
+ * 8 rows, are cut into one contiguous range per thread (weighted by weight bytes when M is small,
+ * where the call streams memory), which its thread walks front to back and a thread done with
+ * its own steals from the back of (llk_ranges: one weight stream per thread, balanced). Each
  * output element is computed by exactly one kernel call whose arithmetic does not depend on the
  * chunk, the thread or the tile, so neither the thread count nor M can change a result. Within
  * a chunk, M > rmax is cut into balanced tiles of at most rmax rows and the weight rows are
@@ -13,6 +14,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 
 #include "llk_internal.h"
@@ -29,7 +31,6 @@
 
 #define PAR_MIN_WORK 8192      /* weight bytes x rows below which one thread does the call */
 #define PAR_QUANT_MIN 16384    /* M * K from which the threads share the quantization */
-#define CHUNKS_PER_THREAD 2    /* compute chunks per thread: balance vs claim overhead */
 #define L1_BLOCK_BYTES 16384   /* weight bytes walked per activation tile in a multi-tile call */
 
 static pthread_mutex_t call_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -182,12 +183,14 @@ typedef struct {
     const llk_isa_table *t;
     llk_act act[5]; /* by LLK_ACT_* format */
     int need[5];
-    int qchunks, nchunks; /* quantization chunks (first), compute chunks */
+    int qchunks, nchunks; /* quantization chunks (first), compute chunks = range slots */
     int quant_done;       /* quantization chunks finished (atomic) */
     int64_t rows, cost;   /* total weight rows, total cost */
     int64_t row_cost[64]; /* cost of one row of each part (n_parts <= 64) */
+    int64_t gbase[65];    /* first 8-row group of each part; gbase[n_parts]: all groups */
     int type_idx[64];     /* llk_type_index of each part's type (validated) */
     int64_t mt;           /* activation rows per tile */
+    llk_ranges ranges;    /* the groups, a range per compute chunk */
 } job_t;
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -221,33 +224,36 @@ static void quantize_rows(job_t *j, int64_t r0, int64_t r1) {
     }
 }
 
-/* First global weight row of chunk `t` of `nth`: rows split by cumulative cost. */
-static int64_t split_row(const job_t *j, int t, int nth) {
-    if (t >= nth) return j->rows;
-    const int64_t target = (int64_t)((double)j->cost * t / nth);
-    int64_t base = 0, cum = 0;
-    for (int p = 0; p < j->n_parts; p++) {
-        const int64_t n = j->parts[p].n, c = j->row_cost[p];
-        if (target < cum + n * c) { /* a multiple of LLK_NR rows into the part */
-            int64_t r = (target - cum + c - 1) / c;
-            r = (r + LLK_NR - 1) / LLK_NR * LLK_NR;
-            return base + (r < n ? r : n);
+/* Slot bounds in 8-row groups (gbase[p]: part p's first group): nth ranges of equal cost. */
+static void split_groups(const job_t *j, int nth, int64_t *bounds) {
+    bounds[0] = 0;
+    for (int t = 1; t <= nth; t++) {
+        const int64_t target = (int64_t)((double)j->cost * t / nth);
+        int64_t g = j->gbase[j->n_parts], cum = 0;
+        for (int p = 0; p < j->n_parts; p++) {
+            const int64_t n = j->parts[p].n, c = j->row_cost[p];
+            if (target < cum + n * c) {
+                const int64_t r = (target - cum + c - 1) / c; /* rows into the part */
+                g = j->gbase[p] + (r + LLK_NR - 1) / LLK_NR;
+                break;
+            }
+            cum += n * c;
         }
-        base += n;
-        cum += n * c;
+        g = g < bounds[t - 1] ? bounds[t - 1] : g;
+        bounds[t] = g < j->gbase[j->n_parts] ? g : j->gbase[j->n_parts];
     }
-    return j->rows;
+    bounds[nth] = j->gbase[j->n_parts];
 }
 
-static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1) {
+static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts) {
     const llk_part *p = &j->parts[pi];
     const llk_row_fn fn = j->t->row[j->type_idx[pi]];
     const llk_act *a = &j->act[llk_act_format(p->type)];
     const uint8_t *w = (const uint8_t *)p->w;
     const int64_t st = p->row_stride, m = j->m, mt = j->mt, ldy = j->ldy;
     float *y = j->y + p->col;
-    /* the kernels prefetch the next group of rows; start the first two now */
-    llk_prefetch_l2(w + n0 * st, (n1 - n0 < 2 * LLK_NR ? n1 - n0 : 2 * LLK_NR) * st);
+    /* the kernels prefetch the group after the next; at a stream's start, the first two now */
+    if (starts) llk_prefetch_l2(w + n0 * st, (n1 - n0 < 2 * LLK_NR ? n1 - n0 : 2 * LLK_NR) * st);
     if (m <= mt) {
         for (int64_t n = n0; n < n1; n += LLK_NR) {
             const int nr = (int)(n1 - n < LLK_NR ? n1 - n : LLK_NR);
@@ -270,6 +276,17 @@ static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1) {
     }
 }
 
+/* Groups [g0, g1) of the concatenated parts; `starts`: not the continuation of the last piece */
+static void run_groups(const job_t *j, int64_t g0, int64_t g1, int starts) {
+    for (int p = 0; p < j->n_parts && j->gbase[p] < g1; p++) {
+        const int64_t b = j->gbase[p], e = j->gbase[p + 1];
+        if (e <= g0) continue;
+        const int64_t n0 = (g0 > b ? g0 - b : 0) * LLK_NR;
+        const int64_t n1 = (g1 - b) * LLK_NR < j->parts[p].n ? (g1 - b) * LLK_NR : j->parts[p].n;
+        run_part(j, p, n0, n1, starts || g0 < b);
+    }
+}
+
 static void chunk_fn(void *arg, int c) {
     job_t *j = (job_t *)arg;
     if (c < j->qchunks) {
@@ -277,15 +294,25 @@ static void chunk_fn(void *arg, int c) {
         __atomic_add_fetch(&j->quant_done, 1, __ATOMIC_RELEASE);
         return;
     }
-    if (j->qchunks) llk_wait_counter(&j->quant_done, j->qchunks);
-    c -= j->qchunks;
-    const int64_t lo = split_row(j, c, j->nchunks), hi = split_row(j, c + 1, j->nchunks);
-    int64_t base = 0;
-    for (int p = 0; p < j->n_parts && base < hi; p++) {
-        const int64_t n = j->parts[p].n;
-        const int64_t n0 = lo > base ? lo - base : 0, n1 = hi - base < n ? hi - base : n;
-        if (n0 < n1) run_part(j, p, n0, n1);
-        base += n;
+    int64_t g0, g1, end = -1;
+    if (j->qchunks) {
+        /* while the activations are being quantized: this slot's first weight rows in flight */
+        const int64_t first = (int64_t)(uint32_t)__atomic_load_n(&j->ranges.s[c - j->qchunks].w,
+                                                                 __ATOMIC_RELAXED);
+        for (int p = 0; p < j->n_parts; p++)
+            if (first < j->gbase[p + 1]) {
+                const llk_part *pt = &j->parts[p];
+                const int64_t n0 = (first - j->gbase[p]) * LLK_NR;
+                const int64_t nr = pt->n - n0 < 2 * LLK_NR ? pt->n - n0 : 2 * LLK_NR;
+                llk_prefetch_l2((const uint8_t *)pt->w + n0 * pt->row_stride, nr * pt->row_stride);
+                end = first; /* the first piece needs no start prefetch of its own */
+                break;
+            }
+        llk_wait_counter(&j->quant_done, j->qchunks);
+    }
+    while (llk_ranges_next(&j->ranges, c - j->qchunks, &g0, &g1)) {
+        run_groups(j, g0, g1, g0 != end);
+        end = g1;
     }
 }
 
@@ -293,7 +320,7 @@ int llk_matmul(const float *x, int64_t m, int64_t k, int64_t ldx, const llk_part
                int32_t n_parts, float *y, int64_t ldy) {
     if (m < 0 || k <= 0 || ldx < k || n_parts < 0 || n_parts > 64) return LLK_E_SHAPE;
     job_t j;
-    memset(&j, 0, sizeof(j));
+    memset(&j, 0, offsetof(job_t, ranges)); /* the slots are set by llk_ranges_init */
     int64_t bytes = 0;
     for (int p = 0; p < n_parts; p++) {
         const int32_t type = parts[p].type;
@@ -307,6 +334,7 @@ int llk_matmul(const float *x, int64_t m, int64_t k, int64_t ldx, const llk_part
         j.need[llk_act_format(type)] = 1;
         j.row_cost[p] = m <= 16 ? rb : k;
         j.rows += parts[p].n;
+        j.gbase[p + 1] = j.gbase[p] + (parts[p].n + LLK_NR - 1) / LLK_NR;
         j.cost += parts[p].n * j.row_cost[p];
         bytes += parts[p].n * rb;
     }
@@ -379,13 +407,19 @@ int llk_matmul(const float *x, int64_t m, int64_t k, int64_t ldx, const llk_part
 
     const int nth = llk_pool_threads();
     const int parallel = nth > 1 && bytes * m >= PAR_MIN_WORK;
+    const int64_t groups = j.gbase[n_parts];
     if (parallel) {
-        const int64_t groups = (j.rows + LLK_NR - 1) / LLK_NR;
-        j.nchunks = (int)(groups < CHUNKS_PER_THREAD * nth ? groups : CHUNKS_PER_THREAD * nth);
-        if (m > 1 && m * k >= PAR_QUANT_MIN) j.qchunks = (int)(m < 2 * nth ? m : 2 * nth);
+        const int slots = nth < LLK_MAX_SLOTS ? nth : LLK_MAX_SLOTS;
+        j.nchunks = (int)(groups < slots ? groups : slots);
+        /* the activations are quantized as the job's first chunks: shared by the threads when
+         * large, else one chunk while the others start their weight streams */
+        j.qchunks = m > 1 && m * k >= PAR_QUANT_MIN ? (int)(m < 2 * nth ? m : 2 * nth) : 1;
     } else {
         j.nchunks = 1;
     }
+    int64_t bounds[LLK_MAX_SLOTS + 1];
+    split_groups(&j, j.nchunks, bounds);
+    llk_ranges_init(&j.ranges, bounds, j.nchunks);
     if (!j.qchunks) quantize_rows(&j, 0, m);
     llk_run_chunks(chunk_fn, &j, j.qchunks + j.nchunks);
     pthread_mutex_unlock(&call_mu);

@@ -218,3 +218,50 @@ void llk_wait_counter(const int *counter, int target) {
         if ((i & 1023) == 0) sched_yield();
     }
 }
+
+/* ---- work ranges with stealing (llk_internal.h) ---- */
+
+void llk_ranges_init(llk_ranges *r, const int64_t *bounds, int n) {
+    r->n = n;
+    for (int i = 0; i < n; i++)
+        __atomic_store_n(&r->s[i].w, (uint64_t)bounds[i + 1] << 32 | (uint64_t)bounds[i],
+                         __ATOMIC_RELAXED);
+}
+
+int llk_ranges_next(llk_ranges *r, int home, int64_t *lo, int64_t *hi) {
+    llk_slot *own = &r->s[home];
+    for (;;) {
+        uint64_t w = __atomic_load_n(&own->w, __ATOMIC_ACQUIRE);
+        uint32_t a = (uint32_t)w, b = (uint32_t)(w >> 32);
+        while (a < b) { /* a quarter of what is left, so that the end can still be shared */
+            const uint32_t u = (b - a + 3) / 4;
+            if (__atomic_compare_exchange_n(&own->w, &w, (uint64_t)b << 32 | (a + u), 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                *lo = a;
+                *hi = a + u;
+                return 1;
+            }
+            a = (uint32_t)w;
+            b = (uint32_t)(w >> 32);
+        }
+        /* own slot empty: steal the back half of the fullest slot */
+        int v = -1;
+        uint32_t most = 0;
+        for (int i = 0; i < r->n; i++) {
+            const uint64_t x = __atomic_load_n(&r->s[i].w, __ATOMIC_RELAXED);
+            const uint32_t xa = (uint32_t)x, xb = (uint32_t)(x >> 32);
+            if (xb > xa && xb - xa > most) {
+                most = xb - xa;
+                v = i;
+            }
+        }
+        if (v < 0) return 0;
+        uint64_t x = __atomic_load_n(&r->s[v].w, __ATOMIC_ACQUIRE);
+        const uint32_t xa = (uint32_t)x, xb = (uint32_t)(x >> 32);
+        if (xa >= xb) continue; /* claimed meanwhile: look again */
+        const uint32_t take = (xb - xa + 1) / 2;
+        if (__atomic_compare_exchange_n(&r->s[v].w, &x, (uint64_t)(xb - take) << 32 | xa, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            __atomic_store_n(&own->w, (uint64_t)xb << 32 | (xb - take), __ATOMIC_RELEASE);
+    }
+}
