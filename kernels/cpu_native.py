@@ -113,6 +113,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_quantize_q8_1": (ctypes.c_int, [vp, i64, vp, vp, vp, vp]),
         "llk_quantize_q8_K": (ctypes.c_int, [vp, i64, vp, vp, vp]),
         "llk_read_probe": (ctypes.c_uint64, [vp, i64]),
+        "llk_matmul_timed": (ctypes.c_int, [vp, i64, i64, vp, i32, i32, vp, i64, i32, vp]),
         "llk_linear": (ctypes.c_int, [vp, i64, i64, i64, vp, vp, i32, vp, i64]),
         "llk_rms_norm": (ctypes.c_int, [vp, i64, i64, i64, vp, f32, vp, i64]),
         "llk_rope": (ctypes.c_int, [vp, i64, i64, i64, i64, i64, i32, vp, vp, vp, f32, f32]),
@@ -309,6 +310,26 @@ def matmul(
     part = _Part(w.data_ptr(), w.stride(0), w.shape[0], 0, int(qtype), 0)
     _call(x, ctypes.byref(part), 1, y)
     return y
+
+
+def time_matmuls(linears: Sequence[NativeLinear], x: torch.Tensor, reps: int) -> list[float]:
+    """Seconds of each of `reps` native calls y = x @ W^T timed in C, call r on linears[r % n]
+    (same shapes and types: e.g. copies of one matrix that together overflow the caches), so
+    that no Python runs between the calls (as in a decode step's one native call)."""
+    lib = _need()
+    first = linears[0]
+    if any((lin.in_features, lin.out_features, lin.qtypes) != (first.in_features,
+           first.out_features, first.qtypes) for lin in linears):  # fmt: skip
+        raise LlmkitError("time_matmuls wants linears of one shape and type")
+    x = _activations(x, first.in_features)
+    y = torch.empty(x.shape[0], first.out_features, dtype=torch.float32)
+    sets = (_Part * (first._n_parts * len(linears)))(*(p for lin in linears for p in lin._parts))
+    ns = (ctypes.c_int64 * reps)()
+    rc = lib.llk_matmul_timed(x.data_ptr(), x.shape[0], x.shape[1], sets, first._n_parts,
+                              len(linears), y.data_ptr(), y.shape[1], reps, ns)  # fmt: skip
+    if rc:
+        raise LlmkitError(f"native matmul failed: {_ERRORS.get(rc, rc)}")
+    return [t * 1e-9 for t in ns]
 
 
 class NativeLinear:

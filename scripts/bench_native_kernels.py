@@ -5,8 +5,11 @@
 
 Prints the CPU (/proc/cpuinfo model name), the ISA path and the measured read bandwidth (1 GiB
 read by the library's parallel read loop: the roof for M = 1; torch.sum for comparison), then per
-(model, type, N x K) and M the median time of a call through NativeLinear and its rate: GB/s of
-weight bytes for M <= 16 (the memory-bound regime), GFLOP/s (2 M N K) for M >= 64. Weights are
+(model, type, N x K) and M the median time of a call timed in C (cpu_native.time_matmuls: the
+calls back to back, as a decode step's one native call makes them) and its rate: GB/s of weight
+bytes for M <= 16 (the memory-bound regime), GFLOP/s (2 M N K) for M >= 64; then M = 4's time
+over M = 1's, and M = 1 through Python (NativeLinear: the ctypes call and the output tensor
+included). Weights are
 several copies of the matrix, together >= 96 MB (3x the L3 of an EPYC), cycled call after call,
 so M = 1 reads them from DRAM as decode does. The LM heads (49152x576, 262144x640 Q8_0) run only
 M <= 16: prefill computes logits for one row. The read bandwidth is measured again at the end:
@@ -63,6 +66,13 @@ def make_weights(qtype: QT, n: int, k: int) -> torch.Tensor:
     return base.repeat((n + 255) // 256, 1)[:n].contiguous()
 
 
+def time_in_c(lins, x, budget_s: float) -> float:
+    """Median seconds of a call timed in C, over about `budget_s` of calls."""
+    probe = statistics.median(cn.time_matmuls(lins, x, 5))
+    reps = max(5, min(2000, int(budget_s / max(probe, 1e-7))))
+    return statistics.median(cn.time_matmuls(lins, x, reps))
+
+
 def time_calls(fn, copies, budget_s: float) -> tuple[float, float]:
     for i in range(3):
         fn(copies[i % len(copies)])
@@ -97,6 +107,7 @@ def main() -> None:
     print(f"CPU: {cpu_name()}, {args.threads} threads, path {cn.isa()}")
     print(f"read bandwidth of 1 GiB: {bw:.1f} GB/s (C read loop), {bw_torch:.1f} GB/s (torch.sum)")
     head = "model   type    shape          MB  " + "".join(f"{'M=' + str(m):>20s}" for m in rows)
+    head += "  M=4/M=1  M=1 via Python" if 1 in rows and 4 in rows else ""
     print(head)
     print("-" * len(head))
     for model, n, k, types in SHAPES:
@@ -109,20 +120,25 @@ def main() -> None:
             w0 = make_weights(qtype, n, k)
             nbytes = w0.numel()
             copies = [w0] + [w0.clone() for _ in range(max(0, L3_SPAN // nbytes))]
-            cells = []
+            cells, med_of = [], {}
+            lins = [cn.NativeLinear([(c, qtype, (n, k))]) for c in copies]
             for m in rows:
                 if n >= HEAD_ROWS and m > 16:
                     cells.append(f"{'-':>20s}")
                     continue
-                x = torch.randn(m, k)
-                lins = [cn.NativeLinear([(c, qtype, (n, k))]) for c in copies]
-                med, _ = time_calls(lambda lin, x=x: lin(x), lins, args.budget)
+                med = med_of[m] = time_in_c(lins, torch.randn(m, k), args.budget)
                 rate = (
                     f"{nbytes / med / 1e9:5.1f}GB/s"
                     if m <= 16
                     else f"{2 * m * n * k / med / 1e9:4.0f}GF/s"
                 )
                 cells.append(f"{med * 1e6:9.0f}us {rate:>9s}")
+            if 1 in med_of and 4 in med_of:
+                x = torch.randn(1, k)
+                py, _ = time_calls(lambda lin, x=x: lin(x), lins, args.budget)
+                cells.append(
+                    f"  {med_of[4] / med_of[1]:6.2f}x  {py * 1e6:5.0f}us {nbytes / py / 1e9:5.1f}GB/s"
+                )
             print(f"{model:8s}{name:7s} {n:>6d}x{k:<5d} {nbytes / 1e6:6.1f}  " + "".join(cells))
             del copies
     bw_end, _ = read_bandwidth()  # shared VMs drift: the roof again, after the table

@@ -99,6 +99,14 @@ LLK_API const char *llk_isa_name(int isa);
  * a checksum; time it for the machine's read bandwidth. */
 LLK_API uint64_t llk_read_probe(const void *p, int64_t bytes);
 
+/* Benchmark helper: `reps` llk_matmul calls back to back, call r on the weight set r % n_sets
+ * (set s: parts[s * n_parts .. + n_parts), e.g. copies of one matrix that together overflow the
+ * caches); ns[r] = call r's wall time. The kernels' cost without any caller's (ctypes, Python)
+ * between the calls, as a decode step's single native call makes them. */
+LLK_API int llk_matmul_timed(const float *x, int64_t m, int64_t k, const llk_part *parts,
+                             int32_t n_parts, int32_t n_sets, float *y, int64_t ldy, int32_t reps,
+                             int64_t *ns);
+
 /* Test hooks: one row of activation quantization with the current ISA path.
  * q8_0/q8_1: k % 32 == 0; qs[k], d[k/32], s[k/32] (d, s: the fp16-rounded values as fp32),
  * isum[k/32] (exact sums of q). q8_K: k % 256 == 0; qs[k], d[k/256] (fp32), bsums[k/16]. */

@@ -1,7 +1,11 @@
-/* probe.c: a plain parallel read loop, the memory-bandwidth roof the benchmark compares the
- * M = 1 kernels with (torch.sum reaches only ~60% of it on the 2-vCPU EPYC). Not used by the
- * kernels. Portable C with vector adds (an AVX2 clone on x86); each thread prefetches its
- * contiguous slice into L2 ahead of use, as the kernels do. */
+/* probe.c: the benchmark's measurements, not used by the kernels. llk_read_probe: a plain
+ * parallel read loop, the memory-bandwidth roof the benchmark compares the M = 1 kernels with
+ * (torch.sum reaches only ~60% of it on the 2-vCPU EPYC). Portable C with vector adds (an AVX2
+ * clone on x86); each thread prefetches its contiguous slice into L2 ahead of use, as the kernels
+ * do. llk_matmul_timed: llk_matmul calls timed one by one, from C. */
+#define _GNU_SOURCE
+#include <time.h>
+
 #include "llk_internal.h"
 
 typedef uint64_t v4u64 __attribute__((vector_size(32))); /* one AVX2 or two SSE2 / NEON regs */
@@ -48,4 +52,19 @@ uint64_t llk_read_probe(const void *p, int64_t bytes) {
     uint64_t s = 0;
     for (int c = 0; c < pr.nchunks; c++) s += pr.sums[c];
     return s;
+}
+
+int llk_matmul_timed(const float *x, int64_t m, int64_t k, const llk_part *parts, int32_t n_parts,
+                     int32_t n_sets, float *y, int64_t ldy, int32_t reps, int64_t *ns) {
+    if (n_sets < 1 || reps < 0) return LLK_E_SHAPE;
+    for (int32_t r = 0; r < reps; r++) {
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        const int rc = llk_matmul(x, m, k, k, parts + (int64_t)(r % n_sets) * n_parts, n_parts, y,
+                                  ldy);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        if (rc) return rc;
+        ns[r] = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+    }
+    return LLK_OK;
 }
