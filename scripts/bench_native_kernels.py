@@ -6,7 +6,8 @@
 Prints the CPU (/proc/cpuinfo model name), the ISA path and the measured read bandwidth (1 GiB
 read by the library's parallel read loop: the roof for M = 1; torch.sum for comparison), then per
 (model, type, N x K) and M the median time of a call timed in C (cpu_native.time_matmuls: the
-calls back to back, as a decode step's one native call makes them) and its rate: GB/s of weight
+calls back to back, as a decode step's one native call makes them; the M values of a row taken
+in turns) and its rate: GB/s of weight
 bytes for M <= 16 (the memory-bound regime), GFLOP/s (2 M N K) for M >= 64; then M = 4's time
 over M = 1's, and M = 1 through Python (NativeLinear: the ctypes call and the output tensor
 included). Weights are
@@ -66,11 +67,17 @@ def make_weights(qtype: QT, n: int, k: int) -> torch.Tensor:
     return base.repeat((n + 255) // 256, 1)[:n].contiguous()
 
 
-def time_in_c(lins, x, budget_s: float) -> float:
-    """Median seconds of a call timed in C, over about `budget_s` of calls."""
-    probe = statistics.median(cn.time_matmuls(lins, x, 5))
-    reps = max(5, min(2000, int(budget_s / max(probe, 1e-7))))
-    return statistics.median(cn.time_matmuls(lins, x, reps))
+def times_in_c(lins, xs: dict, budget_s: float, rounds: int = 5) -> dict:
+    """Median seconds of a call timed in C per M (xs: M -> activations), over about `budget_s`
+    of calls per M in `rounds` interleaved passes over the M values, so that the machine's drift
+    within the cell hits every M alike (the M = 4 / M = 1 ratio)."""
+    reps = {m: max(2, min(400, int(budget_s / rounds / max(statistics.median(
+        cn.time_matmuls(lins, x, 5)), 1e-7)))) for m, x in xs.items()}  # fmt: skip
+    ts: dict = {m: [] for m in xs}
+    for _ in range(rounds):
+        for m, x in xs.items():
+            ts[m] += cn.time_matmuls(lins, x, reps[m])
+    return {m: statistics.median(t) for m, t in ts.items()}
 
 
 def time_calls(fn, copies, budget_s: float) -> tuple[float, float]:
@@ -120,13 +127,15 @@ def main() -> None:
             w0 = make_weights(qtype, n, k)
             nbytes = w0.numel()
             copies = [w0] + [w0.clone() for _ in range(max(0, L3_SPAN // nbytes))]
-            cells, med_of = [], {}
+            cells = []
             lins = [cn.NativeLinear([(c, qtype, (n, k))]) for c in copies]
+            runs = [m for m in rows if n < HEAD_ROWS or m <= 16]
+            med_of = times_in_c(lins, {m: torch.randn(m, k) for m in runs}, args.budget)
             for m in rows:
-                if n >= HEAD_ROWS and m > 16:
+                if m not in med_of:
                     cells.append(f"{'-':>20s}")
                     continue
-                med = med_of[m] = time_in_c(lins, torch.randn(m, k), args.budget)
+                med = med_of[m]
                 rate = (
                     f"{nbytes / med / 1e9:5.1f}GB/s"
                     if m <= 16
@@ -143,7 +152,7 @@ def main() -> None:
             del copies
     bw_end, _ = read_bandwidth()  # shared VMs drift: the roof again, after the table
     print(f"read bandwidth of 1 GiB after the table: {bw_end:.1f} GB/s (C read loop)")
-    print(f"(median of calls within --budget {args.budget}s per cell; GB/s = weight bytes / time)")
+    print(f"(median of calls, about --budget {args.budget}s per cell; GB/s = weight bytes / time)")
 
 
 if __name__ == "__main__":
