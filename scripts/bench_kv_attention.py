@@ -2,12 +2,14 @@
 
     python scripts/bench_kv_attention.py [-t 2] [--ctx 4096,8192,16384,32768]
                                          [--types f16,q8_0,q4_0,turbo4,turbo3] [-r 10] [--torch]
+                                         [--rows 1,2,3,4]
 
 One layer of a KVCache (core/cache/kv.py) is filled with S random K/V rows through the cache's own
 store (core/cache/store.py), then one decode step is timed the way a model block makes it:
 `cache.begin([S])` (not timed: once per step for all layers) and `cache.attend(0, q, k, v)` (timed:
 the new row's write and one query row attending over S + 1 positions), rolled back after each
-repetition. Which kernel runs is the kernel table's choice for the cache type (kernels/ops.py:
+repetition. `--rows`: also steps of M query rows at positions S .. S + M - 1 (an MTP verify
+batch, causal among its rows). Which kernel runs is the kernel table's choice for the cache type (kernels/ops.py:
 the native kernel for f16 / q8_0 / q4_0, the torch path for turbo3 / turbo4); `--torch` also runs
 the non-turbo types on the torch path (the same path turbo takes) for comparison.
 
@@ -36,11 +38,13 @@ SHAPES = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}  # (q heads, kv heads, h
 FILL_CHUNK = 4096
 
 
-def make_cache(shape: tuple[int, int, int], kind: str, S: int, kernel: str | None) -> KVCache:
+def make_cache(
+    shape: tuple[int, int, int], kind: str, S: int, kernel: str | None, rows: int = 1
+) -> KVCache:
     """One full-attention layer holding positions 0..S-1 of random K/V (unit-variance rows, as
     a trained model's K/V after its norms roughly are)."""
     _, hkv, d = shape
-    cache = KVCache({0: LayerKV(hkv, d, d)}, S + 1, margin=1, type_k=kind, type_v=kind,
+    cache = KVCache({0: LayerKV(hkv, d, d)}, S + rows, margin=rows, type_k=kind, type_v=kind,
                     attn_kernel=kernel)  # fmt: skip
     g = cache.group_of[0]
     gen = torch.Generator().manual_seed(0)
@@ -54,13 +58,16 @@ def make_cache(shape: tuple[int, int, int], kind: str, S: int, kernel: str | Non
     return cache
 
 
-def time_step(cache: KVCache, shape: tuple[int, int, int], S: int, reps: int) -> list[float]:
-    """Seconds of `attend` for one decode step at position S, `reps` times after a warm-up."""
+def time_step(
+    cache: KVCache, shape: tuple[int, int, int], S: int, reps: int, rows: int = 1
+) -> list[float]:
+    """Seconds of `attend` for one step of `rows` query rows at positions S.., `reps` times
+    after a warm-up."""
     hq, hkv, d = shape
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(1, hq, d, generator=gen)
-    k, v = torch.randn(1, hkv, d, generator=gen), torch.randn(1, hkv, d, generator=gen)
-    pos = torch.tensor([S])
+    q = torch.randn(rows, hq, d, generator=gen)
+    k, v = torch.randn(rows, hkv, d, generator=gen), torch.randn(rows, hkv, d, generator=gen)
+    pos = torch.arange(S, S + rows)
     out = []
     with torch.inference_mode():
         for r in range(reps + 1):
@@ -82,27 +89,29 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,gemma3", help=", ".join(SHAPES))
     ap.add_argument("-r", "--repetitions", type=int, default=10)
     ap.add_argument("--torch", action="store_true", help="also the torch path for non-turbo types")
+    ap.add_argument("--rows", default="1", help="query rows per step (verify batches: 1,2,3,4)")
     a = ap.parse_args()
     n = set_threads(a.threads)
     print(f"CPU: {cpu_name()}, {n} threads; min / median of {a.repetitions} repetitions")
-    print("| model | kv type | kernel | ctx | ms min | ms median | GB/s (min) | MB read |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| model | kv type | kernel | ctx | rows | ms min | ms median | GB/s (min) | MB read |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for model in a.models.split(","):
         shape = SHAPES[model]
         for kind in a.types.split(","):
             kernels = [None] + (["torch"] if a.torch and not kind.startswith("turbo") else [])
             for kernel in kernels:
                 for S in map(int, a.ctx.split(",")):
-                    cache = make_cache(shape, kind, S, kernel)
-                    t = time_step(cache, shape, S, a.repetitions)
-                    nbytes = 2 * buffer_bytes(kind, shape[1], S + 1, shape[2])
-                    print(
-                        f"| {model} | {kind} | {cache.attn_kernel} | {S} | {min(t) * 1e3:.3f} | "
-                        f"{statistics.median(t) * 1e3:.3f} | {nbytes / min(t) / 1e9:.2f} | "
-                        f"{nbytes / 1e6:.1f} |",
-                        flush=True,
-                    )
-                    del cache
+                    for m in map(int, a.rows.split(",")):
+                        cache = make_cache(shape, kind, S, kernel, m)
+                        t = time_step(cache, shape, S, a.repetitions, m)
+                        nbytes = 2 * buffer_bytes(kind, shape[1], S + m, shape[2])
+                        print(
+                            f"| {model} | {kind} | {cache.attn_kernel} | {S} | {m} | "
+                            f"{min(t) * 1e3:.3f} | {statistics.median(t) * 1e3:.3f} | "
+                            f"{nbytes / min(t) / 1e9:.2f} | {nbytes / 1e6:.1f} |",
+                            flush=True,
+                        )
+                        del cache
 
 
 if __name__ == "__main__":

@@ -177,28 +177,31 @@ def test_attention_is_the_same_bits_on_every_isa(k_kind, v_kind, D):
                                                   (4, 1, 256, 530, "f16"), (5, 1, 64, 2100, "f16"),
                                                   (7, 2, 64, 61, "f16"), (8, 1, 64, 2050, "f16"),
                                                   (3, 3, 64, 2060, "f16"), (3, 2, 64, 45, "bf16"),
-                                                  (4, 1, 32, 45, "f32")])  # fmt: skip
+                                                  (4, 1, 32, 45, "f32"), (3, 3, 64, 700, "q8_0"),
+                                                  (4, 1, 256, 300, "q4_0"),
+                                                  (5, 2, 64, 90, "q8_0")])  # fmt: skip
 def test_few_lane_attention_is_the_same_bits_on_every_isa(G, hkv, D, S, kind):
-    """The decode kernels for 1-8 query lanes per KV head (slot-vectorized dots, in-place f16 V
-    for the weighted sum), with and without the phase split of longer contexts (S (Dk + Dv) >=
-    2^16: Gemma-like 256-wide heads from 128 slots, 64-wide ones from 512): one result on every
-    ISA, and a verify batch's row equals the row alone."""
+    """The decode kernels for 1-16 query lanes per KV head (slot-vectorized dots, 9-16 lanes in
+    two groups; in-place V for the weighted sum), with and without the phase split of longer
+    contexts (S (Dk + Dv) >= 2^16: Gemma-like 256-wide heads from 128 slots, 64-wide ones from
+    512): one result on every ISA, and a verify batch's row equals the row alone."""
     g = _g(G * 100 + S)
     kb, kf = _cache(kind, torch.randn(hkv, S, D, generator=g))
     vb, vf = _cache(kind, torch.randn(hkv, S, D, generator=g))
-    q, kpos = torch.randn(2, G * hkv, D, generator=g), torch.arange(S)
-    for t in (1, 2):
+    q, kpos = torch.randn(3, G * hkv, D, generator=g), torch.arange(S)
+    for t in (1, 2, 3):
         args = (kb, KINDS[kind], vb, KINDS[kind], D, S, kpos, torch.arange(S - t, S), 0.1, 0)
         best = cpu_ops.attention(q[-t:], *args)
         qh = q[-t:].double().view(t, hkv, G, D)  # reference: causal softmax in float64
         s = torch.einsum("thgd,hsd->thgs", qh, kf.double()) * 0.1
         s = s.masked_fill(torch.arange(S) > torch.arange(S - t, S).view(t, 1, 1, 1), float("-inf"))
         ref = torch.einsum("thgs,hsd->thgd", s.softmax(-1), vf.double()).reshape(t, -1)
-        torch.testing.assert_close(best.double(), ref, atol=2e-3, rtol=0)
+        atol = 2e-3 if kind in ("f16", "bf16", "f32") else 2e-2  # q8_0 / q4_0: the query too
+        torch.testing.assert_close(best.double(), ref, atol=atol, rtol=0)
         for isa in cpu_native.supported_isas():
             with cpu_native.use_isa(isa):
                 assert torch.equal(cpu_ops.attention(q[-t:], *args), best), (isa, t)
-        if t == 2:  # the last row inside the 2-row batch = the row alone
+        if t > 1:  # the last row inside the verify batch = the row alone
             one = args[:7] + (torch.arange(S - 1, S),) + args[8:]
             assert torch.equal(cpu_ops.attention(q[-1:], *one), best[-1:])
 
