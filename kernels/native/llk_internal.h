@@ -247,10 +247,11 @@ typedef struct {
 } llk_slot;
 typedef struct {
     int n;
+    uint32_t unit; /* the fewest items a claim or a steal takes (unless fewer are left) */
     llk_slot s[LLK_MAX_SLOTS];
 } llk_ranges;
 /* n slots (n <= LLK_MAX_SLOTS), slot i = [bounds[i], bounds[i + 1]) (bounds < 2^31). */
-void llk_ranges_init(llk_ranges *r, const int64_t *bounds, int n);
+void llk_ranges_init(llk_ranges *r, const int64_t *bounds, int n, uint32_t unit);
 /* The next piece [*lo, *hi) for the thread whose slot is `home`; 0 when every item is claimed. */
 int llk_ranges_next(llk_ranges *r, int home, int64_t *lo, int64_t *hi);
 

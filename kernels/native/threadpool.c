@@ -221,8 +221,9 @@ void llk_wait_counter(const int *counter, int target) {
 
 /* ---- work ranges with stealing (llk_internal.h) ---- */
 
-void llk_ranges_init(llk_ranges *r, const int64_t *bounds, int n) {
+void llk_ranges_init(llk_ranges *r, const int64_t *bounds, int n, uint32_t unit) {
     r->n = n;
+    r->unit = unit ? unit : 1;
     for (int i = 0; i < n; i++)
         __atomic_store_n(&r->s[i].w, (uint64_t)bounds[i + 1] << 32 | (uint64_t)bounds[i],
                          __ATOMIC_RELAXED);
@@ -234,7 +235,9 @@ int llk_ranges_next(llk_ranges *r, int home, int64_t *lo, int64_t *hi) {
         uint64_t w = __atomic_load_n(&own->w, __ATOMIC_ACQUIRE);
         uint32_t a = (uint32_t)w, b = (uint32_t)(w >> 32);
         while (a < b) { /* a quarter of what is left, so that the end can still be shared */
-            const uint32_t u = (b - a + 3) / 4;
+            uint32_t u = (b - a + 3) / 4;
+            u = u < r->unit ? r->unit : u;
+            u = u < b - a ? u : b - a;
             if (__atomic_compare_exchange_n(&own->w, &w, (uint64_t)b << 32 | (a + u), 0,
                                             __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
                 *lo = a;
@@ -259,7 +262,9 @@ int llk_ranges_next(llk_ranges *r, int home, int64_t *lo, int64_t *hi) {
         uint64_t x = __atomic_load_n(&r->s[v].w, __ATOMIC_ACQUIRE);
         const uint32_t xa = (uint32_t)x, xb = (uint32_t)(x >> 32);
         if (xa >= xb) continue; /* claimed meanwhile: look again */
-        const uint32_t take = (xb - xa + 1) / 2;
+        uint32_t take = (xb - xa + 1) / 2;
+        take = take < r->unit ? r->unit : take;
+        take = take < xb - xa ? take : xb - xa;
         if (__atomic_compare_exchange_n(&r->s[v].w, &x, (uint64_t)(xb - take) << 32 | xa, 0,
                                         __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
             __atomic_store_n(&own->w, (uint64_t)xb << 32 | (xb - take), __ATOMIC_RELEASE);
