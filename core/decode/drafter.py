@@ -219,11 +219,13 @@ class NextNDrafter:
         (token, q over every token or None, p, the `branches` most likely tokens). A shortlist
         row gives the same choice as the full row with -inf outside it, without building it."""
         tok, q, prob = pick(z)
-        top = z.topk(branches).indices if branches > 1 else z.new_zeros(0, dtype=torch.long)
+        if q is not None and ids is not None:  # the acceptance rule compares it with the
+            q = q.new_zeros(self.heads.n_vocab).index_copy_(0, ids, q)  # target's [n_vocab] row
+        if branches <= 1:  # no siblings: no tensor ops (each costs 10-30 us after a weight stream)
+            return (tok if ids is None else int(ids[tok])), q, prob, []
+        top = z.topk(branches).indices
         if ids is None:
             return tok, q, prob, top.tolist()
-        if q is not None:  # the acceptance rule compares it with the target's [n_vocab] row
-            q = q.new_zeros(self.heads.n_vocab).index_copy_(0, ids, q)
         return int(ids[tok]), q, prob, ids[top].tolist()
 
     shares_prefix = False  # mirroring needs the hidden state of every prompt row
