@@ -8,10 +8,10 @@ One layer of a KVCache (core/cache/kv.py) is filled with S random K/V rows throu
 store (core/cache/store.py), then one decode step is timed the way a model block makes it:
 `cache.begin([S])` (not timed: once per step for all layers) and `cache.attend(0, q, k, v)` (timed:
 the new row's write and one query row attending over S + 1 positions), rolled back after each
-repetition. `--rows`: also steps of M query rows at positions S .. S + M - 1 (an MTP verify
-batch, causal among its rows). Which kernel runs is the kernel table's choice for the cache type (kernels/ops.py:
-the native kernel for f16 / q8_0 / q4_0, the torch path for turbo3 / turbo4); `--torch` also runs
-the non-turbo types on the torch path (the same path turbo takes) for comparison.
+repetition. `--rows`: steps of M query rows at positions S .. S + M - 1 instead (an MTP verify
+batch, causal among its rows). Which kernel runs is the kernel table's choice for the cache type
+(kernels/ops.py: the native kernel for f16 / q8_0 / q4_0, the torch path for turbo3 / turbo4);
+`--torch` also runs the non-turbo types on the torch path (the same path turbo takes).
 
 Shapes (full-attention layers): SmolLM2-135M (9 q heads, 3 kv heads, head dim 64) and Gemma 3
 270M (4 q heads, 1 kv head, head dim 256; its sliding layers read 512 positions at most, only its

@@ -200,6 +200,14 @@ static void llk_prefetch_l2(const uint8_t *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 2);
 }
 
+/* A weight stream's start: the first two groups of part pi's rows [n0, n1) into L2 (the kernels
+ * then prefetch the group after the next as they go). */
+static void prefetch_start(const job_t *j, int pi, int64_t n0, int64_t n1) {
+    const llk_part *p = &j->parts[pi];
+    const int64_t nr = n1 - n0 < 2 * LLK_NR ? n1 - n0 : 2 * LLK_NR;
+    llk_prefetch_l2((const uint8_t *)p->w + n0 * p->row_stride, nr * p->row_stride);
+}
+
 static void quantize_rows(job_t *j, int64_t r0, int64_t r1) {
     const int64_t k = j->k;
     for (int64_t r = r0; r < r1; r++) {
@@ -261,8 +269,7 @@ static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts)
     const uint8_t *w = (const uint8_t *)p->w;
     const int64_t st = p->row_stride, m = j->m, mt = j->mt, ldy = j->ldy;
     float *y = j->y + p->col;
-    /* the kernels prefetch the group after the next; at a stream's start, the first two now */
-    if (starts) llk_prefetch_l2(w + n0 * st, (n1 - n0 < 2 * LLK_NR ? n1 - n0 : 2 * LLK_NR) * st);
+    if (starts) prefetch_start(j, pi, n0, n1);
     if (m <= mt) {
         for (int64_t n = n0; n < n1; n += LLK_NR) {
             const int nr = (int)(n1 - n < LLK_NR ? n1 - n : LLK_NR);
@@ -308,10 +315,7 @@ static void chunk_fn(void *arg, int c) {
                                                                  __ATOMIC_RELAXED);
         for (int p = 0; p < j->n_parts; p++)
             if (first < j->gbase[p + 1]) {
-                const llk_part *pt = &j->parts[p];
-                const int64_t n0 = (first - j->gbase[p]) * LLK_NR;
-                const int64_t nr = pt->n - n0 < 2 * LLK_NR ? pt->n - n0 : 2 * LLK_NR;
-                llk_prefetch_l2((const uint8_t *)pt->w + n0 * pt->row_stride, nr * pt->row_stride);
+                prefetch_start(j, p, (first - j->gbase[p]) * LLK_NR, j->parts[p].n);
                 end = first; /* the first piece needs no start prefetch of its own */
                 break;
             }
