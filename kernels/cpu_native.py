@@ -119,6 +119,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_rope": (ctypes.c_int, [vp, i64, i64, i64, i64, i64, i32, vp, vp, vp, f32, f32]),
         "llk_glu": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i64]),
         "llk_argmax": (i64, [vp, i64]),
+        "llk_argmax_prob": (i64, [vp, i64, ctypes.POINTER(ctypes.c_float)]),
         "llk_all_finite": (ctypes.c_int, [vp, i64]),
         "llk_embed_rows": (ctypes.c_int, [i32, vp, i64, i64, i64, vp, i64, f32, vp]),
         "llk_block_run": (ctypes.c_int, [vp, i64, vp, vp, vp, vp, vp, vp, i64, vp, vp, i64, vp]),

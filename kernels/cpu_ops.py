@@ -143,6 +143,13 @@ def argmax(x: torch.Tensor) -> int:
     return int(cpu_native.library().llk_argmax(x.data_ptr(), x.numel()))
 
 
+def argmax_prob(x: torch.Tensor) -> tuple[int, float]:
+    x = x.contiguous()
+    prob = ctypes.c_float()
+    i = int(cpu_native.library().llk_argmax_prob(x.data_ptr(), x.numel(), ctypes.byref(prob)))
+    return i, prob.value
+
+
 def all_finite(x: torch.Tensor) -> bool:
     x = x.contiguous()
     return bool(cpu_native.library().llk_all_finite(x.data_ptr(), x.numel()))

@@ -256,6 +256,33 @@ def test_argmax_is_torch_argmax_on_every_isa(n):
                 assert cpu_ops.argmax(x) == int(torch.argmax(x)), (isa, x[:8])
 
 
+@pytest.mark.parametrize("n", [1, 7, 9, 16, 1000, 8195])
+def test_argmax_prob_is_the_softmax_of_the_maximum_on_every_isa(n):
+    """argmax_prob: the argmax's index and its softmax probability (torch's within 2e-6), the
+    same bits on every ISA; -inf entries weigh nothing; a NaN or inf maximum gives 0."""
+    g = _g(n)
+    ties = torch.round(torch.randn(n, generator=g) * 2) / 2
+    masked = torch.randn(n, generator=g) * 4
+    masked[torch.rand(n, generator=g) < 0.5] = float("-inf")
+    masked[n // 3] = 1.0
+    rows = [torch.randn(n, generator=g) * 3, ties, masked, torch.zeros(n)]
+    nan, inf = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    nan[n // 2], inf[n // 2] = float("nan"), float("inf")
+    for x in rows:
+        got = set()
+        for isa in cpu_native.supported_isas():
+            with cpu_native.use_isa(isa):
+                i, p = cpu_ops.argmax_prob(x)
+            got.add((i, p))
+            assert i == int(torch.argmax(x))
+            assert abs(p - float(torch.softmax(x.double(), -1)[i])) <= 2e-6, (isa, p)
+        assert len(got) == 1, got
+    for x in (nan, inf):
+        for isa in cpu_native.supported_isas():
+            with cpu_native.use_isa(isa):
+                assert cpu_ops.argmax_prob(x) == (int(torch.argmax(x)), 0.0)
+
+
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 4099])
 def test_all_finite_on_every_isa(n):
     g = _g(n)

@@ -63,6 +63,53 @@ def test_truncate_beyond_ring_margin_is_an_error():
         c.truncate(5)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_rollbacks_forget_exactly_what_a_scan_of_the_slots_forgets(seed):
+    """Random batches (wrapping the ring), rollbacks and draft trees: each group's slot positions
+    equal a reference that writes slot = position mod capacity and forgets by scanning the slots,
+    and a rollback fails exactly when a position inside the window was overwritten."""
+    rng = torch.Generator().manual_seed(seed)
+    c = _cache(window=4, margin=3, n_ctx=40)  # ring of 7 slots
+    ref = {g.name: [-1] * g.capacity for g in c.groups.values()}
+
+    def rand(n):
+        return int(torch.randint(n, (), generator=rng))
+
+    for _ in range(60):
+        op = rand(4)
+        if op < 2 and c.n_past < c.n_ctx:  # a batch of 1..4 rows
+            n = 1 + rand(min(4, c.n_ctx - c.n_past))
+            p0 = c.n_past
+            _step(c, n)
+            for g in c.groups.values():
+                for q in range(p0, p0 + n):
+                    ref[g.name][q % g.capacity] = q
+        elif op == 2 and c.n_past:  # roll back 1..6 positions
+            p = max(0, c.n_past - 1 - rand(6))
+            fails = []
+            for g in c.groups.values():
+                keep = [q if q < p else -1 for q in ref[g.name]]
+                need = min(p, g.window or 0)
+                if sum(p - need <= q < p for q in keep) != need:
+                    fails.append(g.name)
+                ref[g.name] = keep
+            if fails:
+                with pytest.raises(LlmkitError, match="cannot roll back"):
+                    c.truncate(p)
+                return  # the cache is left unusable after a failed rollback
+            c.truncate(p)
+        elif op == 3 and c.n_past + 3 <= c.n_ctx:  # a draft tree; keep the root and a child
+            p0 = c.n_past
+            _tree_step(c, [-1, 0, 0], [p0, p0 + 1, 50])
+            child = 1 + rand(2)
+            c.commit_path(p0, [0, child])
+            for g in c.groups.values():  # three slots written, the third one freed again
+                for q in (p0, p0 + 1, p0 + 2):
+                    ref[g.name][q % g.capacity] = q if q < p0 + 2 else -1
+        for g in c.groups.values():
+            assert g.slot_pos.tolist() == ref[g.name], (g.name, c.n_past)
+
+
 def test_positions_must_continue_and_fit():
     c = _cache(n_ctx=6)
     _step(c, 3)

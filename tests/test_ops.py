@@ -81,3 +81,14 @@ def test_rope_tables_key_factors_by_value_and_keep_outgrown_tables():
     rope_cache(torch.tensor([5000]), 8, 777.0, 1.0, f1)  # grows f1's table past 1024 rows
     assert len(rope_tables._RETIRED_TABLES) == n_retired + 1
     assert torch.equal(rope_cache(pos, 8, 777.0, 1.0, f1)[0], c1)
+
+
+def test_rope_rows_of_consecutive_positions_equal_the_gathered_rows():
+    """Few consecutive positions come back as views of the table (a decode step, a verify
+    batch): the same values as gathering them, at the table's end and after it grows."""
+    rope_cache(torch.tensor([0, 1]), 16, 5555.0)  # builds the 1024-row table
+    for pos in ([7], [1022, 1023], [1023, 1024], [5, 6, 7, 8], [9, 3], [4, 4], [0, 2]):
+        p = torch.tensor(pos)
+        cos, sin = rope_cache(p, 16, 5555.0)
+        full_cos, full_sin = rope_cache(torch.arange(2048), 16, 5555.0)
+        assert torch.equal(cos, full_cos[p]) and torch.equal(sin, full_sin[p]), pos

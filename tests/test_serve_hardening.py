@@ -292,3 +292,20 @@ def test_a_client_that_stops_reading_is_dropped():
     t0 = time.monotonic()
     asyncio.run(main())
     assert closed == [True] and time.monotonic() - t0 < 2
+
+
+def test_slot_never_samples_from_non_finite_logits():
+    """A model producing NaN / inf logits fails the request naming the cause (the engine ends
+    that request only) instead of sampling a token from garbage."""
+    import torch
+
+    from llmkit.core.decode.sampling import Sampler, SamplerParams
+    from llmkit.core.serve.slot import Slot
+    from llmkit.errors import LlmkitError
+
+    slot = Slot(0, False, sampler=Sampler(SamplerParams(temp=0)))
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(8)
+        logits[3] = bad
+        with pytest.raises(LlmkitError, match="non-finite logits"):
+            slot.pick(logits)

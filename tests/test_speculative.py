@@ -22,6 +22,20 @@ def test_greedy_acceptance_counts_matching_prefix():
     assert accept(s, logits, [0, 3, 1], [None] * 3, []) == (0, 2)
 
 
+def test_acceptance_rejects_non_finite_rows_it_reads():
+    """A NaN / inf in a verify row the rule reads is an error naming the cause (never sampled
+    from); a row after the first rejection is not read."""
+    s = Sampler(SamplerParams(temp=0))
+    logits = torch.zeros(3, V)
+    logits[0, 2] = logits[1, 4] = 5.0
+    logits[2, 0] = float("nan")
+    assert accept(s, logits, [1, 4], [None] * 2, []) == (0, 2)  # row 2 never read
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        logits[1, 3] = bad
+        with pytest.raises(LlmkitError, match="non-finite logits"):
+            accept(s, logits, [2, 4], [None] * 2, [])
+
+
 def test_rejection_sampling_reproduces_the_target_distribution():
     # target p (row 0) and a deliberately different draft q: the first emitted token must follow p
     params = SamplerParams(temp=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11)

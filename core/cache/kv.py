@@ -90,6 +90,11 @@ class KVCache:
             self.group_of[il] = g
         self._dv = {il: spec.head_dim_v for il, spec in layers.items()}
         self.n_past = 0  # positions 0..n_past-1 are cached
+        # the last slot sequence index written (slot = index mod capacity; a tree batch's row i
+        # is index n_past + i): no slot of a position q was overwritten while this < q + capacity
+        self._high = -1
+        self._arange: torch.Tensor | None = None  # 0..n_ctx - 1: positions and slots as views
+        self._given: tuple = (None, -1)  # positions() last returned (tensor, at n_past)
         self.device = torch.device(device)
         # the kernel table picks by device (kernels/ops.py): "torch" (SDPA over a [T, S] mask) or
         # "triton" (reads the cache as stored, masks by slot position)
@@ -115,7 +120,18 @@ class KVCache:
             return self._static[0]
         if self._tree is not None:
             return self.n_past + self._tree[0]
-        return torch.arange(self.n_past, self.n_past + T, device=self.device)
+        pos = self._span(self.n_past, self.n_past + T)
+        self._given = (pos, self.n_past)
+        return pos
+
+    def _span(self, a: int, b: int) -> torch.Tensor:
+        """a..b-1 as int64 (b <= n_ctx: a view of one table; a small op costs 10-30 us right
+        after a streamed weight matrix evicted the caches, a view the least of them)."""
+        if b > self.n_ctx:
+            return torch.arange(a, b, device=self.device)
+        if self._arange is None:
+            self._arange = torch.arange(self.n_ctx, device=self.device)
+        return self._arange[a:b]
 
     @contextlib.contextmanager
     def static_batch(self, pos: torch.Tensor, n_read: int):
@@ -178,6 +194,7 @@ class KVCache:
 
     def _begin_static(self, pos: torch.Tensor, n_read: int) -> None:
         self._pos = pos
+        self._high = self.n_ctx  # positions stay on the device: truncate scans for overwrites
         for g in self.groups.values():
             g.slots = pos if g.window is None else pos % g.capacity
             g.slot_pos[g.slots] = pos
@@ -269,15 +286,17 @@ class KVCache:
         p1 = p0 + T
         if self._tree is None:
             slots = pos
-            if int(pos[0]) != p0 or int(pos[-1]) + 1 != p1:
+            given = self._given[0] is pos and self._given[1] == p0  # positions() made it
+            if not given and (int(pos[0]) != p0 or int(pos[-1]) + 1 != p1):
                 raise LlmkitError(
                     f"KV cache expects positions {p0}.., got {int(pos[0])}..{int(pos[-1])}"
                 )
         else:
-            slots = torch.arange(p0, p1, device=self.device)
+            slots = self._span(p0, p1)
         if p1 > self.n_ctx:
             raise LlmkitError(f"context is full: {p1} tokens exceed the context size {self.n_ctx}")
         self._pos = pos
+        self._high = max(self._high, p1 - 1)
         # the torch path attends over a [T, S] mask; the native and Triton kernels mask by slot
         # position themselves, except in a tree batch (siblings share a position)
         need_mask = self.attn_kernel == "torch" or self._tree is not None
@@ -297,8 +316,13 @@ class KVCache:
                         f"batch of {T} tokens does not fit the sliding-window ring "
                         f"({g.capacity} slots, window {g.window}); use smaller batches"
                     )
-                g.slots = slots % g.capacity
-                g.slot_pos[g.slots] = pos
+                s0 = p0 % g.capacity
+                if s0 + T <= g.capacity:  # no wrap: slices, not index ops
+                    g.slots = self._span(s0, s0 + T)
+                    g.slot_pos[s0 : s0 + T] = pos
+                else:
+                    g.slots = slots % g.capacity
+                    g.slot_pos[g.slots] = pos
                 g.n_read = min(g.capacity, p1)  # before the ring wraps only slots < p1 were written
                 if need_mask:
                     kp = g.slot_pos[: g.n_read]
@@ -319,14 +343,28 @@ class KVCache:
 
     def truncate(self, p: int) -> None:
         """Forget positions >= p (rollback). Sliding rings must still hold the window before p."""
-        if p >= self.n_past:
+        n = self.n_past
+        if p >= n:
             return
         if p < 0:
             raise LlmkitError(f"cannot truncate the KV cache to {p}")
         for g in self.groups.values():
-            g.slot_pos[g.slot_pos >= p] = -1
+            cap = g.capacity
+            if self._tree is None and n - p <= cap:
+                # positions p..n-1 sit in slots p..n-1 mod cap (none later exists): one or two
+                # slices; the same slots as scanning slot_pos for positions >= p
+                s0, s1 = p % cap, n % cap
+                if s0 < s1:
+                    g.slot_pos[s0:s1] = -1
+                else:
+                    g.slot_pos[s0:] = -1
+                    g.slot_pos[:s1] = -1
+            else:
+                g.slot_pos[g.slot_pos >= p] = -1
             if g.window is not None and p > 0:
                 need = min(p, g.window)
+                if self._high < p - need + cap:  # no slot of positions p - need.. was reused
+                    continue
                 have = int(((g.slot_pos >= p - need) & (g.slot_pos < p)).sum())
                 if have != need:
                     raise LlmkitError(
@@ -338,7 +376,7 @@ class KVCache:
     def clear(self) -> None:
         for g in self.groups.values():
             g.slot_pos.fill_(-1)
-        self.n_past = 0
+        self.n_past, self._high = 0, -1
 
     def nbytes(self) -> int:
         return sum(g.nbytes() for g in self.groups.values())

@@ -196,8 +196,8 @@ class Sampler:
     def pick_draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
         """(token, q, q[token]) for a draft step: greedy drafts carry no distribution."""
         if self.greedy:
-            tok = ops.argmax(logits)
-            return tok, None, float(torch.softmax(logits.float(), -1)[tok])
+            tok, prob = ops.argmax_prob(logits.float())
+            return tok, None, prob
         q = self.dist(logits, ())
         tok = self.draw(q)
         return tok, q, float(q[tok])

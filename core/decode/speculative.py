@@ -135,8 +135,12 @@ def finite(logits: torch.Tensor) -> torch.Tensor:
 
 
 def accept(s: Sampler, logits, drafts: list[int], qs: list, history: list[int]) -> tuple[int, int]:
-    """Apply the acceptance rule to verify logits [k+1, V]: (number accepted, next token)."""
-    row = logits.__getitem__
+    """Apply the acceptance rule to verify logits [k+1, V]: (number accepted, next token). Each
+    row is checked for NaN / inf when the rule reads it (rows after a rejection never are)."""
+
+    def row(j: int) -> torch.Tensor:
+        return finite(logits[j])
+
     for j, d in enumerate(drafts):
         hist = history + drafts[:j]
         if s.greedy:
@@ -169,11 +173,11 @@ def verify(model, cache, s, last: int, draft: Draft, history: list[int], hidden:
         h = model.forward(batch, cache, logits=None).hidden  # [1 + k + b, H]
     # the LM head for every row in one call: a small-M matmul reads the head's weights once,
     # which costs less than reading them again for each row the acceptance rule reaches
-    logits = finite(model.lm_logits(h))
-    t = s.sample(logits[0], history) if alts else None
+    logits = model.lm_logits(h)  # rows are checked for NaN / inf as they are read
+    t = s.sample(finite(logits[0]), history) if alts else None
     if t is not None and t in alts:  # an alternative is the target's token: it and its bonus
         r = 1 + len(drafts) + alts.index(t)
-        path, acc, nxt = [0, r], [t], s.sample(logits[r], [*history, t])
+        path, acc, nxt = [0, r], [t], s.sample(finite(logits[r]), [*history, t])
     else:  # the chain, by the rule above
         n_acc, nxt = accept(s, logits, drafts, draft.qs, history)
         path, acc = list(range(n_acc + 1)), drafts[:n_acc]

@@ -9,6 +9,7 @@ import torch
 from llmkit.core.cache.paged import SeqKV
 from llmkit.core.decode.drafter import DraftState
 from llmkit.core.decode.sampling import Sampler
+from llmkit.core.decode.speculative import finite
 from llmkit.core.serve.request import Request
 from llmkit.core.serve.text import TextOut
 
@@ -67,7 +68,7 @@ class Slot:
     def pick(self, logits: torch.Tensor) -> int:
         """Sample the next token from logits [n_vocab]; with GenParams.logprobs, record its
         log-probability and the top alternatives (log-softmax of the adjusted fp32 logits)."""
-        z = self.sampler.adjust(logits, self.history)
+        z = self.sampler.adjust(finite(logits), self.history)
         if self.constraint is not None:  # the grammar's mask, then the sampled token advances it
             z = self.constraint.apply(z)
         tok = self.sampler.choose(z)

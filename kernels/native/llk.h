@@ -143,6 +143,8 @@ LLK_API int llk_glu(const float *gu, int64_t m, int64_t f, int64_t ldg, int32_t 
 /* The index of the first maximum of x[0, n), or of its first NaN (torch.argmax's choice); -1
  * when n <= 0. */
 LLK_API int64_t llk_argmax(const float *x, int64_t n);
+/* llk_argmax, and *prob = that value's softmax probability (0 for a NaN / inf maximum). */
+LLK_API int64_t llk_argmax_prob(const float *x, int64_t n, float *prob);
 /* 1 when x[0, n) holds no NaN and no infinity, else 0. */
 LLK_API int llk_all_finite(const float *x, int64_t n);
 /* y[i, :k] = row ids[i] (< n_rows; rows row_bytes apart) of a weight of `type` decoded to fp32 as
