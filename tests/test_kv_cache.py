@@ -1,5 +1,7 @@
 """KV cache: slot geometry, masks from positions, sliding rings that wrap, rollback."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -189,3 +191,23 @@ def test_draft_tree_must_be_a_tree():
         with pytest.raises(LlmkitError, match="not a draft tree"):
             with c.tree_batch(bad):
                 pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_cpu_buffers_take_memory_only_for_written_slots():
+    """A CPU KV buffer reads as zeros and costs resident memory only where slots were written
+    (a long -c with a short conversation), not its whole size as a memset would."""
+    from llmkit.core.cache.store import alloc
+
+    before = _rss_bytes()
+    buf = alloc("f16", 4, 32768, 128, "cpu")  # 32 MiB
+    assert not bool(buf.any())  # reading never-written pages maps no memory either
+    buf[:, :100] = 1.0
+    grown = _rss_bytes() - before
+    assert grown < 4 * 2**20, grown
+    assert int((buf != 0).sum()) == 4 * 100 * 128

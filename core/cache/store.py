@@ -5,6 +5,9 @@ turbo4 codes (core/cache/turbo.py), read in their rotated basis by `turbo.attent
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from gguf import GGMLQuantizationType as QT
 
@@ -69,16 +72,29 @@ def check_fits(nbytes: int, device, what: str) -> None:
 
 
 def alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
+    """A zeroed K or V buffer [n_head, cap, ...]. On a CPU it is a private anonymous mapping:
+    zero until written, and a page takes memory only once a slot in it is written (a context of
+    4096 that holds 100 tokens costs their pages, not the whole buffer, as a memset would)."""
     t = KV_TYPES[kind]
     buffer_bytes(kind, n_head, cap, dim)  # the head-dim check
     shape = (n_head, cap, buffer_bytes(kind, n_head, 1, dim) // n_head)
     if isinstance(t, torch.dtype):
         shape = (n_head, cap, dim)
+    dtype = t if isinstance(t, torch.dtype) else torch.uint8
     try:
-        return torch.zeros(*shape, dtype=t if isinstance(t, torch.dtype) else torch.uint8,
-                           device=device)  # fmt: skip
-    except (RuntimeError, MemoryError):  # what check_fits could not foresee (another process)
+        if torch.device(device).type == "cpu":
+            return _zero_pages(shape, dtype)
+        return torch.zeros(*shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError, OSError):  # what check_fits could not foresee
         raise LlmkitError(f"cannot allocate a KV cache buffer of shape {list(shape)}") from None
+
+
+def _zero_pages(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    n = math.prod(shape) * dtype.itemsize
+    if n < mmap.PAGESIZE:
+        return torch.zeros(*shape, dtype=dtype)
+    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # keeps `buf` alive
 
 
 def store(buf: torch.Tensor, kind: str, slots: torch.Tensor, x: torch.Tensor) -> None:

@@ -197,7 +197,10 @@ class DraftJob:
 def _take_lag(st: DraftState) -> tuple[int, torch.Tensor, torch.Tensor]:
     """A state's queued rows, dequeued: (first position, tokens, paired hiddens)."""
     p0 = st.lag[0][0]
-    toks, h_in = torch.cat([t for _, t, _ in st.lag]), torch.cat([x for _, _, x in st.lag])
+    if len(st.lag) == 1:  # the usual round: one batch queued (no copy)
+        _, toks, h_in = st.lag[0]
+    else:
+        toks, h_in = torch.cat([t for _, t, _ in st.lag]), torch.cat([x for _, _, x in st.lag])
     st.lag = []
     return p0, toks, h_in
 
@@ -249,7 +252,7 @@ class NextNDrafter:
         if skip < T:
             prev = st.pending_h if skip == 0 else h[skip - 1]
             prev = prev if prev is not None else torch.zeros_like(h[0])
-            h_in = torch.cat((prev[None], h[skip:-1]))
+            h_in = prev[None] if skip == T - 1 else torch.cat((prev[None], h[skip:-1]))
             st.lag.append((st.end, tokens[skip:], h_in))
             st.end, st.pending_h = p0 + T, h[-1]
 

@@ -183,6 +183,6 @@ def verify(model, cache, s, last: int, draft: Draft, history: list[int], hidden:
         path, acc = list(range(n_acc + 1)), drafts[:n_acc]
     if alts:
         cache.commit_path(p0, path)
-    else:
-        cache.truncate(p0 + len(path))  # keep last + accepted drafts; rejected rows vanish
-    return acc, nxt, batch[path], h[path]
+        return acc, nxt, batch[path], h[path]
+    cache.truncate(p0 + len(path))  # keep last + accepted drafts; rejected rows vanish
+    return acc, nxt, batch[: len(path)], h[: len(path)]  # the chain's rows: views
