@@ -356,6 +356,37 @@ def test_tiny_spm_matches_llama_algorithm(seed):
         assert tok.encode(text, add_special=False, parse_special=False) == expected, text
 
 
+def test_spm_engine_without_the_native_library_is_the_same(tokenizer_for):
+    """SPM's merge loop in Python (no native library) gives the native loop's ids: Gemma's long
+    reference document and random text over a tiny vocabulary with ties and byte fallback."""
+    from llmkit.core.tokenizer.spm import SpmEngine
+
+    vocab = tokenizer_for("gemma").vocab
+    native, python = SpmEngine(vocab), SpmEngine(vocab, native=False)
+    assert native._lib is not None and python._lib is None
+    doc = REFS["documents"]["gemma"].replace(" ", "\u2581")[:20000]
+    assert native.encode(doc) == python.encode(doc)
+    rng = random.Random(7)
+    tokens = ["<unk>", *BYTES, "a", "b", "ab", "ba", "aba", "中", "中a", "▁a"]
+    scores = [0.0] * 257 + [-1.0, -1.0, -2.0, -2.0, -1.5, -3.0, -0.5, -1.0]
+    vocab = load_tokenizer(spm_metadata(tokens, scores, add_space_prefix=False)).vocab
+    native, python = SpmEngine(vocab), SpmEngine(vocab, native=False)
+    for _ in range(300):
+        text = "".join(rng.choice("ab▁中é😀") for _ in range(rng.randint(0, 30)))
+        assert native.encode(text) == python.encode(text) == ref_spm(tokens, scores, text), text
+
+
+def test_spm_byte_fallback_without_a_byte_token_is_an_error():
+    tokens = ["<unk>", "a", "b", "ab"]
+    tok = load_tokenizer(spm_metadata(tokens, [0.0, -1.0, -1.0, -0.5], add_space_prefix=False))
+    from llmkit.core.tokenizer.spm import SpmEngine
+
+    for engine in (SpmEngine(tok.vocab), SpmEngine(tok.vocab, native=False)):
+        assert engine.encode("abab") == [3, 3]
+        with pytest.raises(LlmkitError, match="no byte token for 0x63"):
+            engine.encode("abc")
+
+
 def bpe_metadata(tokens, merges, pre="gpt-2", types=None, **extra) -> dict:
     md = {
         "tokenizer.ggml.model": "gpt2",

@@ -272,6 +272,17 @@ LLK_API int llk_nextn_run(const llk_nextn *n, int64_t m, const int64_t *tokens,
                           const int64_t *kpos, const int64_t *qpos, int64_t window,
                           const uint8_t *mask);
 
+/* SPM tokenization (spm.c, for core/tokenizer/spm.py): llama.cpp's llm_tokenizer_spm. A
+ * vocabulary of n tokens: their UTF-8 texts NUL-separated in texts[0, bytes), their scores. */
+typedef struct llk_spm llk_spm;
+LLK_API llk_spm *llk_spm_new(const char *texts, int64_t bytes, int64_t n, const float *scores);
+LLK_API void llk_spm_free(llk_spm *s);
+/* The token ids of text[0, len) into out (cap >= len): their count, or LLK_E_TYPE when a byte
+ * that must fall back to byte_ids[byte] has none (-1; *bad_byte = the byte), LLK_E_NOMEM. */
+LLK_API int64_t llk_spm_encode(const llk_spm *s, const char *text, int64_t len,
+                               const int32_t *byte_ids, int32_t *out, int64_t cap,
+                               int32_t *bad_byte);
+
 #ifdef __cplusplus
 }
 #endif
