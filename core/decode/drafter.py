@@ -307,7 +307,8 @@ class NextNDrafter:
             skip = max(0, st.seqs[0].n_past - p_lag)
             if skip < toks.numel():
                 fold[i] = (toks[skip:].tolist(), h_in[skip:])
-        self.catch_up(rest)
+        if rest:
+            self.catch_up(rest)
         return fold
 
     def draft(self, jobs: list[DraftJob], p_min: float = 0.0) -> list[Draft]:
@@ -343,9 +344,8 @@ class NextNDrafter:
             cache = self.kv.batch(head, [jobs[i].state.seqs[head] for i in act], counts)
             t = torch.tensor([x for r in rows for x in r])
             ends = list(itertools.accumulate(counts))
-            h_out, z, ids = self.heads.draft_step(
-                head, t, torch.cat(h_rows), cache, [e - 1 for e in ends]
-            )
+            h_in = h_rows[0] if len(h_rows) == 1 else torch.cat(h_rows)
+            h_out, z, ids = self.heads.draft_step(head, t, h_in, cache, [e - 1 for e in ends])
             for r, (i, end) in enumerate(zip(act, ends, strict=True)):
                 ran[i][head] = True
                 b = jobs[i].branches if step == 0 else 1

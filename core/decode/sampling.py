@@ -148,6 +148,12 @@ class Sampler:
         bias = p.logit_bias or {}
         self._bias_ids = torch.tensor(list(bias), dtype=torch.long)
         self._bias = torch.tensor(list(bias.values()), dtype=torch.float32)
+        self._argmax_only = (
+            self.greedy
+            and not bias
+            and p.repeat_penalty == 1.0
+            and not (p.frequency_penalty or p.presence_penalty)
+        )
 
     def adjust(self, logits: torch.Tensor, history: Sequence[int] = ()) -> torch.Tensor:
         """fp32 logits after the logit bias and the penalties: what is sampled from (after the
@@ -162,8 +168,8 @@ class Sampler:
         recent = history[-n:] if n > 0 else history
         logits = apply_repeat_penalty(logits, recent, self.p.repeat_penalty)
         fp, pp = self.p.frequency_penalty, self.p.presence_penalty
-        generated = history[self.n_prompt :]
-        if (fp or pp) and generated:
+        generated = history[self.n_prompt :] if fp or pp else ()
+        if generated:
             ids, counts = torch.unique(torch.tensor(list(generated)), return_counts=True)
             logits = logits.clone()
             logits[ids] -= fp * counts.float() + pp
@@ -178,6 +184,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
         """The next token for logits [n_vocab] after `history` (greedy when temp <= 0)."""
+        if self._argmax_only:  # nothing to adjust: the argmax of the (fp32) logits
+            return ops.argmax(logits)
         return self.choose(self.adjust(logits, history))
 
     __call__ = sample
