@@ -193,7 +193,7 @@ def argmax(x: torch.Tensor) -> int:
 
 def argmax_prob(x: torch.Tensor) -> tuple[int, float]:
     """argmax(x) and the softmax probability of that entry (a greedy draft's token and its
-    confidence for --draft-p-min): one native pass on the CPU path, where torch.softmax costs
+    confidence for --draft-p-min): one native call on the CPU path, where torch.softmax costs
     ~50 us on a draft row right after a streamed weight matrix."""
     if _NATIVE and not x.is_cuda and x.dim() == 1 and x.dtype == torch.float32:
         return cpu_ops.argmax_prob(x)

@@ -194,7 +194,7 @@ class KVCache:
 
     def _begin_static(self, pos: torch.Tensor, n_read: int) -> None:
         self._pos = pos
-        self._high = self.n_ctx  # positions stay on the device: truncate scans for overwrites
+        self._high = self.n_ctx - 1  # positions stay on the device: assume the highest one
         for g in self.groups.values():
             g.slots = pos if g.window is None else pos % g.capacity
             g.slot_pos[g.slots] = pos
