@@ -89,11 +89,15 @@ def alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
         raise LlmkitError(f"cannot allocate a KV cache buffer of shape {list(shape)}") from None
 
 
+# private anonymous mappings (Linux, macOS); elsewhere the buffer is zeroed as a whole
+_ANON = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
+
+
 def _zero_pages(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     n = math.prod(shape) * dtype.itemsize
-    if n < mmap.PAGESIZE:
+    if n < mmap.PAGESIZE or None in _ANON:
         return torch.zeros(*shape, dtype=dtype)
-    buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = mmap.mmap(-1, n, flags=_ANON[0] | _ANON[1])
     return torch.frombuffer(buf, dtype=dtype).view(shape)  # keeps `buf` alive
 
 
