@@ -515,3 +515,22 @@ def test_stl_hash_and_order_match_libstdcxx():
     expected = "38,37,36,33,32,39,31,30,29,11,17,7,8,34,5,6,9,19,3,2,1,27,18,13,15,22,12,20,14,4"
     expected += ",21,16,25,35,23,0,24,10,26,28"
     assert iteration_order([f"tok{i}" for i in range(40)]) == [int(x) for x in expected.split(",")]
+
+
+def test_stl_order_native_equals_python(base_metadata):
+    """The native replay (kernels/native/stlmap.c) gives the Python one's order: both real
+    vocabularies (49k and 262k keys: eight to fifteen rehashes) and odd keys."""
+    for md in base_metadata.values():
+        keys = md["tokenizer.ggml.tokens"]
+        assert iteration_order(keys) == iteration_order(keys, native=False)
+    rng = random.Random(3)
+    keys = [
+        "",
+        "a",
+        "\u00e9",
+        "\U0001f600",
+        *("".join(rng.choice("ab中") for _ in range(rng.randint(1, 20))) for _ in range(3000)),
+    ]
+    keys = list(dict.fromkeys(keys))
+    assert iteration_order(keys) == iteration_order(keys, native=False)
+    assert iteration_order(["a\0b", "c"]) == iteration_order(["a\0b", "c"], native=False)

@@ -9,6 +9,12 @@ the prime rehash policy, and the node insertion/rehash rules of `_Hashtable` for
 
 from __future__ import annotations
 
+import ctypes
+
+import numpy as np
+
+from llmkit.native_lib import load_library
+
 _MASK = (1 << 64) - 1
 _MUL = (0xC6A4A793 << 32) + 0x5BD1E995
 _SEED = 0xC70F6907
@@ -42,8 +48,10 @@ def stl_hash(data: bytes) -> int:
     return _shift_mix(h)
 
 
-def iteration_order(keys: list[str]) -> list[int] | None:
-    """Indices of `keys` in the order an unordered_map filled with them (in order) iterates.
+def iteration_order(keys: list[str], native: bool = True) -> list[int] | None:
+    """Indices of `keys` in the order an unordered_map filled with them (in order) iterates,
+    natively (kernels/native/stlmap.c; SmolLM2's 49k tokens: 7 ms, 90 ms in Python) when the
+    library is there and no key holds a NUL, else below.
 
     Returns None when the map would outgrow the measured bucket table.
     """
@@ -52,6 +60,15 @@ def iteration_order(keys: list[str]) -> list[int] | None:
         return []
     if n > _GROWTH[-1][1]:
         return None
+    lib = load_library()[0] if native else None
+    fn = getattr(lib, "llk_stl_map_order", None)
+    if fn is not None and not any("\0" in k for k in keys):
+        texts = "\0".join(keys).encode("utf-8")
+        order = np.empty(n, dtype=np.int32)
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        if fn(texts, len(texts), n, order.ctypes.data) == n:
+            return order.tolist()
     hashes = [stl_hash(k.encode("utf-8")) for k in keys]
     head = -1  # first node of the singly linked node list
     nxt = [-1] * n
