@@ -8,9 +8,9 @@
  * queue the merged symbol's new pairs; repeat. A symbol that is a token becomes its id; any other
  * (a character outside the vocabulary: merges only ever form tokens) becomes the byte tokens of
  * its bytes. The token -> id map is an open-addressing hash over one blob of the token texts; a
- * repeated text keeps its last id (llama.cpp's map assignment). Memory: the blob, 4 bytes of
- * offset and of score per token and 4 bytes per table slot (2x the tokens, rounded up to a power
- * of two): ~8 MB for Gemma 3's 262k tokens, where the sentencepiece model took ~45 MB.
+ * repeated text keeps its last id (llama.cpp's map assignment). Memory: the blob, 8 bytes of
+ * offset and 4 of score per token and 4 bytes per table slot (2x the tokens, rounded up to a
+ * power of two): ~8 MB for Gemma 3's 262k tokens, where the sentencepiece model took ~45 MB.
  */
 #include <stdint.h>
 #include <stdlib.h>
