@@ -284,9 +284,11 @@ LLK_API int64_t llk_spm_encode(const llk_spm *s, const char *text, int64_t len,
                                int32_t *bad_byte);
 
 /* The order in which a libstdc++ std::unordered_map<std::string, ...> filled with the n
- * NUL-separated texts (in order) iterates them (stlmap.c): order[0, n) = indices; n, or
- * LLK_E_SHAPE beyond the measured bucket growth, LLK_E_NOMEM. */
-LLK_API int64_t llk_stl_map_order(const char *texts, int64_t bytes, int64_t n, int32_t *order);
+ * NUL-separated texts (in order) iterates them (stlmap.c), its bucket counts from growth[g] =
+ * (element count that triggers a rehash, new bucket count): order[0, n) = indices; n, or
+ * LLK_E_SHAPE beyond the table, LLK_E_NOMEM. */
+LLK_API int64_t llk_stl_map_order(const char *texts, int64_t bytes, int64_t n,
+                                  const int64_t (*growth)[2], int32_t n_growth, int32_t *order);
 
 #ifdef __cplusplus
 }

@@ -2,7 +2,7 @@
  * std::string), for core/tokenizer/stlmap.py, which holds the same replay in Python and says why
  * it matters (EOT / FIM detection keeps the first match in that order). Not a kernel: it is here
  * because this is the package's one native build. std::hash<std::string> is libstdc++'s
- * _Hash_bytes (seed 0xc70f6907); the bucket counts follow the measured growth table below, and
+ * _Hash_bytes (seed 0xc70f6907); the bucket counts follow the caller's measured growth table, and
  * nodes are linked as _Hashtable links them for unique keys (insert at the front of a bucket's
  * run, a new bucket's node at the front of the list, _M_rehash_aux relinking in list order). */
 #include <stdint.h>
@@ -31,14 +31,6 @@ static uint64_t stl_hash(const uint8_t *p, int64_t n) {
     return shift_mix(shift_mix(h) * mul);
 }
 
-/* (element count that triggers a rehash, new bucket count), libstdc++ of GCC 12 */
-static const int64_t growth[][2] = {
-    {1, 13}, {14, 29}, {30, 59}, {60, 127}, {128, 257}, {258, 541}, {542, 1109}, {1110, 2357},
-    {2358, 5087}, {5088, 10273}, {10274, 20753}, {20754, 42043}, {42044, 85229},
-    {85230, 172933}, {172934, 351061}, {351062, 712697}, {712698, 1447153},
-    {1447154, 2938679}, {2938680, 5967347},
-};
-#define N_GROWTH ((int)(sizeof(growth) / sizeof(growth[0])))
 #define NONE (-3)   /* an empty bucket */
 #define BEFORE (-2) /* the bucket's run starts at the list head */
 
@@ -69,11 +61,12 @@ static int32_t relink(int32_t head, int32_t *nxt, const uint64_t *hash, int32_t 
     return new_head;
 }
 
-int64_t llk_stl_map_order(const char *texts, int64_t bytes, int64_t n, int32_t *order) {
+int64_t llk_stl_map_order(const char *texts, int64_t bytes, int64_t n, const int64_t (*growth)[2],
+                          int32_t n_growth, int32_t *order) {
     if (n <= 0) return 0;
-    if (n > growth[N_GROWTH - 1][1]) return LLK_E_SHAPE; /* beyond the measured table */
+    if (n_growth < 1 || n > growth[n_growth - 1][1]) return LLK_E_SHAPE; /* beyond the table */
     int64_t most = 1; /* the bucket count n elements reach */
-    for (int g = 0; g < N_GROWTH && growth[g][0] <= n; g++) most = growth[g][1];
+    for (int g = 0; g < n_growth && growth[g][0] <= n; g++) most = growth[g][1];
     uint64_t *hash = malloc((size_t)n * sizeof(uint64_t));
     int32_t *nxt = malloc((size_t)n * sizeof(int32_t));
     int32_t *buckets = malloc((size_t)most * sizeof(int32_t));
@@ -92,7 +85,7 @@ int64_t llk_stl_map_order(const char *texts, int64_t bytes, int64_t n, int32_t *
     int64_t count = 1, g = 0;
     buckets[0] = NONE;
     for (int32_t k = 0; k < n; k++) {
-        if (g < N_GROWTH && k + 1 == growth[g][0]) {
+        if (g < n_growth && k + 1 == growth[g][0]) {
             count = growth[g++][1];
             head = relink(head, nxt, hash, buckets, count);
         }
