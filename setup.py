@@ -14,7 +14,7 @@ NATIVE = Path("kernels/native")
 SOURCES = [
     "threadpool.c", "quantize_act.c", "matmul.c", "probe.c", "linear.c", "rowops.c", "attention.c", "block.c",
     "dot_scalar.c", "dot_avx2.c", "dot_avx512.c", "dot_neon.c", "quantize_k.c",
-    "quantize_legacy.c", "spm.c", "stlmap.c",
+    "quantize_legacy.c", "spm.c", "stlmap.c", "pack.c",
 ]  # fmt: skip
 
 llk = Extension(

@@ -75,10 +75,13 @@ def check_flash_attn(flash_attn: str) -> None:
         raise LlmkitError(f"-fa/--flash-attn must be on, off or auto, got {flash_attn!r}")
 
 
-def llama_load_flags(n_gpu_layers: str | None, flash_attn: str, no_mmap: bool, mlock: bool) -> dict:
-    """LLM.load options for llama.cpp's -ngl, -fa, --no-mmap, --mlock (see cli/flags.py)."""
+def llama_load_flags(n_gpu_layers: str | None, flash_attn: str, no_mmap: bool, mlock: bool,
+                     no_repack: bool = False) -> dict:  # fmt: skip
+    """LLM.load options for llama.cpp's -ngl, -fa, --no-mmap, --mlock, --no-repack (see
+    cli/flags.py)."""
     check_flash_attn(flash_attn)
-    return {"n_gpu_layers": parse_ngl(n_gpu_layers), "use_mmap": not no_mmap, "use_mlock": mlock}
+    return {"n_gpu_layers": parse_ngl(n_gpu_layers), "use_mmap": not no_mmap, "use_mlock": mlock,
+            "repack": not no_repack}  # fmt: skip
 
 
 def gpu_device(device: str | None, n_gpu_layers: str | None) -> str:
@@ -130,6 +133,10 @@ def load_options() -> dict:
         ),
         "no_mmap": typer.Option(False, "--no-mmap", help="Read all weights in at load."),
         "mlock": typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
+        "no_repack": typer.Option(
+            False, "-nr", "--no-repack",
+            help="CPU: read the weights as GGUF rows (no x8 groups for the 32-value types).",
+        ),
         "chat_template": typer.Option(
             None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."
         ),

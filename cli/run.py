@@ -45,6 +45,7 @@ def run(
     flash_attn: str = LOAD["flash_attn"],
     no_mmap: bool = LOAD["no_mmap"],
     mlock: bool = LOAD["mlock"],
+    no_repack: bool = LOAD["no_repack"],
     batch_size: int = typer.Option(
         512, "-ub", "--ubatch-size", help="Prompt tokens per forward pass."
     ),
@@ -207,7 +208,7 @@ def run(
         n_ctx=ctx_size,
         n_ubatch=batch_size,
         device=device,
-        **llama_load_flags(n_gpu_layers, flash_attn, no_mmap, mlock),
+        **llama_load_flags(n_gpu_layers, flash_attn, no_mmap, mlock, no_repack),
         chat_template=chat_template,
         type_k=cache_type_k,
         type_v=cache_type_v,

@@ -54,6 +54,7 @@ def serve(
     flash_attn: str = LOAD["flash_attn"],
     no_mmap: bool = LOAD["no_mmap"],
     mlock: bool = LOAD["mlock"],
+    no_repack: bool = LOAD["no_repack"],
     chat_template: str = LOAD["chat_template"],
     chat_template_file: Path = LOAD["chat_template_file"],
     jinja: bool = LOAD["jinja"],
@@ -151,13 +152,16 @@ def serve(
     if group is not None:
         from llmkit.core.distributed.load import load_shard
 
-        lm = group.agree(lambda: load_shard(group, path, device=dev or "cpu", mode=tp_mode))
+        lm = group.agree(
+            lambda: load_shard(group, path, device=dev or "cpu", mode=tp_mode, repack=not no_repack)
+        )
     else:
         lm = load_model(
             path,
             device=dev,
             mtp=mtp and not assistant,
             draft_path=None if assistant else draft_path,
+            repack=not no_repack,
         )
     for w in pin_weights(lm, not no_mmap, mlock):
         eprint(f"warning: {w}")

@@ -43,6 +43,7 @@ class LoadOptions:
     n_gpu_layers: int = 0  # llama.cpp's -ngl: != 0 puts the whole model on the GPU (if any)
     use_mmap: bool = True  # False (--no-mmap): read every weight page in at load
     use_mlock: bool = False  # --mlock: lock the weights in RAM
+    repack: bool = True  # False (--no-repack): the native kernels read the GGUF rows as stored
     chat_template: str | None = None  # a built-in name (chatml, gemma) or a jinja template
     type_k: str = "f16"
     type_v: str = "f16"
@@ -76,27 +77,44 @@ def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]
 
 
 def pin_weights(lm: LoadedModel, use_mmap: bool, use_mlock: bool) -> list[str]:
-    """--no-mmap: fault every page of the GGUF in now; --mlock: lock them in RAM (mlock(2));
-    warnings for what the OS refused."""
+    """--no-mmap: fault every page of the GGUF the kernels still read in now; --mlock: lock them
+    and the weights moved into x8 groups (kernels/cpu_pack.py: the mapping's pages of those are
+    not touched again) in RAM (mlock(2)); warnings for what the OS refused."""
     import ctypes
     import ctypes.util
     import mmap
 
     mm = lm.gguf._mm  # np.memmap of the whole file
+    base, page = mm.ctypes.data, mmap.PAGESIZE
+    moved = sorted((src.data_ptr() - base, src.data_ptr() - base + src.numel())
+                   for src, _ in lm.backend.packed if 0 <= src.data_ptr() - base < mm.nbytes)  # fmt: skip
+    spans, at = [], 0  # byte ranges of the file still read in place
+    for lo, hi in moved:
+        lo, hi = (lo + page - 1) // page * page, hi // page * page  # whole pages only
+        if lo > at:
+            spans.append((at, lo))
+        at = max(at, hi)
+    if at < mm.nbytes:
+        spans.append((at, mm.nbytes))
     warnings = []
     if not use_mmap:
         raw = getattr(mm, "_mmap", None)
-        if raw is not None and hasattr(mmap, "MADV_WILLNEED"):
-            raw.madvise(mmap.MADV_WILLNEED)
-        mm[:: mmap.PAGESIZE].sum()  # touch each page: the reads happen at load, not at decode
+        for lo, hi in spans:
+            if raw is not None and hasattr(mmap, "MADV_WILLNEED"):
+                raw.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+            mm[lo:hi:page].sum()  # touch each page: the reads happen at load, not at decode
     if use_mlock:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        if libc.mlock(ctypes.c_void_p(mm.ctypes.data), ctypes.c_size_t(mm.nbytes)) != 0:
-            err = ctypes.get_errno()
-            warnings.append(
-                f"failed to mlock {mm.nbytes}-byte buffer: {os.strerror(err)} "
-                "(try increasing RLIMIT_MEMLOCK: 'ulimit -l')"
-            )
+        regions = [(base + lo, hi - lo) for lo, hi in spans]
+        regions += [(x8.data_ptr(), x8.numel()) for _, x8 in lm.backend.packed]
+        for ptr, n in regions:
+            if n and libc.mlock(ctypes.c_void_p(ptr), ctypes.c_size_t(n)) != 0:
+                err = ctypes.get_errno()
+                warnings.append(
+                    f"failed to mlock {n}-byte buffer: {os.strerror(err)} "
+                    "(try increasing RLIMIT_MEMLOCK: 'ulimit -l')"
+                )
+                break
     return warnings
 
 
@@ -140,6 +158,7 @@ class LLM(Completions):
             mtp=kind == "mtp" and not assistant,
             draft_path=None if assistant else draft_path,
             moe_n_expert=opts.moe_n_expert,
+            repack=opts.repack,
         )
         if opts.layer_split:  # core/distributed/pipeline.py: blocks rebuilt on their devices
             from llmkit.core.distributed.pipeline import split_layers

@@ -35,6 +35,10 @@ class Backend:
     kernels: str | None = None  # None: default_family(device)
     extra_bytes: int = 0  # bytes of prepared (dequantized / device) weights this backend holds
     linear_bytes: int = 0  # weight bytes its matmuls read per token (copies or the GGUF in place)
+    repack: bool = True  # native kernels may read x8 groups (False: --no-repack, the GGUF rows)
+    # (source view, x8 copy) of each weight the native kernels read from x8 groups
+    # (kernels/cpu_pack.py): the copy holds the bytes in the source's place, same size
+    packed: list = field(default_factory=list)
 
     def __post_init__(self):
         self.device = torch.device(self.device)

@@ -9,9 +9,10 @@ dot product is exact in int32; the fp32 accumulation across blocks is the only r
 result equals llama.cpp's to fp32 summation order.
 
 Cost per call: bytes = weight bytes + M*K*4 + M*N*4, flops = 2*M*N*K. M = 1 (decode) streams
-each weight byte once, prefetching ahead into L2. On x86 the vector lanes are 8 weight rows (their
-blocks transposed on the fly from the GGUF bytes), so an activation row costs a few int8 dot
-instructions per block for 8 outputs; M = 2..16 (MTP verify) decodes each weight block once per
+each weight byte once, prefetching ahead into L2. On x86 the vector lanes are 8 weight rows:
+the 32-value types are stored so at load (x8 groups, kernels/cpu_pack.py: the same bytes moved),
+the others are transposed on the fly from the GGUF bytes; an activation row costs a few int8 dot
+instructions per block for 8 outputs. M = 2..16 (MTP verify) decodes each weight block once per
 tile of up to 16 activation rows (AVX-512; 4 on AVX2, 8 for K-quants and float types); larger M
 walks ~16 KB of weight rows at a time past every tile.
 
@@ -50,6 +51,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
+from llmkit.kernels import cpu_pack
 from llmkit.native_lib import library_path, load_library
 
 SUPPORTED_TYPES: frozenset[QT] = frozenset(
@@ -73,7 +75,7 @@ class _Part(ctypes.Structure):
         ("n", ctypes.c_int64),
         ("col", ctypes.c_int64),
         ("type", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
+        ("layout", ctypes.c_int32),
     ]
 
 
@@ -113,6 +115,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_quantize_q8_1": (ctypes.c_int, [vp, i64, vp, vp, vp, vp]),
         "llk_quantize_q8_K": (ctypes.c_int, [vp, i64, vp, vp, vp]),
         "llk_read_probe": (ctypes.c_uint64, [vp, i64]),
+        "llk_pack_x8": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i32]),
+        "llk_x8_native": (ctypes.c_int, [i32]),
         "llk_matmul_timed": (ctypes.c_int, [vp, i64, i64, vp, i32, i32, vp, i64, i32, vp]),
         "llk_linear": (ctypes.c_int, [vp, i64, i64, i64, vp, vp, i32, vp, i64]),
         "llk_rms_norm": (ctypes.c_int, [vp, i64, i64, i64, vp, f32, vp, i64]),
@@ -313,26 +317,6 @@ def matmul(
     return y
 
 
-def time_matmuls(linears: Sequence[NativeLinear], x: torch.Tensor, reps: int) -> list[float]:
-    """Seconds of each of `reps` native calls y = x @ W^T timed in C, call r on linears[r % n]
-    (same shapes and types: e.g. copies of one matrix that together overflow the caches), so
-    that no Python runs between the calls (as in a decode step's one native call)."""
-    lib = _need()
-    first = linears[0]
-    if any((lin.in_features, lin.out_features, lin.qtypes) != (first.in_features,
-           first.out_features, first.qtypes) for lin in linears):  # fmt: skip
-        raise LlmkitError("time_matmuls wants linears of one shape and type")
-    x = _activations(x, first.in_features)
-    y = torch.empty(x.shape[0], first.out_features, dtype=torch.float32)
-    sets = (_Part * (first._n_parts * len(linears)))(*(p for lin in linears for p in lin._parts))
-    ns = (ctypes.c_int64 * reps)()
-    rc = lib.llk_matmul_timed(x.data_ptr(), x.shape[0], x.shape[1], sets, first._n_parts,
-                              len(linears), y.data_ptr(), y.shape[1], reps, ns)  # fmt: skip
-    if rc:
-        raise LlmkitError(f"native matmul failed: {_ERRORS.get(rc, rc)}")
-    return [t * 1e-9 for t in ns]
-
-
 class NativeLinear:
     """One linear layer over one or several GGUF weights fused along N (q/k/v, gate/up).
 
@@ -343,14 +327,20 @@ class NativeLinear:
     writes and returns `out` (fp32 [M, sum N_i] with contiguous rows) when given.
     """
 
-    def __init__(self, parts: Sequence[tuple[torch.Tensor, object, tuple[int, int]]]):
-        _need()
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, object, tuple[int, int]]],
+                 release: bool = False, pack: bool | None = None):  # fmt: skip
+        """`pack`: store the parts the ISA path reads in x8 groups that way (kernels/cpu_pack.py;
+        None: cpu_pack.ENABLED);
+        `release`: they view a read-only file mapping (the GGUF's) whose pages may be dropped
+        once packed."""
+        lib = _need()
         if not parts:
             raise LlmkitError("NativeLinear needs at least one weight")
         if len(parts) > 64:
             raise LlmkitError("NativeLinear fuses at most 64 weights")
         self.in_features = int(parts[0][2][1])
         self._weights: list[torch.Tensor] = []
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (source rows, x8 groups)
         descs, col = [], 0
         for i, (w, qtype, shape) in enumerate(parts):
             qtype = _check_type(qtype)
@@ -360,14 +350,20 @@ class NativeLinear:
             w = _weight_bytes(w, qtype, k, f"part {i} ({qtype.name} {n}x{k})")
             if w.shape[0] != n:
                 raise LlmkitError(f"part {i}: {w.shape[0]} rows of bytes for shape {(n, k)}")
+            want = cpu_pack.ENABLED if pack is None else pack
+            packed = cpu_pack.pack_x8(lib, w, qtype, release) if want else None
+            layout = cpu_pack.LAYOUT_ROWS if packed is None else cpu_pack.LAYOUT_X8
+            if packed is not None:
+                self.packed.append((w, packed))
+                w = packed
             self._weights.append(w)
-            descs.append((w.data_ptr(), w.stride(0), n, col, int(qtype), 0))
+            descs.append((w.data_ptr(), w.stride(0), n, col, int(qtype), layout))
             col += n
         self.out_features = col
         self.qtypes = tuple(QT(p[1]) for p in parts)
         self._n_parts = len(descs)
         self._parts = (_Part * len(descs))(*descs)
-        self.weight_bytes = sum(w.shape[0] * w.shape[1] for w in self._weights)
+        self.weight_bytes = sum(int(p[2][0]) * w.shape[1] for p, w in zip(parts, self._weights))
         self._fuses: dict = {}  # see fused()
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

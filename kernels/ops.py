@@ -87,11 +87,15 @@ def make_linear(backend: Backend, *weights: QTensor):
     if len(in_features) != 1:
         raise LlmkitError(f"cannot fuse {[w.name for w in weights]}: different input widths")
     _check_types(weights, backend.kernels)
-    if backend.kernels == "cpu":  # the GGUF bytes in place: nothing prepared
+    if backend.kernels == "cpu":  # the GGUF bytes, in place or moved into x8 groups
         backend.linear_bytes += sum(w.nbytes for w in weights)
-        return cpu_native.NativeLinear(
-            [(w.raw.reshape(w.shape[0], -1).view(torch.uint8), w.qtype, w.shape) for w in weights]
+        lin = cpu_native.NativeLinear(
+            [(w.raw.reshape(w.shape[0], -1).view(torch.uint8), w.qtype, w.shape) for w in weights],
+            release=all(w.mapped for w in weights),
+            pack=None if backend.repack else False,
         )
+        backend.packed += lin.packed
+        return lin
     if backend.kernels == "triton":
         lin = TritonLinear(list(weights), backend.device)
         backend.extra_bytes += lin.nbytes
@@ -153,7 +157,7 @@ def make_expert_linear(backend: Backend, qt: QTensor) -> ExpertLinear:
     _check_types((qt,), backend.kernels)
     n_expert, out, inp = qt.shape
     experts = [
-        make_linear(backend, QTensor(f"{qt.name}[{e}]", qt.qtype, (out, inp), qt.raw[e]))
+        make_linear(backend, QTensor(f"{qt.name}[{e}]", qt.qtype, (out, inp), qt.raw[e], qt.mapped))
         for e in range(n_expert)
     ]
     return ExpertLinear(experts)

@@ -20,6 +20,7 @@ class QTensor:
     qtype: QT
     shape: tuple[int, ...]  # numpy order, e.g. (out_features, in_features)
     raw: torch.Tensor  # uint8 [*shape[:-1], row_bytes], a view of the mmapped file
+    mapped: bool = False  # raw views a read-only file mapping (its pages read back if dropped)
 
     @property
     def nbytes(self) -> int:

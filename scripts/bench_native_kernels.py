@@ -5,7 +5,7 @@
 
 Prints the CPU (/proc/cpuinfo model name), the ISA path and the measured read bandwidth (1 GiB
 read by the library's parallel read loop: the roof for M = 1; torch.sum for comparison), then per
-(model, type, N x K) and M the median time of a call timed in C (cpu_native.time_matmuls: the
+(model, type, N x K) and M the median time of a call timed in C (cpu_timing.time_matmuls: the
 calls back to back, as a decode step's one native call makes them; the M values of a row taken
 in turns) and its rate: GB/s of weight
 bytes for M <= 16 (the memory-bound regime), GFLOP/s (2 M N K) for M >= 64; then M = 4's time
@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.bench.report import cpu_name
 from llmkit.kernels import cpu_native as cn
+from llmkit.kernels import cpu_timing
 from llmkit.quant.quantize import quantize
 
 # (model, N, K, types): SmolLM2-135M (hidden 576, ffn 1536) and Gemma-3-270M (hidden 640, q 1024,
@@ -72,11 +73,11 @@ def times_in_c(lins, xs: dict, budget_s: float, rounds: int = 5) -> dict:
     of calls per M in `rounds` interleaved passes over the M values, so that the machine's drift
     within the cell hits every M alike (the M = 4 / M = 1 ratio)."""
     reps = {m: max(2, min(400, int(budget_s / rounds / max(statistics.median(
-        cn.time_matmuls(lins, x, 5)), 1e-7)))) for m, x in xs.items()}  # fmt: skip
+        cpu_timing.time_matmuls(lins, x, 5)), 1e-7)))) for m, x in xs.items()}  # fmt: skip
     ts: dict = {m: [] for m in xs}
     for _ in range(rounds):
         for m, x in xs.items():
-            ts[m] += cn.time_matmuls(lins, x, reps[m])
+            ts[m] += cpu_timing.time_matmuls(lins, x, reps[m])
     return {m: statistics.median(t) for m, t in ts.items()}
 
 
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the LM heads")
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of calls per cell")
     ap.add_argument("--isa", default="best", help="force a path, e.g. scalar or avx2")
+    ap.add_argument("--no-pack", action="store_true", help="weights as GGUF rows, not x8 groups")
     args = ap.parse_args()
     if not cn.available():
         raise SystemExit(f"native kernels unavailable: {cn.unavailable_reason()}")
@@ -128,7 +130,7 @@ def main() -> None:
             nbytes = w0.numel()
             copies = [w0] + [w0.clone() for _ in range(max(0, L3_SPAN // nbytes))]
             cells = []
-            lins = [cn.NativeLinear([(c, qtype, (n, k))]) for c in copies]
+            lins = [cn.NativeLinear([(c, qtype, (n, k))], pack=not args.no_pack) for c in copies]
             runs = [m for m in rows if n < HEAD_ROWS or m <= 16]
             med_of = times_in_c(lins, {m: torch.randn(m, k) for m in runs}, args.budget)
             for m in rows:

@@ -112,10 +112,11 @@ def test_ngl_and_fa_on_perplexity(tiny, capsys, monkeypatch, tmp_path):
     assert rc != 0 and "-fa/--flash-attn must be on, off or auto" in err
 
 
-def test_fa_mmap_mlock_jinja_keep_the_output(tiny, capsys, monkeypatch):
+def test_fa_mmap_mlock_jinja_no_repack_keep_the_output(tiny, capsys, monkeypatch):
     args = ["-n", 6, "-p", "the cat"]
     _, ref, _, _ = _run(capsys, monkeypatch, tiny, *args)
-    for extra in (["-fa"], ["-fa", "off"], ["--flash-attn", "on"], ["--no-mmap"], ["--jinja"]):
+    for extra in (["-fa"], ["-fa", "off"], ["--flash-attn", "on"], ["--no-mmap"], ["--jinja"],
+                  ["-nr"], ["--no-repack", "--mlock"]):  # fmt: skip
         rc, out, err, _ = _run(capsys, monkeypatch, tiny, *extra, *args)
         assert rc == 0 and out == ref, (extra, err)
 

@@ -304,13 +304,3 @@ def test_concurrent_python_threads_get_correct_results():
     for t in threads:
         t.join()
     assert not errors and len(results) == 150 and all(results)
-
-
-def test_time_matmuls_times_each_call_in_c():
-    k = 512
-    lins = [cn.NativeLinear([(_weights(QT.Q4_K, 24, k, seed=s), QT.Q4_K, (24, k))]) for s in (1, 2)]
-    times = cn.time_matmuls(lins, _x(3, k), 7)
-    assert len(times) == 7 and all(0 < t < 1 for t in times)
-    other = cn.NativeLinear([(_weights(QT.Q8_0, 24, k), QT.Q8_0, (24, k))])
-    with pytest.raises(LlmkitError, match="one shape and type"):
-        cn.time_matmuls([lins[0], other], _x(1, k), 1)

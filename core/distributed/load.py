@@ -34,14 +34,16 @@ def check_tp(path, tp: int, mode: str = "exact", mtp: bool = False, draft_path=N
 
 def load_shard(group: Group, path: str | Path, device: str = "cpu", mtp: bool = False,
                draft_path=None, moe_n_expert=None, mode: str = "exact",
-               kernels: str | None = None) -> LoadedModel:  # fmt: skip
+               kernels: str | None = None, repack: bool = True) -> LoadedModel:  # fmt: skip
     """This rank's LoadedModel: `tensors` holds only its parts (what `weights_bytes` counts)."""
     t0 = time.perf_counter()
     mf = read_model_file(path, mtp, draft_path, moe_n_expert)
     plan = plan_shard(mf.arch, mf.config, mf.tensors, group.world, group.rank, mode)
     if device not in ("cpu", "cuda"):
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
-    backend = Backend(group.device if device == "cuda" else torch.device("cpu"), kernels=kernels)
+    backend = Backend(
+        group.device if device == "cuda" else torch.device("cpu"), kernels=kernels, repack=repack
+    )
     tensors = plan.tensors
     if backend.device.type != "cpu":
         tensors = tensors_to(tensors, backend.device)

@@ -61,7 +61,7 @@ def spans(n: int, world: int) -> list[int]:
 def row_slice(t: QTensor, lo: int, hi: int, unit: int = 1) -> QTensor:
     """Rows [lo*unit, hi*unit) of a 2-D tensor (or experts [lo, hi) of a 3-D one): a view."""
     a, b = lo * unit, hi * unit
-    return QTensor(f"{t.name}[{a}:{b}]", t.qtype, (b - a, *t.shape[1:]), t.raw[a:b])
+    return QTensor(f"{t.name}[{a}:{b}]", t.qtype, (b - a, *t.shape[1:]), t.raw[a:b], t.mapped)
 
 
 def block_size(t: QTensor) -> int:

@@ -47,7 +47,7 @@ def load_tensors(gf: GGUFFile, specs: list[TensorSpec], ignore_prefixes: tuple[s
         qtype = info.qtype
         if qtype not in SUPPORTED_TYPES:
             raise LlmkitError(f"{gf.path}: tensor {s.name} has unsupported type {qtype.name}")
-        out[s.name] = QTensor(s.name, qtype, tuple(info.shape), gf.torch_raw(s.name))
+        out[s.name] = QTensor(s.name, qtype, tuple(info.shape), gf.torch_raw(s.name), mapped=True)
     return out
 
 

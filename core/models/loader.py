@@ -229,10 +229,12 @@ def load_model(
     draft_path: str | Path | None = None,
     moe_n_expert: int | None = None,
     kernels: str | None = None,
+    repack: bool = True,
 ) -> LoadedModel:
     """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
     sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models;
-    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/ops.py)."""
+    `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/ops.py);
+    `repack` False keeps the native kernels on the GGUF rows (llama.cpp's --no-repack)."""
     t0 = time.perf_counter()
     mf = read_model_file(path, mtp, draft_path, moe_n_expert)
     gf, gd, arch, mod, cfg, tensors = mf.gf, mf.gd, mf.arch, mf.module, mf.config, mf.tensors
@@ -240,7 +242,7 @@ def load_model(
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
     if device == "cuda" and not torch.cuda.is_available():
         raise LlmkitError("--device cuda requested but no CUDA device is available")
-    backend = Backend(torch.device(device), weight_dtype, kernels)
+    backend = Backend(torch.device(device), weight_dtype, kernels, repack=repack)
     if backend.device.type != "cpu":
         tensors = tensors_to(tensors, backend.device)
     model = mod.Model(cfg, tensors, backend, mtp=mtp)

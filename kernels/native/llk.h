@@ -63,15 +63,35 @@ enum {
 
 /* One weight matrix of a (possibly fused) linear layer: rows n of `type`, each `row_stride` bytes
  * apart (>= the row's size: a row slice of a bigger buffer is fine), written to output columns
- * [col, col + n). Layout is part of the ABI (mirrored by ctypes in cpu_native.py). */
+ * [col, col + n). `layout`: LLK_LAYOUT_ROWS (the GGUF rows) or LLK_LAYOUT_X8 (llk_pack_x8's
+ * groups; row_stride = the row's size). Layout is part of the ABI (mirrored by ctypes in
+ * cpu_native.py). */
 typedef struct {
     const void *w;
     int64_t row_stride;
     int64_t n;
     int64_t col;
     int32_t type;
-    int32_t reserved;
+    int32_t layout;
 } llk_part;
+
+enum { LLK_LAYOUT_ROWS = 0, LLK_LAYOUT_X8 = 1 };
+
+/* x8 groups (pack.c): the rows of a 32-value type (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL) regrouped so
+ * that a kernel reads each group of 8 rows as one stream, already in its vector lanes: per group
+ * (the last one padded by repeating its last row) and block, 8 x the block's bytes = the qs
+ * dwords t of the 8 rows (32 bytes per t), then their fp16 d, fp16 m (Q4_1, Q5_1) and u32 qh
+ * (Q5_0, Q5_1). Same size as the rows (plus the padding): ceil(n / 8) * 8 * row bytes at dst.
+ * The values and every result computed from them are unchanged. `release`: src is a read-only
+ * file mapping; drop its whole pages from the process as they are packed (madvise DONTNEED: they
+ * read back from the file if touched again), so packing a mapped matrix never holds both copies.
+ * LLK_E_TYPE for other types, LLK_E_SHAPE for bad sizes. */
+LLK_API int llk_pack_x8(const void *src, int64_t row_stride, int64_t n, int64_t k, int32_t type,
+                        void *dst, int32_t release);
+
+/* 1 when the selected ISA path reads `type` in x8 groups natively (x86 AVX2 / AVX-512); other
+ * paths read them too, by unpacking each group first (slower: pack only where this says 1). */
+LLK_API int llk_x8_native(int32_t type);
 
 /* y[m, parts[i].col + j] = x[m, :] . row j of part i, for m < M. x rows are `ldx` floats apart, y
  * rows `ldy` floats apart. Returns LLK_OK or an error code (nothing is written on error). */

@@ -56,6 +56,8 @@ typedef struct {
                        int64_t bstride);
     void (*round_f16)(const float *x, int64_t k, float *out);
     void (*round_bf16)(const float *x, int64_t k, float *out);
+    /* the same kernels on x8 groups (llk_pack_x8; w = the group's start), NULL where none */
+    llk_row_fn row_x8[15];
 } llk_isa_table;
 
 extern const llk_isa_table llk_table_scalar;
@@ -88,6 +90,11 @@ static inline int llk_type_index(int32_t type) {
     default: return -1;
     }
 }
+
+/* x8 groups (pack.c): whether `type` has them, and group g's 8 rows back in the GGUF layout
+ * (rows[j * row_bytes ..], nb blocks each) from its packed bytes at `grp`. */
+int llk_x8_type(int32_t type);
+void llk_x8_unpack_group(const uint8_t *grp, int32_t type, int64_t nb, uint8_t *rows);
 
 /* Which activation format a type's kernel reads. */
 enum { LLK_ACT_Q8_1, LLK_ACT_Q8_K, LLK_ACT_F32, LLK_ACT_F16, LLK_ACT_BF16 };

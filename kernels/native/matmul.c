@@ -117,6 +117,11 @@ static const llk_isa_table *table_of(int isa) {
     }
 }
 
+int llk_x8_native(int32_t type) {
+    const int i = llk_type_index(type);
+    return i >= 0 && llk_x8_type(type) && table_of(llk_get_isa())->row_x8[i] != NULL;
+}
+
 int llk_isa_supported(int isa) { return isa >= 0 && isa < LLK_ISA_COUNT && cpu_has(isa); }
 
 int llk_best_isa(void) {
@@ -262,9 +267,28 @@ static int64_t l1_block_rows(const job_t *j, int pi) {
     return nblk < LLK_NR ? LLK_NR : nblk;
 }
 
+/* x8 groups on a path without their kernel: each group unpacked to 8 rows first. */
+static _Thread_local uint8_t *tl_x8;
+static _Thread_local size_t tl_x8_cap;
+
+static void row_x8_unpacked(const job_t *j, int pi, const uint8_t *w, int nr, const llk_act *a,
+                            int64_t m0, int rm, float *y) {
+    const llk_part *p = &j->parts[pi];
+    const int64_t nb = j->k / 32, rb = p->row_stride;
+    if ((size_t)(8 * rb) > tl_x8_cap) {
+        free(tl_x8);
+        tl_x8 = malloc((size_t)(8 * rb));
+        tl_x8_cap = tl_x8 ? (size_t)(8 * rb) : 0;
+        if (!tl_x8) return; /* cannot happen for the sizes llk_matmul admits: 8 rows of K */
+    }
+    llk_x8_unpack_group(w, p->type, nb, tl_x8);
+    j->t->row[j->type_idx[pi]](tl_x8, rb, nr, a, m0, rm, y, j->ldy);
+}
+
 static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts) {
     const llk_part *p = &j->parts[pi];
-    const llk_row_fn fn = j->t->row[j->type_idx[pi]];
+    const int x8 = p->layout == LLK_LAYOUT_X8;
+    const llk_row_fn fn = x8 ? j->t->row_x8[j->type_idx[pi]] : j->t->row[j->type_idx[pi]];
     const llk_act *a = &j->act[llk_act_format(p->type)];
     const uint8_t *w = (const uint8_t *)p->w;
     const int64_t st = p->row_stride, m = j->m, mt = j->mt, ldy = j->ldy;
@@ -273,7 +297,8 @@ static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts)
     if (m <= mt) {
         for (int64_t n = n0; n < n1; n += LLK_NR) {
             const int nr = (int)(n1 - n < LLK_NR ? n1 - n : LLK_NR);
-            fn(w + n * st, st, nr, a, 0, (int)m, y + n, ldy);
+            if (fn) fn(w + n * st, st, nr, a, 0, (int)m, y + n, ldy);
+            else row_x8_unpacked(j, pi, w + n * st, nr, a, 0, (int)m, y + n);
         }
         return;
     }
@@ -284,7 +309,8 @@ static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts)
             const int rm = (int)(m - m0 < mt ? m - m0 : mt);
             for (int64_t n = b0; n < b1; n += LLK_NR) {
                 const int nr = (int)(b1 - n < LLK_NR ? b1 - n : LLK_NR);
-                fn(w + n * st, st, nr, a, m0, rm, y + n, ldy);
+                if (fn) fn(w + n * st, st, nr, a, m0, rm, y + n, ldy);
+                else row_x8_unpacked(j, pi, w + n * st, nr, a, m0, rm, y + n);
             }
         }
     }
@@ -342,6 +368,9 @@ int llk_matmul(const float *x, int64_t m, int64_t k, int64_t ldx, const llk_part
             return LLK_E_SHAPE;
         const int64_t rb = k / bs * llk_type_size(type);
         if (parts[p].n > 1 && parts[p].row_stride < rb) return LLK_E_SHAPE;
+        if (parts[p].layout != LLK_LAYOUT_ROWS &&
+            (parts[p].layout != LLK_LAYOUT_X8 || !llk_x8_type(type) || parts[p].row_stride != rb))
+            return parts[p].layout == LLK_LAYOUT_X8 && !llk_x8_type(type) ? LLK_E_TYPE : LLK_E_SHAPE;
         j.need[llk_act_format(type)] = 1;
         j.row_cost[p] = m <= 16 ? rb : k;
         j.rows += parts[p].n;

@@ -1,0 +1,42 @@
+"""x8 groups: the weight layout the x86 group kernels read without a transposition.
+
+The native CPU kernels compute 8 weight rows at once, one per vector lane. From the GGUF rows that
+needs each block of the 8 rows gathered and transposed into lanes first, which on Zen 4 costs as
+much as the dot products of 3-4 activation rows. `llk_pack_x8` (kernels/native/pack.c) stores the
+32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) that way once, at load: the same bytes,
+moved, so results do not change; a group of 8 rows becomes one linear stream of vector loads.
+
+Memory: the packed copy replaces the mmap as the weight store. For a matrix read from the GGUF
+mapping (`release`), pack.c drops the mapping's pages as it goes (they read back from the file if
+anything, e.g. an embedding lookup of a tied head, touches them again), so the peak holds at most
+~1 MB of both. Packing happens only where the selected ISA path reads x8 groups natively
+(`llk_x8_native`); another path (a test forcing `scalar`) still reads them, one group unpacked at a
+time.
+"""
+
+from __future__ import annotations
+
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.errors import LlmkitError
+
+LAYOUT_ROWS, LAYOUT_X8 = 0, 1  # llk.h's LLK_LAYOUT_*
+ENABLED = True  # what NativeLinear(pack=None) does (benchmarks compare both layouts)
+X8_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL})
+
+
+def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Tensor | None:
+    """w (uint8 [N, row_bytes], contiguous rows) as x8 groups: uint8 [ceil(N / 8) * 8, row_bytes],
+    or None where the current ISA path has no x8 kernel for qtype (keep the rows)."""
+    if qtype not in X8_TYPES or w.shape[0] == 0 or not lib.llk_x8_native(int(qtype)):
+        return None
+    n, rb = w.shape
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    k = rb // block_bytes * block
+    out = torch.empty((n + 7) // 8 * 8, rb, dtype=torch.uint8)
+    rc = lib.llk_pack_x8(w.data_ptr(), w.stride(0), n, k, int(qtype), out.data_ptr(), int(release))
+    if rc:
+        raise LlmkitError(f"packing {qtype.name} {n}x{k} into x8 groups failed ({rc})")
+    return out

@@ -1,0 +1,117 @@
+/* pack.c: weight rows of the 32-value types regrouped into x8 groups (llk.h, llk_pack_x8).
+ *
+ * Why: the x86 group kernels (x86_dot32.inc) compute 8 weight rows at once, one row per 32-bit
+ * vector lane. Read from the GGUF rows, each block of the 8 rows is first gathered and transposed
+ * into lanes (8 scalar loads per header field, 8 unpacks per 4 qs dwords): on Zen 4 that decode
+ * cost as much as the dot products of 3-4 activation rows, so M = 2-4 (MTP verify batches) cost
+ * up to 1.6x M = 1, and Q5_0 was compute-bound even at M = 1. Stored in lanes once, a group is
+ * one linear stream of plain vector loads. No values change: the same bytes, moved.
+ *
+ * Per group and block b, 8 x TS bytes (TS = the block's size): qs dword t of rows 0..7 at
+ * 32 t + 4 j (t < 4, or < 8 for Q8_0), then d of rows 0..7 (fp16), then m (Q4_1 / Q5_1, fp16),
+ * then qh (Q5_0 / Q5_1, u32). Bytes moved per matrix: 2 x its size, once, at load.
+ */
+#define _DEFAULT_SOURCE
+#include <stdint.h>
+#include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include "llk_internal.h"
+
+typedef struct {
+    int ts, qs_at, nq, m_at, h_at; /* block bytes; qs offset; qs dwords; m / qh offsets or -1 */
+} x8_shape;
+
+static int x8_shape_of(int32_t type, x8_shape *s) {
+    switch (type) {
+    case LLK_Q4_0: case LLK_IQ4_NL: *s = (x8_shape){18, 2, 4, -1, -1}; return 1;
+    case LLK_Q4_1: *s = (x8_shape){20, 4, 4, 2, -1}; return 1;
+    case LLK_Q5_0: *s = (x8_shape){22, 6, 4, -1, 2}; return 1;
+    case LLK_Q5_1: *s = (x8_shape){24, 8, 4, 2, 4}; return 1;
+    case LLK_Q8_0: *s = (x8_shape){34, 2, 8, -1, -1}; return 1;
+    default: return 0;
+    }
+}
+
+int llk_x8_type(int32_t type) {
+    x8_shape s;
+    return x8_shape_of(type, &s);
+}
+
+/* Offsets in a packed block of 8: d, m, qh (after the qs dwords). */
+static void x8_fields(const x8_shape *s, int *d_at, int *m_at, int *h_at) {
+    *d_at = 32 * s->nq;
+    *m_at = *d_at + 16;
+    *h_at = *m_at + (s->m_at >= 0 ? 16 : 0);
+}
+
+/* Rows src[j * stride] (j < nr; the rest repeat row nr - 1), nb blocks each, into one group. */
+static void pack_group(const uint8_t *src, int64_t stride, int nr, int64_t nb, const x8_shape *s,
+                       uint8_t *dst) {
+    int d_at, m_at, h_at;
+    x8_fields(s, &d_at, &m_at, &h_at);
+    for (int j = 0; j < 8; j++) {
+        const uint8_t *row = src + (j < nr ? j : nr - 1) * stride;
+        uint8_t *o = dst;
+        for (int64_t b = 0; b < nb; b++, row += s->ts, o += 8 * s->ts) {
+            for (int t = 0; t < s->nq; t++) memcpy(o + 32 * t + 4 * j, row + s->qs_at + 4 * t, 4);
+            memcpy(o + d_at + 2 * j, row, 2);
+            if (s->m_at >= 0) memcpy(o + m_at + 2 * j, row + s->m_at, 2);
+            if (s->h_at >= 0) memcpy(o + h_at + 4 * j, row + s->h_at, 4);
+        }
+    }
+}
+
+void llk_x8_unpack_group(const uint8_t *grp, int32_t type, int64_t nb, uint8_t *rows) {
+    x8_shape s;
+    if (!x8_shape_of(type, &s)) return;
+    int d_at, m_at, h_at;
+    x8_fields(&s, &d_at, &m_at, &h_at);
+    for (int j = 0; j < 8; j++) {
+        uint8_t *row = rows + j * nb * s.ts;
+        const uint8_t *g = grp;
+        for (int64_t b = 0; b < nb; b++, row += s.ts, g += 8 * s.ts) {
+            for (int t = 0; t < s.nq; t++) memcpy(row + s.qs_at + 4 * t, g + 32 * t + 4 * j, 4);
+            memcpy(row, g + d_at + 2 * j, 2);
+            if (s.m_at >= 0) memcpy(row + s.m_at, g + m_at + 2 * j, 2);
+            if (s.h_at >= 0) memcpy(row + s.h_at, g + h_at + 4 * j, 4);
+        }
+    }
+}
+
+/* Drops the whole pages inside [a, b) of a read-only file mapping from the process; returns
+ * where the next release may start (the end of the last page dropped, or a). */
+static const uint8_t *release_pages(const uint8_t *a, const uint8_t *b) {
+#if defined(__linux__) && defined(MADV_DONTNEED)
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t lo = ((uintptr_t)a + pg - 1) & ~(pg - 1), hi = (uintptr_t)b & ~(pg - 1);
+    if (hi > lo && madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0) return (const uint8_t *)hi;
+#else
+    (void)b;
+#endif
+    return a;
+}
+
+#define RELEASE_EVERY (1 << 20) /* source bytes between releases */
+
+int llk_pack_x8(const void *src, int64_t row_stride, int64_t n, int64_t k, int32_t type, void *dst,
+                int32_t release) {
+    x8_shape s;
+    if (!x8_shape_of(type, &s)) return LLK_E_TYPE;
+    if (k <= 0 || k % 32 || n < 0) return LLK_E_SHAPE;
+    const int64_t nb = k / 32, rb = nb * s.ts;
+    if (n > 1 && row_stride < rb) return LLK_E_SHAPE;
+    const uint8_t *in = src, *done = src;
+    uint8_t *out = dst;
+    for (int64_t g = 0; g < n; g += 8) {
+        const int nr = (int)(n - g < 8 ? n - g : 8);
+        pack_group(in + g * row_stride, row_stride, nr, nb, &s, out + g * rb);
+        const uint8_t *end = in + (g + nr) * row_stride;
+        if (release && (end - done >= RELEASE_EVERY || g + nr == n))
+            done = release_pages(done, end); /* pages shared with a neighbour tensor stay */
+    }
+    return LLK_OK;
+}
