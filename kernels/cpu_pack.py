@@ -24,7 +24,9 @@ from llmkit.errors import LlmkitError
 
 LAYOUT_ROWS, LAYOUT_X8 = 0, 1  # llk.h's LLK_LAYOUT_*
 ENABLED = True  # what NativeLinear(pack=None) does (benchmarks compare both layouts)
-X8_TYPES = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL})
+X8_TYPES = frozenset(
+    {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+)
 
 
 def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Tensor | None:

@@ -1,5 +1,5 @@
 """x8 groups (kernels/cpu_pack.py, kernels/native/pack.c): the weight layout the x86 group kernels
-read without a transposition. The same bytes moved: every result equals the GGUF rows' bit for
+(32-value types and Q4_K / Q5_K / Q6_K) read without a transposition. The same bytes moved: every result equals the GGUF rows' bit for
 bit, on every path (a path without an x8 kernel unpacks each group first); a matrix packed from
 a file mapping leaves none of that mapping's pages in the process; bad layouts are refused."""
 
@@ -47,7 +47,10 @@ def _pair(parts):
 def test_x8_groups_give_the_rows_results_bit_for_bit(qtype):
     """Every M (tiles of 1-16 rows and the multi-tile walk past 16), tails of 1-7 rows, on
     every path of this CPU: the packed linear equals the rows' bit for bit."""
-    for n, k in [(1, 32), (7, 96), (8, 64), (13, 640), (67, 160)]:
+    shapes = [(1, 32), (7, 96), (8, 64), (13, 640), (67, 160)]
+    if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K):
+        shapes = [(1, 256), (7, 512), (8, 256), (13, 768), (67, 256)]
+    for n, k in shapes:
         packed, rows = _pair([(_w(qtype, n, k), qtype, (n, k))])
         assert rows._parts[0].layout == cpu_pack.LAYOUT_ROWS
         native = bool(cn.library().llk_x8_native(int(qtype)))
@@ -63,7 +66,7 @@ def test_x8_groups_give_the_rows_results_bit_for_bit(qtype):
 def test_fused_parts_mix_layouts():
     """q|k|v-style fusions of packable and other types: each part in its own layout, one call."""
     k = 256
-    parts = [(_w(QT.Q5_0, 21, k, 1), QT.Q5_0, (21, k)), (_w(QT.Q4_K, 9, k, 2), QT.Q4_K, (9, k)),
+    parts = [(_w(QT.Q5_0, 21, k, 1), QT.Q5_0, (21, k)), (_w(QT.Q3_K, 9, k, 2), QT.Q3_K, (9, k)),
              (_w(QT.Q8_0, 16, k, 3), QT.Q8_0, (16, k)), (_w(QT.Q4_1, 3, k, 4), QT.Q4_1, (3, k))]  # fmt: skip
     packed, rows = _pair(parts)
     if cn.library().llk_x8_native(int(QT.Q5_0)):
@@ -118,10 +121,10 @@ def test_packing_a_mapped_matrix_drops_the_mappings_pages(tmp_path):
 def test_bad_layouts_and_packing_arguments_are_refused():
     lib = cn.library()
     k = 64
-    w = _w(QT.Q4_K, 8, 256)
+    w = _w(QT.Q3_K, 8, 256)  # read row-wise on every path: no x8 groups
     x = torch.randn(1, 256)
     y = torch.empty(1, 8)
-    bad = cn._Part(w.data_ptr(), w.stride(0), 8, 0, int(QT.Q4_K), cpu_pack.LAYOUT_X8)
+    bad = cn._Part(w.data_ptr(), w.stride(0), 8, 0, int(QT.Q3_K), cpu_pack.LAYOUT_X8)
     assert lib.llk_matmul(x.data_ptr(), 1, 256, 256, ctypes.byref(bad), 1, y.data_ptr(), 8) == -1
     q = _w(QT.Q8_0, 8, k)
     for stride, layout in ((q.stride(0) + 2, cpu_pack.LAYOUT_X8), (q.stride(0), 7)):
@@ -129,10 +132,14 @@ def test_bad_layouts_and_packing_arguments_are_refused():
         x = torch.randn(1, k)
         assert lib.llk_matmul(x.data_ptr(), 1, k, k, ctypes.byref(part), 1, y.data_ptr(), 8) == -2
     out = torch.empty(8, q.shape[1], dtype=torch.uint8)
-    assert lib.llk_pack_x8(w.data_ptr(), w.stride(0), 8, 256, int(QT.Q4_K), out.data_ptr(), 0) == -1
+    assert lib.llk_pack_x8(w.data_ptr(), w.stride(0), 8, 256, int(QT.Q3_K), out.data_ptr(), 0) == -1
+    k4 = _w(QT.Q4_K, 8, 256)
+    assert (
+        lib.llk_pack_x8(k4.data_ptr(), k4.stride(0), 8, 128, int(QT.Q4_K), out.data_ptr(), 0) == -2
+    )
     assert lib.llk_pack_x8(q.data_ptr(), q.stride(0), 8, 33, int(QT.Q8_0), out.data_ptr(), 0) == -2
     with pytest.raises(LlmkitError, match="K=64"):
-        cn.NativeLinear([(q, QT.Q8_0, (8, 64)), (w, QT.Q4_K, (8, 256))])
+        cn.NativeLinear([(q, QT.Q8_0, (8, 64)), (w, QT.Q3_K, (8, 256))])
 
 
 @pytest.mark.parametrize("write", [write_tiny_llama, write_tiny_gemma3], ids=["llama", "gemma3"])

@@ -77,11 +77,12 @@ typedef struct {
 
 enum { LLK_LAYOUT_ROWS = 0, LLK_LAYOUT_X8 = 1 };
 
-/* x8 groups (pack.c): the rows of a 32-value type (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL) regrouped so
+/* x8 groups (pack.c): the rows of Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL Q4_K Q5_K Q6_K regrouped so
  * that a kernel reads each group of 8 rows as one stream, already in its vector lanes: per group
- * (the last one padded by repeating its last row) and block, 8 x the block's bytes = the qs
- * dwords t of the 8 rows (32 bytes per t), then their fp16 d, fp16 m (Q4_1, Q5_1) and u32 qh
- * (Q5_0, Q5_1). Same size as the rows (plus the padding): ceil(n / 8) * 8 * row bytes at dst.
+ * (the last one padded by repeating its last row) and block, 8 x the block's bytes = dwords t
+ * of the 8 rows (32 bytes per t: the 32-value types' qs, the K-quants' whole dwords), then their
+ * 16-bit d (and for Q4_1 / Q5_1 m, for Q5_0 / Q5_1 the u32 qh). Same size as the rows (plus
+ * the padding): ceil(n / 8) * 8 * row bytes at dst.
  * The values and every result computed from them are unchanged. `release`: src is a read-only
  * file mapping; drop its whole pages from the process as they are packed (madvise DONTNEED: they
  * read back from the file if touched again), so packing a mapped matrix never holds both copies.

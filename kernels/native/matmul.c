@@ -274,7 +274,7 @@ static _Thread_local size_t tl_x8_cap;
 static void row_x8_unpacked(const job_t *j, int pi, const uint8_t *w, int nr, const llk_act *a,
                             int64_t m0, int rm, float *y) {
     const llk_part *p = &j->parts[pi];
-    const int64_t nb = j->k / 32, rb = p->row_stride;
+    const int64_t nb = j->k / llk_block_size(p->type), rb = p->row_stride;
     if ((size_t)(8 * rb) > tl_x8_cap) {
         free(tl_x8);
         tl_x8 = malloc((size_t)(8 * rb));

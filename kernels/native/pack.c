@@ -9,7 +9,9 @@
  *
  * Per group and block b, 8 x TS bytes (TS = the block's size): qs dword t of rows 0..7 at
  * 32 t + 4 j (t < 4, or < 8 for Q8_0), then d of rows 0..7 (fp16), then m (Q4_1 / Q5_1, fp16),
- * then qh (Q5_0 / Q5_1, u32). Bytes moved per matrix: 2 x its size, once, at load.
+ * then qh (Q5_0 / Q5_1, u32). The K-quants Q4_K Q5_K Q6_K (x86_dotk8.inc): dword t of the
+ * super-block at 32 t + 4 j for every whole dword, then Q6_K's fp16 d. Bytes moved per matrix:
+ * 2 x its size, once, at load.
  */
 #define _DEFAULT_SOURCE
 #include <stdint.h>
@@ -23,18 +25,29 @@
 
 typedef struct {
     int ts, qs_at, nq, m_at, h_at; /* block bytes; qs offset; qs dwords; m / qh offsets or -1 */
+    int bs;                        /* values per block */
 } x8_shape;
 
+/* The 32-value types: qs dwords, d, m, qh (see the header). The K-quants (super-blocks of 256,
+ * read by x86_dotk8.inc): every whole dword of the block in order (qs_at 0, nq = ts / 4), then
+ * Q6_K's trailing fp16 d as a 16-bit field (d_at after them). */
 static int x8_shape_of(int32_t type, x8_shape *s) {
     switch (type) {
-    case LLK_Q4_0: case LLK_IQ4_NL: *s = (x8_shape){18, 2, 4, -1, -1}; return 1;
-    case LLK_Q4_1: *s = (x8_shape){20, 4, 4, 2, -1}; return 1;
-    case LLK_Q5_0: *s = (x8_shape){22, 6, 4, -1, 2}; return 1;
-    case LLK_Q5_1: *s = (x8_shape){24, 8, 4, 2, 4}; return 1;
-    case LLK_Q8_0: *s = (x8_shape){34, 2, 8, -1, -1}; return 1;
+    case LLK_Q4_0: case LLK_IQ4_NL: *s = (x8_shape){18, 2, 4, -1, -1, 32}; return 1;
+    case LLK_Q4_1: *s = (x8_shape){20, 4, 4, 2, -1, 32}; return 1;
+    case LLK_Q5_0: *s = (x8_shape){22, 6, 4, -1, 2, 32}; return 1;
+    case LLK_Q5_1: *s = (x8_shape){24, 8, 4, 2, 4, 32}; return 1;
+    case LLK_Q8_0: *s = (x8_shape){34, 2, 8, -1, -1, 32}; return 1;
+    case LLK_Q4_K: *s = (x8_shape){144, 0, 36, -1, -1, 256}; return 1;
+    case LLK_Q5_K: *s = (x8_shape){176, 0, 44, -1, -1, 256}; return 1;
+    case LLK_Q6_K: *s = (x8_shape){210, 0, 52, -1, -1, 256}; return 1;
     default: return 0;
     }
 }
+
+/* Where a block's 16-bit d field sits in the GGUF block: 0, or Q6_K's 208 (after the dwords) */
+static int d_src(const x8_shape *s) { return s->bs == 256 ? 4 * s->nq : 0; }
+static int has_d(const x8_shape *s) { return s->bs == 32 || s->ts % 4; }
 
 int llk_x8_type(int32_t type) {
     x8_shape s;
@@ -58,7 +71,7 @@ static void pack_group(const uint8_t *src, int64_t stride, int nr, int64_t nb, c
         uint8_t *o = dst;
         for (int64_t b = 0; b < nb; b++, row += s->ts, o += 8 * s->ts) {
             for (int t = 0; t < s->nq; t++) memcpy(o + 32 * t + 4 * j, row + s->qs_at + 4 * t, 4);
-            memcpy(o + d_at + 2 * j, row, 2);
+            if (has_d(s)) memcpy(o + d_at + 2 * j, row + d_src(s), 2);
             if (s->m_at >= 0) memcpy(o + m_at + 2 * j, row + s->m_at, 2);
             if (s->h_at >= 0) memcpy(o + h_at + 4 * j, row + s->h_at, 4);
         }
@@ -75,7 +88,7 @@ void llk_x8_unpack_group(const uint8_t *grp, int32_t type, int64_t nb, uint8_t *
         const uint8_t *g = grp;
         for (int64_t b = 0; b < nb; b++, row += s.ts, g += 8 * s.ts) {
             for (int t = 0; t < s.nq; t++) memcpy(row + s.qs_at + 4 * t, g + 32 * t + 4 * j, 4);
-            memcpy(row, g + d_at + 2 * j, 2);
+            if (has_d(&s)) memcpy(row + d_src(&s), g + d_at + 2 * j, 2);
             if (s.m_at >= 0) memcpy(row + s.m_at, g + m_at + 2 * j, 2);
             if (s.h_at >= 0) memcpy(row + s.h_at, g + h_at + 4 * j, 4);
         }
@@ -101,8 +114,8 @@ int llk_pack_x8(const void *src, int64_t row_stride, int64_t n, int64_t k, int32
                 int32_t release) {
     x8_shape s;
     if (!x8_shape_of(type, &s)) return LLK_E_TYPE;
-    if (k <= 0 || k % 32 || n < 0) return LLK_E_SHAPE;
-    const int64_t nb = k / 32, rb = nb * s.ts;
+    if (k <= 0 || k % s.bs || n < 0) return LLK_E_SHAPE;
+    const int64_t nb = k / s.bs, rb = nb * s.ts;
     if (n > 1 && row_stride < rb) return LLK_E_SHAPE;
     const uint8_t *in = src, *done = src;
     uint8_t *out = dst;
