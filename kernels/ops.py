@@ -5,11 +5,12 @@ look at the device themselves.
   op           | "cpu" (native, default on a CPU)  | "torch" (reference)  | "triton" (GPU)
   -------------+-----------------------------------+----------------------+------------------------
   linear       | cpu_native.NativeLinear on the     | dense copy in        | Q8_0 Q4_0 Q4_1 Q5_0
-  (make_linear,|   GGUF bytes, every type; the      |   weight_dtype,      |   Q4_K Q5_K Q6_K IQ4_XS:
-   linear)     |   norm / GLU before and the post-  |   F.linear; the      |   triton_gemv (M <= 16)
-               |   norm / residual after fused in   |   fused steps as     |   or triton_dequant +
-               |   one call                         |   torch ops          |   cuBLAS; F32/F16/BF16
-               |                                    |                      |   in their dtype
+  (make_linear,|   GGUF bytes, every type (x86:     |   weight_dtype,      |   Q4_K Q5_K Q6_K IQ4_XS:
+   linear)     |   the 32-value types and Q4_K-Q6_K |   F.linear; the      |   triton_gemv (M <= 16)
+               |   moved into x8 groups, cpu_pack); |   fused steps as     |   or triton_dequant +
+               |   the norm / GLU before and the    |   torch ops          |   cuBLAS; F32/F16/BF16
+               |   post-norm / residual after fused |                      |   in their dtype
+               |   in one call                      |                      |
   attention    | cpu_ops.attention: the cache as    | SDPA over a [T, S]   | triton_attention (the
                |   stored, masked by position (or a |   mask, q-types      |   cache as stored,
                |   tree mask), batch-invariant      |   dequantized        |   masked by position)

@@ -1,6 +1,6 @@
 """Where a CPU decode step goes: time inside the native kernels vs. Python and op dispatch.
 
-    python scripts/profile_cpu_decode.py [MODEL ...] [-t 2] [--depth 100] [-n 64] [-r 5]
+    python scripts/profile_cpu_decode.py [MODEL ...] [-t 2] [--depth 100] [-n 64] [-r 5] [--no-repack]
                                          [--rows 1,2,4,8]
 
 For each model: a `depth`-token random context is prefilled, then `n` greedy single-token steps
@@ -139,12 +139,13 @@ def verify_cost(lm, depth: int, n: int, reps: int, rows: list[int]) -> None:
     print("  forward of M rows, min / median: " + "; ".join(cells))
 
 
-def profile(path, threads: int, depth: int, n: int, reps: int, rows: list[int]) -> None:
+def profile(path, threads: int, depth: int, n: int, reps: int, rows: list[int],
+            repack: bool = True) -> None:  # fmt: skip
     """Plain and instrumented runs alternate; "outside" comes from the instrumented run itself
     (its step time minus the time inside the native calls minus the wrappers' own cost)."""
     cpu_native.set_threads(threads)
     torch.set_num_threads(threads)
-    lm = load_model(path)
+    lm = load_model(path, repack=repack)
     timers = Timers()
     steps, outside, per_call = [], [], wrapper_cost_us()
     with torch.inference_mode():
@@ -182,10 +183,11 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-r", "--reps", type=int, default=5)
     ap.add_argument("--rows", default="", help="M values for the verify-batch cost, e.g. 1,2,4,8")
+    ap.add_argument("--no-repack", action="store_true", help="weights as GGUF rows (no x8 groups)")
     a = ap.parse_args()
     rows = [int(x) for x in a.rows.split(",") if x]
     for m in a.models:
-        profile(resolve_model(m), a.threads, a.depth, a.n, a.reps, rows)
+        profile(resolve_model(m), a.threads, a.depth, a.n, a.reps, rows, not a.no_repack)
 
 
 if __name__ == "__main__":
