@@ -26,7 +26,7 @@ from llmkit.core.decode.loop import GenStats, Speculation, generate
 from llmkit.core.decode.sampling import Sampler, SamplerParams
 from llmkit.core.decode.speculative import SpecConfig, SpecStats
 from llmkit.core.model.catalog import resolve_model
-from llmkit.core.models.loader import LoadedModel, load_model
+from llmkit.core.models.loader import LoadedModel, load_model, read_model_file
 from llmkit.core.tokenizer import Tokenizer, load_tokenizer
 from llmkit.core.tokenizer.chat import ChatFormat
 from llmkit.errors import LlmkitError
@@ -152,13 +152,22 @@ class LLM(Completions):
             from llmkit.kernels import ops
 
             ops.set_threads(opts.n_threads if opts.n_threads > 0 else (os.cpu_count() or 1))
+        path, mtp = resolve_model(model), kind == "mtp" and not assistant
+        tokenizer, kw = None, {}
+        if opts.tp is None:  # the tokenizer first: its build's transient memory then never
+            # stacks on weights already resident (x8 groups are packed at load)
+            kw["model_file"] = read_model_file(
+                path, mtp, None if assistant else draft_path, opts.moe_n_expert
+            )
+            tokenizer = load_tokenizer(kw["model_file"].gf.metadata)
         lm = (load_model if opts.tp is None else _tp_loader(opts))(
-            resolve_model(model),
+            path,
             device="cpu" if opts.layer_split else device,  # the split places the blocks
-            mtp=kind == "mtp" and not assistant,
+            mtp=mtp,
             draft_path=None if assistant else draft_path,
             moe_n_expert=opts.moe_n_expert,
             repack=opts.repack,
+            **kw,
         )
         if opts.layer_split:  # core/distributed/pipeline.py: blocks rebuilt on their devices
             from llmkit.core.distributed.pipeline import split_layers
@@ -180,7 +189,7 @@ class LLM(Completions):
 
             new_cache = lambda *a, **kw: split_cache(lm.model, *a, **kw)  # noqa: E731
         cache = new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
-        self = cls(lm, load_tokenizer(lm.metadata), cache, opts, warnings=warnings)
+        self = cls(lm, tokenizer or load_tokenizer(lm.metadata), cache, opts, warnings=warnings)
         if opts.chat_template is not None:
             self.set_chat_template(opts.chat_template)
         if kind == "early-exit":

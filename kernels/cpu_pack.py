@@ -9,7 +9,7 @@ moved, so results do not change; a group of 8 rows becomes one linear stream of 
 Memory: the packed copy replaces the mmap as the weight store. For a matrix read from the GGUF
 mapping (`release`), pack.c drops the mapping's pages as it goes (they read back from the file if
 anything, e.g. an embedding lookup of a tied head, touches them again), so the peak holds at most
-~1 MB of both. Packing happens only where the selected ISA path reads x8 groups natively
+~1 MB of both per thread. Packing happens only where the selected ISA path reads x8 groups natively
 (`llk_x8_native`); another path (a test forcing `scalar`) still reads them, one group unpacked at a
 time.
 """

@@ -230,13 +230,15 @@ def load_model(
     moe_n_expert: int | None = None,
     kernels: str | None = None,
     repack: bool = True,
+    model_file: ModelFile | None = None,
 ) -> LoadedModel:
     """Load a GGUF model. `mtp` also loads the NextN (MTP) blocks, from `draft_path` (an MTP-only
     sidecar) when given; `moe_n_expert` overrides the routed experts per token of MoE models;
     `kernels` picks the matmul family ("cpu" or "triton"; default by device, kernels/ops.py);
-    `repack` False keeps the native kernels on the GGUF rows (llama.cpp's --no-repack)."""
+    `repack` False keeps the native kernels on the GGUF rows (llama.cpp's --no-repack);
+    `model_file`: `path` already read (read_model_file with the same arguments)."""
     t0 = time.perf_counter()
-    mf = read_model_file(path, mtp, draft_path, moe_n_expert)
+    mf = model_file or read_model_file(path, mtp, draft_path, moe_n_expert)
     gf, gd, arch, mod, cfg, tensors = mf.gf, mf.gd, mf.arch, mf.module, mf.config, mf.tensors
     if device not in ("cpu", "cuda"):
         raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")

@@ -108,7 +108,25 @@ static const uint8_t *release_pages(const uint8_t *a, const uint8_t *b) {
     return a;
 }
 
-#define RELEASE_EVERY (1 << 20) /* source bytes between releases */
+#define CHUNK_BYTES (1 << 20) /* source bytes per chunk of work (and between releases) */
+
+typedef struct {
+    const uint8_t *in;
+    uint8_t *out;
+    int64_t stride, n, nb, rb, per; /* per: groups per chunk */
+    const x8_shape *s;
+    int release;
+} pack_job;
+
+static void pack_chunk(void *arg, int c) {
+    const pack_job *J = arg;
+    const int64_t g0 = (int64_t)c * J->per * 8;
+    const int64_t g1 = g0 + J->per * 8 < J->n ? g0 + J->per * 8 : J->n;
+    for (int64_t g = g0; g < g1; g += 8)
+        pack_group(J->in + g * J->stride, J->stride, (int)(g1 - g < 8 ? g1 - g : 8), J->nb, J->s,
+                   J->out + g * J->rb);
+    if (J->release) release_pages(J->in + g0 * J->stride, J->in + g1 * J->stride);
+}
 
 int llk_pack_x8(const void *src, int64_t row_stride, int64_t n, int64_t k, int32_t type, void *dst,
                 int32_t release) {
@@ -117,14 +135,14 @@ int llk_pack_x8(const void *src, int64_t row_stride, int64_t n, int64_t k, int32
     if (k <= 0 || k % s.bs || n < 0) return LLK_E_SHAPE;
     const int64_t nb = k / s.bs, rb = nb * s.ts;
     if (n > 1 && row_stride < rb) return LLK_E_SHAPE;
-    const uint8_t *in = src, *done = src;
-    uint8_t *out = dst;
-    for (int64_t g = 0; g < n; g += 8) {
-        const int nr = (int)(n - g < 8 ? n - g : 8);
-        pack_group(in + g * row_stride, row_stride, nr, nb, &s, out + g * rb);
-        const uint8_t *end = in + (g + nr) * row_stride;
-        if (release && (end - done >= RELEASE_EVERY || g + nr == n))
-            done = release_pages(done, end); /* pages shared with a neighbour tensor stay */
-    }
+    if (n == 0) return LLK_OK;
+    int64_t per = CHUNK_BYTES / (8 * row_stride);
+    per = per < 1 ? 1 : per;
+    const int64_t chunks = ((n + 7) / 8 + per - 1) / per;
+    if (chunks > INT32_MAX) return LLK_E_SHAPE;
+    const pack_job J = {src, dst, row_stride, n, nb, rb, per, &s, release != 0};
+    llk_run_locked(pack_chunk, (void *)&J, (int)chunks); /* chunks in order, by every thread */
+    if (release) /* the pages two chunks share: neither released them */
+        release_pages(src, (const uint8_t *)src + n * row_stride);
     return LLK_OK;
 }
