@@ -8,8 +8,9 @@
  *   aarch64-linux-gnu-gcc -static <same flags and files> && qemu-aarch64 -cpu max ./llk_selftest
  *
  * Per type and path: the result is close to the scalar path's (same quantized activations, other
- * summation order), every row of an M-row call equals the row computed alone, bit for bit, and
- * 1 and 3 threads give the same bits. Exit status 1 on any failure.
+ * summation order), every row of an M-row call equals the row computed alone, bit for bit, 1 and
+ * 3 threads give the same bits, and so do the weights packed into x8 groups (pack.c). Exit
+ * status 1 on any failure.
  */
 #include <math.h>
 #include <stdio.h>
@@ -78,6 +79,14 @@ static int check(int32_t type, int64_t n, int64_t k, int64_t m) {
         llk_set_threads(3);
         llk_matmul(x, m, k, k, &part, 1, y3, n);
         bad |= memcmp(y3, y, (size_t)(m * n) * 4) != 0;
+        if (llk_x8_type(type)) { /* x8 groups (pack.c): the rows' bits, native or unpacked */
+            uint8_t *g = malloc((size_t)((n + 7) / 8 * 8 * rb));
+            const llk_part x8 = {g, rb, n, 0, type, LLK_LAYOUT_X8};
+            bad |= llk_pack_x8(w, rb, n, k, type, g, 0) != LLK_OK;
+            llk_matmul(x, m, k, k, &x8, 1, y3, n);
+            bad |= memcmp(y3, y, (size_t)(m * n) * 4) != 0;
+            free(g);
+        }
         free(y3);
         printf("%-12s type %2d %4lldx%-4lld M=%-3lld max err %.2e of %.2e %s\n", llk_isa_name(isa),
                type, (long long)n, (long long)k, (long long)m, err, scale, bad ? "FAIL" : "ok");
