@@ -31,13 +31,17 @@ X8_TYPES = frozenset(
 
 def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Tensor | None:
     """w (uint8 [N, row_bytes], contiguous rows) as x8 groups: uint8 [ceil(N / 8) * 8, row_bytes],
-    or None where the current ISA path has no x8 kernel for qtype (keep the rows)."""
+    or None where the current ISA path has no x8 kernel for qtype, or no memory is left for the
+    copy (keep the rows)."""
     if qtype not in X8_TYPES or w.shape[0] == 0 or not lib.llk_x8_native(int(qtype)):
         return None
     n, rb = w.shape
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     k = rb // block_bytes * block
-    out = torch.empty((n + 7) // 8 * 8, rb, dtype=torch.uint8)
+    try:
+        out = torch.empty((n + 7) // 8 * 8, rb, dtype=torch.uint8)
+    except RuntimeError:  # no room for a copy: the kernels read the rows where they lie
+        return None
     rc = lib.llk_pack_x8(w.data_ptr(), w.stride(0), n, k, int(qtype), out.data_ptr(), int(release))
     if rc:
         raise LlmkitError(f"packing {qtype.name} {n}x{k} into x8 groups failed ({rc})")

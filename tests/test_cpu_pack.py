@@ -172,3 +172,18 @@ def test_no_repack_keeps_the_gguf_rows(tmp_path):
     path = write_tiny_llama(tmp_path / "m.gguf")
     lm = load_model(path, repack=False)
     assert not lm.backend.packed and not lm.backend.repack
+
+
+def test_no_memory_for_the_copy_keeps_the_rows(monkeypatch):
+    """When the x8 copy cannot be allocated, the linear reads the GGUF rows where they lie."""
+
+    def no_room(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    w = _w(QT.Q8_0, 16, 64)
+    ref = cn.NativeLinear([(w, QT.Q8_0, (16, 64))], pack=False)
+    monkeypatch.setattr(cpu_pack.torch, "empty", no_room)
+    lin = cn.NativeLinear([(w, QT.Q8_0, (16, 64))], pack=True)
+    assert lin._parts[0].layout == cpu_pack.LAYOUT_ROWS and not lin.packed
+    x = torch.randn(2, 64)
+    assert torch.equal(lin(x), ref(x))
