@@ -10,9 +10,10 @@ result equals llama.cpp's to fp32 summation order.
 
 Cost per call: bytes = weight bytes + M*K*4 + M*N*4, flops = 2*M*N*K. M = 1 (decode) streams
 each weight byte once, prefetching ahead into L2. On x86 the vector lanes are 8 weight rows:
-the 32-value types are stored so at load (x8 groups, kernels/cpu_pack.py: the same bytes moved),
-the others are transposed on the fly from the GGUF bytes; an activation row costs a few int8 dot
-instructions per block for 8 outputs. M = 2..16 (MTP verify) decodes each weight block once per
+the 32-value types and Q4_K-Q6_K are stored so at load (x8 groups, kernels/cpu_pack.py: the same
+bytes moved; from GGUF rows, `pack=False`, they are transposed on the fly), an activation row
+costing a few int8 dot instructions per block for 8 outputs; Q2_K Q3_K IQ4_XS and floats go row
+by row. M = 2..16 (MTP verify) decodes each weight block once per
 tile of up to 16 activation rows (AVX-512; 4 on AVX2, 8 for K-quants and float types); larger M
 walks ~16 KB of weight rows at a time past every tile.
 

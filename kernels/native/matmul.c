@@ -279,7 +279,11 @@ static void row_x8_unpacked(const job_t *j, int pi, const uint8_t *w, int nr, co
         free(tl_x8);
         tl_x8 = malloc((size_t)(8 * rb));
         tl_x8_cap = tl_x8 ? (size_t)(8 * rb) : 0;
-        if (!tl_x8) return; /* cannot happen for the sizes llk_matmul admits: 8 rows of K */
+        if (!tl_x8) { /* no room for 8 rows: NaN outputs, which every reader checks for */
+            for (int r = 0; r < rm; r++)
+                for (int c = 0; c < nr; c++) y[(m0 + r) * j->ldy + c] = NAN;
+            return;
+        }
     }
     llk_x8_unpack_group(w, p->type, nb, tl_x8);
     j->t->row[j->type_idx[pi]](tl_x8, rb, nr, a, m0, rm, y, j->ldy);
@@ -368,9 +372,12 @@ int llk_matmul(const float *x, int64_t m, int64_t k, int64_t ldx, const llk_part
             return LLK_E_SHAPE;
         const int64_t rb = k / bs * llk_type_size(type);
         if (parts[p].n > 1 && parts[p].row_stride < rb) return LLK_E_SHAPE;
-        if (parts[p].layout != LLK_LAYOUT_ROWS &&
-            (parts[p].layout != LLK_LAYOUT_X8 || !llk_x8_type(type) || parts[p].row_stride != rb))
-            return parts[p].layout == LLK_LAYOUT_X8 && !llk_x8_type(type) ? LLK_E_TYPE : LLK_E_SHAPE;
+        if (parts[p].layout == LLK_LAYOUT_X8) { /* packed groups: one stride, the row's size */
+            if (!llk_x8_type(type)) return LLK_E_TYPE;
+            if (parts[p].row_stride != rb) return LLK_E_SHAPE;
+        } else if (parts[p].layout != LLK_LAYOUT_ROWS) {
+            return LLK_E_SHAPE;
+        }
         j.need[llk_act_format(type)] = 1;
         j.row_cost[p] = m <= 16 ? rb : k;
         j.rows += parts[p].n;
