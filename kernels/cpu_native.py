@@ -26,8 +26,7 @@ AVX-512 happen to agree bit for bit).
 ISA: chosen at load time from the CPU's features (x86-64: AVX-512 F/BW/VL + VNNI, else AVX2 + FMA
 + F16C, else portable C; aarch64: NEON dotprod from HWCAP, else portable C); the library itself
 is built without -march flags and selects per function. `use_isa("scalar")` forces a path (tests).
-The aarch64 path has been run only under qemu-user (kernels/native/selftest.c), not on arm64
-hardware.
+The aarch64 path has run only under qemu-user (kernels/native/selftest.c), not on arm64 hardware.
 
 Threads: a persistent pool in C, the caller included (`set_threads`, default: the CPUs of the
 process's affinity mask). Each call is cut into a few chunks of N claimed by whichever thread is
