@@ -114,7 +114,7 @@ def serve(
     from llmkit.core.api import pin_weights
     from llmkit.core.decode.assistant import is_assistant_file
     from llmkit.core.model.catalog import resolve_model
-    from llmkit.core.models.loader import load_model
+    from llmkit.core.models.loader import load_model, read_model_file
     from llmkit.core.serve.engine import ServeOptions
     from llmkit.core.serve.server import HttpOptions, Server
     from llmkit.core.tokenizer import load_tokenizer
@@ -149,19 +149,23 @@ def serve(
     draft_path = resolve_model(model_draft) if model_draft else None
     # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
     assistant = draft_path is not None and is_assistant_file(draft_path)
+    tokenizer = None  # read before the weights where this process loads them whole
     if group is not None:
         from llmkit.core.distributed.load import load_shard
 
         lm = group.agree(
             lambda: load_shard(group, path, device=dev or "cpu", mode=tp_mode, repack=not no_repack)
         )
-    else:
+    else:  # the tokenizer first, as LLM.load does: its build's transient stays below the weights
+        mf = read_model_file(path, mtp and not assistant, None if assistant else draft_path)
+        tokenizer = load_tokenizer(mf.gf.metadata)
         lm = load_model(
             path,
             device=dev,
             mtp=mtp and not assistant,
             draft_path=None if assistant else draft_path,
             repack=not no_repack,
+            model_file=mf,
         )
     for w in pin_weights(lm, not no_mmap, mlock):
         eprint(f"warning: {w}")
@@ -194,7 +198,7 @@ def serve(
 
         follow(group, Engine(lm, load_tokenizer(lm.metadata), opts))
         return finish(group)
-    server = Server(lm, load_tokenizer(lm.metadata), opts, http, path.stem)
+    server = Server(lm, tokenizer or load_tokenizer(lm.metadata), opts, http, path.stem)
     lead = None
     if group is not None:
         from llmkit.core.serve.tp import Leader
