@@ -135,7 +135,7 @@ def load_options() -> dict:
         "mlock": typer.Option(False, "--mlock", help="Lock the weights in RAM (mlock)."),
         "no_repack": typer.Option(
             False, "-nr", "--no-repack",
-            help="CPU: read the weights as GGUF rows (no x8 groups for the 32-value types).",
+            help="CPU: read the weights as GGUF rows (no x8 groups).",
         ),
         "chat_template": typer.Option(
             None, "--chat-template", help="Chat template: built-in name (chatml, gemma) or jinja."

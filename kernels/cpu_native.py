@@ -117,6 +117,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         "llk_read_probe": (ctypes.c_uint64, [vp, i64]),
         "llk_pack_x8": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i32]),
         "llk_x8_native": (ctypes.c_int, [i32]),
+        "llk_drop_pages": (None, [vp, i64]),
         "llk_matmul_timed": (ctypes.c_int, [vp, i64, i64, vp, i32, i32, vp, i64, i32, vp]),
         "llk_linear": (ctypes.c_int, [vp, i64, i64, i64, vp, vp, i32, vp, i64]),
         "llk_rms_norm": (ctypes.c_int, [vp, i64, i64, i64, vp, f32, vp, i64]),

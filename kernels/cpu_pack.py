@@ -21,12 +21,34 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
+from llmkit.pages import zero_pages
 
 LAYOUT_ROWS, LAYOUT_X8 = 0, 1  # llk.h's LLK_LAYOUT_*
 ENABLED = True  # what NativeLinear(pack=None) does (benchmarks compare both layouts)
 X8_TYPES = frozenset(
     {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 )
+
+
+def gather_rows(lib, rows: torch.Tensor, ids: torch.Tensor, span: int = 1 << 20) -> torch.Tensor:
+    """rows[ids] (rows: uint8 [N, row_bytes] viewing a read-only file mapping), copied window by
+    window of `span` bytes of the mapping, each window dropped from the process once read: a row
+    subset (a draft head's shortlist of a packed, tied LM head) never brings the matrix back in.
+    Windows, not counts of rows: a fault maps the pages around it too (64 KiB on Linux), so sparse
+    rows would otherwise bring in much more than themselves."""
+    order = torch.argsort(ids)
+    sorted_ids = ids[order]
+    out = zero_pages((ids.numel(), rows.shape[1]), rows.dtype)  # transient: freed to the OS
+    stride = rows.stride(0)
+    windows, counts = torch.unique_consecutive(sorted_ids * stride // span, return_counts=True)
+    a = 0
+    for w, c in zip(windows.tolist(), counts.tolist()):
+        out[order[a : a + c]] = rows[sorted_ids[a : a + c]]
+        lo = w * span // stride  # the window's first row (the one it starts inside)
+        hi = min(rows.shape[0], -(-(w + 1) * span // stride))
+        lib.llk_drop_pages(rows[lo].data_ptr(), (hi - lo) * stride)
+        a += c
+    return out
 
 
 def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Tensor | None:
@@ -38,9 +60,9 @@ def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Ten
     n, rb = w.shape
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     k = rb // block_bytes * block
-    try:
-        out = torch.empty((n + 7) // 8 * 8, rb, dtype=torch.uint8)
-    except RuntimeError:  # no room for a copy: the kernels read the rows where they lie
+    try:  # own pages: a packed matrix is never left in the heap (its free lists kept resident)
+        out = zero_pages(((n + 7) // 8 * 8, rb), torch.uint8)
+    except (RuntimeError, OSError):  # no room for a copy: the kernels read the rows where they lie
         return None
     rc = lib.llk_pack_x8(w.data_ptr(), w.stride(0), n, k, int(qtype), out.data_ptr(), int(release))
     if rc:

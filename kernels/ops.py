@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu_block, cpu_native, cpu_ops, torch_ops
+from llmkit.kernels import cpu_block, cpu_native, cpu_ops, cpu_pack, torch_ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.linear_torch import DenseLinear, ExpertLinear
 from llmkit.kernels.linear_triton import FLOAT_TYPES, TritonLinear
@@ -147,6 +147,16 @@ def rope_site(x: torch.Tensor, mode: int, norm=None, scale: float = 1.0):
     if not _NATIVE or x.is_cuda:
         return None
     return cpu_ops.RopeSite(x, mode, norm, scale)
+
+
+def gather_rows(qt: QTensor, ids: torch.Tensor) -> torch.Tensor:
+    """qt's rows `ids` as bytes (a copy, for a row subset's own linear). From a file mapping on a
+    CPU the mapping's pages are dropped as the rows are read (cpu_pack.gather_rows): a packed,
+    tied LM head does not come back into memory for a draft head's shortlist."""
+    if qt.mapped and qt.raw.device.type == "cpu" and cpu_native.available():
+        rows = qt.raw.reshape(qt.shape[0], -1)
+        return cpu_pack.gather_rows(cpu_native.library(), rows, ids.to(torch.long))
+    return qt.raw[ids.to(qt.raw.device)]
 
 
 def make_expert_linear(backend: Backend, qt: QTensor) -> ExpertLinear:

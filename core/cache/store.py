@@ -5,14 +5,12 @@ turbo4 codes (core/cache/turbo.py), read in their rotated basis by `turbo.attent
 
 from __future__ import annotations
 
-import math
-import mmap
-
 import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.cache.turbo import TURBO_TYPES, TurboType
 from llmkit.errors import LlmkitError
+from llmkit.pages import zero_pages
 from llmkit.quant.dequant import dequantize, row_bytes
 from llmkit.quant.quantize import quantize
 
@@ -83,22 +81,10 @@ def alloc(kind: str, n_head: int, cap: int, dim: int, device) -> torch.Tensor:
     dtype = t if isinstance(t, torch.dtype) else torch.uint8
     try:
         if torch.device(device).type == "cpu":
-            return _zero_pages(shape, dtype)
+            return zero_pages(shape, dtype)
         return torch.zeros(*shape, dtype=dtype, device=device)
     except (RuntimeError, MemoryError, OSError):  # what check_fits could not foresee
         raise LlmkitError(f"cannot allocate a KV cache buffer of shape {list(shape)}") from None
-
-
-# private anonymous mappings (Linux, macOS); elsewhere the buffer is zeroed as a whole
-_ANON = getattr(mmap, "MAP_PRIVATE", None), getattr(mmap, "MAP_ANONYMOUS", None)
-
-
-def _zero_pages(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    n = math.prod(shape) * dtype.itemsize
-    if n < mmap.PAGESIZE or None in _ANON:
-        return torch.zeros(*shape, dtype=dtype)
-    buf = mmap.mmap(-1, n, flags=_ANON[0] | _ANON[1])
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # keeps `buf` alive
 
 
 def store(buf: torch.Tensor, kind: str, slots: torch.Tensor, x: torch.Tensor) -> None:

@@ -122,7 +122,7 @@ class NextNHeads:
             w = n.head_weight
             if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]:
                 raise LlmkitError(f"draft vocabulary ids must lie in [0, {w.shape[0]})")
-            raw = w.raw[ids.to(w.raw.device)]
+            raw = ops.gather_rows(w, ids)
             sub = QTensor(w.name + "[draft_vocab]", w.qtype, (ids.numel(), *w.shape[1:]), raw)
             n.draft_head = ops.make_linear(self.backend, sub)
         self.draft_vocab = ids.to(self.backend.device)

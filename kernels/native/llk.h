@@ -90,6 +90,10 @@ enum { LLK_LAYOUT_ROWS = 0, LLK_LAYOUT_X8 = 1 };
 LLK_API int llk_pack_x8(const void *src, int64_t row_stride, int64_t n, int64_t k, int32_t type,
                         void *dst, int32_t release);
 
+/* Drops the whole pages inside [p, p + bytes) of a read-only file mapping from the process (they
+ * read back from the file if touched again): after a one-time read of mapped weights. */
+LLK_API void llk_drop_pages(const void *p, int64_t bytes);
+
 /* 1 when the selected ISA path reads `type` in x8 groups natively (x86 AVX2 / AVX-512); other
  * paths read them too, by unpacking each group first (slower: pack only where this says 1). */
 LLK_API int llk_x8_native(int32_t type);

@@ -108,6 +108,10 @@ static const uint8_t *release_pages(const uint8_t *a, const uint8_t *b) {
     return a;
 }
 
+void llk_drop_pages(const void *p, int64_t bytes) {
+    if (bytes > 0) release_pages(p, (const uint8_t *)p + bytes);
+}
+
 #define CHUNK_BYTES (1 << 20) /* source bytes per chunk of work (and between releases) */
 
 typedef struct {
