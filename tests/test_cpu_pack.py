@@ -187,3 +187,20 @@ def test_no_memory_for_the_copy_keeps_the_rows(monkeypatch):
     assert lin._parts[0].layout == cpu_pack.LAYOUT_ROWS and not lin.packed
     x = torch.randn(2, 64)
     assert torch.equal(lin(x), ref(x))
+
+
+def test_gather_rows_reads_a_mapping_window_by_window(tmp_path):
+    """rows[ids] for unsorted ids, sparse and dense, equal to plain indexing; the mapping's pages
+    are dropped after each window, so none stays resident."""
+    n, rb = 4096, 680  # 2.7 MiB
+    data = torch.randint(
+        0, 256, (n, rb), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    path = tmp_path / "rows.bin"
+    path.write_bytes(data.numpy().tobytes())
+    rows = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(n, rb)))
+    ids = torch.cat([torch.arange(0, 300), torch.randperm(n, generator=torch.Generator())[:500]])
+    ids = torch.unique(ids)[torch.randperm(torch.unique(ids).numel())]  # unique, unsorted
+    got = cpu_pack.gather_rows(cn.library(), rows, ids, span=1 << 16)
+    assert torch.equal(got, data[ids])
+    assert _mapping_rss_kib(path) <= 64
