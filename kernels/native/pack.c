@@ -1,11 +1,11 @@
-/* pack.c: weight rows of the 32-value types regrouped into x8 groups (llk.h, llk_pack_x8).
+/* pack.c: weight rows regrouped into x8 groups (llk.h, llk_pack_x8), and page release.
  *
- * Why: the x86 group kernels (x86_dot32.inc) compute 8 weight rows at once, one row per 32-bit
- * vector lane. Read from the GGUF rows, each block of the 8 rows is first gathered and transposed
- * into lanes (8 scalar loads per header field, 8 unpacks per 4 qs dwords): on Zen 4 that decode
- * cost as much as the dot products of 3-4 activation rows, so M = 2-4 (MTP verify batches) cost
- * up to 1.6x M = 1, and Q5_0 was compute-bound even at M = 1. Stored in lanes once, a group is
- * one linear stream of plain vector loads. No values change: the same bytes, moved.
+ * Why: the x86 group kernels (x86_dot32.inc, x86_dotk8.inc) compute 8 weight rows at once, one
+ * row per 32-bit vector lane. Read from the GGUF rows, each block of the 8 rows is first gathered
+ * and transposed into lanes (8 scalar loads per header field, 8 unpacks per 4 dwords): on Zen 4
+ * that decode cost as much as the dot products of 2-3 activation rows, so M = 2-4 (MTP verify
+ * batches) cost up to 1.6x M = 1, and Q5_0 was compute-bound even at M = 1. Stored in lanes once,
+ * a group is one linear stream of plain vector loads. No values change: the same bytes, moved.
  *
  * Per group and block b, 8 x TS bytes (TS = the block's size): qs dword t of rows 0..7 at
  * 32 t + 4 j (t < 4, or < 8 for Q8_0), then d of rows 0..7 (fp16), then m (Q4_1 / Q5_1, fp16),
