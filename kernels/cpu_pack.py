@@ -2,16 +2,18 @@
 
 The native CPU kernels compute 8 weight rows at once, one per vector lane. From the GGUF rows that
 needs each block of the 8 rows gathered and transposed into lanes first, which on Zen 4 costs as
-much as the dot products of 3-4 activation rows. `llk_pack_x8` (kernels/native/pack.c) stores the
-32-value types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) that way once, at load: the same bytes,
-moved, so results do not change; a group of 8 rows becomes one linear stream of vector loads.
+much as the dot products of 2-3 activation rows. `llk_pack_x8` (kernels/native/pack.c) stores the
+32-value types (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL) and Q4_K Q5_K Q6_K that way once, at load: the
+same bytes, moved, so results do not change; a group of 8 rows becomes one linear stream of
+vector loads.
 
-Memory: the packed copy replaces the mmap as the weight store. For a matrix read from the GGUF
-mapping (`release`), pack.c drops the mapping's pages as it goes (they read back from the file if
-anything, e.g. an embedding lookup of a tied head, touches them again), so the peak holds at most
-~1 MB of both per thread. Packing happens only where the selected ISA path reads x8 groups natively
-(`llk_x8_native`); another path (a test forcing `scalar`) still reads them, one group unpacked at a
-time.
+Memory: the packed copy replaces the mmap as the weight store, on its own anonymous pages
+(llmkit/pages.py). For a matrix read from the GGUF mapping (`release`), pack.c drops the mapping's
+pages as it goes (they read back from the file if anything, e.g. an embedding lookup of a tied
+head, touches them again), so the peak holds at most ~1 MB of both per thread. Packing happens
+only where the selected ISA path reads a type's x8 groups natively (`llk_x8_native`: x86; Q6_K
+only with AVX-512); another path (a test forcing `scalar`) still reads them, one group unpacked
+at a time.
 """
 
 from __future__ import annotations
