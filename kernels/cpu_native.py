@@ -17,11 +17,10 @@ by row. M = 2..16 (MTP verify) decodes each weight block once per
 tile of up to 16 activation rows (AVX-512; 4 on AVX2, 8 for K-quants and float types); larger M
 walks ~16 KB of weight rows at a time past every tile.
 
-Batch invariance: output (m, n) is bit-identical whatever M is, whatever the thread count, and
-whichever rows share the call: each output element is computed by one kernel call whose
-per-element sequence of fp32 operations does not depend on the tile, group or thread it lands
-in; threads split N, never K. Paths may differ from each other in the last bits (AVX2 and
-AVX-512 happen to agree bit for bit).
+Batch invariance: output (m, n) is bit-identical whatever M is, whatever the thread count or
+layout, and whichever rows share the call: each output element is computed by one kernel call
+whose sequence of fp32 operations does not depend on the tile, group or thread it lands in;
+threads split N, never K. Paths may differ in the last bits (AVX2 and AVX-512 agree exactly).
 
 ISA: chosen at load time from the CPU's features (x86-64: AVX-512 F/BW/VL + VNNI, else AVX2 + FMA
 + F16C, else portable C; aarch64: NEON dotprod from HWCAP, else portable C); the library itself
@@ -34,9 +33,9 @@ free, so a worker descheduled by a busy machine (or by torch's own threads spinn
 delays nothing it has not claimed. Idle workers spin ~100 us (`set_spin_us`) for the next call,
 then sleep.
 
-The library is `llmkit/kernels/_llk*.so`, built by the package's setup.py (a plain shared
-library loaded with ctypes; ctypes releases the GIL during the call). Without it `available()`
-is False and `unavailable_reason()` says why; importing this module never fails.
+The library is `llmkit/kernels/_llk*.so`, built by setup.py (a plain shared library loaded with
+ctypes, which releases the GIL during the call). Without it `available()` is False and
+`unavailable_reason()` says why; importing this module never fails.
 """
 
 from __future__ import annotations

@@ -95,6 +95,9 @@ static inline int llk_type_index(int32_t type) {
  * (rows[j * row_bytes ..], nb blocks each) from its packed bytes at `grp`. */
 int llk_x8_type(int32_t type);
 void llk_x8_unpack_group(const uint8_t *grp, int32_t type, int64_t nb, uint8_t *rows);
+/* An x8 group on a path without its kernel: unpacked to 8 rows of rb bytes, then fn on them. */
+void llk_x8_unpacked(llk_row_fn fn, int32_t type, const uint8_t *grp, int64_t rb, int nr,
+                     const llk_act *a, int64_t m0, int rm, float *y, int64_t ldy);
 
 /* Which activation format a type's kernel reads. */
 enum { LLK_ACT_Q8_1, LLK_ACT_Q8_K, LLK_ACT_F32, LLK_ACT_F16, LLK_ACT_BF16 };

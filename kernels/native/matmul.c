@@ -267,32 +267,10 @@ static int64_t l1_block_rows(const job_t *j, int pi) {
     return nblk < LLK_NR ? LLK_NR : nblk;
 }
 
-/* x8 groups on a path without their kernel: each group unpacked to 8 rows first. */
-static _Thread_local uint8_t *tl_x8;
-static _Thread_local size_t tl_x8_cap;
-
-static void row_x8_unpacked(const job_t *j, int pi, const uint8_t *w, int nr, const llk_act *a,
-                            int64_t m0, int rm, float *y) {
-    const llk_part *p = &j->parts[pi];
-    const int64_t nb = j->k / llk_block_size(p->type), rb = p->row_stride;
-    if ((size_t)(8 * rb) > tl_x8_cap) {
-        free(tl_x8);
-        tl_x8 = malloc((size_t)(8 * rb));
-        tl_x8_cap = tl_x8 ? (size_t)(8 * rb) : 0;
-        if (!tl_x8) { /* no room for 8 rows: NaN outputs, which every reader checks for */
-            for (int r = 0; r < rm; r++)
-                for (int c = 0; c < nr; c++) y[(m0 + r) * j->ldy + c] = NAN;
-            return;
-        }
-    }
-    llk_x8_unpack_group(w, p->type, nb, tl_x8);
-    j->t->row[j->type_idx[pi]](tl_x8, rb, nr, a, m0, rm, y, j->ldy);
-}
-
 static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts) {
     const llk_part *p = &j->parts[pi];
-    const int x8 = p->layout == LLK_LAYOUT_X8;
-    const llk_row_fn fn = x8 ? j->t->row_x8[j->type_idx[pi]] : j->t->row[j->type_idx[pi]];
+    const llk_row_fn rows = j->t->row[j->type_idx[pi]]; /* x8 groups without a kernel: unpacked */
+    const llk_row_fn fn = p->layout == LLK_LAYOUT_X8 ? j->t->row_x8[j->type_idx[pi]] : rows;
     const llk_act *a = &j->act[llk_act_format(p->type)];
     const uint8_t *w = (const uint8_t *)p->w;
     const int64_t st = p->row_stride, m = j->m, mt = j->mt, ldy = j->ldy;
@@ -302,7 +280,7 @@ static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts)
         for (int64_t n = n0; n < n1; n += LLK_NR) {
             const int nr = (int)(n1 - n < LLK_NR ? n1 - n : LLK_NR);
             if (fn) fn(w + n * st, st, nr, a, 0, (int)m, y + n, ldy);
-            else row_x8_unpacked(j, pi, w + n * st, nr, a, 0, (int)m, y + n);
+            else llk_x8_unpacked(rows, p->type, w + n * st, st, nr, a, 0, (int)m, y + n, ldy);
         }
         return;
     }
@@ -314,7 +292,7 @@ static void run_part(const job_t *j, int pi, int64_t n0, int64_t n1, int starts)
             for (int64_t n = b0; n < b1; n += LLK_NR) {
                 const int nr = (int)(b1 - n < LLK_NR ? b1 - n : LLK_NR);
                 if (fn) fn(w + n * st, st, nr, a, m0, rm, y + n, ldy);
-                else row_x8_unpacked(j, pi, w + n * st, nr, a, m0, rm, y + n);
+                else llk_x8_unpacked(rows, p->type, w + n * st, st, nr, a, m0, rm, y + n, ldy);
             }
         }
     }

@@ -15,6 +15,7 @@
  */
 #define _DEFAULT_SOURCE
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -93,6 +94,25 @@ void llk_x8_unpack_group(const uint8_t *grp, int32_t type, int64_t nb, uint8_t *
             if (s.h_at >= 0) memcpy(row + s.h_at, g + h_at + 4 * j, 4);
         }
     }
+}
+
+static _Thread_local uint8_t *tl_rows;
+static _Thread_local size_t tl_rows_cap;
+
+void llk_x8_unpacked(llk_row_fn fn, int32_t type, const uint8_t *grp, int64_t rb, int nr,
+                     const llk_act *a, int64_t m0, int rm, float *y, int64_t ldy) {
+    if ((size_t)(8 * rb) > tl_rows_cap) {
+        free(tl_rows);
+        tl_rows = malloc((size_t)(8 * rb));
+        tl_rows_cap = tl_rows ? (size_t)(8 * rb) : 0;
+        if (!tl_rows) { /* no room for 8 rows: NaN outputs, which every reader checks for */
+            for (int r = 0; r < rm; r++)
+                for (int c = 0; c < nr; c++) y[(m0 + r) * ldy + c] = NAN;
+            return;
+        }
+    }
+    llk_x8_unpack_group(grp, type, a->k / llk_block_size(type), tl_rows);
+    fn(tl_rows, rb, nr, a, m0, rm, y, ldy);
 }
 
 /* Drops the whole pages inside [a, b) of a read-only file mapping from the process; returns
