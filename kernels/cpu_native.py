@@ -328,9 +328,8 @@ class NativeLinear:
     """
 
     def __init__(self, parts: Sequence[tuple[torch.Tensor, object, tuple[int, int]]],
-                 release: bool = False, pack: bool | None = None):  # fmt: skip
-        """`pack`: store the parts the ISA path reads in x8 groups that way (kernels/cpu_pack.py;
-        None: cpu_pack.ENABLED);
+                 release: bool = False, pack: bool = True):  # fmt: skip
+        """`pack`: store the parts the ISA path reads in x8 groups that way (kernels/cpu_pack.py);
         `release`: they view a read-only file mapping (the GGUF's) whose pages may be dropped
         once packed."""
         lib = _need()
@@ -350,8 +349,7 @@ class NativeLinear:
             w = _weight_bytes(w, qtype, k, f"part {i} ({qtype.name} {n}x{k})")
             if w.shape[0] != n:
                 raise LlmkitError(f"part {i}: {w.shape[0]} rows of bytes for shape {(n, k)}")
-            want = cpu_pack.ENABLED if pack is None else pack
-            packed = cpu_pack.pack_x8(lib, w, qtype, release) if want else None
+            packed = cpu_pack.pack_x8(lib, w, qtype, release) if pack else None
             layout = cpu_pack.LAYOUT_ROWS if packed is None else cpu_pack.LAYOUT_X8
             if packed is not None:
                 self.packed.append((w, packed))

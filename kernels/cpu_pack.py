@@ -26,7 +26,6 @@ from llmkit.errors import LlmkitError
 from llmkit.pages import zero_pages
 
 LAYOUT_ROWS, LAYOUT_X8 = 0, 1  # llk.h's LLK_LAYOUT_*
-ENABLED = True  # what NativeLinear(pack=None) does (benchmarks compare both layouts)
 X8_TYPES = frozenset(
     {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL, QT.Q4_K, QT.Q5_K, QT.Q6_K}
 )

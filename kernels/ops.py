@@ -93,7 +93,7 @@ def make_linear(backend: Backend, *weights: QTensor):
         lin = cpu_native.NativeLinear(
             [(w.raw.reshape(w.shape[0], -1).view(torch.uint8), w.qtype, w.shape) for w in weights],
             release=all(w.mapped for w in weights),
-            pack=None if backend.repack else False,
+            pack=backend.repack,
         )
         backend.packed += lin.packed
         return lin

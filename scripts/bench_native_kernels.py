@@ -1,7 +1,7 @@
 """Native CPU matmul kernels (kernels/cpu_native.py) on the real models' shapes and types.
 
     python scripts/bench_native_kernels.py [-t 2] [-m 1,2,4,8,16,64,512] [--types Q4_1,Q8_0]
-                                           [--quick] [--budget 0.5] [--isa avx2]
+                                           [--quick] [--budget 0.5] [--isa avx2] [--no-pack] [--resident]
 
 Prints the CPU (/proc/cpuinfo model name), the ISA path and the measured read bandwidth (1 GiB
 read by the library's parallel read loop: the roof for M = 1; torch.sum for comparison), then per
@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.5, help="seconds of calls per cell")
     ap.add_argument("--isa", default="best", help="force a path, e.g. scalar or avx2")
     ap.add_argument("--no-pack", action="store_true", help="weights as GGUF rows, not x8 groups")
+    ap.add_argument("--resident", action="store_true",
+                    help="one copy of each matrix, so it stays in cache: compute, not DRAM")  # fmt: skip
     args = ap.parse_args()
     if not cn.available():
         raise SystemExit(f"native kernels unavailable: {cn.unavailable_reason()}")
@@ -128,7 +130,8 @@ def main() -> None:
             qtype = QT[name]
             w0 = make_weights(qtype, n, k)
             nbytes = w0.numel()
-            copies = [w0] + [w0.clone() for _ in range(max(0, L3_SPAN // nbytes))]
+            spare = 0 if args.resident else max(0, L3_SPAN // nbytes)
+            copies = [w0] + [w0.clone() for _ in range(spare)]
             cells = []
             lins = [cn.NativeLinear([(c, qtype, (n, k))], pack=not args.no_pack) for c in copies]
             runs = [m for m in rows if n < HEAD_ROWS or m <= 16]

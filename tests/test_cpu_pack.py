@@ -4,12 +4,12 @@ bit, on every path (a path without an x8 kernel unpacks each group first); a mat
 a file mapping leaves none of that mapping's pages in the process; bad layouts are refused."""
 
 import ctypes
-import re
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
+from smaps import mapped_rss_kib
 
 from llmkit.core.models.loader import load_model
 from llmkit.errors import LlmkitError
@@ -79,17 +79,6 @@ def test_fused_parts_mix_layouts():
             assert torch.equal(packed(x), rows(x)), (m, isa)
 
 
-def _mapping_rss_kib(path) -> int:
-    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not cn.available() or not cn.library().llk_x8_native(int(QT.Q8_0)),
                     reason="this ISA path keeps GGUF rows")  # fmt: skip
 def test_packing_a_mapped_matrix_drops_the_mappings_pages(tmp_path):
@@ -106,9 +95,9 @@ def test_packing_a_mapped_matrix_drops_the_mappings_pages(tmp_path):
         mm = np.memmap(path, dtype=np.uint8, mode="c", shape=w.shape)
         src = torch.from_numpy(mm)
         src.sum()  # every page resident
-        assert _mapping_rss_kib(path) >= w.numel() // 1024
+        assert mapped_rss_kib(path) >= w.numel() // 1024
         lin = cn.NativeLinear([(src, QT.Q8_0, (n, k))], release=release)
-        rss = _mapping_rss_kib(path)
+        rss = mapped_rss_kib(path)
         if release:
             assert rss <= 8, rss  # at most the pages shared with the ends of the matrix
         else:
@@ -143,15 +132,14 @@ def test_bad_layouts_and_packing_arguments_are_refused():
 
 
 @pytest.mark.parametrize("write", [write_tiny_llama, write_tiny_gemma3], ids=["llama", "gemma3"])
-def test_a_loaded_model_computes_the_same_logits_packed(tmp_path, write, monkeypatch):
+def test_a_loaded_model_computes_the_same_logits_packed(tmp_path, write):
     """A whole forward (decode steps and a verify-sized batch) on x8 groups equals the rows'
     bit for bit; the backend lists what it packed."""
     path = write(tmp_path / "m.gguf")
     tokens = torch.tensor([1, 17, 30, 5, 26, 44, 9, 27])
     out = {}
     for enabled in (True, False):
-        monkeypatch.setattr(cpu_pack, "ENABLED", enabled)
-        lm = load_model(path)
+        lm = load_model(path, repack=enabled)
         assert bool(lm.backend.packed) == (
             enabled and bool(cn.library().llk_x8_native(int(QT.Q8_0)))
         )
@@ -203,4 +191,4 @@ def test_gather_rows_reads_a_mapping_window_by_window(tmp_path):
     ids = torch.unique(ids)[torch.randperm(torch.unique(ids).numel())]  # unique, unsorted
     got = cpu_pack.gather_rows(cn.library(), rows, ids, span=1 << 16)
     assert torch.equal(got, data[ids])
-    assert _mapping_rss_kib(path) <= 64
+    assert mapped_rss_kib(path) <= 64

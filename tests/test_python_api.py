@@ -2,6 +2,7 @@
 completions (core/completions.py), streaming, stop strings, tokenize/detokenize, embed."""
 
 import pytest
+from smaps import mapped_rss_kib
 
 import llmkit
 from llmkit.core.completions import StopStrings
@@ -196,19 +197,6 @@ def test_n_threads_sets_the_native_pool_and_one_torch_thread(tmp_path):
         cpu_native.set_threads(before[1])
 
 
-def _mapped_kib(path) -> int:
-    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
-    import re
-
-    total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
-
-
 def test_no_mmap_reads_in_only_what_is_still_read_in_place(tmp_path):
     """use_mmap=False (--no-mmap) faults in the file's pages, but not those of the weights moved
     into x8 groups (their copies are already resident): with repack=False, the whole file."""
@@ -219,10 +207,10 @@ def test_no_mmap_reads_in_only_what_is_still_read_in_place(tmp_path):
     path = write_tiny_llama(tmp_path / "wide.gguf", n_vocab=4096, n_embd=256, n_ff=512, tied=False)
     size_kib = path.stat().st_size // 1024
     rows = llmkit.load(path, n_ctx=64, use_mmap=False, repack=False)
-    assert _mapped_kib(path) >= 0.9 * size_kib
+    assert mapped_rss_kib(path) >= 0.9 * size_kib
     del rows
     gc.collect()  # its mapping of the same file goes with it
     packed = llmkit.load(path, n_ctx=64, use_mmap=False)
     moved = sum(src.numel() for src, _ in packed.lm.backend.packed) // 1024
     if cpu_native.available() and moved:
-        assert _mapped_kib(path) <= size_kib - 0.8 * moved
+        assert mapped_rss_kib(path) <= size_kib - 0.8 * moved
