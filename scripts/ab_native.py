@@ -1,0 +1,158 @@
+"""Paired A/B of the native kernels: a git revision's library against the working tree's.
+
+    python scripts/ab_native.py REV [--types Q4_K,Q5_K] [-m 1,2,4,8] [--attention] [-r 16]
+
+Builds the library of revision REV (`git archive` of setup.py and kernels/native, compiled by
+that revision's own setup.py) into a temporary directory and loads it beside the installed build
+of the working tree (`pip install -e .` first), in one process. Each cell then alternates the
+two libraries for -r rounds on the same inputs, one thread, the weights or the cache resident
+in the caches (compute, not DRAM), and prints the smaller of the rounds' medians per library and
+their ratio B / A (A = REV, B = working tree). On a noisy VM this resolves differences of a few
+percent that separate processes minutes apart cannot.
+
+Matmul cells: a random [N, K] matrix of each type quantized once and packed as the working tree
+packs it (kernels/cpu_pack.py: both builds must read that layout), on the models' shapes.
+--attention: decode attention (llk_attention) of M query rows over an f16 cache of S slots, with
+SmolLM2-135M's heads (9 q, 3 kv, dim 64) and Gemma 3 270M's (4 q, 1 kv, dim 256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from llmkit.kernels import cpu_native as cn
+from llmkit.native_lib import library_path
+from llmkit.quant.quantize import quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(640, 2048), (576, 1536)]  # (N, K): Gemma 3's and SmolLM2's FFN down projections
+HEADS = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}  # q heads, kv heads, head dim
+F16 = 1  # llk.h's LLK_F16 (the cache type code)
+
+
+def build(rev: str, out: Path) -> Path:
+    """The library of `rev`, built by its own setup.py in `out`."""
+    src = out / "src"
+    src.mkdir()
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "setup.py", "kernels/native"],
+                         capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(src)], input=tar, check=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(out / "lib")],
+                   cwd=src, check=True, capture_output=True)  # fmt: skip
+    return next((out / "lib").rglob("_llk*.so"))
+
+
+def paired(calls, rounds: int) -> list[float]:
+    """Per call (one per library): the smallest of `rounds` round medians, in microseconds;
+    each call returns a round's per-repetition nanoseconds."""
+    best = [float("inf")] * len(calls)
+    for _ in range(rounds):
+        for i, call in enumerate(calls):
+            best[i] = min(best[i], statistics.median(call()) / 1e3)
+    return best
+
+
+def time_matmul(lib, x: torch.Tensor, lin: cn.NativeLinear, y: torch.Tensor, reps: int):
+    """`reps` back-to-back y = x @ W^T calls of `lib`, timed in C (ns, the first tenth dropped:
+    they warm the caches)."""
+    ns = (ctypes.c_int64 * reps)()
+    rc = lib.llk_matmul_timed(x.data_ptr(), x.shape[0], x.shape[1], lin._parts, lin._n_parts, 1,
+                              y.data_ptr(), y.shape[1], reps, ns)  # fmt: skip
+    if rc:
+        raise SystemExit(f"llk_matmul_timed failed ({rc})")
+    return ns[reps // 10 :]
+
+
+def time_attention(lib, heads: tuple, q, k, v, kpos, qpos, out, reps: int):
+    """`reps` calls of `lib`'s llk_attention (ns each, the first tenth dropped)."""
+    hq, hkv, d = heads
+    m, s = q.shape[0], k.shape[1]
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter_ns()
+        rc = lib.llk_attention(
+            q.data_ptr(), m, hq, d, hq * d, k.data_ptr(), F16, s * d * 2, d * 2, v.data_ptr(),
+            F16, s * d * 2, d * 2, d, hkv, s, None, kpos.data_ptr(), qpos.data_ptr(), 0, None,
+            d**-0.5, out.data_ptr(), hq * d,
+        )  # fmt: skip
+        times.append(time.perf_counter_ns() - start)
+        if rc:
+            raise SystemExit(f"llk_attention failed ({rc})")
+    return times[reps // 10 :]
+
+
+def matmul_cells(libs, types, ms, rounds: int) -> None:
+    for t in types:
+        for n, k in SHAPES:
+            raw = quantize(torch.randn(n, k) * 0.02, QT[t])
+            lin = cn.NativeLinear([(raw, QT[t], (n, k))])
+            for m in ms:
+                x, y = torch.randn(m, k), torch.empty(m, n)
+                calls = [functools.partial(time_matmul, lib, x, lin, y, 60) for lib in libs]
+                a, b = paired(calls, rounds)
+                print(f"{t:5} {n}x{k:<5} M={m:<2}  A {a:7.1f} us  B {b:7.1f} us  B/A {b / a:.3f}")
+
+
+def attention_cells(libs, ms, slots, rounds: int) -> None:
+    for name, (hq, hkv, d) in HEADS.items():
+        for s in slots:
+            g = torch.Generator().manual_seed(0)
+            k = torch.randn(hkv, s, d, generator=g).half()
+            v = torch.randn(hkv, s, d, generator=g).half()
+            for m in ms:
+                q = torch.randn(m, hq * d, generator=g)
+                args = (q, k, v, torch.arange(s), torch.arange(s - m, s), torch.empty(m, hq * d))
+                calls = [
+                    functools.partial(time_attention, lib, (hq, hkv, d), *args, 30) for lib in libs
+                ]
+                a, b = paired(calls, rounds)
+                print(f"attention {name:8} S={s:<5} M={m}  A {a:7.1f} us  B {b:7.1f} us  "
+                      f"B/A {b / a:.3f}")  # fmt: skip
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+    lib.llk_matmul_timed.argtypes = [vp, i64, i64, vp, i32, i32, vp, i64, i32, vp]
+    lib.llk_attention.argtypes = [
+        vp, i64, i64, i64, i64, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64, vp, vp,
+        vp, i64, vp, f32, vp, i64,
+    ]  # fmt: skip
+    lib.llk_set_threads(1)
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rev", help="the baseline revision (A), e.g. HEAD~1")
+    ap.add_argument("--types", default="Q4_K,Q5_K,Q6_K,Q8_0,Q4_1")
+    ap.add_argument("-m", default="1,2,4,8", help="activation rows (attention: query rows)")
+    ap.add_argument("--attention", action="store_true", help="decode attention cells instead")
+    ap.add_argument("--slots", default="256,1024", help="cache slots of the attention cells")
+    ap.add_argument("-r", "--rounds", type=int, default=40)
+    a = ap.parse_args()
+    ms = [int(v) for v in a.m.split(",")]
+    cn.set_threads(1)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = [load(build(a.rev, Path(tmp))), load(library_path())]
+        print(f"A = {a.rev}, B = the working tree's build; one thread, resident")
+        if a.attention:
+            attention_cells(libs, ms, [int(v) for v in a.slots.split(",")], a.rounds)
+        else:
+            matmul_cells(libs, a.types.split(","), ms, a.rounds)
+
+
+if __name__ == "__main__":
+    main()
