@@ -171,21 +171,6 @@ static void unit_slots(unit_t *u) {
     const attn_job *J = u->J;
     int64_t n = 0, prev = INT64_MIN;
     int ordered = 1;
-    if (u->R == 1 && !J->mask) { /* a decode row: the same test, without branches to mispredict */
-        const int64_t qp = J->qpos[u->t0], w = J->window > 0 ? J->window : INT64_MAX;
-        for (int64_t i = 0; i < J->S; i++) {
-            const int64_t kp = J->kpos[i];
-            const int vis = kp >= 0 && kp <= qp && qp - kp < w;
-            u->list[n] = (int32_t)i;
-            n += vis;
-            ordered &= !vis | (kp >= prev);
-            prev = vis ? kp : prev;
-        }
-        if (!ordered) position_order(u->list, n, J->kpos);
-        memset(u->vis, 1, (size_t)n);
-        u->n = n;
-        return;
-    }
     for (int64_t i = 0; i < J->S; i++)
         for (int64_t r = 0; r < u->R; r++)
             if (visible(J, u->t0 + r, i)) {
