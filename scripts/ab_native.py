@@ -12,8 +12,9 @@ percent that separate processes minutes apart cannot.
 
 Matmul cells: a random [N, K] matrix of each type quantized once and packed as the working tree
 packs it (kernels/cpu_pack.py: both builds must read that layout), on the models' shapes.
---attention: decode attention (llk_attention) of M query rows over an f16 cache of S slots, with
-SmolLM2-135M's heads (9 q, 3 kv, dim 64) and Gemma 3 270M's (4 q, 1 kv, dim 256).
+--attention: decode attention (llk_attention) of M query rows over a cache of S slots of each
+--kv type (f16, q8_0, q4_0: K and V), with SmolLM2-135M's heads (9 q, 3 kv, dim 64) and Gemma 3
+270M's (4 q, 1 kv, dim 256).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from llmkit.quant.quantize import quantize
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(640, 2048), (576, 1536)]  # (N, K): Gemma 3's and SmolLM2's FFN down projections
 HEADS = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}  # q heads, kv heads, head dim
-F16 = 1  # llk.h's LLK_F16 (the cache type code)
 
 
 def build(rev: str, out: Path) -> Path:
@@ -74,17 +74,19 @@ def time_matmul(lib, x: torch.Tensor, lin: cn.NativeLinear, y: torch.Tensor, rep
     return ns[reps // 10 :]
 
 
-def time_attention(lib, heads: tuple, q, k, v, kpos, qpos, out, reps: int):
-    """`reps` calls of `lib`'s llk_attention (ns each, the first tenth dropped)."""
+def time_attention(lib, heads: tuple, kv_type: int, q, k, v, kpos, qpos, out, reps: int):
+    """`reps` calls of `lib`'s llk_attention (ns each, the first tenth dropped); k, v: one
+    layer's buffers [hkv, S, row bytes or values] of cache type `kv_type` (ggml's type id)."""
     hq, hkv, d = heads
     m, s = q.shape[0], k.shape[1]
+    hs, ss = k.stride(0) * k.element_size(), k.stride(1) * k.element_size()
     times = []
     for _ in range(reps):
         start = time.perf_counter_ns()
         rc = lib.llk_attention(
-            q.data_ptr(), m, hq, d, hq * d, k.data_ptr(), F16, s * d * 2, d * 2, v.data_ptr(),
-            F16, s * d * 2, d * 2, d, hkv, s, None, kpos.data_ptr(), qpos.data_ptr(), 0, None,
-            d**-0.5, out.data_ptr(), hq * d,
+            q.data_ptr(), m, hq, d, hq * d, k.data_ptr(), kv_type, hs, ss, v.data_ptr(), kv_type,
+            hs, ss, d, hkv, s, None, kpos.data_ptr(), qpos.data_ptr(), 0, None, d**-0.5,
+            out.data_ptr(), hq * d,
         )  # fmt: skip
         times.append(time.perf_counter_ns() - start)
         if rc:
@@ -104,21 +106,31 @@ def matmul_cells(libs, types, ms, rounds: int) -> None:
                 print(f"{t:5} {n}x{k:<5} M={m:<2}  A {a:7.1f} us  B {b:7.1f} us  B/A {b / a:.3f}")
 
 
-def attention_cells(libs, ms, slots, rounds: int) -> None:
-    for name, (hq, hkv, d) in HEADS.items():
-        for s in slots:
-            g = torch.Generator().manual_seed(0)
-            k = torch.randn(hkv, s, d, generator=g).half()
-            v = torch.randn(hkv, s, d, generator=g).half()
-            for m in ms:
-                q = torch.randn(m, hq * d, generator=g)
-                args = (q, k, v, torch.arange(s), torch.arange(s - m, s), torch.empty(m, hq * d))
-                calls = [
-                    functools.partial(time_attention, lib, (hq, hkv, d), *args, 30) for lib in libs
-                ]
-                a, b = paired(calls, rounds)
-                print(f"attention {name:8} S={s:<5} M={m}  A {a:7.1f} us  B {b:7.1f} us  "
-                      f"B/A {b / a:.3f}")  # fmt: skip
+def cache_buffer(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x [hkv, S, d] as a cache buffer of type `kind`: f16 values or ggml blocks per row."""
+    if kind == "f16":
+        return x.half()
+    raw = quantize(x.reshape(-1, x.shape[-1]), QT[kind.upper()])
+    return raw.view(x.shape[0], x.shape[1], -1)
+
+
+def attention_cells(libs, ms, slots, kinds, rounds: int) -> None:
+    for kind in kinds:
+        code = int(QT.F16 if kind == "f16" else QT[kind.upper()])
+        for name, (hq, hkv, d) in HEADS.items():
+            for s in slots:
+                g = torch.Generator().manual_seed(0)
+                k = cache_buffer(torch.randn(hkv, s, d, generator=g), kind)
+                v = cache_buffer(torch.randn(hkv, s, d, generator=g), kind)
+                for m in ms:
+                    q = torch.randn(m, hq * d, generator=g)
+                    args = (q, k, v, torch.arange(s), torch.arange(s - m, s),
+                            torch.empty(m, hq * d))  # fmt: skip
+                    calls = [functools.partial(time_attention, lib, (hq, hkv, d), code, *args, 30)
+                             for lib in libs]  # fmt: skip
+                    a, b = paired(calls, rounds)
+                    print(f"attention {kind:4} {name:8} S={s:<5} M={m}  A {a:7.1f} us  "
+                          f"B {b:7.1f} us  B/A {b / a:.3f}")  # fmt: skip
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -140,6 +152,7 @@ def main() -> None:
     ap.add_argument("-m", default="1,2,4,8", help="activation rows (attention: query rows)")
     ap.add_argument("--attention", action="store_true", help="decode attention cells instead")
     ap.add_argument("--slots", default="256,1024", help="cache slots of the attention cells")
+    ap.add_argument("--kv", default="f16", help="cache types of the attention cells (f16,q8_0)")
     ap.add_argument("-r", "--rounds", type=int, default=40)
     a = ap.parse_args()
     ms = [int(v) for v in a.m.split(",")]
@@ -149,7 +162,8 @@ def main() -> None:
         libs = [load(build(a.rev, Path(tmp))), load(library_path())]
         print(f"A = {a.rev}, B = the working tree's build; one thread, resident")
         if a.attention:
-            attention_cells(libs, ms, [int(v) for v in a.slots.split(",")], a.rounds)
+            slots = [int(v) for v in a.slots.split(",")]
+            attention_cells(libs, ms, slots, a.kv.split(","), a.rounds)
         else:
             matmul_cells(libs, a.types.split(","), ms, a.rounds)
 
