@@ -1,6 +1,7 @@
 """Paired A/B of the native kernels: a git revision's library against the working tree's.
 
-    python scripts/ab_native.py REV [--types Q4_K,Q5_K] [-m 1,2,4,8] [--attention] [-r 16]
+    python scripts/ab_native.py REV [--types Q4_K,Q5_K] [-m 1,2,4,8] [--attention] [-r 40]
+                                [--isa avx2]
 
 Builds the library of revision REV (`git archive` of setup.py and kernels/native, compiled by
 that revision's own setup.py) into a temporary directory and loads it beside the installed build
@@ -154,13 +155,17 @@ def main() -> None:
     ap.add_argument("--slots", default="256,1024", help="cache slots of the attention cells")
     ap.add_argument("--kv", default="f16", help="cache types of the attention cells (f16,q8_0)")
     ap.add_argument("-r", "--rounds", type=int, default=40)
+    ap.add_argument("--isa", default="best", help="the path both libraries run (e.g. avx2)")
     a = ap.parse_args()
     ms = [int(v) for v in a.m.split(",")]
     cn.set_threads(1)
+    cn.set_isa(a.isa)  # the packing of the matmul cells follows the path
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         libs = [load(build(a.rev, Path(tmp))), load(library_path())]
-        print(f"A = {a.rev}, B = the working tree's build; one thread, resident")
+        for lib in libs:
+            lib.llk_set_isa(cn.ISAS.index(cn.isa()))
+        print(f"A = {a.rev}, B = the working tree's build; {cn.isa()}, one thread, resident")
         if a.attention:
             slots = [int(v) for v in a.slots.split(",")]
             attention_cells(libs, ms, slots, a.kv.split(","), a.rounds)
