@@ -96,8 +96,10 @@ class _Fuse(ctypes.Structure):
 GLU_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_fp16": 2}  # see kernels/native/rowops.c
 
 
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    lib, reason = load_library()
+def _load(path=None) -> tuple[ctypes.CDLL | None, str]:
+    """The installed library with its call signatures bound, or the one at `path` (another
+    build of it: scripts/ab_native.py); (None, why) when it cannot be used."""
+    lib, reason = load_library() if path is None else (ctypes.CDLL(str(path)), "")
     if lib is None:
         return None, reason
     i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
@@ -147,7 +149,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
     except AttributeError as e:
-        return None, f"{library_path().name} is stale or foreign ({e}); rebuild it"
+        return None, f"{path or library_path().name} is stale or foreign ({e}); rebuild it"
     return lib, ""
 
 

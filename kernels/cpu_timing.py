@@ -12,11 +12,13 @@ from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_native as cn
 
 
-def time_matmuls(linears: Sequence[cn.NativeLinear], x: torch.Tensor, reps: int) -> list[float]:
+def time_matmuls(linears: Sequence[cn.NativeLinear], x: torch.Tensor, reps: int,
+                 lib=None) -> list[float]:  # fmt: skip
     """Seconds of each of `reps` native calls y = x @ W^T timed in C, call r on linears[r % n]
     (same shapes and types: e.g. copies of one matrix that together overflow the caches), so
-    that no Python runs between the calls (as in a decode step's one native call)."""
-    lib = cn._need()
+    that no Python runs between the calls (as in a decode step's one native call). `lib`:
+    another build of the library to time (cpu_native._load(path)); default the installed one."""
+    lib = lib or cn._need()
     first = linears[0]
     if any((lin.in_features, lin.out_features, lin.qtypes) != (first.in_features,
            first.out_features, first.qtypes) for lin in linears):  # fmt: skip

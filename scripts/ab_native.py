@@ -34,6 +34,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.kernels import cpu_native as cn
+from llmkit.kernels import cpu_timing
 from llmkit.native_lib import library_path
 from llmkit.quant.quantize import quantize
 
@@ -56,27 +57,22 @@ def build(rev: str, out: Path) -> Path:
 
 def paired(calls, rounds: int) -> list[float]:
     """Per call (one per library): the smallest of `rounds` round medians, in microseconds;
-    each call returns a round's per-repetition nanoseconds."""
+    each call returns a round's per-repetition seconds."""
     best = [float("inf")] * len(calls)
     for _ in range(rounds):
         for i, call in enumerate(calls):
-            best[i] = min(best[i], statistics.median(call()) / 1e3)
+            best[i] = min(best[i], statistics.median(call()) * 1e6)
     return best
 
 
-def time_matmul(lib, x: torch.Tensor, lin: cn.NativeLinear, y: torch.Tensor, reps: int):
-    """`reps` back-to-back y = x @ W^T calls of `lib`, timed in C (ns, the first tenth dropped:
-    they warm the caches)."""
-    ns = (ctypes.c_int64 * reps)()
-    rc = lib.llk_matmul_timed(x.data_ptr(), x.shape[0], x.shape[1], lin._parts, lin._n_parts, 1,
-                              y.data_ptr(), y.shape[1], reps, ns)  # fmt: skip
-    if rc:
-        raise SystemExit(f"llk_matmul_timed failed ({rc})")
-    return ns[reps // 10 :]
+def time_matmul(lib, x: torch.Tensor, lin: cn.NativeLinear, reps: int) -> list[float]:
+    """`reps` back-to-back calls of `lib` timed in C, the first tenth dropped (they warm the
+    caches)."""
+    return cpu_timing.time_matmuls([lin], x, reps, lib)[reps // 10 :]
 
 
 def time_attention(lib, heads: tuple, kv_type: int, q, k, v, kpos, qpos, out, reps: int):
-    """`reps` calls of `lib`'s llk_attention (ns each, the first tenth dropped); k, v: one
+    """`reps` calls of `lib`'s llk_attention (seconds each, the first tenth dropped); k, v: one
     layer's buffers [hkv, S, row bytes or values] of cache type `kv_type` (ggml's type id)."""
     hq, hkv, d = heads
     m, s = q.shape[0], k.shape[1]
@@ -89,7 +85,7 @@ def time_attention(lib, heads: tuple, kv_type: int, q, k, v, kpos, qpos, out, re
             hs, ss, d, hkv, s, None, kpos.data_ptr(), qpos.data_ptr(), 0, None, d**-0.5,
             out.data_ptr(), hq * d,
         )  # fmt: skip
-        times.append(time.perf_counter_ns() - start)
+        times.append((time.perf_counter_ns() - start) * 1e-9)
         if rc:
             raise SystemExit(f"llk_attention failed ({rc})")
     return times[reps // 10 :]
@@ -101,8 +97,8 @@ def matmul_cells(libs, types, ms, rounds: int) -> None:
             raw = quantize(torch.randn(n, k) * 0.02, QT[t])
             lin = cn.NativeLinear([(raw, QT[t], (n, k))])
             for m in ms:
-                x, y = torch.randn(m, k), torch.empty(m, n)
-                calls = [functools.partial(time_matmul, lib, x, lin, y, 60) for lib in libs]
+                x = torch.randn(m, k)
+                calls = [functools.partial(time_matmul, lib, x, lin, 60) for lib in libs]
                 a, b = paired(calls, rounds)
                 print(f"{t:5} {n}x{k:<5} M={m:<2}  A {a:7.1f} us  B {b:7.1f} us  B/A {b / a:.3f}")
 
@@ -135,13 +131,10 @@ def attention_cells(libs, ms, slots, kinds, rounds: int) -> None:
 
 
 def load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    vp, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
-    lib.llk_matmul_timed.argtypes = [vp, i64, i64, vp, i32, i32, vp, i64, i32, vp]
-    lib.llk_attention.argtypes = [
-        vp, i64, i64, i64, i64, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64, vp, vp,
-        vp, i64, vp, f32, vp, i64,
-    ]  # fmt: skip
+    """A build of the library with cpu_native's call signatures, on one thread."""
+    lib, reason = cn._load(path)
+    if lib is None:
+        raise SystemExit(reason)
     lib.llk_set_threads(1)
     return lib
 
