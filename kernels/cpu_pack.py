@@ -11,9 +11,8 @@ Memory: the packed copy replaces the mmap as the weight store, on its own anonym
 (llmkit/pages.py). For a matrix read from the GGUF mapping (`release`), pack.c drops the mapping's
 pages as it goes (they read back from the file if anything, e.g. an embedding lookup of a tied
 head, touches them again), so the peak holds at most ~1 MB of both per thread. Packing happens
-only where the selected ISA path reads a type's x8 groups natively (`llk_x8_native`: x86; Q6_K
-only with AVX-512); another path (a test forcing `scalar`) still reads them, one group unpacked
-at a time.
+only where the selected ISA path reads a type's x8 groups natively (`llk_x8_native`: x86);
+another path (a test forcing `scalar`) still reads them, one group unpacked at a time.
 """
 
 from __future__ import annotations

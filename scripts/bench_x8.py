@@ -1,6 +1,7 @@
 """x8 groups against GGUF rows (kernels/cpu_pack.py, `--no-repack`): a forward of M rows, paired.
 
     python scripts/bench_x8.py [MODEL ...] [--rows 1,2,3,4] [-r 10] [-n 16] [-t 2]
+    python scripts/bench_x8.py --matrices Q6_K,Q4_K [--rows 1,2,4] [-r 30] [--isa avx2]
 
 Loads each model twice in one process, once with its weights packed into x8 groups and once as
 the GGUF rows, each with its own KV cache after the same random 100-token context; then, in -r
@@ -9,6 +10,11 @@ MTP verify batch) on each. Prints the median ms per forward and the median of th
 ratios x8 / rows (drift on a shared machine hits both sides of a pair alike), and each layout's
 M-row cost against its own M = 1 (the caches grow by M per forward, so larger M also attends
 over more positions).
+
+`--matrices`: one random matrix per type on the FFN-down shapes, packed and as rows, one thread,
+cached (compute, not DRAM); per round each layout's median of 50 calls timed in C
+(cpu_timing.time_matmuls), alternating; prints the median of -r rounds and x8 / rows. Both
+layouts give the same bits (checked first).
 """
 
 from __future__ import annotations
@@ -18,10 +24,34 @@ import statistics
 import time
 
 import torch
+from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.model.catalog import resolve_model
 from llmkit.core.models.loader import load_model
-from llmkit.kernels import ops
+from llmkit.kernels import cpu_native, cpu_timing, ops
+from llmkit.quant.quantize import quantize
+
+SHAPES = [(640, 2048), (576, 1536)]  # (N, K): Gemma 3's and SmolLM2's FFN down projections
+
+
+def matrices(types: list[str], rows: list[int], rounds: int) -> None:
+    """x8 / rows per type, shape and M (--matrices)."""
+    for t in types:
+        for n, k in SHAPES:
+            raw = quantize(torch.randn(n, k) * 0.02, QT[t])
+            lins = [cpu_native.NativeLinear([(raw, QT[t], (n, k))], pack=p) for p in (True, False)]
+            for m in rows:
+                x = torch.randn(m, k)
+                if not torch.equal(lins[0](x), lins[1](x)):
+                    raise SystemExit(f"{t} {n}x{k} M={m}: x8 and rows differ")
+                us: list[list[float]] = [[], []]
+                for _ in range(rounds):
+                    for i, lin in enumerate(lins):
+                        s = cpu_timing.time_matmuls([lin], x, 50)[5:]
+                        us[i].append(statistics.median(s) * 1e6)
+                x8, rw = (statistics.median(u) for u in us)
+                print(f"{t:5} {n}x{k}  M={m}  x8 {x8:7.1f} us  rows {rw:7.1f} us  x8/rows "
+                      f"{x8 / rw:.3f}")  # fmt: skip
 
 
 def main() -> None:
@@ -31,9 +61,15 @@ def main() -> None:
     ap.add_argument("-r", "--rounds", type=int, default=10)
     ap.add_argument("-n", type=int, default=16, help="forwards per timing")
     ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--matrices", help="types: single matrices, not models (one thread)")
+    ap.add_argument("--isa", default="best", help="with --matrices: the path (e.g. avx2)")
     a = ap.parse_args()
-    ops.set_threads(a.threads)
     rows = [int(m) for m in a.rows.split(",")]
+    if a.matrices:
+        cpu_native.set_isa(a.isa)  # before packing: the path decides what it packs
+        cpu_native.set_threads(1)
+        return matrices(a.matrices.split(","), rows, a.rounds)
+    ops.set_threads(a.threads)
     for name in a.models:
         path = resolve_model(name)
         lms = {lay: load_model(path, repack=lay == "x8") for lay in ("x8", "rows")}

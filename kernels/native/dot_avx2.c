@@ -18,10 +18,6 @@
 #define RMAX 4     /* activation rows per 32-value kernel call */
 #define RMAX_ROW 4 /* ... per K-quant / float kernel call */
 #define X_VNNI 0
-/* Q6_K stays in GGUF rows here: its row-wise kernel for M <= 2 was faster, and x8 groups gave
- * no M = 4 gain (this path on a Zen 4, bench_native_kernels --isa avx2: M = 1 27-33 vs 32-34 us
- * on 576x1536, 35-45 vs 47 us on 640x2048) */
-#define X_X8_Q6_K 0
 #define DOTW(acc, p, s) _mm256_add_epi32((acc), _mm256_madd_epi16((p), (s)))
 
 #define QH_OR(c, sel, bm) \

@@ -23,9 +23,6 @@
 #define RMAX 16    /* activation rows per 32-value kernel call */
 #define RMAX_ROW 8 /* ... per K-quant / float kernel call */
 #define X_VNNI 1
-/* x8 Q6_K: M = 4 81 -> 71 us, M = 1 43 -> 54 us cached (bench_native_kernels.py --resident -t 1,
- * 640x2048); from DRAM, as decode reads it, M = 1 is memory-bound and the two within noise */
-#define X_X8_Q6_K 1
 /* acc += u8 codes c . the 4 bytes at p broadcast to every lane: an embedded-broadcast memory
  * operand (GCC emits a separate vpbroadcastd for the intrinsic) */
 #define X_DPBUSD_BCAST(acc, c, p) \
