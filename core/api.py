@@ -15,6 +15,7 @@ turns) evaluates only its new tokens.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -154,6 +155,7 @@ class LLM(Completions):
             ops.set_threads(opts.n_threads if opts.n_threads > 0 else (os.cpu_count() or 1))
         path, mtp = resolve_model(model), kind == "mtp" and not assistant
         tokenizer, kw = None, {}
+        t_load = time.perf_counter()  # llama.cpp's load time: the file, vocabulary and weights
         if opts.tp is None:  # the tokenizer first: its build's transient memory then never
             # stacks on weights already resident (x8 groups are packed at load)
             kw["model_file"] = read_model_file(
@@ -188,8 +190,11 @@ class LLM(Completions):
             from llmkit.core.distributed.pipeline import split_cache
 
             new_cache = lambda *a, **kw: split_cache(lm.model, *a, **kw)  # noqa: E731
+        tokenizer = tokenizer or load_tokenizer(lm.metadata)
+        lm.load_seconds = time.perf_counter() - t_load  # load_model's own time leaves out the
+        # file read and the tokenizer, both done before it here
         cache = new_cache(n_ctx, margin=margin, type_k=opts.type_k, type_v=opts.type_v)
-        self = cls(lm, tokenizer or load_tokenizer(lm.metadata), cache, opts, warnings=warnings)
+        self = cls(lm, tokenizer, cache, opts, warnings=warnings)
         if opts.chat_template is not None:
             self.set_chat_template(opts.chat_template)
         if kind == "early-exit":

@@ -214,3 +214,21 @@ def test_no_mmap_reads_in_only_what_is_still_read_in_place(tmp_path):
     moved = sum(src.numel() for src, _ in packed.lm.backend.packed) // 1024
     if cpu_native.available() and moved:
         assert mapped_rss_kib(path) <= size_kib - 0.8 * moved
+
+
+def test_load_time_counts_the_file_and_the_tokenizer(tmp_path, monkeypatch):
+    """`load time` (llama.cpp's: file, vocabulary, weights) includes the tokenizer, which the
+    API builds before the weights: a slow tokenizer shows in it."""
+    import time
+
+    from llmkit.core import api
+
+    path = write_tiny_llama(tmp_path / "m.gguf")
+    build = api.load_tokenizer
+
+    def slow(metadata):
+        time.sleep(0.3)
+        return build(metadata)
+
+    monkeypatch.setattr(api, "load_tokenizer", slow)
+    assert llmkit.load(path, n_ctx=64).lm.load_seconds >= 0.3
