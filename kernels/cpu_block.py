@@ -20,36 +20,15 @@ from dataclasses import dataclass
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu_native
+from llmkit.kernels import native_abi as abi
+from llmkit.kernels.native_abi import Block, KVLayer, NextN, StepGroup
 
-_vp, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+__all__ = ["BlockShape", "BlockSite", "KVLayer", "NextNSite", "StackSite", "StepGroup"]
 
-
-class KVLayer(ctypes.Structure):
-    """llk.h's llk_kv_layer: one cache layer's K/V buffers as llk_attend reads them."""
-
-    _fields_ = [
-        ("k", _vp), ("k_head_stride", _i64), ("k_slot_stride", _i64),
-        ("v", _vp), ("v_head_stride", _i64), ("v_slot_stride", _i64),
-        ("dv", _i64), ("hkv", _i64), ("kt", _i32), ("vt", _i32),
-    ]  # fmt: skip
-
-
-class _Block(ctypes.Structure):
-    """llk.h's llk_block."""
-
-    _fields_ = [
-        ("parts", _vp * 4), ("n_parts", _i32 * 4), ("fuse", cpu_native._Fuse * 4),
-        ("n_embd", _i64), ("n_qkv", _i64), ("n_gu", _i64), ("m", _i64),
-        ("hq", _i64), ("hkv", _i64), ("dk", _i64), ("dv", _i64), ("n_rot", _i64),
-        ("neox", _i32), ("reserved", _i32), ("q_norm", _vp), ("k_norm", _vp),
-        ("qk_eps", _f32), ("q_scale", _f32), ("attn_scale", _f32), ("reserved2", _f32),
-        ("qkv", _vp), ("o", _vp), ("x1", _vp), ("h", _vp),
-    ]  # fmt: skip
-
+_vp, _i32 = ctypes.c_void_p, ctypes.c_int32
 
 # looked up per call (a module global: scripts/profile_cpu_decode.py times it by replacing it)
-_RUN = cpu_native._lib.llk_block_run if cpu_native._lib is not None else None
+_RUN = abi.LIB.llk_block_run if abi.LIB is not None else None
 
 
 @dataclass(frozen=True)
@@ -101,7 +80,7 @@ class BlockSite:
             torch.empty(m, wqkv.out_features, dtype=f32), torch.empty(m, s.hq * s.dv, dtype=f32),
             torch.empty(m, n_embd, dtype=f32), torch.empty(m, wgu.out_features, dtype=f32),
         )  # fmt: skip
-        b = _Block()
+        b = Block()
         for i, (lin, fu) in enumerate(zip(linears, fuses, strict=True)):
             b.parts[i] = ctypes.cast(lin._parts, _vp)
             b.n_parts[i] = lin._n_parts
@@ -131,20 +110,11 @@ class BlockSite:
             mask.data_ptr() if mask is not None else None,
         )  # fmt: skip
         if rc:
-            raise LlmkitError(f"native block failed: {cpu_native._ERRORS.get(rc, rc)}")
+            raise LlmkitError(f"native block failed: {abi.ERRORS.get(rc, rc)}")
         return y
 
 
-class StepGroup(ctypes.Structure):
-    """llk.h's llk_step_group: one step's attention inputs for a cache group's layers."""
-
-    _fields_ = [
-        ("slots", _vp), ("kpos", _vp), ("qpos", _vp),
-        ("n_read", _i64), ("window", _i64), ("mask", _vp),
-    ]  # fmt: skip
-
-
-_STACK = cpu_native._lib.llk_stack_run if cpu_native._lib is not None else None
+_STACK = abi.LIB.llk_stack_run if abi.LIB is not None else None
 
 
 class StackSite:
@@ -176,23 +146,11 @@ class StackSite:
             self._tmp.data_ptr(), self._cos, self._sin, groups,
         )  # fmt: skip
         if rc:
-            raise LlmkitError(f"native block stack failed: {cpu_native._ERRORS.get(rc, rc)}")
+            raise LlmkitError(f"native block stack failed: {abi.ERRORS.get(rc, rc)}")
         return y
 
 
-class _NextN(ctypes.Structure):
-    """llk.h's llk_nextn."""
-
-    _fields_ = [
-        ("embd", _vp), ("embd_rows", _i64), ("embd_row_bytes", _i64),
-        ("embd_type", _i32), ("eh_n_parts", _i32), ("embd_scale", _f32), ("eps", _f32),
-        ("enorm", _vp), ("hnorm", _vp), ("eh_parts", _vp), ("block", _vp), ("head_parts", _vp),
-        ("head_n_parts", _i32), ("reserved", _i32), ("head_fuse", cpu_native._Fuse),
-        ("e", _vp), ("cat", _vp), ("x0", _vp), ("zin", _vp),
-    ]  # fmt: skip
-
-
-_NEXTN = cpu_native._lib.llk_nextn_run if cpu_native._lib is not None else None
+_NEXTN = abi.LIB.llk_nextn_run if abi.LIB is not None else None
 
 
 class NextNSite:
@@ -215,7 +173,7 @@ class NextNSite:
         f32 = torch.float32
         self.buffers = tuple(torch.empty(m, w, dtype=f32) for w in (e, 2 * e, e, e))
         fuse = head._fuse((head_norm, eps), None, None)
-        n = _NextN()
+        n = NextN()
         n.embd_type, n.embd, n.embd_rows, n.embd_row_bytes, _ = embed.bound
         n.embd_scale, n.eps = embed.scale, eps
         n.enorm, n.hnorm = (t.data_ptr() for t in norms)
@@ -247,5 +205,5 @@ class NextNSite:
                 f"token ids must lie in [0, {self._n.embd_rows}) for the embedding lookup"
             )
         if rc:
-            raise LlmkitError(f"native NextN step failed: {cpu_native._ERRORS.get(rc, rc)}")
+            raise LlmkitError(f"native NextN step failed: {abi.ERRORS.get(rc, rc)}")
         return y, z

@@ -40,9 +40,8 @@ ctypes, which releases the GIL during the call). Without it `available()` is Fal
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from threading import get_ident
 
 import torch
@@ -51,196 +50,31 @@ from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_pack
-from llmkit.native_lib import library_path, load_library
+from llmkit.kernels import native_abi as abi
+from llmkit.kernels.native_abi import (  # the library and its controls, as this module's API
+    GLU_ACTS,
+    ISAS,
+    SUPPORTED_TYPES,
+    available,
+    get_threads,
+    isa,
+    library,
+    set_isa,
+    set_spin_us,
+    set_threads,
+    supported_isas,
+    unavailable_reason,
+    use_isa,
+)
 
-SUPPORTED_TYPES: frozenset[QT] = frozenset(
-    {
-        QT.F32, QT.F16, QT.BF16,
-        QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.IQ4_NL,
-        QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_XS,
-    }
-)  # fmt: skip
-ISAS = ("scalar", "avx2", "avx512_vnni", "neon_dotprod")  # llk.h's LLK_ISA_* order
+__all__ = [
+    "GLU_ACTS", "ISAS", "SUPPORTED_TYPES", "NativeLinear", "available", "get_threads", "isa",
+    "library", "matmul", "set_isa", "set_spin_us", "set_threads", "supported_isas",
+    "unavailable_reason", "use_isa",
+]  # fmt: skip
 
-_ERRORS = {-1: "unsupported weight type", -2: "bad shape", -3: "out of memory", -4: "bad ISA"}
-
-
-class _Part(ctypes.Structure):
-    """llk.h's llk_part."""
-
-    _fields_ = [
-        ("w", ctypes.c_void_p),
-        ("row_stride", ctypes.c_int64),
-        ("n", ctypes.c_int64),
-        ("col", ctypes.c_int64),
-        ("type", ctypes.c_int32),
-        ("layout", ctypes.c_int32),
-    ]
-
-
-class _Fuse(ctypes.Structure):
-    """llk.h's llk_fuse: what llk_linear fuses around the matmul."""
-
-    _fields_ = [
-        ("norm_w", ctypes.c_void_p),
-        ("norm_eps", ctypes.c_float),
-        ("glu", ctypes.c_int32),
-        ("post_w", ctypes.c_void_p),
-        ("post_eps", ctypes.c_float),
-        ("reserved", ctypes.c_int32),
-        ("residual", ctypes.c_void_p),
-        ("ldr", ctypes.c_int64),
-    ]
-
-
-GLU_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_fp16": 2}  # see kernels/native/rowops.c
-
-
-def _load(path=None) -> tuple[ctypes.CDLL | None, str]:
-    """The installed library with its call signatures bound, or the one at `path` (another
-    build of it: scripts/ab_native.py); (None, why) when it cannot be used."""
-    lib, reason = load_library() if path is None else (ctypes.CDLL(str(path)), "")
-    if lib is None:
-        return None, reason
-    i64, i32, vp, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float
-    # fmt: off
-    sigs = {
-        "llk_matmul": (ctypes.c_int, [vp, i64, i64, i64, vp, i32, vp, i64]),
-        "llk_set_threads": (ctypes.c_int, [ctypes.c_int]),
-        "llk_get_threads": (ctypes.c_int, []),
-        "llk_set_spin_us": (None, [ctypes.c_int]),
-        "llk_get_isa": (ctypes.c_int, []),
-        "llk_best_isa": (ctypes.c_int, []),
-        "llk_isa_supported": (ctypes.c_int, [ctypes.c_int]),
-        "llk_set_isa": (ctypes.c_int, [ctypes.c_int]),
-        "llk_quantize_q8_1": (ctypes.c_int, [vp, i64, vp, vp, vp, vp]),
-        "llk_quantize_q8_K": (ctypes.c_int, [vp, i64, vp, vp, vp]),
-        "llk_read_probe": (ctypes.c_uint64, [vp, i64]),
-        "llk_pack_x8": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i32]),
-        "llk_x8_native": (ctypes.c_int, [i32]),
-        "llk_drop_pages": (None, [vp, i64]),
-        "llk_matmul_timed": (ctypes.c_int, [vp, i64, i64, vp, i32, i32, vp, i64, i32, vp]),
-        "llk_linear": (ctypes.c_int, [vp, i64, i64, i64, vp, vp, i32, vp, i64]),
-        "llk_rms_norm": (ctypes.c_int, [vp, i64, i64, i64, vp, f32, vp, i64]),
-        "llk_rope": (ctypes.c_int, [vp, i64, i64, i64, i64, i64, i32, vp, vp, vp, f32, f32]),
-        "llk_glu": (ctypes.c_int, [vp, i64, i64, i64, i32, vp, i64]),
-        "llk_argmax": (i64, [vp, i64]),
-        "llk_argmax_prob": (i64, [vp, i64, ctypes.POINTER(ctypes.c_float)]),
-        "llk_all_finite": (ctypes.c_int, [vp, i64]),
-        "llk_embed_rows": (ctypes.c_int, [i32, vp, i64, i64, i64, vp, i64, f32, vp]),
-        "llk_block_run": (ctypes.c_int, [vp, i64, vp, vp, vp, vp, vp, vp, i64, vp, vp, i64, vp]),
-        "llk_stack_run": (ctypes.c_int, [vp, vp, vp, vp, i64, i64, vp, vp, vp, vp, vp, vp]),
-        "llk_nextn_run": (ctypes.c_int, [
-            vp, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, i64, vp, vp, i64, vp,
-        ]),
-        "llk_kv_store": (ctypes.c_int, [vp, i64, i64, i64, i64, vp, vp, i32, i64, i64]),
-        "llk_attend": (ctypes.c_int, [
-            vp, i64, i64, i64, i64, vp, i64, vp, i64, vp, vp, i32, i64, i64, vp, i32, i64, i64,
-            i64, i64, i64, vp, vp, i64, vp, f32, vp,
-        ]),
-        "llk_attention": (ctypes.c_int, [
-            vp, i64, i64, i64, i64, vp, i32, i64, i64, vp, i32, i64, i64, i64, i64, i64, vp, vp,
-            vp, i64, vp, f32, vp, i64,
-        ]),
-    }
-    # fmt: on
-    try:
-        for name, (res, args) in sigs.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-    except AttributeError as e:
-        return None, f"{path or library_path().name} is stale or foreign ({e}); rebuild it"
-    return lib, ""
-
-
-_lib, _reason = _load()
-_MATMUL = _lib.llk_matmul if _lib is not None else None
-_LINEAR = _lib.llk_linear if _lib is not None else None
-
-
-def library() -> ctypes.CDLL:
-    """The loaded library (LlmkitError naming the reason when it is not built)."""
-    return _need()
-
-
-def available() -> bool:
-    """The native library is built and loaded."""
-    return _lib is not None
-
-
-def unavailable_reason() -> str:
-    """Why `available()` is False ('' when it is True)."""
-    return _reason
-
-
-def _need() -> ctypes.CDLL:
-    if _lib is None:
-        raise LlmkitError(f"native CPU kernels unavailable: {_reason}")
-    return _lib
-
-
-def isa() -> str:
-    """The instruction-set path in use: 'avx512_vnni', 'avx2', 'neon_dotprod' or 'scalar'."""
-    return ISAS[_need().llk_get_isa()]
-
-
-def supported_isas() -> list[str]:
-    """The paths this CPU can run, best last."""
-    lib = _need()
-    return [name for i, name in enumerate(ISAS) if lib.llk_isa_supported(i)]
-
-
-def set_isa(name: str) -> None:
-    """Force a path (e.g. 'scalar' in tests); 'best' restores the CPU's best."""
-    lib = _need()
-    i = lib.llk_best_isa() if name == "best" else ISAS.index(name) if name in ISAS else -1
-    if i < 0 or lib.llk_set_isa(i) != 0:
-        raise LlmkitError(f"ISA {name!r} not available here (supported: {supported_isas()})")
-
-
-@contextlib.contextmanager
-def use_isa(name: str) -> Iterator[None]:
-    """Run a block on another path, then restore the previous one."""
-    prev = isa()
-    set_isa(name)
-    try:
-        yield
-    finally:
-        set_isa(prev)
-
-
-def set_threads(n: int) -> None:
-    """Threads per call, the caller included (n < 1: every CPU of the affinity mask)."""
-    _need().llk_set_threads(int(n))
-
-
-def get_threads() -> int:
-    return _need().llk_get_threads()
-
-
-def set_spin_us(us: int) -> None:
-    """How long idle workers wait for the next call before sleeping (default 100 us)."""
-    _need().llk_set_spin_us(int(us))
-
-
-def _elems_per_row(qtype: QT, row_bytes: int) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    if row_bytes % size:
-        raise LlmkitError(
-            f"{qtype.name} rows of {row_bytes} bytes are not whole {size}-byte blocks"
-        )
-    return row_bytes // size * block
-
-
-def _check_type(qtype) -> QT:
-    try:
-        qtype = QT(qtype)
-    except ValueError:
-        raise LlmkitError(f"unknown tensor type {qtype!r}") from None
-    if qtype not in SUPPORTED_TYPES:
-        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
-        raise LlmkitError(f"native CPU matmul does not support {qtype.name} weights ({names})")
-    return qtype
+_MATMUL = abi.LIB.llk_matmul if abi.LIB is not None else None
+_LINEAR = abi.LIB.llk_linear if abi.LIB is not None else None
 
 
 def _weight_bytes(w: torch.Tensor, qtype: QT, k: int | None, name: str) -> torch.Tensor:
@@ -261,7 +95,7 @@ def _weight_bytes(w: torch.Tensor, qtype: QT, k: int | None, name: str) -> torch
         raise LlmkitError(
             f"{name}: {qtype.name} needs K to be a multiple of its {block}-value blocks, got K={k}"
         )
-    kw = _elems_per_row(qtype, w.shape[1])
+    kw = abi.elems_per_row(qtype, w.shape[1])
     if k is not None and kw != k:
         raise LlmkitError(
             f"{name}: {qtype.name} rows of {w.shape[1]} bytes hold {kw} values, not {k}"
@@ -281,12 +115,12 @@ def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _call(x: torch.Tensor, parts, n_parts: int, out: torch.Tensor) -> None:
-    rc = _need().llk_matmul(
+    rc = abi.need().llk_matmul(
         x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), parts, n_parts,
         out.data_ptr(), out.stride(0),
     )  # fmt: skip
     if rc:
-        raise LlmkitError(f"native matmul failed: {_ERRORS.get(rc, rc)}")
+        raise LlmkitError(f"native matmul failed: {abi.ERRORS.get(rc, rc)}")
 
 
 def _output(out: torch.Tensor | None, m: int, n: int) -> torch.Tensor:
@@ -308,13 +142,13 @@ def matmul(
 ) -> torch.Tensor:
     """x fp32 [M, K] @ W^T -> fp32 [M, N], W the GGUF bytes uint8 [N, row_bytes] of `qtype`
     (rows may be a slice of a bigger buffer). `out`, if given, is written and returned."""
-    qtype = _check_type(qtype)
+    qtype = abi.check_type(qtype)
     if x.dim() != 2:
         raise LlmkitError(f"matmul wants x of shape [M, K], got {tuple(x.shape)}")
     w = _weight_bytes(w, qtype, x.shape[1], "matmul")
     x = _activations(x, x.shape[1])
     y = _output(out, x.shape[0], w.shape[0])
-    part = _Part(w.data_ptr(), w.stride(0), w.shape[0], 0, int(qtype), 0)
+    part = abi.Part(w.data_ptr(), w.stride(0), w.shape[0], 0, int(qtype), 0)
     _call(x, ctypes.byref(part), 1, y)
     return y
 
@@ -334,7 +168,7 @@ class NativeLinear:
         """`pack`: store the parts the ISA path reads in x8 groups that way (kernels/cpu_pack.py);
         `release`: they view a read-only file mapping (the GGUF's) whose pages may be dropped
         once packed."""
-        lib = _need()
+        lib = abi.need()
         if not parts:
             raise LlmkitError("NativeLinear needs at least one weight")
         if len(parts) > 64:
@@ -344,7 +178,7 @@ class NativeLinear:
         self.packed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (source rows, x8 groups)
         descs, col = [], 0
         for i, (w, qtype, shape) in enumerate(parts):
-            qtype = _check_type(qtype)
+            qtype = abi.check_type(qtype)
             n, k = (int(s) for s in shape)
             if k != self.in_features:
                 raise LlmkitError(f"part {i} has K={k}, part 0 has K={self.in_features}")
@@ -362,7 +196,7 @@ class NativeLinear:
         self.out_features = col
         self.qtypes = tuple(QT(p[1]) for p in parts)
         self._n_parts = len(descs)
-        self._parts = (_Part * len(descs))(*descs)
+        self._parts = (abi.Part * len(descs))(*descs)
         self.weight_bytes = sum(int(p[2][0]) * w.shape[1] for p, w in zip(parts, self._weights))
         self._fuses: dict = {}  # see fused()
 
@@ -381,7 +215,7 @@ class NativeLinear:
             y = torch.empty(m, n, dtype=torch.float32)  # whatever torch's default dtype
             rc = _MATMUL(x.data_ptr(), m, k, k, self._parts, self._n_parts, y.data_ptr(), n)
             if rc:
-                raise LlmkitError(f"native matmul failed: {_ERRORS.get(rc, rc)}")
+                raise LlmkitError(f"native matmul failed: {abi.ERRORS.get(rc, rc)}")
             return y
         lead = x.shape[:-1]
         x2 = _activations(x, self.in_features)
@@ -419,7 +253,7 @@ class NativeLinear:
             raise LlmkitError(f"out must be contiguous fp32 [{m}, {n}]")
         rc = _LINEAR(x.data_ptr(), m, k_in, k_in, ref, self._parts, self._n_parts, y.data_ptr(), n)
         if rc:
-            raise LlmkitError(f"native linear failed: {_ERRORS.get(rc, rc)}")
+            raise LlmkitError(f"native linear failed: {abi.ERRORS.get(rc, rc)}")
         return y
 
     def site(self, norm=None, glu: str | None = None, post_norm=None) -> _Site:
@@ -430,10 +264,10 @@ class NativeLinear:
 
     def _fuse(self, norm, glu, post_norm) -> tuple:
         """(llk_fuse, its byref, the norm weights it points into: kept alive with it)."""
-        f = _Fuse(
+        f = abi.Fuse(
             norm[0].data_ptr() if norm is not None else None,
             norm[1] if norm is not None else 0.0,
-            GLU_ACTS[glu] if glu else -1,
+            abi.GLU_ACTS[glu] if glu else -1,
             post_norm[0].data_ptr() if post_norm is not None else None,
             post_norm[1] if post_norm is not None else 0.0,
             0,
@@ -468,7 +302,7 @@ class _Site:
         y = torch.empty(m, n, dtype=torch.float32) if out is None else out
         rc = _LINEAR(x.data_ptr(), m, k, k, self._ref, self._parts, self._n_parts, y.data_ptr(), n)
         if rc:
-            raise LlmkitError(f"native linear failed: {_ERRORS.get(rc, rc)}")
+            raise LlmkitError(f"native linear failed: {abi.ERRORS.get(rc, rc)}")
         return y
 
 
@@ -476,7 +310,7 @@ def _quantize_rows(x: torch.Tensor, kind: str):
     """Test hook: the current path's activation quantizer on one fp32 row [K].
     'q8_1' -> (qs int8 [K], d fp32 [K/32], s fp32 [K/32], isum int32 [K/32]); 'q8_K' -> (qs,
     d [K/256], bsums int16 [K/16])."""
-    lib = _need()
+    lib = abi.need()
     x = x.to(torch.float32).contiguous().view(-1)
     k = x.numel()
     qs = torch.empty(k, dtype=torch.int8)

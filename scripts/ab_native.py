@@ -34,7 +34,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.kernels import cpu_native as cn
-from llmkit.kernels import cpu_timing
+from llmkit.kernels import cpu_timing, native_abi
 from llmkit.native_lib import library_path
 from llmkit.quant.quantize import quantize
 
@@ -131,8 +131,8 @@ def attention_cells(libs, ms, slots, kinds, rounds: int) -> None:
 
 
 def load(path: Path) -> ctypes.CDLL:
-    """A build of the library with cpu_native's call signatures, on one thread."""
-    lib, reason = cn._load(path)
+    """A build of the library with its call signatures bound (native_abi.load), on one thread."""
+    lib, reason = native_abi.load(path)
     if lib is None:
         raise SystemExit(reason)
     lib.llk_set_threads(1)

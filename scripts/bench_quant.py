@@ -68,7 +68,7 @@ def bench_model(types, path, with_torch):
     ws = []
     for name, t in g.tensors.items():
         if len(t.shape) == 2 and t.shape[-1] % 256 == 0:
-            ws.append(dequantize(g.torch_raw(name), t.qtype, t.shape).float())
+            ws.append(dequantize(torch.from_numpy(g.raw(name)), t.qtype, t.shape).float())
     mb = sum(w.numel() for w in ws) * 4 / 1e6
     print(f"model {path}: {len(ws)} 2-D tensors, {mb:.1f} MB f32; MB/s native, torch")
     for name in types:

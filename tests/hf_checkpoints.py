@@ -169,7 +169,7 @@ def write_hf_step35(d: Path, gguf_path: Path) -> dict:
     for name, info in g.tensors.items():
         if name == "rope_freqs.weight":
             continue  # llama3-style factors come from config rope_scaling, not from the checkpoint
-        w = dequantize(g.torch_raw(name), info.qtype, info.shape)
+        w = dequantize(torch.from_numpy(g.raw(name)), info.qtype, info.shape)
         for gg, hf, plus1 in _STEP35_INV:
             if name == gg or name.endswith("." + gg):
                 prefix = f"model.layers.{name.split('.')[1]}." if name.startswith("blk.") else ""

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_native as cn
+from llmkit.kernels import native_abi
 from llmkit.quant.dequant import dequantize
 from llmkit.quant.quantize import quantize
 
@@ -279,7 +280,7 @@ def test_missing_library_is_reported_not_raised(monkeypatch):
     monkeypatch.setattr(nl, "library_path", lambda: None)
     nl.load_library.cache_clear()
     try:
-        lib, reason = cn._load()
+        lib, reason = native_abi.load()
     finally:
         nl.load_library.cache_clear()
     assert lib is None and "not built" in reason

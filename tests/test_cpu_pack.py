@@ -14,7 +14,7 @@ from smaps import mapped_rss_kib
 from llmkit.core.models.loader import load_model
 from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_native as cn
-from llmkit.kernels import cpu_pack
+from llmkit.kernels import cpu_pack, native_abi
 from llmkit.quant.quantize import quantize
 from tiny_models import write_tiny_gemma3, write_tiny_llama
 
@@ -113,11 +113,11 @@ def test_bad_layouts_and_packing_arguments_are_refused():
     w = _w(QT.Q3_K, 8, 256)  # read row-wise on every path: no x8 groups
     x = torch.randn(1, 256)
     y = torch.empty(1, 8)
-    bad = cn._Part(w.data_ptr(), w.stride(0), 8, 0, int(QT.Q3_K), cpu_pack.LAYOUT_X8)
+    bad = native_abi.Part(w.data_ptr(), w.stride(0), 8, 0, int(QT.Q3_K), cpu_pack.LAYOUT_X8)
     assert lib.llk_matmul(x.data_ptr(), 1, 256, 256, ctypes.byref(bad), 1, y.data_ptr(), 8) == -1
     q = _w(QT.Q8_0, 8, k)
     for stride, layout in ((q.stride(0) + 2, cpu_pack.LAYOUT_X8), (q.stride(0), 7)):
-        part = cn._Part(q.data_ptr(), stride, 8, 0, int(QT.Q8_0), layout)
+        part = native_abi.Part(q.data_ptr(), stride, 8, 0, int(QT.Q8_0), layout)
         x = torch.randn(1, k)
         assert lib.llk_matmul(x.data_ptr(), 1, k, k, ctypes.byref(part), 1, y.data_ptr(), 8) == -2
     out = torch.empty(8, q.shape[1], dtype=torch.uint8)

@@ -115,3 +115,18 @@ def test_layers():
         if m.startswith("llmkit.core") and not m.startswith(APPS):
             bad = {d for d in deps if d.startswith(APPS)}
             assert not bad, f"{m} imports the app(s) {bad}: apps depend on the core, not back"
+
+
+def test_the_native_abi_reader_and_tokenizer_import_without_torch():
+    """What a CPU path that never imports torch builds on (its import alone is ~220 MB of RSS
+    and over a second): the native library's ABI, the GGUF reader, the tokenizer, the config."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmkit.kernels.native_abi, llmkit.core.gguf.reader, llmkit.core.tokenizer, "
+        "llmkit.core.model.config; print(sorted(m for m in sys.modules if m.split('.')[0] == "
+        "'torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

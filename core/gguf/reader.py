@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from llmkit.errors import LlmkitError
@@ -225,9 +224,6 @@ class GGUFFile:
         rows = t.shape[:-1]
         row_bytes = t.nbytes // max(1, int(np.prod(rows, dtype=np.int64)))
         return self._mm[t.offset : t.offset + t.nbytes].reshape(*rows, row_bytes)
-
-    def torch_raw(self, name: str) -> torch.Tensor:
-        return torch.from_numpy(self.raw(name))
 
 
 def _nbytes(name: str, type_id: int, row: int, n: int) -> int:

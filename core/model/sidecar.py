@@ -35,7 +35,7 @@ def base_identity(gf: GGUFFile) -> str:
     ):
         if name in gf.tensors:
             h.update(name.encode())
-            h.update(gf.torch_raw(name).numpy().tobytes())
+            h.update(gf.raw(name).tobytes())
     return h.hexdigest()[:16]
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
+
 from llmkit.core.gguf.reader import GGUFFile
 from llmkit.errors import LlmkitError
 from llmkit.quant.dequant import SUPPORTED_TYPES
@@ -47,7 +49,9 @@ def load_tensors(gf: GGUFFile, specs: list[TensorSpec], ignore_prefixes: tuple[s
         qtype = info.qtype
         if qtype not in SUPPORTED_TYPES:
             raise LlmkitError(f"{gf.path}: tensor {s.name} has unsupported type {qtype.name}")
-        out[s.name] = QTensor(s.name, qtype, tuple(info.shape), gf.torch_raw(s.name), mapped=True)
+        out[s.name] = QTensor(
+            s.name, qtype, tuple(info.shape), torch.from_numpy(gf.raw(s.name)), mapped=True
+        )
     return out
 
 

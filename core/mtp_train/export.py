@@ -94,7 +94,7 @@ def write_merged(
     )
     tensors: dict = {}
     for name, ti in gf.tensors.items():
-        raw = gf.torch_raw(name).numpy()
+        raw = gf.raw(name)
         if ti.qtype in (QT.F32, QT.F16):  # gguf-py writes float tensors from typed arrays
             dt = np.float32 if ti.qtype == QT.F32 else np.float16
             raw = raw.reshape(-1).view(dt).reshape(tuple(ti.shape))
