@@ -21,9 +21,7 @@ import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.kernels import native_abi as abi
-from llmkit.kernels.native_abi import Block, KVLayer, NextN, StepGroup
-
-__all__ = ["BlockShape", "BlockSite", "KVLayer", "NextNSite", "StackSite", "StepGroup"]
+from llmkit.kernels.native_abi import Block, NextN
 
 _vp, _i32 = ctypes.c_void_p, ctypes.c_int32
 

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
 from llmkit.kernels import cpu_native
-from llmkit.kernels.cpu_block import KVLayer
+from llmkit.kernels.native_abi import KVLayer
 from llmkit.kernels.rope import ROPE_NEOX
 
 # cache element types the native attention reads: torch dtypes and ggml block types

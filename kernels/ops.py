@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu_block, cpu_native, cpu_ops, cpu_pack, torch_ops
+from llmkit.kernels import cpu_block, cpu_native, cpu_ops, cpu_pack, native_abi, torch_ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.linear_torch import DenseLinear, ExpertLinear
 from llmkit.kernels.linear_triton import FLOAT_TYPES, TritonLinear
@@ -325,7 +325,7 @@ kv_store_native = cpu_ops.kv_store  # rows into cache slots, converted or quanti
 layer_attention = cpu_ops.LayerAttention  # one layer's write + attend, bound to its buffers
 mask_bytes = cpu_ops.mask_bytes  # a [T, S] bool mask as the native kernels' bytes (a view)
 BlockShape = cpu_block.BlockShape
-StepGroup = cpu_block.StepGroup  # a step's attention inputs for one cache group (native_stack)
+StepGroup = native_abi.StepGroup  # a step's attention inputs for one cache group (native_stack)
 
 
 def block_site(m: int, linears: tuple, norms: tuple, eps: float, glu: str, shape: BlockShape):
