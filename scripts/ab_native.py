@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,6 @@ from llmkit.native_lib import library_path
 from llmkit.quant.quantize import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = [(640, 2048), (576, 1536)]  # (N, K): Gemma 3's and SmolLM2's FFN down projections
 HEADS = {"smollm2": (9, 3, 64), "gemma3": (4, 1, 256)}  # q heads, kv heads, head dim
 
 
@@ -53,22 +51,6 @@ def build(rev: str, out: Path) -> Path:
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(out / "lib")],
                    cwd=src, check=True, capture_output=True)  # fmt: skip
     return next((out / "lib").rglob("_llk*.so"))
-
-
-def paired(calls, rounds: int) -> list[float]:
-    """Per call (one per library): the smallest of `rounds` round medians, in microseconds;
-    each call returns a round's per-repetition seconds."""
-    best = [float("inf")] * len(calls)
-    for _ in range(rounds):
-        for i, call in enumerate(calls):
-            best[i] = min(best[i], statistics.median(call()) * 1e6)
-    return best
-
-
-def time_matmul(lib, x: torch.Tensor, lin: cn.NativeLinear, reps: int) -> list[float]:
-    """`reps` back-to-back calls of `lib` timed in C, the first tenth dropped (they warm the
-    caches)."""
-    return cpu_timing.time_matmuls([lin], x, reps, lib)[reps // 10 :]
 
 
 def time_attention(lib, heads: tuple, kv_type: int, q, k, v, kpos, qpos, out, reps: int):
@@ -93,13 +75,13 @@ def time_attention(lib, heads: tuple, kv_type: int, q, k, v, kpos, qpos, out, re
 
 def matmul_cells(libs, types, ms, rounds: int) -> None:
     for t in types:
-        for n, k in SHAPES:
+        for n, k in cpu_timing.FFN_SHAPES:
             raw = quantize(torch.randn(n, k) * 0.02, QT[t])
             lin = cn.NativeLinear([(raw, QT[t], (n, k))])
             for m in ms:
                 x = torch.randn(m, k)
-                calls = [functools.partial(time_matmul, lib, x, lin, 60) for lib in libs]
-                a, b = paired(calls, rounds)
+                calls = [functools.partial(cpu_timing.warm_times, lin, x, 60, lib) for lib in libs]
+                a, b = cpu_timing.paired(calls, rounds)
                 print(f"{t:5} {n}x{k:<5} M={m:<2}  A {a:7.1f} us  B {b:7.1f} us  B/A {b / a:.3f}")
 
 
@@ -125,7 +107,7 @@ def attention_cells(libs, ms, slots, kinds, rounds: int) -> None:
                             torch.empty(m, hq * d))  # fmt: skip
                     calls = [functools.partial(time_attention, lib, (hq, hkv, d), code, *args, 30)
                              for lib in libs]  # fmt: skip
-                    a, b = paired(calls, rounds)
+                    a, b = cpu_timing.paired(calls, rounds)
                     print(f"attention {kind:4} {name:8} S={s:<5} M={m}  A {a:7.1f} us  "
                           f"B {b:7.1f} us  B/A {b / a:.3f}")  # fmt: skip
 

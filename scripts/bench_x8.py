@@ -12,14 +12,15 @@ M-row cost against its own M = 1 (the caches grow by M per forward, so larger M 
 over more positions).
 
 `--matrices`: one random matrix per type on the FFN-down shapes, packed and as rows, one thread,
-cached (compute, not DRAM); per round each layout's median of 50 calls timed in C
-(cpu_timing.time_matmuls), alternating; prints the median of -r rounds and x8 / rows. Both
-layouts give the same bits (checked first).
+cached (compute, not DRAM), timed as scripts/ab_native.py times two builds (cpu_timing.paired:
+the smallest of -r round medians of 50 calls timed in C, the layouts taking turns); prints both
+and x8 / rows. Both layouts give the same bits (checked first).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -31,25 +32,19 @@ from llmkit.core.models.loader import load_model
 from llmkit.kernels import cpu_native, cpu_timing, ops
 from llmkit.quant.quantize import quantize
 
-SHAPES = [(640, 2048), (576, 1536)]  # (N, K): Gemma 3's and SmolLM2's FFN down projections
-
 
 def matrices(types: list[str], rows: list[int], rounds: int) -> None:
     """x8 / rows per type, shape and M (--matrices)."""
     for t in types:
-        for n, k in SHAPES:
+        for n, k in cpu_timing.FFN_SHAPES:
             raw = quantize(torch.randn(n, k) * 0.02, QT[t])
             lins = [cpu_native.NativeLinear([(raw, QT[t], (n, k))], pack=p) for p in (True, False)]
             for m in rows:
                 x = torch.randn(m, k)
                 if not torch.equal(lins[0](x), lins[1](x)):
                     raise SystemExit(f"{t} {n}x{k} M={m}: x8 and rows differ")
-                us: list[list[float]] = [[], []]
-                for _ in range(rounds):
-                    for i, lin in enumerate(lins):
-                        s = cpu_timing.time_matmuls([lin], x, 50)[5:]
-                        us[i].append(statistics.median(s) * 1e6)
-                x8, rw = (statistics.median(u) for u in us)
+                calls = [functools.partial(cpu_timing.warm_times, lin, x, 50) for lin in lins]
+                x8, rw = cpu_timing.paired(calls, rounds)
                 print(f"{t:5} {n}x{k}  M={m}  x8 {x8:7.1f} us  rows {rw:7.1f} us  x8/rows "
                       f"{x8 / rw:.3f}")  # fmt: skip
 
