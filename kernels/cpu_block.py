@@ -15,36 +15,21 @@ makes one call per layer instead of six). Bytes and flops: the four linears' and
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 import torch
 
 from llmkit.errors import LlmkitError
 from llmkit.kernels import native_abi as abi
-from llmkit.kernels.native_abi import Block, NextN
+from llmkit.kernels import native_bind
+from llmkit.kernels.native_abi import NextN
+from llmkit.kernels.native_bind import BlockShape
+
+__all__ = ["BlockShape", "BlockSite", "NextNSite", "StackSite"]
 
 _vp, _i32 = ctypes.c_void_p, ctypes.c_int32
 
 # looked up per call (a module global: scripts/profile_cpu_decode.py times it by replacing it)
 _RUN = abi.LIB.llk_block_run if abi.LIB is not None else None
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """A block's heads and its RoPE: hq query and hkv KV heads of dk (values dv); RoPE over the
-    first n_rot dims (NEOX halves or NORM pairs), per-head norms (weight [dk], eps) or None, the
-    query scale (Gemma's, folded into q) and the attention scale."""
-
-    hq: int
-    hkv: int
-    dk: int
-    dv: int
-    n_rot: int
-    neox: bool
-    q_norm: tuple | None = None
-    k_norm: tuple | None = None
-    q_scale: float = 1.0
-    attn_scale: float = 1.0
 
 
 class BlockSite:
@@ -55,43 +40,17 @@ class BlockSite:
     def __init__(self, m: int, linears: tuple, norms: tuple, eps: float, glu: str, s: BlockShape):
         """linears: NativeLinear q|k|v, output, gate|up, down; norms: (attn_norm, post_attn_norm
         or None, ffn_norm, post_ffn_norm or None), fp32 [n_embd] each."""
-        wqkv, wo, wgu, wdown = linears
-        attn_norm, post_attn, ffn_norm, post_ffn = norms
+        wqkv, wgu = linears[0], linears[2]
         n_embd = wqkv.in_features
-        if (
-            wqkv.out_features != (s.hq + s.hkv) * s.dk + s.hkv * s.dv
-            or wo.in_features != s.hq * s.dv
-            or wo.out_features != n_embd
-            or wgu.in_features != n_embd
-            or wdown.in_features * 2 != wgu.out_features
-            or wdown.out_features != n_embd
-        ):
-            raise LlmkitError("BlockSite: the linears' shapes do not make one block")
-        fuses = (
-            wqkv._fuse((attn_norm, eps), None, None),
-            wo._fuse(None, None, (post_attn, eps) if post_attn is not None else None),
-            wgu._fuse((ffn_norm, eps), None, None),
-            wdown._fuse(None, glu, (post_ffn, eps) if post_ffn is not None else None),
-        )
         f32 = torch.float32
         self.buffers = (
             torch.empty(m, wqkv.out_features, dtype=f32), torch.empty(m, s.hq * s.dv, dtype=f32),
             torch.empty(m, n_embd, dtype=f32), torch.empty(m, wgu.out_features, dtype=f32),
         )  # fmt: skip
-        b = Block()
-        for i, (lin, fu) in enumerate(zip(linears, fuses, strict=True)):
-            b.parts[i] = ctypes.cast(lin._parts, _vp)
-            b.n_parts[i] = lin._n_parts
-            b.fuse[i] = fu[0]
-        b.n_embd, b.n_qkv, b.n_gu, b.m = n_embd, wqkv.out_features, wgu.out_features, m
-        b.hq, b.hkv, b.dk, b.dv, b.n_rot, b.neox = s.hq, s.hkv, s.dk, s.dv, s.n_rot, int(s.neox)
-        b.q_norm = s.q_norm[0].data_ptr() if s.q_norm is not None else None
-        b.k_norm = s.k_norm[0].data_ptr() if s.k_norm is not None else None
-        eps_qk = {n[1] for n in (s.q_norm, s.k_norm) if n is not None}
-        if len(eps_qk) > 1:
-            raise LlmkitError("BlockSite: the q and k norms must share their eps")
-        b.qk_eps, b.q_scale, b.attn_scale = eps_qk.pop() if eps_qk else 0.0, s.q_scale, s.attn_scale
-        b.qkv, b.o, b.x1, b.h = (t.data_ptr() for t in self.buffers)
+        b, fuses = native_bind.block_struct(
+            m, tuple(lin.bound for lin in linears), norms, eps, glu, s,
+            tuple(t.data_ptr() for t in self.buffers), lambda t: t.data_ptr(),
+        )  # fmt: skip
         # everything the struct points into stays alive with it
         self._keep = (linears, fuses, norms, s)
         self._b, self._ref, self.n_embd = b, ctypes.byref(b), n_embd
@@ -170,7 +129,7 @@ class NextNSite:
             raise LlmkitError("NextNSite: the embedding width is not the block's")
         f32 = torch.float32
         self.buffers = tuple(torch.empty(m, w, dtype=f32) for w in (e, 2 * e, e, e))
-        fuse = head._fuse((head_norm, eps), None, None)
+        fuse = head._fuse((head_norm, eps), None, None)  # (llk_fuse, byref, norms)
         n = NextN()
         n.embd_type, n.embd, n.embd_rows, n.embd_row_bytes, _ = embed.bound
         n.embd_scale, n.eps = embed.scale, eps

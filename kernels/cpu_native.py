@@ -44,13 +44,13 @@ import ctypes
 from collections.abc import Sequence
 from threading import get_ident
 
+import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import cpu_pack
 from llmkit.kernels import native_abi as abi
+from llmkit.kernels import native_bind
 from llmkit.kernels.native_abi import (  # the library and its controls, as this module's API
     GLU_ACTS,
     ISAS,
@@ -77,8 +77,8 @@ _MATMUL = abi.LIB.llk_matmul if abi.LIB is not None else None
 _LINEAR = abi.LIB.llk_linear if abi.LIB is not None else None
 
 
-def _weight_bytes(w: torch.Tensor, qtype: QT, k: int | None, name: str) -> torch.Tensor:
-    """w as uint8 [N, row_bytes] whose rows hold k elements each (checked)."""
+def _weight_bytes(w: torch.Tensor, qtype: QT, k: int | None, name: str) -> np.ndarray:
+    """w's memory as uint8 [N, row_bytes] whose rows hold k elements each (checked)."""
     if w.device.type != "cpu":
         raise LlmkitError(f"{name}: native CPU matmul needs CPU weights, got {w.device}")
     if w.dtype != torch.uint8:
@@ -90,17 +90,7 @@ def _weight_bytes(w: torch.Tensor, qtype: QT, k: int | None, name: str) -> torch
             f"{name}: weight bytes must be [N, row_bytes] with contiguous rows, "
             f"got shape {tuple(w.shape)} strides {w.stride()}"
         )
-    block = GGML_QUANT_SIZES[qtype][0]
-    if k is not None and k % block:
-        raise LlmkitError(
-            f"{name}: {qtype.name} needs K to be a multiple of its {block}-value blocks, got K={k}"
-        )
-    kw = abi.elems_per_row(qtype, w.shape[1])
-    if k is not None and kw != k:
-        raise LlmkitError(
-            f"{name}: {qtype.name} rows of {w.shape[1]} bytes hold {kw} values, not {k}"
-        )
-    return w
+    return native_bind.weight_rows(w.numpy(), qtype, k, name)
 
 
 def _activations(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -148,7 +138,7 @@ def matmul(
     w = _weight_bytes(w, qtype, x.shape[1], "matmul")
     x = _activations(x, x.shape[1])
     y = _output(out, x.shape[0], w.shape[0])
-    part = abi.Part(w.data_ptr(), w.stride(0), w.shape[0], 0, int(qtype), 0)
+    part = abi.Part(w.ctypes.data, w.strides[0], w.shape[0], 0, int(qtype), 0)
     _call(x, ctypes.byref(part), 1, y)
     return y
 
@@ -167,37 +157,20 @@ class NativeLinear:
                  release: bool = False, pack: bool = True):  # fmt: skip
         """`pack`: store the parts the ISA path reads in x8 groups that way (kernels/cpu_pack.py);
         `release`: they view a read-only file mapping (the GGUF's) whose pages may be dropped
-        once packed."""
-        lib = abi.need()
+        once packed. The binding itself is native_bind.BoundLinear's."""
+        abi.need()
         if not parts:
             raise LlmkitError("NativeLinear needs at least one weight")
-        if len(parts) > 64:
-            raise LlmkitError("NativeLinear fuses at most 64 weights")
-        self.in_features = int(parts[0][2][1])
-        self._weights: list[torch.Tensor] = []
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (source rows, x8 groups)
-        descs, col = [], 0
+        rows = []
         for i, (w, qtype, shape) in enumerate(parts):
-            qtype = abi.check_type(qtype)
-            n, k = (int(s) for s in shape)
-            if k != self.in_features:
-                raise LlmkitError(f"part {i} has K={k}, part 0 has K={self.in_features}")
-            w = _weight_bytes(w, qtype, k, f"part {i} ({qtype.name} {n}x{k})")
-            if w.shape[0] != n:
-                raise LlmkitError(f"part {i}: {w.shape[0]} rows of bytes for shape {(n, k)}")
-            packed = cpu_pack.pack_x8(lib, w, qtype, release) if pack else None
-            layout = cpu_pack.LAYOUT_ROWS if packed is None else cpu_pack.LAYOUT_X8
-            if packed is not None:
-                self.packed.append((w, packed))
-                w = packed
-            self._weights.append(w)
-            descs.append((w.data_ptr(), w.stride(0), n, col, int(qtype), layout))
-            col += n
-        self.out_features = col
-        self.qtypes = tuple(QT(p[1]) for p in parts)
-        self._n_parts = len(descs)
-        self._parts = (abi.Part * len(descs))(*descs)
-        self.weight_bytes = sum(int(p[2][0]) * w.shape[1] for p, w in zip(parts, self._weights))
+            qt = abi.check_type(qtype)
+            rows.append((_weight_bytes(w, qt, None, f"part {i} ({qt.name} {tuple(shape)})"), qt,
+                         shape))  # fmt: skip
+        self.bound = bl = native_bind.BoundLinear(rows, release, pack)
+        self.in_features, self.out_features, self.qtypes = bl.in_features, bl.out_features, bl.qtypes
+        self._parts, self._n_parts, self.weight_bytes = bl.parts, bl.n_parts, bl.weight_bytes
+        # (source rows, x8 groups) as tensors over the same memory (pin_weights, the plan)
+        self.packed = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in bl.packed]
         self._fuses: dict = {}  # see fused()
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -264,15 +237,10 @@ class NativeLinear:
 
     def _fuse(self, norm, glu, post_norm) -> tuple:
         """(llk_fuse, its byref, the norm weights it points into: kept alive with it)."""
-        f = abi.Fuse(
-            norm[0].data_ptr() if norm is not None else None,
-            norm[1] if norm is not None else 0.0,
-            abi.GLU_ACTS[glu] if glu else -1,
-            post_norm[0].data_ptr() if post_norm is not None else None,
-            post_norm[1] if post_norm is not None else 0.0,
-            0,
-            None,
-            self.out_features,
+        f = self.bound.fuse(
+            (norm[0].data_ptr(), norm[1]) if norm is not None else None,
+            glu,
+            (post_norm[0].data_ptr(), post_norm[1]) if post_norm is not None else None,
         )
         return f, ctypes.byref(f), norm, post_norm
 

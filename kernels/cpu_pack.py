@@ -13,16 +13,17 @@ pages as it goes (they read back from the file if anything, e.g. an embedding lo
 head, touches them again), so the peak holds at most ~1 MB of both per thread. Packing happens
 only where the selected ISA path reads a type's x8 groups natively (`llk_x8_native`: x86);
 another path (a test forcing `scalar`) still reads them, one group unpacked at a time.
+Torch-free: numpy arrays in and out (the torch path views its tensors' memory as arrays).
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.errors import LlmkitError
-from llmkit.pages import zero_pages
+from llmkit.pages import zero_array
 
 LAYOUT_ROWS, LAYOUT_X8 = 0, 1  # llk.h's LLK_LAYOUT_*
 X8_TYPES = frozenset(
@@ -30,28 +31,31 @@ X8_TYPES = frozenset(
 )
 
 
-def gather_rows(lib, rows: torch.Tensor, ids: torch.Tensor, span: int = 1 << 20) -> torch.Tensor:
+def gather_rows(lib, rows: np.ndarray, ids: np.ndarray, span: int = 1 << 20) -> np.ndarray:
     """rows[ids] (rows: uint8 [N, row_bytes] viewing a read-only file mapping), copied window by
     window of `span` bytes of the mapping, each window dropped from the process once read: a row
     subset (a draft head's shortlist of a packed, tied LM head) never brings the matrix back in.
     Windows, not counts of rows: a fault maps the pages around it too (64 KiB on Linux), so sparse
     rows would otherwise bring in much more than themselves."""
-    order = torch.argsort(ids)
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
-    out = zero_pages((ids.numel(), rows.shape[1]), rows.dtype)  # transient: freed to the OS
-    stride = rows.stride(0)
-    windows, counts = torch.unique_consecutive(sorted_ids * stride // span, return_counts=True)
-    a = 0
-    for w, c in zip(windows.tolist(), counts.tolist()):
-        out[order[a : a + c]] = rows[sorted_ids[a : a + c]]
+    out = zero_array((ids.size, rows.shape[1]), rows.dtype)  # transient: freed to the OS
+    stride = rows.strides[0]
+    windows = sorted_ids * stride // span
+    starts = np.flatnonzero(np.r_[True, windows[1:] != windows[:-1]]) if ids.size else []
+    bounds = [*map(int, starts), ids.size]
+    base = rows.ctypes.data
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        w = int(windows[a])
+        out[order[a:b]] = rows[sorted_ids[a:b]]
         lo = w * span // stride  # the window's first row (the one it starts inside)
         hi = min(rows.shape[0], -(-(w + 1) * span // stride))
-        lib.llk_drop_pages(rows[lo].data_ptr(), (hi - lo) * stride)
-        a += c
+        lib.llk_drop_pages(base + lo * stride, (hi - lo) * stride)
     return out
 
 
-def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Tensor | None:
+def pack_x8(lib, w: np.ndarray, qtype: QT, release: bool = False) -> np.ndarray | None:
     """w (uint8 [N, row_bytes], contiguous rows) as x8 groups: uint8 [ceil(N / 8) * 8, row_bytes],
     or None where the current ISA path has no x8 kernel for qtype, or no memory is left for the
     copy (keep the rows)."""
@@ -61,10 +65,10 @@ def pack_x8(lib, w: torch.Tensor, qtype: QT, release: bool = False) -> torch.Ten
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     k = rb // block_bytes * block
     try:  # own pages: a packed matrix is never left in the heap (its free lists kept resident)
-        out = zero_pages(((n + 7) // 8 * 8, rb), torch.uint8)
-    except (RuntimeError, OSError):  # no room for a copy: the kernels read the rows where they lie
+        out = zero_array(((n + 7) // 8 * 8, rb), np.uint8)
+    except (RuntimeError, OSError, MemoryError):  # no room for a copy: read the rows in place
         return None
-    rc = lib.llk_pack_x8(w.data_ptr(), w.stride(0), n, k, int(qtype), out.data_ptr(), int(release))
+    rc = lib.llk_pack_x8(w.ctypes.data, w.strides[0], n, k, int(qtype), out.ctypes.data, int(release))
     if rc:
         raise LlmkitError(f"packing {qtype.name} {n}x{k} into x8 groups failed ({rc})")
     return out

@@ -155,7 +155,8 @@ def gather_rows(qt: QTensor, ids: torch.Tensor) -> torch.Tensor:
     tied LM head does not come back into memory for a draft head's shortlist."""
     if qt.mapped and qt.raw.device.type == "cpu" and cpu_native.available():
         rows = qt.raw.reshape(qt.shape[0], -1)
-        return cpu_pack.gather_rows(cpu_native.library(), rows, ids.to(torch.long))
+        got = cpu_pack.gather_rows(cpu_native.library(), rows.numpy(), ids.cpu().numpy())
+        return torch.from_numpy(got)
     return qt.raw[ids.to(qt.raw.device)]
 
 

@@ -12,6 +12,8 @@ import weakref
 
 import torch
 
+from llmkit.kernels.rope_table import rope_table, table_size
+
 ROPE_NORM, ROPE_NEOX = 0, 2  # ggml rope modes: adjacent pairs vs split halves
 
 _ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -51,16 +53,14 @@ def rope_cache(
         n_need = int(pos.max()) + 1 if pos.numel() else 1
     table = _ROPE_TABLES.get(key)
     if table is None or table[0].shape[0] < n_need:
-        n = max(1024, 1 << (n_need - 1).bit_length())
-        i = torch.arange(n_rot // 2, dtype=torch.float64, device=pos.device)
-        inv = base ** (-2.0 * i / n_rot)
-        if factors is not None:
-            inv = inv / factors[: n_rot // 2].double().to(pos.device)
-        p = torch.arange(n, dtype=torch.float64, device=pos.device)
-        theta = p[:, None] * (inv * freq_scale)[None, :]
+        n = table_size(n_need)
+        f = None if factors is None else factors[: n_rot // 2].double().cpu().numpy()
+        cos, sin = rope_table(n, n_rot, base, freq_scale, f)  # the same bits on every path
         if key in _ROPE_TABLES:  # a captured CUDA graph may still index the smaller table
             _RETIRED_TABLES.append(_ROPE_TABLES[key])
-        table = _ROPE_TABLES[key] = (torch.cos(theta).float(), torch.sin(theta).float())
+        table = _ROPE_TABLES[key] = (
+            torch.from_numpy(cos).to(pos.device), torch.from_numpy(sin).to(pos.device)
+        )
     return table[0][pos], table[1][pos]
 
 

@@ -170,7 +170,7 @@ def test_no_memory_for_the_copy_keeps_the_rows(monkeypatch):
 
     w = _w(QT.Q8_0, 16, 64)
     ref = cn.NativeLinear([(w, QT.Q8_0, (16, 64))], pack=False)
-    monkeypatch.setattr(cpu_pack, "zero_pages", no_room)
+    monkeypatch.setattr(cpu_pack, "zero_array", no_room)
     lin = cn.NativeLinear([(w, QT.Q8_0, (16, 64))], pack=True)
     assert lin._parts[0].layout == cpu_pack.LAYOUT_ROWS and not lin.packed
     x = torch.randn(2, 64)
@@ -186,9 +186,9 @@ def test_gather_rows_reads_a_mapping_window_by_window(tmp_path):
     )
     path = tmp_path / "rows.bin"
     path.write_bytes(data.numpy().tobytes())
-    rows = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(n, rb)))
+    rows = np.memmap(path, dtype=np.uint8, mode="c", shape=(n, rb))
     ids = torch.cat([torch.arange(0, 300), torch.randperm(n, generator=torch.Generator())[:500]])
     ids = torch.unique(ids)[torch.randperm(torch.unique(ids).numel())]  # unique, unsorted
-    got = cpu_pack.gather_rows(cn.library(), rows, ids, span=1 << 16)
-    assert torch.equal(got, data[ids])
+    got = cpu_pack.gather_rows(cn.library(), rows, ids.numpy(), span=1 << 16)
+    assert torch.equal(torch.from_numpy(got), data[ids])
     assert mapped_rss_kib(path) <= 64

@@ -20,7 +20,6 @@ import torch
 
 from llmkit.core.model.config import ModelConfig
 from llmkit.core.model.protocol import ForwardOutput, Rows
-from llmkit.core.model.weights import TensorSpec
 from llmkit.kernels import cpu_native, ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.rope import rope_cache
@@ -63,26 +62,6 @@ def select_rows(x: torch.Tensor, logits: Rows) -> torch.Tensor:
     if isinstance(logits, slice):
         return x[logits]
     raise ValueError(f"logits must be 'last', 'all', a slice or None, not {logits!r}")
-
-
-def block_specs(c, il: int, linears: dict, norms: dict, shapes) -> list[TensorSpec]:
-    """TensorSpecs of block il from a name table: `linears` maps an attribute to the GGUF parts
-    it fuses, `norms` an attribute to its GGUF name, `shapes(c, gguf_name)` gives each shape."""
-    names = [n for parts in linears.values() for n in parts] + list(norms.values())
-    return [TensorSpec(f"blk.{il}.{n}.weight", shapes(c, n)) for n in names]
-
-
-def trunk_specs(c, specs_of, extra: tuple[TensorSpec, ...] = ()) -> list[TensorSpec]:
-    """The trunk's tensors: embedding, output norm, the head (absent when tied to the
-    embedding), `extra` globals, and blocks 0 .. n_layer - 1 (`specs_of(il)`)."""
-    H, V = c.n_embd, c.n_vocab
-    specs = [
-        TensorSpec("token_embd.weight", (V, H)),
-        TensorSpec("output_norm.weight", (H,)),
-        TensorSpec("output.weight", (V, H), optional=True),
-        *extra,
-    ]
-    return specs + [s for il in range(c.n_layer) for s in specs_of(il)]
 
 
 def load_block_weights(t: dict[str, QTensor], il: int, backend: Backend, linears, norms):

@@ -17,14 +17,12 @@ window, so its cache is a ring like the trunk's local layers).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from threading import get_ident
 
 import torch
 
 from llmkit.core.model.protocol import Cache, ForwardOutput, Rows
-from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import Embedding, head_logits, select_rows, softcap
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
@@ -32,28 +30,6 @@ from llmkit.kernels.rope import rope_cache
 from llmkit.quant.tensor import QTensor
 
 NEXTN_NORMS = ("enorm", "hnorm", "shared_head_norm")
-
-
-def nextn_specs(c, block_specs: Callable[[int], list[TensorSpec]]) -> list[TensorSpec]:
-    """Embedding/head (the trunk's, optional in a sidecar) and every NextN block: its decoder
-    block tensors (`block_specs(il)`, the architecture's) and the nextn.* tensors."""
-    H, V = c.n_embd, c.n_vocab
-    specs = [
-        TensorSpec("token_embd.weight", (V, H), optional=True),
-        TensorSpec("output_norm.weight", (H,), optional=True),
-        TensorSpec("output.weight", (V, H), optional=True),
-    ]
-    for il in range(c.n_layer, c.n_layer_all):
-        b = f"blk.{il}.nextn."
-        specs += block_specs(il) + [
-            TensorSpec(b + "eh_proj.weight", (H, 2 * H)),
-            TensorSpec(b + "enorm.weight", (H,)),
-            TensorSpec(b + "hnorm.weight", (H,)),
-            TensorSpec(b + "shared_head_norm.weight", (H,), optional=True),
-            TensorSpec(b + "shared_head_head.weight", (V, H), optional=True),
-            TensorSpec(b + "embed_tokens.weight", (V, H), optional=True),
-        ]
-    return specs
 
 
 def nextn_input(c, eh_proj, enorm, hnorm, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

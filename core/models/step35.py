@@ -29,10 +29,11 @@ from llmkit.core.model.config import (
     gguf,
     per_layer,
 )  # fmt: skip
+from llmkit.core.model.specs import nextn_specs, trunk_specs
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import DecoderLM, Embedding, trunk_specs
+from llmkit.core.models.common import DecoderLM, Embedding
 from llmkit.core.models.moe import GATING_SIGMOID, GATING_SOFTMAX, RoutedExperts, swiglu
-from llmkit.core.models.nextn import NextNHeads, nextn_specs
+from llmkit.core.models.nextn import NextNHeads
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
 from llmkit.kernels.backend import Backend
