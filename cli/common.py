@@ -95,11 +95,17 @@ def gpu_device(device: str | None, n_gpu_layers: str | None) -> str:
 
 
 def set_threads(threads: int | None) -> int:
-    """-t: the run's CPU threads (0: every core), as kernels/ops.py's set_threads shares them."""
-    from llmkit.kernels import ops
+    """-t: the run's CPU threads (0: every core): the native pool's (torch, when a torch model
+    loads, gets what kernels/ops.py's set_threads gives it beside the pool: core/api.py)."""
+    from llmkit.kernels import native_abi
 
     n = threads if threads and threads > 0 else (os.cpu_count() or 1)
-    ops.set_threads(n)
+    if native_abi.available():
+        native_abi.set_threads(n)
+    else:
+        from llmkit.kernels import ops
+
+        ops.set_threads(n)
     return n
 
 

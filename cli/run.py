@@ -198,8 +198,7 @@ def run(
         raise LlmkitError(f"--grammar/--grammar-file/--json-schema cannot be combined with {flag}")
     if draft_branches > 1 and (not (mtp or spec) or temp > 0):
         raise LlmkitError("--draft-branches > 1 needs --mtp and greedy decoding (--temp 0)")
-    from llmkit.core.distributed.launch import begin_run, finish, rank_plans
-    from llmkit.core.distributed.pipeline import parse_layer_split
+    from llmkit.core.distributed.launch import begin_run, finish, parse_layer_split, rank_plans
 
     layer_split = parse_layer_split(split_mode, tensor_split, device)
     group = begin_run(tp, tp_mode, threads, device, model, model_draft, mtp, moe_n_expert)

@@ -21,13 +21,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from llmkit.core.completions import Completions, TextStream, sampler_params
-from llmkit.core.decode.assistant import assistant_spec, is_assistant_file
-from llmkit.core.decode.early_exit import early_exit_spec, exit_layers, spec_type
 from llmkit.core.decode.loop import GenStats, Speculation, generate
 from llmkit.core.decode.sampling import Sampler, SamplerParams
 from llmkit.core.decode.speculative import SpecConfig, SpecStats
 from llmkit.core.model.catalog import resolve_model
-from llmkit.core.models.loader import LoadedModel, load_model, read_model_file
 from llmkit.core.tokenizer import Tokenizer, load_tokenizer
 from llmkit.core.tokenizer.chat import ChatFormat
 from llmkit.errors import LlmkitError
@@ -61,6 +58,7 @@ class LoadOptions:
     tp: object = None  # a core.distributed Group: load this rank's tensor-parallel shard
     tp_mode: str = "exact"  # how attn_output / ffn_down combine (core/distributed/shard.py)
     layer_split: tuple = ()  # --split-mode layer: (devices, shares) (core/distributed/pipeline)
+    runtime: str = "auto"  # "lean": the torch-free CPU runtime (core/lean/), "torch", or either
 
 
 def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]:
@@ -77,7 +75,7 @@ def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]
     return "cpu", "no usable GPU found, --gpu-layers option will be ignored"
 
 
-def pin_weights(lm: LoadedModel, use_mmap: bool, use_mlock: bool) -> list[str]:
+def pin_weights(lm, use_mmap: bool, use_mlock: bool) -> list[str]:
     """--no-mmap: fault every page of the GGUF the kernels still read in now; --mlock: lock them
     and the weights moved into x8 groups (kernels/cpu_pack.py: the mapping's pages of those are
     not touched again) in RAM (mlock(2)); warnings for what the OS refused."""
@@ -87,8 +85,8 @@ def pin_weights(lm: LoadedModel, use_mmap: bool, use_mlock: bool) -> list[str]:
 
     mm = lm.gguf._mm  # np.memmap of the whole file
     base, page = mm.ctypes.data, mmap.PAGESIZE
-    moved = sorted((src.data_ptr() - base, src.data_ptr() - base + src.numel())
-                   for src, _ in lm.backend.packed if 0 <= src.data_ptr() - base < mm.nbytes)  # fmt: skip
+    moved = sorted((src.ctypes.data - base, src.ctypes.data - base + src.nbytes)
+                   for src, _ in lm.backend.packed if 0 <= src.ctypes.data - base < mm.nbytes)  # fmt: skip
     spans, at = [], 0  # byte ranges of the file still read in place
     for lo, hi in moved:
         lo, hi = (lo + page - 1) // page * page, hi // page * page  # whole pages only
@@ -107,7 +105,7 @@ def pin_weights(lm: LoadedModel, use_mmap: bool, use_mlock: bool) -> list[str]:
     if use_mlock:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
         regions = [(base + lo, hi - lo) for lo, hi in spans]
-        regions += [(x8.data_ptr(), x8.numel()) for _, x8 in lm.backend.packed]
+        regions += [(x8.ctypes.data, x8.nbytes) for _, x8 in lm.backend.packed]
         for ptr, n in regions:
             if n and libc.mlock(ctypes.c_void_p(ptr), ctypes.c_size_t(n)) != 0:
                 err = ctypes.get_errno()
@@ -121,7 +119,7 @@ def pin_weights(lm: LoadedModel, use_mmap: bool, use_mlock: bool) -> list[str]:
 
 @dataclass
 class LLM(Completions):
-    lm: LoadedModel
+    lm: object  # LoadedModel (core/models/loader.py) or LeanLoaded (core/lean/load.py)
     tokenizer: Tokenizer
     cache: object  # KVCache
     opts: LoadOptions
@@ -142,6 +140,13 @@ class LLM(Completions):
         opts = LoadOptions(**options)
         spec_cfg = SpecConfig(opts.draft, opts.draft_p_min, opts.draft_branches)
         spec_cfg.check_values()
+        lean = _load_lean(model, opts)  # the torch-free runtime, when it can run this
+        if lean is not None:
+            return cls._ready(*lean, opts)
+        from llmkit.core.decode.assistant import assistant_spec, is_assistant_file
+        from llmkit.core.decode.early_exit import early_exit_spec, exit_layers, spec_type
+        from llmkit.core.models.loader import load_model, read_model_file
+
         kind = spec_type(opts.spec, opts.mtp)
         draft_path = resolve_model(opts.model_draft) if opts.model_draft else None
         if draft_path and kind != "mtp":
@@ -149,10 +154,12 @@ class LLM(Completions):
         # a Gemma 4 assistant drafts from its own file; a NextN sidecar loads with the model
         assistant = kind == "mtp" and draft_path is not None and is_assistant_file(draft_path)
         device, note = pick_device(opts.device, opts.n_gpu_layers)
-        if opts.n_threads is not None:  # the CLI sets them itself (-t); a script may ask here
-            from llmkit.kernels import ops
+        from llmkit.kernels import native_abi, ops
 
+        if opts.n_threads is not None:  # the CLI sets them itself (-t); a script may ask here
             ops.set_threads(opts.n_threads if opts.n_threads > 0 else (os.cpu_count() or 1))
+        elif native_abi.available():  # torch gets one thread beside the native pool (ops)
+            ops.set_threads(native_abi.get_threads())
         path, mtp = resolve_model(model), kind == "mtp" and not assistant
         tokenizer, kw = None, {}
         t_load = time.perf_counter()  # llama.cpp's load time: the file, vocabulary and weights
@@ -177,13 +184,8 @@ class LLM(Completions):
             lm.model = split_layers(lm, *opts.layer_split)
         warnings = [note] if note else []
         warnings += pin_weights(lm, opts.use_mmap, opts.use_mlock)
-        n_ctx = opts.n_ctx or lm.config.n_ctx_train
-        if n_ctx > lm.config.n_ctx_train:
-            warnings.append(
-                f"-c {n_ctx} exceeds the model's training context {lm.config.n_ctx_train}"
-            )
-        # the ring margin must hold a prompt chunk and a whole verify batch (rollback safety)
-        margin = max(opts.n_ubatch, 64, spec_cfg.verify_rows)
+        n_ctx = _n_ctx(lm, opts, warnings)
+        margin = _margin(opts, spec_cfg)
         exit_at = exit_layers(lm, kind, opts.n_layer_exit)  # core/decode/early_exit.py
         new_cache = lm.new_cache
         if opts.layer_split:
@@ -216,6 +218,17 @@ class LLM(Completions):
             spec_cfg.check(drafter.max_draft, why, cache.attn_kernel)
             stats = SpecStats(spec_cfg.draft, branches=spec_cfg.branches)
             self.spec = Speculation(drafter, spec_cfg, stats)
+        return self
+
+    @classmethod
+    def _ready(cls, lm, tokenizer, opts: LoadOptions) -> LLM:
+        """The LLM over a model the torch-free runtime loaded (core/lean/): plain decoding."""
+        warnings = pin_weights(lm, opts.use_mmap, opts.use_mlock)
+        n_ctx = _n_ctx(lm, opts, warnings)
+        cache = lm.new_cache(n_ctx, _margin(opts, None), opts.type_k, opts.type_v)
+        self = cls(lm, tokenizer, cache, opts, warnings=warnings)
+        if opts.chat_template is not None:
+            self.set_chat_template(opts.chat_template)
         return self
 
     # -- text -------------------------------------------------------------------------------------
@@ -408,6 +421,50 @@ class LLM(Completions):
             ),
             **({"moe_n_expert": self.opts.moe_n_expert} if self.opts.moe_n_expert else {}),
         }
+
+
+def _n_ctx(lm, opts: LoadOptions, warnings: list[str]) -> int:
+    """-c (0: the model's training context), with llama.cpp's warning past that context."""
+    n_ctx = opts.n_ctx or lm.config.n_ctx_train
+    if n_ctx > lm.config.n_ctx_train:
+        warnings.append(f"-c {n_ctx} exceeds the model's training context {lm.config.n_ctx_train}")
+    return n_ctx
+
+
+def _margin(opts: LoadOptions, spec_cfg: SpecConfig | None) -> int:
+    """The KV ring margin: it must hold a prompt chunk and a whole verify batch (rollback)."""
+    return max(opts.n_ubatch, 64, spec_cfg.verify_rows if spec_cfg is not None else 1)
+
+
+def _load_lean(model, opts: LoadOptions):
+    """(LeanLoaded, tokenizer) when the torch-free runtime can run the model with these options
+    (core/lean/load.py), else None (the torch model loads instead)."""
+    from llmkit.core.lean.load import lean_file, lean_options, load_lean
+
+    if opts.runtime not in ("auto", "lean", "torch"):
+        raise LlmkitError(f"runtime must be auto, lean or torch, got {opts.runtime!r}")
+    forced = opts.runtime == "lean"
+    if opts.runtime == "torch" or not (lean_options(opts) or forced):
+        return None
+    if not lean_options(opts):
+        raise LlmkitError("the torch-free runtime runs plain decoding on a CPU with the native "
+                          "kernels and f16/f32/bf16/q8_0/q4_0 KV only")  # fmt: skip
+    from llmkit.core.gguf.reader import GGUFFile
+    from llmkit.kernels import native_abi
+
+    t0 = time.perf_counter()  # llama.cpp's load time: the file, vocabulary and weights
+    gf = GGUFFile(resolve_model(model))
+    got = lean_file(gf)
+    if got is None:
+        if forced:
+            raise LlmkitError(f"the torch-free runtime cannot run {gf.path} (architectures "
+                              "llama, gemma3 without NextN blocks or a logit soft-cap)")  # fmt: skip
+        return None
+    if opts.n_threads is not None:
+        native_abi.set_threads(opts.n_threads if opts.n_threads > 0 else (os.cpu_count() or 1))
+    tokenizer = load_tokenizer(gf.metadata)  # first: its transient memory never stacks on weights
+    lm = load_lean(gf, *got, max(1, opts.n_ubatch), opts.repack, t0)
+    return lm, tokenizer
 
 
 class _Observed(Sampler):

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import fields
 
-from llmkit.core.decode.sampling import SamplerParams
+from llmkit.core.decode.sampling import SamplerParams, log_softmax, top_k
 from llmkit.errors import LlmkitError
 
 
@@ -235,11 +235,9 @@ def _hook(record, k):
     if record is None:
         return None
 
-    def hook(logits):
-        import torch
-
-        lp = torch.log_softmax(logits.float(), -1)
-        vals, ids = torch.topk(lp, max(1, k))
+    def hook(logits):  # the sampler's adjusted logits: a host fp32 vector
+        lp = log_softmax(logits)
+        vals, ids = top_k(lp, max(1, k))
         record.insert(0, (lp, list(zip(ids.tolist(), vals.tolist(), strict=True))))
 
     return hook

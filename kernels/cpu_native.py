@@ -167,7 +167,11 @@ class NativeLinear:
             rows.append((_weight_bytes(w, qt, None, f"part {i} ({qt.name} {tuple(shape)})"), qt,
                          shape))  # fmt: skip
         self.bound = bl = native_bind.BoundLinear(rows, release, pack)
-        self.in_features, self.out_features, self.qtypes = bl.in_features, bl.out_features, bl.qtypes
+        self.in_features, self.out_features, self.qtypes = (
+            bl.in_features,
+            bl.out_features,
+            bl.qtypes,
+        )
         self._parts, self._n_parts, self.weight_bytes = bl.parts, bl.n_parts, bl.weight_bytes
         # (source rows, x8 groups) as tensors over the same memory (pin_weights, the plan)
         self.packed = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in bl.packed]

@@ -68,7 +68,9 @@ def pack_x8(lib, w: np.ndarray, qtype: QT, release: bool = False) -> np.ndarray 
         out = zero_array(((n + 7) // 8 * 8, rb), np.uint8)
     except (RuntimeError, OSError, MemoryError):  # no room for a copy: read the rows in place
         return None
-    rc = lib.llk_pack_x8(w.ctypes.data, w.strides[0], n, k, int(qtype), out.ctypes.data, int(release))
+    rc = lib.llk_pack_x8(
+        w.ctypes.data, w.strides[0], n, k, int(qtype), out.ctypes.data, int(release)
+    )
     if rc:
         raise LlmkitError(f"packing {qtype.name} {n}x{k} into x8 groups failed ({rc})")
     return out

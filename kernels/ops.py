@@ -95,7 +95,7 @@ def make_linear(backend: Backend, *weights: QTensor):
             release=all(w.mapped for w in weights),
             pack=backend.repack,
         )
-        backend.packed += lin.packed
+        backend.packed += lin.bound.packed  # numpy (source rows, x8 groups)
         return lin
     if backend.kernels == "triton":
         lin = TritonLinear(list(weights), backend.device)

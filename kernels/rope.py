@@ -59,7 +59,8 @@ def rope_cache(
         if key in _ROPE_TABLES:  # a captured CUDA graph may still index the smaller table
             _RETIRED_TABLES.append(_ROPE_TABLES[key])
         table = _ROPE_TABLES[key] = (
-            torch.from_numpy(cos).to(pos.device), torch.from_numpy(sin).to(pos.device)
+            torch.from_numpy(cos).to(pos.device),
+            torch.from_numpy(sin).to(pos.device),
         )
     return table[0][pos], table[1][pos]
 

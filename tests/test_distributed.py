@@ -14,7 +14,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from cli_run import llm
-from llmkit.core.distributed.pipeline import assign_layers, parse_layer_split
+from llmkit.core.distributed.launch import parse_layer_split
+from llmkit.core.distributed.pipeline import assign_layers
 from llmkit.core.distributed.shard import col_slice, row_slice, span, spans
 from llmkit.core.gguf.writer import encode_tensor
 from llmkit.errors import LlmkitError

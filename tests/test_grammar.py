@@ -67,7 +67,7 @@ def test_mask_follows_grammar_and_ends_with_eog(toks, name):
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(10):
-        t = int(torch.argmax(c.apply(torch.randn(tok.n_vocab + 7, generator=g))))
+        t = int(c.apply(torch.randn(tok.n_vocab + 7, generator=g)).argmax())
         c.consume(t)
         if tok.is_eog(t):
             break

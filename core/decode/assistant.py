@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT, Draft, DraftJob, Pick
+from llmkit.core.decode.draft import Draft, Pick
+from llmkit.core.decode.drafter import SINGLE_HEAD_MAX_DRAFT, DraftJob
 from llmkit.core.decode.loop import Speculation
 from llmkit.core.decode.speculative import SpecConfig, SpecStats
 from llmkit.core.models.gemma4_assistant import attend_readonly, is_assistant, load_assistant

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.core.decode.drafter import Draft, Pick
+from llmkit.core.decode.draft import Draft, Pick
 from llmkit.core.decode.loop import Speculation
 from llmkit.core.decode.speculative import SpecConfig, SpecStats
 from llmkit.core.model.protocol import CausalLM, ForwardOutput, Rows

@@ -25,8 +25,8 @@ import weakref
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from llmkit.core.decode.sampling import host
 from llmkit.errors import LlmkitError
 
 # JSON is generated compactly (no free whitespace: small models otherwise loop on newlines)
@@ -174,24 +174,20 @@ class Constraint:
         bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")[: self.n_vocab]
         return bits.view(np.bool_)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` [n_vocab (+ padding)] with every disallowed token at -inf (a new tensor)."""
+    def apply(self, logits) -> np.ndarray:
+        """`logits` [n_vocab (+ padding)] as a host fp32 vector (sampling.host) with every
+        disallowed token at -inf (a new array)."""
         import time
 
         t0 = time.perf_counter()
         ok = self.allowed()
         if not ok.any():
             raise LlmkitError("grammar: no token can continue the output")
-        n = logits.shape[-1]
+        x = host(logits)
+        n = x.size
         keep = np.zeros(n, dtype=np.bool_)
         keep[: min(n, ok.size)] = ok[:n]
-        if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64):
-            # numpy: one pass, no intra-op thread start-up (torch's costs ms on a busy machine)
-            x = logits.numpy()
-            out = torch.from_numpy(np.where(keep, x, x.dtype.type(-np.inf)))
-        else:
-            mask = torch.from_numpy(keep).to(logits.device)
-            out = logits.masked_fill(~mask, float("-inf"))
+        out = np.where(keep, x, np.float32(-np.inf))
         self.mask_seconds += time.perf_counter() - t0
         self.steps += 1
         return out
@@ -209,7 +205,7 @@ class ConstrainedSampler:
         self.inner, self.constraint = sampler, constraint
         self.greedy = sampler.greedy
 
-    def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+    def sample(self, logits, history: Sequence[int] = ()) -> int:
         tok = self.inner.sample(self.constraint.apply(logits), history)
         self.constraint.consume(tok)
         return tok

@@ -13,13 +13,13 @@ Timings are collected in a `GenStats` (and the speculative counts in the Specula
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
-from llmkit.core.decode.drafter import Draft, Drafter
+from llmkit.core.decode.draft import Draft, Drafter
 from llmkit.core.decode.sampling import Sampler
 from llmkit.core.decode.speculative import SpecConfig, SpecStats, finite, verify
 from llmkit.errors import LlmkitError
@@ -55,23 +55,30 @@ class Speculation:
     stats: SpecStats
 
 
-def prefill(
-    model, cache, ids: Sequence[int], n_ubatch: int = 512, drafter: Drafter | None = None
-) -> torch.Tensor:
+def no_grad():
+    """torch's inference mode while a torch model runs (torch is then loaded); nothing to do
+    for the torch-free runtime (core/lean/), which never imports it."""
+    torch = sys.modules.get("torch")
+    return torch.inference_mode() if torch is not None else contextlib.nullcontext()
+
+
+def prefill(model, cache, ids: Sequence[int], n_ubatch: int = 512, drafter: Drafter | None = None):
     """Evaluate `ids` after what the cache holds (and show the rows to the drafter); return the
-    last position's logits [n_vocab]."""
+    last position's logits as a host fp32 vector [n_vocab]."""
     if not ids:
         raise LlmkitError("empty prompt: nothing to evaluate")
     n_ubatch = max(1, min(n_ubatch, cache.margin))
-    t = torch.tensor(list(ids), dtype=torch.long)
+    t = list(ids)
     logits = None
-    for s in range(0, t.numel(), n_ubatch):
+    for s in range(0, len(t), n_ubatch):
         chunk, p0 = t[s : s + n_ubatch], cache.n_past
         if drafter is None:
             logits = model.forward(chunk, cache, logits="last").logits
-        else:  # every row's hidden state: the drafter mirrors them
+        else:  # every row's hidden state: the drafter mirrors them (drafters are torch models)
+            import torch
+
             h = model.forward(chunk, cache, logits=None).hidden
-            drafter.observe(p0, chunk, h)
+            drafter.observe(p0, torch.tensor(chunk, dtype=torch.long), h)
             logits = model.lm_logits(h[-1:])
     return finite(logits[0])
 
@@ -80,7 +87,7 @@ def generate(
     model,
     cache,
     prompt: Sequence[int],
-    sampler: Sampler | Callable[[torch.Tensor, Sequence[int]], int],
+    sampler: Sampler | Callable,
     n_predict: int = -1,
     is_eog: Callable[[int], bool] = lambda t: False,
     ignore_eos: bool = False,
@@ -99,7 +106,7 @@ def generate(
         )
     drafter = spec.drafter if spec is not None else None
     history = list(prompt)
-    with torch.inference_mode():
+    with no_grad():
         t0 = time.perf_counter()
         logits = prefill(model, cache, prompt, n_ubatch, drafter)
         stats.prompt_tokens += len(prompt)

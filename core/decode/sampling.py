@@ -5,21 +5,24 @@ presence/frequency) -> top-k -> top-p -> min-p -> temperature -> draw. `temp <= 
 (argmax of the logits after bias and penalties). Reported log-probabilities (`Sampler.adjust` then
 log-softmax) are those of the fp32 logits after bias and penalties, before temperature and the
 top-k/top-p/min-p filters.
-The draw uses a seeded `torch.Generator`: the same seed gives the same tokens.
+The draw uses a seeded numpy PCG64 generator: the same seed gives the same tokens, on every
+path. Torch-free: logits arrive as numpy arrays or torch tensors of any device (read to the host
+once, fp32: `host`), and every distribution it returns is a numpy array.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from llmkit.errors import LlmkitError
-from llmkit.kernels import ops
+from llmkit.kernels import native_abi
 
-SEED_MAX = 2**64 - 1  # torch.Generator seeds are 64-bit
+SEED_MAX = 2**64 - 1  # seeds are 64-bit (as llama.cpp's)
 CLI_NAMES = {
     "temp": "--temp",
     "top_k": "--top-k",
@@ -103,35 +106,87 @@ class SamplerParams:
                 )
 
 
-def apply_repeat_penalty(
-    logits: torch.Tensor, recent: Sequence[int], penalty: float
-) -> torch.Tensor:
+def host(logits) -> np.ndarray:
+    """Logits as a contiguous fp32 numpy vector on the host: a numpy array as it is (converted
+    only if it is not fp32), a torch tensor viewed (CPU fp32) or copied (another device/type)."""
+    if not isinstance(logits, np.ndarray):
+        logits = logits.detach().float().cpu().numpy()
+    return np.ascontiguousarray(logits.reshape(-1), dtype=np.float32)
+
+
+def argmax(z: np.ndarray) -> int:
+    """The first index of the maximum (of the first NaN, if any): the native row op."""
+    lib = native_abi.LIB
+    if lib is None:
+        return int(np.argmax(z))
+    return int(lib.llk_argmax(z.ctypes.data, z.size))
+
+
+def argmax_prob(z: np.ndarray) -> tuple[int, float]:
+    """(argmax, its softmax probability) in one pass over the row (the native row op)."""
+    lib = native_abi.LIB
+    if lib is None:
+        i = int(np.argmax(z))
+        return i, float(1.0 / np.exp(z.astype(np.float64) - z[i]).sum())
+    prob = ctypes.c_float()
+    i = int(lib.llk_argmax_prob(z.ctypes.data, z.size, ctypes.byref(prob)))
+    return i, prob.value
+
+
+def all_finite(z: np.ndarray) -> bool:
+    lib = native_abi.LIB
+    if lib is None:
+        return bool(np.isfinite(z).all())
+    return bool(lib.llk_all_finite(z.ctypes.data, z.size))
+
+
+def softmax(v: np.ndarray) -> np.ndarray:
+    e = np.exp(v - v.max())
+    return e / e.sum()
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """log-probabilities of fp32 logits (what reported logprobs are)."""
+    z64 = z.astype(np.float64)
+    m = z64.max()
+    return (z64 - m - np.log(np.exp(z64 - m).sum())).astype(np.float32)
+
+
+def top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, ids) of the k largest entries, sorted descending, ties by the lower id."""
+    k = min(k, z.size)
+    ids = np.arange(z.size) if k == z.size else np.argpartition(-z, k - 1)[:k]
+    order = np.lexsort((ids, -z[ids]))
+    ids = ids[order]
+    return z[ids], ids
+
+
+def apply_repeat_penalty(logits, recent: Sequence[int], penalty: float) -> np.ndarray:
     """llama.cpp's rule: positive logits are divided by the penalty, negative ones multiplied."""
+    logits = host(logits)
     if penalty == 1.0 or not recent:
         return logits
-    ids = torch.tensor(sorted(set(recent)), dtype=torch.long)
+    ids = np.array(sorted(set(recent)), dtype=np.int64)
     vals = logits[ids]
-    logits = logits.clone()
-    logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
+    logits = logits.copy()
+    logits[ids] = np.where(vals > 0, vals / np.float32(penalty), vals * np.float32(penalty))
     return logits
 
 
-def filtered_probs(logits: torch.Tensor, p: SamplerParams) -> tuple[torch.Tensor, torch.Tensor]:
+def filtered_probs(logits, p: SamplerParams) -> tuple[np.ndarray, np.ndarray]:
     """(candidate ids, their probabilities) after top-k, top-p, min-p and temperature."""
-    logits = logits.float()
-    k = logits.numel() if p.top_k <= 0 else min(p.top_k, logits.numel())
-    vals, ids = torch.topk(logits, k)  # sorted descending
+    z = host(logits)
+    vals, ids = top_k(z, z.size if p.top_k <= 0 else p.top_k)  # sorted descending
     if p.top_p < 1.0:
-        probs = torch.softmax(vals, -1)
-        cum = torch.cumsum(probs, -1)
+        cum = np.cumsum(softmax(vals))
         # keep the smallest prefix whose mass reaches top_p (at least one token)
         keep = int((cum < p.top_p).sum()) + 1
         vals, ids = vals[:keep], ids[:keep]
-    if p.min_p > 0.0 and vals.numel() > 1:
-        probs = torch.softmax(vals, -1)
+    if p.min_p > 0.0 and vals.size > 1:
+        probs = softmax(vals)
         keep = probs >= p.min_p * probs[0]
         vals, ids = vals[keep], ids[keep]
-    return ids, torch.softmax(vals / p.temp, -1)
+    return ids, softmax(vals / np.float32(p.temp))
 
 
 class Sampler:
@@ -143,11 +198,11 @@ class Sampler:
         p.validate()
         self.p, self.greedy = p, p.temp <= 0
         self.n_prompt = n_prompt  # history[:n_prompt] is the prompt: no presence/frequency penalty
-        self.gen = torch.Generator()
-        self.gen.manual_seed(p.seed if p.seed >= 0 else torch.seed())
+        seed = p.seed if p.seed >= 0 else np.random.SeedSequence().entropy
+        self.gen = np.random.Generator(np.random.PCG64(seed))
         bias = p.logit_bias or {}
-        self._bias_ids = torch.tensor(list(bias), dtype=torch.long)
-        self._bias = torch.tensor(list(bias.values()), dtype=torch.float32)
+        self._bias_ids = np.array(list(bias), dtype=np.int64)
+        self._bias = np.array(list(bias.values()), dtype=np.float32)
         self._argmax_only = (
             self.greedy
             and not bias
@@ -155,56 +210,61 @@ class Sampler:
             and not (p.frequency_penalty or p.presence_penalty)
         )
 
-    def adjust(self, logits: torch.Tensor, history: Sequence[int] = ()) -> torch.Tensor:
+    def adjust(self, logits, history: Sequence[int] = ()) -> np.ndarray:
         """fp32 logits after the logit bias and the penalties: what is sampled from (after the
         filters and temperature) and what reported log-probabilities are the log-softmax of."""
-        logits = logits.float()
-        if self._bias_ids.numel():
-            if int(self._bias_ids.max()) >= logits.numel():
-                raise LlmkitError(f"logit_bias: token ids must be below {logits.numel()}")
-            logits = logits.clone()
-            logits[self._bias_ids] += self._bias
+        z = host(logits)
+        if self._bias_ids.size:
+            if int(self._bias_ids.max()) >= z.size:
+                raise LlmkitError(f"logit_bias: token ids must be below {z.size}")
+            z = z.copy()
+            z[self._bias_ids] += self._bias
         n = self.p.repeat_last_n
         recent = history[-n:] if n > 0 else history
-        logits = apply_repeat_penalty(logits, recent, self.p.repeat_penalty)
+        z = apply_repeat_penalty(z, recent, self.p.repeat_penalty)
         fp, pp = self.p.frequency_penalty, self.p.presence_penalty
         generated = history[self.n_prompt :] if fp or pp else ()
-        if generated:
-            ids, counts = torch.unique(torch.tensor(list(generated)), return_counts=True)
-            logits = logits.clone()
-            logits[ids] -= fp * counts.float() + pp
-        return logits
+        if len(generated):
+            ids, counts = np.unique(np.asarray(list(generated), dtype=np.int64), return_counts=True)
+            z = z.copy()
+            z[ids] -= np.float32(fp) * counts.astype(np.float32) + np.float32(pp)
+        return z
 
-    def choose(self, logits: torch.Tensor) -> int:
+    def choose(self, logits) -> int:
         """The token for already adjusted logits (greedy when temp <= 0)."""
         if self.greedy:
-            return ops.argmax(logits)
+            return argmax(host(logits))
         ids, probs = filtered_probs(logits, self.p)
-        return int(ids[torch.multinomial(probs, 1, generator=self.gen)])
+        return int(ids[self.draw(probs)])
 
-    def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
+    def sample(self, logits, history: Sequence[int] = ()) -> int:
         """The next token for logits [n_vocab] after `history` (greedy when temp <= 0)."""
         if self._argmax_only:  # nothing to adjust: the argmax of the (fp32) logits
-            return ops.argmax(logits)
+            return argmax(host(logits))
         return self.choose(self.adjust(logits, history))
 
     __call__ = sample
 
-    def dist(self, logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        """The sampling distribution as a dense [n_vocab] vector."""
+    def dist(self, logits, history: Sequence[int]) -> np.ndarray:
+        """The sampling distribution as a dense fp32 [n_vocab] vector."""
         ids, probs = filtered_probs(self.adjust(logits, history), self.p)
-        return torch.zeros(logits.numel(), dtype=torch.float32).index_put_((ids,), probs.float())
+        out = np.zeros(host(logits).size, dtype=np.float32)
+        out[ids] = probs
+        return out
 
-    def draw(self, probs: torch.Tensor) -> int:
-        return int(torch.multinomial(probs, 1, generator=self.gen))
+    def draw(self, probs: np.ndarray) -> int:
+        """An index drawn with probability proportional to `probs` (>= 0, not all zero)."""
+        cum = np.cumsum(probs, dtype=np.float64)
+        i = int(np.searchsorted(cum, self.gen.random() * cum[-1], side="right"))
+        return min(i, int(np.flatnonzero(probs)[-1]))  # u * total == total: the last candidate
 
     def uniform(self) -> float:
-        return float(torch.rand((), generator=self.gen))
+        return float(self.gen.random())
 
-    def pick_draft(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None, float]:
+    def pick_draft(self, logits) -> tuple[int, np.ndarray | None, float]:
         """(token, q, q[token]) for a draft step: greedy drafts carry no distribution."""
         if self.greedy:
-            tok, prob = ops.argmax_prob(logits.float())
+            tok, prob = argmax_prob(host(logits))
             return tok, None, prob
         q = self.dist(logits, ())
         tok = self.draw(q)

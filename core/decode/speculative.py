@@ -24,12 +24,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
-from llmkit.core.decode.drafter import Draft
-from llmkit.core.decode.sampling import Sampler
+from llmkit.core.decode.draft import Draft
+from llmkit.core.decode.sampling import Sampler, all_finite, host
 from llmkit.errors import LlmkitError
-from llmkit.kernels import ops
 
 
 @dataclass
@@ -56,6 +55,8 @@ class SpecConfig:
             raise LlmkitError(
                 f"--draft must be between 1 and {max_draft} ({why}), got {self.draft}"
             )
+        from llmkit.kernels import ops  # a drafter is loaded: so is torch
+
         if self.branches > 1 and not ops.supports_tree_masks(attn_kernel):
             raise LlmkitError(
                 f"--draft-branches > 1 needs the torch attention path, not {attn_kernel}"
@@ -126,19 +127,21 @@ class SpecStats:
         }
 
 
-def finite(logits: torch.Tensor) -> torch.Tensor:
-    """The logits, or a one-line error when the model produced NaN / inf (corrupt weights, a
-    tensor type that does not match its bytes): never sample from garbage."""
-    if not ops.all_finite(logits):
+def finite(logits) -> np.ndarray:
+    """The logits as a host fp32 vector (sampling.host), or a one-line error when the model
+    produced NaN / inf (corrupt weights, a tensor type that does not match its bytes): never
+    sample from garbage."""
+    z = host(logits)
+    if not all_finite(z):
         raise LlmkitError("the model produced non-finite logits (NaN or inf): corrupt weights?")
-    return logits
+    return z
 
 
 def accept(s: Sampler, logits, drafts: list[int], qs: list, history: list[int]) -> tuple[int, int]:
     """Apply the acceptance rule to verify logits [k+1, V]: (number accepted, next token). Each
     row is checked for NaN / inf when the rule reads it (rows after a rejection never are)."""
 
-    def row(j: int) -> torch.Tensor:
+    def row(j: int) -> np.ndarray:
         return finite(logits[j])
 
     for j, d in enumerate(drafts):
@@ -151,7 +154,7 @@ def accept(s: Sampler, logits, drafts: list[int], qs: list, history: list[int]) 
         p, q = s.dist(row(j), hist), qs[j]
         if s.uniform() < min(1.0, float(p[d] / q[d])):
             continue
-        resid = (p - q).clamp_min(0)
+        resid = np.maximum(p - q, 0)
         return j, s.draw(resid / resid.sum() if resid.sum() > 0 else p)
     return len(drafts), s.sample(row(len(drafts)), history + drafts)
 
@@ -164,8 +167,10 @@ def verify(model, cache, s, last: int, draft: Draft, history: list[int], hidden:
     which a CUDA graph can replay); `s` is then any `sample(logits, history)`, else a Sampler."""
     drafts, alts = draft.tokens, draft.alts
     if not drafts and not hidden:
-        out = model.forward(torch.tensor([last]), cache, logits="last")
-        return [], s(finite(out.logits[0]), history), torch.tensor([last]), out.hidden
+        out = model.forward([last], cache, logits="last")
+        return [], s(finite(out.logits[0]), history), [last], out.hidden
+    import torch  # drafting: the drafters' models are torch models
+
     p0 = cache.n_past
     batch = torch.tensor([last, *drafts, *alts])
     parents = [-1, *range(len(drafts)), *[0] * len(alts)]

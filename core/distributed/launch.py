@@ -16,9 +16,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
-from llmkit.core.distributed.group import Group
 from llmkit.errors import LlmkitError
+
+if TYPE_CHECKING:  # torch: loaded only when ranks start
+    from llmkit.core.distributed.group import Group
 
 ENV_RANK, ENV_WORLD, ENV_INIT = "LLMKIT_TP_RANK", "LLMKIT_TP_WORLD", "LLMKIT_TP_INIT"
 _live: list[Group] = []
@@ -55,6 +58,8 @@ def start(tp: int, argv: list[str], threads: int = 0, device: str = "cpu",
         else:  # torchrun
             # every rank checks the file while loading (Group.agree): one error for all ranks
             rank, init = int(os.environ["RANK"]), "env://"
+        from llmkit.core.distributed.group import Group
+
         group = Group.join(rank, world, init, device)
         _live.append(group)
         if check is not None and not os.environ.get(ENV_RANK):  # torchrun: nobody checked yet
@@ -81,6 +86,8 @@ def start(tp: int, argv: list[str], threads: int = 0, device: str = "cpu",
             )  # fmt: skip
         )
     try:
+        from llmkit.core.distributed.group import Group
+
         group = Group.join(0, tp, init, device)
     except BaseException:
         for p in children:
@@ -140,3 +147,31 @@ def rank_plans(group: Group, llm) -> list[dict]:
         "kv_heads": {il: kv.n_head_kv for il, kv in sorted(llm.lm.model.kv_layout().items())[:1]},
     }
     return group.gather_objects(mine)
+
+
+def parse_layer_split(mode: str, shares: str | None, device: str | None) -> tuple:
+    """(devices, shares) for --split-mode layer, () for none."""
+    if mode not in ("none", "layer"):
+        raise LlmkitError(f"--split-mode must be none or layer, got {mode!r}")
+    if mode == "none":
+        if shares:
+            raise LlmkitError("--tensor-split needs --split-mode layer")
+        return ()
+    try:
+        w = [float(s) for s in (shares or "1,1").split(",")]
+    except ValueError:
+        raise LlmkitError(
+            f"--tensor-split must be numbers like 1,1 or 3,1, got {shares!r}"
+        ) from None
+    if len(w) < 2 or min(w) < 0 or sum(w) <= 0:
+        raise LlmkitError(f"--tensor-split needs two or more shares >= 0, got {shares!r}")
+    if (device or "cpu") == "cuda":
+        import torch
+
+        n = torch.cuda.device_count()
+        if len(w) > n:
+            raise LlmkitError(f"--tensor-split has {len(w)} shares but {n} CUDA devices exist")
+        return tuple(f"cuda:{i}" for i in range(len(w))), tuple(w)
+    if (device or "cpu") != "cpu":
+        raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
+    return tuple("cpu" for _ in w), tuple(w)

@@ -18,37 +18,11 @@ import torch
 
 from llmkit.core.cache.kv import KVCache
 from llmkit.core.model.device import tensors_to
-from llmkit.core.model.protocol import ForwardOutput, Rows
+from llmkit.core.model.protocol import ForwardOutput, Rows, token_ids
 from llmkit.core.models.common import lm_head, rope_rows, select_rows
 from llmkit.errors import LlmkitError
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.ops import attention_kernel
-
-
-def parse_layer_split(mode: str, shares: str | None, device: str | None) -> tuple:
-    """(devices, shares) for --split-mode layer, () for none."""
-    if mode not in ("none", "layer"):
-        raise LlmkitError(f"--split-mode must be none or layer, got {mode!r}")
-    if mode == "none":
-        if shares:
-            raise LlmkitError("--tensor-split needs --split-mode layer")
-        return ()
-    try:
-        w = [float(s) for s in (shares or "1,1").split(",")]
-    except ValueError:
-        raise LlmkitError(
-            f"--tensor-split must be numbers like 1,1 or 3,1, got {shares!r}"
-        ) from None
-    if len(w) < 2 or min(w) < 0 or sum(w) <= 0:
-        raise LlmkitError(f"--tensor-split needs two or more shares >= 0, got {shares!r}")
-    if (device or "cpu") == "cuda":
-        n = torch.cuda.device_count()
-        if len(w) > n:
-            raise LlmkitError(f"--tensor-split has {len(w)} shares but {n} CUDA devices exist")
-        return tuple(f"cuda:{i}" for i in range(len(w))), tuple(w)
-    if (device or "cpu") != "cpu":
-        raise LlmkitError(f"unknown device {device!r} (use cpu or cuda)")
-    return tuple("cpu" for _ in w), tuple(w)
 
 
 def assign_layers(n_layer: int, shares) -> list[int]:
@@ -155,6 +129,7 @@ class LayerSplitModel:
 
     def forward(self, tokens: torch.Tensor, cache, logits: Rows = "last",
                 n_layer: int | None = None) -> ForwardOutput:  # fmt: skip
+        tokens = token_ids(tokens)
         pos = cache.positions(tokens.numel())
         cache.begin(pos)
         memo: dict = {}

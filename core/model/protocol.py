@@ -34,6 +34,11 @@ class ForwardOutput:
         return iter((self.logits, self.hidden))
 
 
+def token_ids(tokens) -> torch.Tensor:
+    """A forward's tokens as int64 [T]: a tensor as it is, a list of ids converted."""
+    return tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long)
+
+
 class Attention(Protocol):
     """What a decoder block needs from its cache: write k/v of layer il, attend q over it."""
 
@@ -94,10 +99,12 @@ class CausalLM(Protocol):
     def kv_layout(self) -> dict[int, LayerKV]: ...
 
     def forward(
-        self, tokens: torch.Tensor, cache: Cache, logits: Rows = "last", n_layer: int | None = None
-    ) -> ForwardOutput:
-        """n_layer: run only the first n_layer trunk layers (early exit: the hidden is then that
-        layer's output, and `lm_logits` applies the output norm and head to it)."""
+        self, tokens: torch.Tensor | list[int], cache: Cache, logits: Rows = "last",
+        n_layer: int | None = None,
+    ) -> ForwardOutput:  # fmt: skip
+        """tokens: int64 [T] or a list of ids (the decode loop's; `token_ids`). n_layer: run only
+        the first n_layer trunk layers (early exit: the hidden is then that layer's output, and
+        `lm_logits` applies the output norm and head to it)."""
         ...
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor: ...

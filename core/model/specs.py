@@ -7,6 +7,7 @@ path, core/lean/ for the torch-free one.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,3 +95,60 @@ def nextn_specs(c, block_specs: Callable[[int], list[TensorSpec]]) -> list[Tenso
             TensorSpec(b + "embed_tokens.weight", (V, H), optional=True),
         ]
     return specs
+
+
+def vocab_overrides(gf) -> dict:
+    """The config values the file's tensors decide ({"n_vocab": rows of token_embd}), after
+    checking the embedding exists and has a row per vocabulary token (llama.cpp: a shape error)."""
+    emb = gf.tensors.get("token_embd.weight")
+    if emb is None:
+        raise LlmkitError(f"{gf.path}: missing tensor token_embd.weight")
+    tokens = gf.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) != emb.shape[0]:
+        raise LlmkitError(
+            f"{gf.path}: the vocabulary has {len(tokens)} tokens but token_embd.weight has "
+            f"{emb.shape[0]} rows"
+        )
+    return {"n_vocab": emb.shape[0]}
+
+
+def weights_by_type(tensors: dict) -> dict[str, dict[str, int]]:
+    """{type name: {"tensors": n, "bytes": b}} for the memory plan (anything with qtype, nbytes)."""
+    count, size = Counter(), Counter()
+    for t in tensors.values():
+        count[t.qtype.name] += 1
+        size[t.qtype.name] += t.nbytes
+    return {k: {"tensors": count[k], "bytes": size[k]} for k in sorted(count)}
+
+
+_FILE_TYPES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    25: "IQ4_NL",
+    30: "IQ4_XS",
+    32: "BF16",
+}
+
+
+def file_type_name(ft) -> str:
+    return _FILE_TYPES.get(ft, f"ftype{ft}" if ft is not None else "?")
+
+
+def describe_file(arch: str, md: dict) -> str:
+    """llama.cpp-style "<arch> <size label> <file type>" line."""
+    size = md.get("general.size_label", "?")
+    return f"{arch} {size} {file_type_name(md.get('general.file_type'))}"

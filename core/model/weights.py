@@ -7,12 +7,10 @@ unexpected or wrongly-shaped tensor, and wraps the file's bytes for the torch pa
 
 from __future__ import annotations
 
-from collections import Counter
-
 import torch
 
 from llmkit.core.gguf.reader import GGUFFile
-from llmkit.core.model.specs import TensorSpec, check_tensors, ignore_prefixes
+from llmkit.core.model.specs import TensorSpec, check_tensors, ignore_prefixes, weights_by_type
 from llmkit.quant.dequant import SUPPORTED_TYPES
 from llmkit.quant.tensor import QTensor
 
@@ -27,12 +25,3 @@ def load_tensors(gf: GGUFFile, specs: list[TensorSpec], ignore_prefixes: tuple[s
                       mapped=True)
         for name, info in check_tensors(gf, specs, SUPPORTED_TYPES, ignore_prefixes).items()
     }  # fmt: skip
-
-
-def weights_by_type(tensors: dict[str, QTensor]) -> dict[str, dict[str, int]]:
-    """{type name: {"tensors": n, "bytes": b}} for the memory plan."""
-    count, size = Counter(), Counter()
-    for t in tensors.values():
-        count[t.qtype.name] += 1
-        size[t.qtype.name] += t.nbytes
-    return {k: {"tensors": count[k], "bytes": size[k]} for k in sorted(count)}

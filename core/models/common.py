@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from llmkit.core.model.config import ModelConfig
-from llmkit.core.model.protocol import ForwardOutput, Rows
+from llmkit.core.model.protocol import ForwardOutput, Rows, token_ids
 from llmkit.kernels import cpu_native, ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.rope import rope_cache
@@ -161,6 +161,7 @@ class DecoderLM:
     ) -> ForwardOutput:
         """tokens [T] -> logits [n, V] fp32 for the requested rows, and the pre-norm hidden state
         of every row [T, H]; `n_layer`: run only the first n_layer blocks (early exit)."""
+        tokens = token_ids(tokens)
         pos = cache.positions(tokens.numel())
         cache.begin(pos)
         memo: dict = {}

@@ -29,6 +29,7 @@ from llmkit.quant.tensor import QTensor
 
 __all__ = ["LINEARS", "NORMS", "SWA_PERIOD", "Block", "Config", "Model", "tensor_specs"]
 
+
 class Block(StepBlock):
     """One Gemma 3 block; `w` holds the weights under the LINEARS / NORMS names (loaded from the
     GGUF, or the trainer's differentiable modules)."""

@@ -31,7 +31,7 @@ from llmkit.core.model.config import (
     gguf,
     per_layer,
 )  # fmt: skip
-from llmkit.core.model.protocol import ForwardOutput, Rows
+from llmkit.core.model.protocol import ForwardOutput, Rows, token_ids
 from llmkit.core.model.weights import TensorSpec
 from llmkit.core.models.common import DecoderLM, Embedding, rope_rows, select_rows
 from llmkit.core.models.gemma4_moe import Gemma4Experts, moe_specs
@@ -309,6 +309,7 @@ class Model(DecoderLM):
         self, tokens: torch.Tensor, cache, logits: Rows = "last", n_layer: int | None = None
     ) -> ForwardOutput:
         """`n_layer`: run only the first n_layer blocks (early exit), then the head."""
+        tokens = token_ids(tokens)
         pos = cache.positions(tokens.numel())
         cache.begin(pos)
         memo: dict = {}

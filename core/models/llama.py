@@ -20,6 +20,7 @@ from llmkit.quant.tensor import QTensor
 
 __all__ = ["LINEARS", "NORMS", "Block", "Config", "Model", "tensor_specs"]
 
+
 class Block(StepBlock):
     """One llama block; `w` holds the weights under the LINEARS / NORMS names (loaded from the
     GGUF, or the trainer's differentiable modules)."""

@@ -22,6 +22,7 @@ from llmkit.core.model.config import ModelConfig, read_config
 from llmkit.core.model.device import OnDevice, tensors_to
 from llmkit.core.model.protocol import CausalLM
 from llmkit.core.model.sidecar import BASE_ID_KEY, DRAFT_VOCAB_KEY, check_sidecar, shipped_head
+from llmkit.core.model.specs import describe_file, vocab_overrides
 from llmkit.core.model.weights import ignore_prefixes, load_tensors, weights_by_type
 from llmkit.errors import LlmkitError
 from llmkit.kernels.backend import Backend
@@ -74,8 +75,7 @@ class LoadedModel:
 
     def describe(self) -> str:
         """llama.cpp-style "<arch> <size label> <file type>" line."""
-        size = self.metadata.get("general.size_label", "?")
-        return f"{self.arch} {size} {file_type_name(self.metadata.get('general.file_type'))}"
+        return describe_file(self.arch, self.metadata)
 
     def memory_plan(self, cache: KVCache | None = None) -> dict:
         plan = {
@@ -87,33 +87,6 @@ class LoadedModel:
         if cache is not None:
             plan["kv"] = {"main": cache.plan()}
         return plan
-
-
-_FILE_TYPES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    7: "Q8_0",
-    8: "Q5_0",
-    9: "Q5_1",
-    10: "Q2_K",
-    11: "Q3_K_S",
-    12: "Q3_K_M",
-    13: "Q3_K_L",
-    14: "Q4_K_S",
-    15: "Q4_K_M",
-    16: "Q5_K_S",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    25: "IQ4_NL",
-    30: "IQ4_XS",
-    32: "BF16",
-}
-
-
-def file_type_name(ft) -> str:
-    return _FILE_TYPES.get(ft, f"ftype{ft}" if ft is not None else "?")
 
 
 def arch_module(arch: str):
@@ -173,9 +146,8 @@ def read_model_file(
     gf = GGUFFile(path)
     arch = gf.architecture
     mod = arch_module(arch)
-    emb = gf.tensors.get("token_embd.weight")
-    if emb is None:
-        raise LlmkitError(f"{path}: missing tensor token_embd.weight")
+    overrides = vocab_overrides(gf)
+    emb = gf.tensors["token_embd.weight"]
     gd = GGUFFile(draft_path) if draft_path else None
     if mtp and gd is None and not gf.metadata.get(f"{arch}.nextn_predict_layers"):
         gd = _shipped_head(gf)  # a head trained by `llm mtp-train` and shipped for this model
@@ -189,13 +161,6 @@ def read_model_file(
                 f"MTP sidecar {draft_path} does not belong to this model "
                 f"(sidecar: {got}, model: {arch} {list(emb.shape)})"
             )
-    tokens = gf.metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list) and len(tokens) != emb.shape[0]:  # llama.cpp: a shape error
-        raise LlmkitError(
-            f"{path}: the vocabulary has {len(tokens)} tokens but token_embd.weight has "
-            f"{emb.shape[0]} rows"
-        )
-    overrides = {"n_vocab": emb.shape[0]}
     if moe_n_expert is not None:
         if "n_expert_used_override" not in {f.name for f in dataclasses.fields(mod.Config)}:
             raise LlmkitError(f"--moe-n-expert: architecture {arch} has no experts")

@@ -8,7 +8,7 @@ import torch
 
 from llmkit.core.cache.paged import SeqKV
 from llmkit.core.decode.drafter import DraftState
-from llmkit.core.decode.sampling import Sampler
+from llmkit.core.decode.sampling import Sampler, log_softmax, top_k
 from llmkit.core.decode.speculative import finite
 from llmkit.core.serve.request import Request
 from llmkit.core.serve.text import TextOut
@@ -76,9 +76,9 @@ class Slot:
             self.constraint.consume(tok)
         k = self.req.params.logprobs
         if k is not None:
-            lp = torch.log_softmax(z, -1)
-            top = torch.topk(lp, k) if k else None
-            alts = list(zip(top.indices.tolist(), top.values.tolist())) if k else []
+            lp = log_softmax(z)
+            vals, ids = top_k(lp, k) if k else ((), ())
+            alts = list(zip(ids.tolist(), vals.tolist())) if k else []
             self.logprobs.append({"id": tok, "logprob": float(lp[tok]), "top": alts})
         return tok
 
