@@ -56,8 +56,9 @@ def _one(loaded, ids: list[int], pooling: str, normalize: bool, n_ubatch: int) -
     for s in range(0, t.numel(), step):
         h = model.forward(t[s : s + step], cache, logits=None).hidden
         rows.append(h[-1:] if pooling == "last" else h)
+    rows = [torch.as_tensor(r) for r in rows]  # the torch-free runtime's are numpy arrays
     h = torch.cat(rows)[-1:] if pooling == "last" else torch.cat(rows)
-    norm = model.output_norm
+    norm = torch.as_tensor(model.output_norm)
     h = ops.rms_norm(h.to(norm.device), norm, model.config.eps).float().cpu()
     v = h.mean(0) if pooling == "mean" else h[0]
     if normalize:

@@ -65,6 +65,12 @@ class Fuse(ctypes.Structure):
 GLU_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu_fp16": 2}  # see kernels/native/rowops.c
 
 
+def native_glu(act: str) -> str:
+    """The activation the native CPU path computes for a model's GLU `act`: tanh-GELU through
+    llama.cpp's fp16 table (its CPU GELU), the others as they are."""
+    return "gelu_fp16" if act == "gelu_tanh" else act
+
+
 def load(path=None) -> tuple[ctypes.CDLL | None, str]:
     """The installed library with its call signatures bound, or the one at `path` (another
     build of it: scripts/ab_native.py); (None, why) when it cannot be used."""

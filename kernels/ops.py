@@ -124,7 +124,7 @@ def linear(lin, x: torch.Tensor, norm=None, glu_act: str | None = None, post_nor
         and (residual is None or residual.is_contiguous())
     ):
         # the cpu family computes what llama.cpp's CPU backend does: its GELU reads an fp16 table
-        act = "gelu_fp16" if glu_act == "gelu_tanh" else glu_act
+        act = native_abi.native_glu(glu_act)
         return lin.fused(x, norm, act, post_norm, residual, out)
     h = rms_norm(x, *norm) if norm is not None else x
     h = lin(glu(h, glu_act) if glu_act else h)
@@ -138,7 +138,7 @@ def linear_site(lin, norm=None, glu_act: str | None = None, post_norm=None):
     a callable (x, residual=None, out=None), for per-thread step buffers; None on other paths."""
     if not isinstance(lin, cpu_native.NativeLinear):
         return None
-    return lin.site(norm, "gelu_fp16" if glu_act == "gelu_tanh" else glu_act, post_norm)
+    return lin.site(norm, native_abi.native_glu(glu_act), post_norm)
 
 
 def rope_site(x: torch.Tensor, mode: int, norm=None, scale: float = 1.0):
@@ -336,7 +336,7 @@ def block_site(m: int, linears: tuple, norms: tuple, eps: float, glu: str, shape
     `native_step(il)`."""
     if not _NATIVE or any(type(w) is not cpu_native.NativeLinear for w in linears):
         return None
-    act = "gelu_fp16" if glu == "gelu_tanh" else glu  # as linear_site: llama.cpp's GELU table
+    act = native_abi.native_glu(glu)  # as linear_site: llama.cpp's GELU table
     return cpu_block.BlockSite(m, linears, norms, eps, act, shape)
 
 

@@ -181,7 +181,9 @@ def test_real_model_by_name(smollm_gguf):
     assert chat["choices"][0]["message"]["content"]
 
 
-def test_n_threads_sets_the_native_pool_and_one_torch_thread(tmp_path):
+@pytest.mark.parametrize("runtime", ["lean", "torch"])
+def test_n_threads_sets_the_native_pool_and_one_torch_thread(tmp_path, runtime):
+    """n_threads: the native pool's threads; a torch model's torch gets one beside it."""
     import torch
 
     from llmkit.kernels import cpu_native
@@ -190,8 +192,11 @@ def test_n_threads_sets_the_native_pool_and_one_torch_thread(tmp_path):
         pytest.skip("native library not built")
     before = torch.get_num_threads(), cpu_native.get_threads()
     try:
-        llmkit.load(str(write_tiny_llama(tmp_path / "t.gguf")), n_ctx=64, n_threads=3)
-        assert cpu_native.get_threads() == 3 and torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        path = str(write_tiny_llama(tmp_path / "t.gguf"))
+        llmkit.load(path, n_ctx=64, n_threads=3, runtime=runtime)
+        assert cpu_native.get_threads() == 3
+        assert torch.get_num_threads() == (1 if runtime == "torch" else 2)
     finally:
         torch.set_num_threads(before[0])
         cpu_native.set_threads(before[1])
@@ -211,7 +216,7 @@ def test_no_mmap_reads_in_only_what_is_still_read_in_place(tmp_path):
     del rows
     gc.collect()  # its mapping of the same file goes with it
     packed = llmkit.load(path, n_ctx=64, use_mmap=False)
-    moved = sum(src.numel() for src, _ in packed.lm.backend.packed) // 1024
+    moved = sum(src.nbytes for src, _ in packed.lm.backend.packed) // 1024
     if cpu_native.available() and moved:
         assert mapped_rss_kib(path) <= size_kib - 0.8 * moved
 

@@ -58,8 +58,8 @@ def check_case(lm, case):
         cache = lm.new_cache(2048)
         first_logits = {}
 
-        def greedy(logits, history):
-            first_logits.setdefault("v", logits)
+        def greedy(logits, history):  # logits: the loop's host fp32 vector
+            first_logits.setdefault("v", torch.from_numpy(logits))
             return int(logits.argmax())
 
         ours = list(generate(lm.model, cache, prompt, greedy, n_predict=len(case["greedy"])))

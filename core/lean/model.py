@@ -77,7 +77,7 @@ class LeanModel:
                                (qn, cfg.eps) if qn is not None else None,
                                (kn, cfg.eps) if kn is not None else None,
                                p.q_scale, p.attn_scale)  # fmt: skip
-            b, fuses = block_struct(m, ls, norms, cfg.eps, p.glu, shape, bufs,
+            b, fuses = block_struct(m, ls, norms, cfg.eps, abi.native_glu(p.glu), shape, bufs,
                                     lambda a: a.ctypes.data)  # fmt: skip
             blocks.append(b)
             self._keep += [ls, fuses, norms, qn, kn]
@@ -107,8 +107,6 @@ class LeanModel:
         return {il: self.config.layer_kv(il) for il in range(self.config.n_layer)}
 
     def new_cache(self, n_ctx: int, margin: int, type_k: str, type_v: str) -> LeanKV:
-        if margin < self.m:
-            raise LlmkitError(f"a KV margin of {margin} cannot take batches of {self.m} rows")
         return LeanKV(self.kv_layout(), n_ctx, margin, type_k, type_v)
 
     def _table(self, i: int, n: int):
