@@ -39,26 +39,34 @@ RSS_PROMPT = "Write a short story about a lighthouse keeper who finds a message 
 
 
 def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int, depth: int) -> None:
-    import torch
+    import numpy as np
 
+    from llmkit.core.decode.loop import no_grad
+    from llmkit.core.lean.load import load_if_lean
     from llmkit.core.model.catalog import resolve_model
-    from llmkit.core.models.loader import load_model
-    from llmkit.kernels import cpu_native, ops
+    from llmkit.kernels import native_abi
 
-    ops.set_threads(threads)  # as `llm run -t` shares them
-    lm = load_model(resolve_model(model))
-    g = torch.Generator().manual_seed(0)
+    native_abi.set_threads(threads)  # as `llm run -t` sets them
+    # what `llm run` runs: the torch-free runtime (core/lean/), else the torch model
+    lm = load_if_lean(resolve_model(model), 512)
+    if lm is None:
+        from llmkit.core.models.loader import load_model
+        from llmkit.kernels import ops
+
+        ops.set_threads(threads)
+        lm = load_model(resolve_model(model))
+    g = np.random.default_rng(0)
 
     def once() -> dict:
-        with torch.inference_mode():
-            toks = torch.randint(0, lm.config.n_vocab, (n_prompt,), generator=g)
+        with no_grad():
+            toks = g.integers(0, lm.config.n_vocab, n_prompt).tolist()
             cache = lm.new_cache(n_prompt + 8)
             t0 = time.perf_counter()
             for s in range(0, n_prompt, 512):
                 lm.model.forward(toks[s : s + 512], cache, logits="last")
             t_pp = time.perf_counter() - t0
             cache = lm.new_cache(depth + n_gen + 8)
-            ctx = torch.randint(0, lm.config.n_vocab, (depth + 1,), generator=g)
+            ctx = g.integers(0, lm.config.n_vocab, depth + 1).tolist()
             for s in range(0, depth + 1, 512):
                 lm.model.forward(ctx[s : s + 512], cache, logits="last")
             t0 = time.perf_counter()
@@ -69,7 +77,8 @@ def _llmkit_worker(model: str, threads: int, n_prompt: int, n_gen: int, depth: i
             "pp": n_prompt / t_pp,
             "tg": n_gen / t_tg,
             "name": lm.describe(),
-            "isa": cpu_native.isa(),
+            "isa": native_abi.isa(),
+            "runtime": type(lm).__name__,
         }
 
     _serve(once)
@@ -169,6 +178,7 @@ def speed(model: str, a) -> dict:
     for w in engines.values():
         w.close()
     out = {"model": runs["llmkit"][0]["name"], "isa": runs["llmkit"][0]["isa"],
+           "runtime": runs["llmkit"][0]["runtime"],
            "llama_cpp_version": runs["llama.cpp"][0]["version"]}  # fmt: skip
     for test in ("pp", "tg"):
         for e in engines:
@@ -202,8 +212,9 @@ def rss(model: str, a) -> dict:
     ours = [sys.executable, "-m", "llmkit.cli.app", "run", "-m", model, "-n", "16", "-c", "4096",
             "-t", str(a.threads), "--temp", "0", "-p", RSS_PROMPT]  # fmt: skip
     theirs = [a.llama_python, __file__, "--worker", "llama-rss", model, "-t", str(a.threads)]
-    # what each process holds before any model: interpreter, torch / llama.cpp libraries
-    ours0 = [sys.executable, "-c", "import torch, llmkit.cli.app, llmkit.core.api"]
+    # what each process holds before any model: interpreter, the libraries `llm run` imports
+    # (the torch-free runtime's: no torch) / llama.cpp's
+    ours0 = [sys.executable, "-c", "import llmkit.cli.app, llmkit.core.api, llmkit.core.lean.load"]
     theirs0 = [a.llama_python, "-c", "import llama_cpp"]
     res = {"llmkit": [], "llama.cpp": [], "llmkit base": [], "llama.cpp base": []}
     for _ in range(2):
@@ -249,7 +260,7 @@ def main() -> None:
         rec = report["models"].setdefault(m, {})
         if "speed" in sections:
             s = rec["speed"] = speed(m, a)
-            print(f"\n{s['model']} (llmkit isa {s['isa']}; llama.cpp via llama-cpp-python "
+            print(f"\n{s['model']} (llmkit isa {s['isa']}, {s['runtime']}; llama.cpp via llama-cpp-python "
                   f"{s['llama_cpp_version']}), {a.reps} repetitions, tok/s min / median:")  # fmt: skip
             for test, n in (("pp", a.n_prompt), ("tg", a.n_gen)):
                 cells = [f"{e} {s[f'{e} {test}']['min']:7.1f} / {s[f'{e} {test}']['median']:7.1f}"

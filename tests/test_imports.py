@@ -117,16 +117,24 @@ def test_layers():
             assert not bad, f"{m} imports the app(s) {bad}: apps depend on the core, not back"
 
 
-def test_the_native_abi_reader_and_tokenizer_import_without_torch():
-    """What a CPU path that never imports torch builds on (its import alone is ~220 MB of RSS
-    and over a second): the native library's ABI, the GGUF reader, the tokenizer, the config."""
+TORCH_FREE = (
+    "llmkit.cli.app", "llmkit.core.api", "llmkit.core.lean.load", "llmkit.core.decode.loop",
+    "llmkit.core.decode.sampling", "llmkit.core.decode.speculative", "llmkit.core.decode.grammar",
+    "llmkit.core.archs.llama", "llmkit.core.archs.gemma3", "llmkit.core.model.specs",
+    "llmkit.kernels.native_bind", "llmkit.kernels.rope_table", "llmkit.core.tokenizer",
+)  # fmt: skip
+
+
+def test_the_torch_free_runtime_imports_without_torch():
+    """What `llm run` imports on the torch-free runtime (core/lean/; torch's import alone is
+    ~220 MB of RSS and over a second): the CLI, the API, the runtime, the decode loop and
+    sampler, the architectures as data, the native binding, the tokenizer."""
     import subprocess
     import sys
 
     code = (
-        "import sys, llmkit.kernels.native_abi, llmkit.core.gguf.reader, llmkit.core.tokenizer, "
-        "llmkit.core.model.config; print(sorted(m for m in sys.modules if m.split('.')[0] == "
-        "'torch'))"
+        f"import sys; import {', '.join(TORCH_FREE)}; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

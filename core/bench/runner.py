@@ -290,6 +290,7 @@ def measure(session: Session, inst: Instance, p: BenchParams, progress: Progress
 def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress | None = None):
     """Measure every instance of `plan(p)`; return one record per instance in table order."""
     from llmkit.core.decode.assistant import is_assistant_file
+    from llmkit.core.lean.load import load_if_lean
     from llmkit.core.models.gemma4_assistant import load_assistant
     from llmkit.core.models.loader import load_model
     from llmkit.core.tokenizer import load_tokenizer
@@ -306,13 +307,17 @@ def run_bench(p: BenchParams, paths: list[Path], env: dict, progress: Progress |
             progress.status(f"loading {p.models[mi]}" + (" with its NextN blocks" if mtp else ""))
             draft = p.model_draft if mtp else None
             asst = draft is not None and is_assistant_file(draft)
-            lm = load_model(
+            group = list(group)
+            lm = None
+            if not mtp and p.device in (None, "cpu") and all(i.exit_layer is None for i in group):
+                # what `llm run` runs: the torch-free runtime where it can (core/lean/)
+                lm = load_if_lean(paths[mi], max(i.n_ubatch for i in group))
+            lm = lm or load_model(
                 paths[mi], device=p.device, mtp=bool(mtp) and not asst,
                 draft_path=None if asst else draft,
             )  # fmt: skip
             assistant = load_assistant(draft, lm.model) if asst else None
             session = Session(lm, load_tokenizer(lm.metadata), prompts, assistant)
-            group = list(group)
             for tk, tv in {(i.type_k, i.type_v) for i in group}:
                 session.check_kv(tk, tv)
             for inst in group:

@@ -118,6 +118,18 @@ def load_lean(gf: GGUFFile, cfg, infos: dict, max_rows: int, repack: bool, t0: f
     """The LeanLoaded of a file `lean_file` accepted (`t0`: when the load began)."""
     model = LeanModel(gf, gf.architecture, cfg, max_rows, repack)
     backend = SimpleNamespace(device=SimpleNamespace(type="cpu"), kernels="cpu",
-                              packed=model.packed, repack=repack)  # fmt: skip
+                              packed=model.packed, repack=repack,
+                              linear_bytes=model.linear_bytes)  # fmt: skip
     return LeanLoaded(gf.path, gf, gf.architecture, cfg, model, infos,
                       time.perf_counter() - t0, backend)  # fmt: skip
+
+
+def load_if_lean(path, max_rows: int, repack: bool = True) -> LeanLoaded | None:
+    """The file loaded for the torch-free runtime when it can run it (the native library
+    available, `lean_file`), else None."""
+    if not native_abi.available():
+        return None
+    t0 = time.perf_counter()
+    gf = GGUFFile(path)
+    got = lean_file(gf)
+    return load_lean(gf, *got, max_rows, repack, t0) if got is not None else None

@@ -46,12 +46,14 @@ class LeanModel:
         spec = arch_spec(arch)
         self.config, self.arch, self.m = cfg, arch, max(1, max_rows)
         self.packed: list = []  # (source rows, x8 groups) of every packed weight
+        self.linear_bytes = 0  # weight bytes the matmuls read per token
         self._keep: list = []  # arrays the native structs point into
 
         def lin(*names: str) -> BoundLinear:
             parts = [(gf.raw(n), gf.tensors[n].qtype, gf.tensors[n].shape) for n in names]
             b = BoundLinear(parts, release=True, pack=repack)
             self.packed += b.packed
+            self.linear_bytes += sum(gf.tensors[n].nbytes for n in names)
             return b
 
         def vec(name: str) -> np.ndarray:
