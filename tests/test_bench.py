@@ -286,16 +286,17 @@ def test_text_context_and_plan_order(tiny):
 
 def test_every_repetition_gets_a_new_cache(tiny, monkeypatch):
     from llmkit.core.bench.runner import run_bench
-    from llmkit.core.models import loader as model_mod
+    from llmkit.core.lean.load import LeanLoaded
+    from llmkit.core.models.loader import LoadedModel
 
     calls = []
-    orig = model_mod.LoadedModel.new_cache
+    for cls in (LoadedModel, LeanLoaded):  # the torch model, or the torch-free runtime's
 
-    def counting(self, n_ctx, *a, **k):
-        calls.append(n_ctx)
-        return orig(self, n_ctx, *a, **k)
+        def counting(self, n_ctx, *a, _orig=cls.new_cache, **k):
+            calls.append(n_ctx)
+            return _orig(self, n_ctx, *a, **k)
 
-    monkeypatch.setattr(model_mod.LoadedModel, "new_cache", counting)
+        monkeypatch.setattr(cls, "new_cache", counting)
     threads = torch.get_num_threads()
     p = BenchParams(models=["x"], n_prompt=[8], n_gen=[4], n_depth=[3], reps=2, threads=[1])
     recs = run_bench(p, [tiny["llama"]], {})

@@ -9,26 +9,21 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from llmkit.kernels.native_bind import BlockShape
+
 NATIVE = ("llama", "gemma3")  # general.architecture values with a torch-free block plan
 
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """One pre-norm attention + GLU block: hq query / hkv KV heads of dk (values dv), RoPE over
-    n_rot dims (NEOX halves or NORM pairs) from table `rope` (n_rot, base, freq_scale, GGUF name
-    of the frequency factors or None), the query scale folded into q and the attention scale;
-    the GLU's activation; GGUF names (without "blk.N." and ".weight") of the norms: attn, post
-    attn, ffn, post ffn, and the per-head q / k norms (None: absent)."""
+    """One pre-norm attention + GLU block: its heads, RoPE mode and scales (`shape`, the per-head
+    norms left unset: the runtime binds their weights), the RoPE table `rope` (n_rot, base,
+    freq_scale, GGUF name of the frequency factors or None), the GLU's activation, and the GGUF
+    names (without "blk.N." and ".weight") of the norms: attn, post attn, ffn, post ffn, and the
+    per-head q / k norms (None: absent)."""
 
-    hq: int
-    hkv: int
-    dk: int
-    dv: int
-    n_rot: int
-    neox: bool
+    shape: BlockShape
     rope: tuple
-    q_scale: float
-    attn_scale: float
     glu: str
     norms: tuple[str, str | None, str, str | None]
     qk_norms: tuple[str | None, str | None] = (None, None)

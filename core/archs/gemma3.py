@@ -12,6 +12,7 @@ from llmkit.core.cache.layout import LayerKV
 from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf
 from llmkit.core.model.specs import TensorSpec, block_specs, nextn_specs, trunk_specs
 from llmkit.errors import LlmkitError
+from llmkit.kernels.native_bind import BlockShape
 
 SWA_PERIOD = 6  # llama.cpp: set_swa_pattern(6): layers 5, 11, 17, ... are global
 # Block weights as data: attribute -> the GGUF tensors it fuses along the output dim / norm name
@@ -103,8 +104,9 @@ def rope_of(c: Config, il: int) -> tuple:
 def block_plan(c: Config, il: int) -> BlockPlan:
     """Block il as the native whole-block call runs it (NEOX RoPE after the per-head norms, the
     query scale folded into q, tanh-GELU GLU, post-norms after attention and FFN)."""
-    return BlockPlan(c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.head_dim, True,
-                     rope_of(c, il), c.q_scale, 1.0, "gelu_tanh",
+    shape = BlockShape(c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v, c.head_dim, True,
+                       q_scale=c.q_scale)  # fmt: skip
+    return BlockPlan(shape, rope_of(c, il), "gelu_tanh",
                      ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"),
                      ("attn_q_norm", "attn_k_norm"))  # fmt: skip
 

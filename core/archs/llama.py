@@ -12,6 +12,7 @@ from llmkit.core.cache.layout import LayerKV
 from llmkit.core.model.config import MAX_DIM, MAX_HEAD_DIM, ModelConfig, gguf
 from llmkit.core.model.specs import TensorSpec, block_specs, nextn_specs, trunk_specs
 from llmkit.errors import LlmkitError
+from llmkit.kernels.native_bind import BlockShape
 
 # Block weights as data: attribute -> the GGUF tensors it fuses along the output dim / norm name
 LINEARS = {
@@ -99,8 +100,9 @@ def tensor_specs(c: Config, part: str = "trunk", names=()) -> list[TensorSpec]:
 def block_plan(c: Config, il: int) -> BlockPlan:
     """Block il as the native whole-block call runs it (NORM RoPE, SiLU GLU, no post-norms)."""
     rope = (c.n_rot, c.rope_base, c.freq_scale, "rope_freqs")
-    return BlockPlan(c.n_head, c.n_head_kv, c.head_dim, c.head_dim, c.n_rot, False, rope, 1.0,
-                     c.scale, "silu", ("attn_norm", None, "ffn_norm", None))  # fmt: skip
+    shape = BlockShape(c.n_head, c.n_head_kv, c.head_dim, c.head_dim, c.n_rot, False,
+                       attn_scale=c.scale)  # fmt: skip
+    return BlockPlan(shape, rope, "silu", ("attn_norm", None, "ffn_norm", None))
 
 
 def embed_scale(c: Config) -> float:

@@ -20,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from llmkit.core.cache import turbo
-from llmkit.core.cache.layout import LayerKV
+from llmkit.core.cache.layout import LayerKV, check_window_kept
 from llmkit.core.cache.store import KV_TYPES, alloc, buffer_bytes, check_fits, load, store
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
@@ -363,14 +363,8 @@ class KVCache:
                 g.slot_pos[g.slot_pos >= p] = -1
             if g.window is not None and p > 0:
                 need = min(p, g.window)
-                if self._high < p - need + cap:  # no slot of positions p - need.. was reused
-                    continue
-                have = int(((g.slot_pos >= p - need) & (g.slot_pos < p)).sum())
-                if have != need:
-                    raise LlmkitError(
-                        f"cannot roll back to position {p}: the {g.name} ring already overwrote "
-                        f"{need - have} positions still inside the window"
-                    )
+                if self._high >= p - need + cap:  # a slot of positions p - need.. may be reused
+                    check_window_kept(g.name, g.window, g.slot_pos, p)
         self.n_past = p
 
     def clear(self) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from llmkit.core.cache.layout import LayerKV
+from llmkit.core.cache.layout import LayerKV, check_window_kept
 from llmkit.errors import LlmkitError
 from llmkit.kernels import native_abi as abi
 from llmkit.pages import zero_array
@@ -142,13 +142,7 @@ class LeanKV:
         for g in self.groups.values():
             g.slot_pos[g.slot_pos >= p] = -1
             if g.window is not None and p > 0:
-                need = min(p, g.window)
-                have = int(((g.slot_pos >= p - need) & (g.slot_pos < p)).sum())
-                if have != need:
-                    raise LlmkitError(
-                        f"cannot roll back to position {p}: the {g.name} ring already overwrote "
-                        f"{need - have} positions still inside the window"
-                    )
+                check_window_kept(g.name, g.window, g.slot_pos, p)
         self.n_past = p
 
     def clear(self) -> None:

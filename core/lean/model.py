@@ -12,6 +12,7 @@ from the same table function (kernels/rope_table.py) and KV buffers of the same 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -21,7 +22,7 @@ from llmkit.core.archs import arch_spec
 from llmkit.core.lean.kv import LeanKV
 from llmkit.errors import LlmkitError
 from llmkit.kernels import native_abi as abi
-from llmkit.kernels.native_bind import BlockShape, BoundLinear, block_struct
+from llmkit.kernels.native_bind import BoundLinear, block_struct
 from llmkit.kernels.rope_table import rope_table, table_size
 
 _vp, _i32 = ctypes.c_void_p, ctypes.c_int32
@@ -66,7 +67,7 @@ class LeanModel:
             tuple(lin(*(f"blk.{il}.{n}.weight" for n in parts)) for parts in spec.LINEARS.values())
             for il in range(cfg.n_layer)
         ]
-        widths = [(b[0].out_features, p.hq * p.dv, b[0].in_features, b[2].out_features)
+        widths = [(b[0].out_features, p.shape.hq * p.shape.dv, b[0].in_features, b[2].out_features)
                   for b, p in zip(linears, plans)]  # fmt: skip
         m = self.m
         self._buffers = [np.empty((m, max(w[i] for w in widths)), np.float32) for i in range(4)]
@@ -75,10 +76,8 @@ class LeanModel:
         for il, (p, ls) in enumerate(zip(plans, linears)):
             norms = tuple(None if n is None else vec(f"blk.{il}.{n}.weight") for n in p.norms)
             qn, kn = (None if n is None else vec(f"blk.{il}.{n}.weight") for n in p.qk_norms)
-            shape = BlockShape(p.hq, p.hkv, p.dk, p.dv, p.n_rot, p.neox,
-                               (qn, cfg.eps) if qn is not None else None,
-                               (kn, cfg.eps) if kn is not None else None,
-                               p.q_scale, p.attn_scale)  # fmt: skip
+            shape = replace(p.shape, q_norm=(qn, cfg.eps) if qn is not None else None,
+                            k_norm=(kn, cfg.eps) if kn is not None else None)  # fmt: skip
             b, fuses = block_struct(m, ls, norms, cfg.eps, abi.native_glu(p.glu), shape, bufs,
                                     lambda a: a.ctypes.data)  # fmt: skip
             blocks.append(b)

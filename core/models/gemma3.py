@@ -9,6 +9,8 @@ f = rms(x) (post-FFW norm); x += y. Logits = tied head on rms(x). Layer il slide
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from llmkit.core.archs.gemma3 import (
@@ -16,6 +18,7 @@ from llmkit.core.archs.gemma3 import (
     NORMS,
     SWA_PERIOD,
     Config,
+    block_plan,
     embed_scale,
     rope_of,
     tensor_specs,
@@ -76,9 +79,8 @@ class Block(StepBlock):
             ops.block_site(m, (w.wqkv, w.wo, w.w_gate_up, w.w_down),
                            (w.attn_norm, w.post_attn_norm, w.ffn_norm, w.post_ffw_norm), c.eps,
                            "gelu_tanh",
-                           ops.BlockShape(c.n_head, c.n_head_kv, c.head_dim, c.head_dim_v,
-                                          c.head_dim, True, (w.q_norm, c.eps), (w.k_norm, c.eps),
-                                          c.q_scale)),
+                           replace(block_plan(c, self.il).shape, q_norm=(w.q_norm, c.eps),
+                                   k_norm=(w.k_norm, c.eps))),
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:

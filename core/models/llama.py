@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from llmkit.core.archs.llama import LINEARS, NORMS, Config, tensor_specs
+from llmkit.core.archs.llama import LINEARS, NORMS, Config, block_plan, tensor_specs
 from llmkit.core.models.common import DecoderLM, Embedding, StepBlock, load_block_weights
 from llmkit.core.models.nextn import NextNHeads
 from llmkit.kernels import ops
@@ -62,8 +62,7 @@ class Block(StepBlock):
             ops.linear_site(w.w_down, glu_act="silu"),
             ops.block_site(m, (w.wqkv, w.wo, w.w_gate_up, w.w_down),
                            (w.attn_norm, None, w.ffn_norm, None), c.eps, "silu",
-                           ops.BlockShape(c.n_head, c.n_head_kv, c.head_dim, c.head_dim, c.n_rot,
-                                          False, attn_scale=c.scale)),
+                           block_plan(c, self.il).shape),
         )  # fmt: skip
 
     def __call__(self, x: torch.Tensor, rope, att) -> torch.Tensor:
