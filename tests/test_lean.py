@@ -123,3 +123,14 @@ main()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "eval time" in r.stderr and r.stdout.startswith("Hello")
+
+
+def test_gguf_rows_and_x8_groups_give_the_same_bits(tmp_path):
+    """--no-repack (the kernels read the GGUF rows) against x8 groups, on the runtime."""
+    path = write_tiny_gemma3(tmp_path / "g.gguf")
+    rows = LLM.load(path, runtime="lean", n_ctx=128, n_ubatch=16, repack=False)
+    x8 = LLM.load(path, runtime="lean", n_ctx=128, n_ubatch=16)
+    assert not rows.lm.backend.packed and x8.lm.backend.packed
+    prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
+    for a, b in zip(_logits(rows, prompt, 6, 16), _logits(x8, prompt, 6, 16), strict=True):
+        assert np.array_equal(a, b)
