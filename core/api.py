@@ -61,6 +61,9 @@ class LoadOptions:
     runtime: str = "auto"  # "lean": the torch-free CPU runtime (core/lean/), "torch", or either
 
 
+NO_GPU_NOTE = "no usable GPU found, --gpu-layers option will be ignored"  # llama.cpp's
+
+
 def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]:
     """(device, note): an explicit device wins; -ngl N != 0 means cuda when one is available,
     else CPU with llama.cpp's note."""
@@ -72,7 +75,7 @@ def pick_device(device: str | None, n_gpu_layers: int) -> tuple[str, str | None]
 
     if torch.cuda.is_available():
         return "cuda", None
-    return "cpu", "no usable GPU found, --gpu-layers option will be ignored"
+    return "cpu", NO_GPU_NOTE
 
 
 def pin_weights(lm, use_mmap: bool, use_mlock: bool) -> list[str]:
@@ -223,7 +226,8 @@ class LLM(Completions):
     @classmethod
     def _ready(cls, lm, tokenizer, opts: LoadOptions) -> LLM:
         """The LLM over a model the torch-free runtime loaded (core/lean/): plain decoding."""
-        warnings = pin_weights(lm, opts.use_mmap, opts.use_mlock)
+        warnings = [NO_GPU_NOTE] if opts.n_gpu_layers and opts.device is None else []
+        warnings += pin_weights(lm, opts.use_mmap, opts.use_mlock)
         n_ctx = _n_ctx(lm, opts, warnings)
         cache = lm.new_cache(n_ctx, _margin(opts, None), opts.type_k, opts.type_v)
         self = cls(lm, tokenizer, cache, opts, warnings=warnings)

@@ -36,7 +36,7 @@ def lean_options(opts) -> bool:
     return (
         native_abi.available()
         and (opts.device in (None, "cpu"))
-        and not opts.n_gpu_layers
+        and not (opts.n_gpu_layers and gpu_driver_present())
         and not opts.mtp
         and opts.spec is None
         and opts.model_draft is None
@@ -47,6 +47,12 @@ def lean_options(opts) -> bool:
         and opts.type_k in KV_TYPES
         and opts.type_v in KV_TYPES
     )
+
+
+def gpu_driver_present() -> bool:
+    """Whether an NVIDIA driver is loaded: only then may -ngl mean a GPU (the torch path decides
+    whether it is usable); without one -ngl runs on the CPU, with llama.cpp's note."""
+    return Path("/proc/driver/nvidia/version").exists()
 
 
 def lean_file(gf: GGUFFile):
