@@ -1,10 +1,11 @@
 """Where a CPU decode step goes: time inside the native kernels vs. Python and op dispatch.
 
     python scripts/profile_cpu_decode.py [MODEL ...] [-t 2] [--depth 100] [-n 64] [-r 5] [--no-repack]
-                                         [--rows 1,2,4,8]
+                                         [--rows 1,2,4,8] [--runtime lean|torch]
 
-For each model: a `depth`-token random context is prefilled, then `n` greedy single-token steps
-(forward with last-position logits + the greedy sampler's argmax, kernels/ops.argmax, as `llm run`
+For each model, on the runtime `llm run` takes (the torch-free one, core/lean/, where it can;
+--runtime torch: the torch model): a `depth`-token random context is prefilled, then `n` greedy
+single-token steps (forward with last-position logits + the greedy sampler's argmax, as `llm run`
 decodes) are timed: the step time.
 Alternating with those plain runs, the same steps run with every native entry point wrapped in a
 timer (kernels/cpu_native's matmul/linear and the library's row ops and attention): time inside
@@ -22,11 +23,15 @@ import collections
 import statistics
 import time
 
+import numpy as np
 import torch
 
+from llmkit.core.decode.loop import no_grad
+from llmkit.core.decode.sampling import argmax, host
+from llmkit.core.lean.load import load_if_lean
 from llmkit.core.model.catalog import resolve_model
 from llmkit.core.models.loader import load_model
-from llmkit.kernels import cpu_block, cpu_native, ops
+from llmkit.kernels import cpu_block, cpu_native
 
 ROW_OPS = (
     "llk_rms_norm",
@@ -37,6 +42,8 @@ ROW_OPS = (
     "llk_attend",
     "llk_argmax",
     "llk_embed_rows",
+    "llk_linear",  # the torch-free runtime's LM head (the torch path's: cpu_native._LINEAR)
+    "llk_stack_run",  # the torch-free runtime's blocks (the torch path's: cpu_block._STACK)
 )
 
 
@@ -84,12 +91,16 @@ class Timers:
         self.calls.clear()
 
 
+def _ids(g, lm, n: int) -> list[int]:
+    return g.integers(0, lm.config.n_vocab, n).tolist()
+
+
 def rows_ms(lm, depth: int, n: int, m: int) -> float:
     """ms per forward of m rows (logits for all) after a `depth`-token context."""
-    g = torch.Generator().manual_seed(1)
+    g = np.random.default_rng(1)
     cache = lm.new_cache(depth + n * m + 8)
-    lm.model.forward(torch.randint(0, lm.config.n_vocab, (depth,), generator=g), cache, "last")
-    x = torch.randint(0, lm.config.n_vocab, (m,), generator=g)
+    lm.model.forward(_ids(g, lm, depth), cache, "last")
+    x = _ids(g, lm, m)
     t0 = time.perf_counter()
     for _ in range(n):
         lm.model.forward(x, cache, logits="all")
@@ -99,14 +110,13 @@ def rows_ms(lm, depth: int, n: int, m: int) -> float:
 def decode_ms(lm, depth: int, n: int, on_start=lambda: None) -> float:
     """ms/token of `n` greedy steps after a `depth`-token random context. The cache is built
     here, so layer-bound native calls see the wrappers when they are installed."""
-    g = torch.Generator().manual_seed(0)
+    g = np.random.default_rng(0)
     cache = lm.new_cache(depth + n + 8)
-    ctx = torch.randint(0, lm.config.n_vocab, (depth,), generator=g)
-    tok = torch.tensor([ops.argmax(lm.model.forward(ctx, cache, logits="last").logits[-1])])
+    tok = [argmax(host(lm.model.forward(_ids(g, lm, depth), cache, logits="last").logits[-1]))]
     on_start()  # the clock (and the counters) start after the context's prefill
     t0 = time.perf_counter()
     for _ in range(n):
-        tok = torch.tensor([ops.argmax(lm.model.forward(tok, cache, logits="last").logits[-1])])
+        tok = [argmax(host(lm.model.forward(tok, cache, logits="last").logits[-1]))]
     return (time.perf_counter() - t0) * 1e3 / n
 
 
@@ -129,7 +139,7 @@ def wrapper_cost_us() -> float:
 
 def verify_cost(lm, depth: int, n: int, reps: int, rows: list[int]) -> None:
     runs = {m: [] for m in rows}
-    with torch.inference_mode():
+    with no_grad():
         for _ in range(reps):  # sizes interleaved: drift hits all of them
             for m in rows:
                 runs[m].append(rows_ms(lm, depth, n, m))
@@ -140,15 +150,16 @@ def verify_cost(lm, depth: int, n: int, reps: int, rows: list[int]) -> None:
 
 
 def profile(path, threads: int, depth: int, n: int, reps: int, rows: list[int],
-            repack: bool = True) -> None:  # fmt: skip
+            repack: bool = True, runtime: str = "lean") -> None:  # fmt: skip
     """Plain and instrumented runs alternate; "outside" comes from the instrumented run itself
     (its step time minus the time inside the native calls minus the wrappers' own cost)."""
     cpu_native.set_threads(threads)
-    torch.set_num_threads(threads)
-    lm = load_model(path, repack=repack)
+    torch.set_num_threads(1)  # beside the native pool, as `llm run` sets it (kernels/ops.py)
+    lm = load_if_lean(path, 512, repack) if runtime == "lean" else None
+    lm = lm or load_model(path, repack=repack)
     timers = Timers()
     steps, outside, per_call = [], [], wrapper_cost_us()
-    with torch.inference_mode():
+    with no_grad():
         decode_ms(lm, depth, 8)  # warm-up
         for _ in range(reps):
             steps.append(decode_ms(lm, depth, n))
@@ -161,8 +172,8 @@ def profile(path, threads: int, depth: int, n: int, reps: int, rows: list[int],
             inside = sum(timers.ns.values()) / 1e6 / n
             outside.append(wrapped - inside - calls * per_call / 1e3)
     step, out = statistics.median(steps), statistics.median(outside)
-    print(f"{lm.describe()}  threads {threads}  depth {depth}  isa {cpu_native.isa()}  "
-          f"({reps} x {n} steps; min / median)")  # fmt: skip
+    print(f"{lm.describe()}  {type(lm).__name__}  threads {threads}  depth {depth}  "
+          f"isa {cpu_native.isa()}  ({reps} x {n} steps; min / median)")  # fmt: skip
     print(f"  step {min(steps):.3f} / {step:.3f} ms/token; {calls:.0f} native calls per step "
           f"(timing wrapper {per_call:.2f} us/call, subtracted)")  # fmt: skip
     for name, ns in timers.ns.most_common():  # the last instrumented run
@@ -184,10 +195,13 @@ def main() -> None:
     ap.add_argument("-r", "--reps", type=int, default=5)
     ap.add_argument("--rows", default="", help="M values for the verify-batch cost, e.g. 1,2,4,8")
     ap.add_argument("--no-repack", action="store_true", help="weights as GGUF rows (no x8 groups)")
+    ap.add_argument("--runtime", choices=("lean", "torch"), default="lean",
+                    help="lean: the torch-free runtime where it can run the model (llm run's)")  # fmt: skip
     a = ap.parse_args()
     rows = [int(x) for x in a.rows.split(",") if x]
     for m in a.models:
-        profile(resolve_model(m), a.threads, a.depth, a.n, a.reps, rows, not a.no_repack)
+        profile(resolve_model(m), a.threads, a.depth, a.n, a.reps, rows, not a.no_repack,
+                a.runtime)  # fmt: skip
 
 
 if __name__ == "__main__":
