@@ -27,11 +27,9 @@ _vp = ctypes.c_void_p
 
 
 def weight_rows(w: np.ndarray, qtype: QT, k: int | None, name: str) -> np.ndarray:
-    """w as uint8 [N, row_bytes] with contiguous rows whose rows hold k values each (checked)."""
+    """w, uint8 [N, row_bytes] with contiguous rows whose rows hold k values each (checked)."""
     if w.dtype != np.uint8:
-        w = w.view(np.uint8) if w.ndim == 2 and w.strides[1] == w.itemsize else w
-        if w.dtype != np.uint8:
-            raise LlmkitError(f"{name}: weight bytes must be uint8, got {w.dtype}")
+        raise LlmkitError(f"{name}: weight bytes must be uint8, got {w.dtype}")
     if w.ndim != 2 or w.strides[1] != 1:
         raise LlmkitError(
             f"{name}: weight bytes must be [N, row_bytes] with contiguous rows, "

@@ -10,6 +10,7 @@ loaded, a run's peak memory is the weights, the KV and ~50 MiB of Python; torch 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,7 @@ from llmkit.core.gguf.reader import GGUFFile
 from llmkit.core.lean.kv import KV_TYPES, LeanKV
 from llmkit.core.lean.model import LeanModel
 from llmkit.core.model.config import ModelConfig, read_config
-from llmkit.core.model.specs import (
-    check_tensors,
-    describe_file,
-    ignore_prefixes,
-    vocab_overrides,
-    weights_by_type,
-)
+from llmkit.core.model.specs import check_tensors, describe_file, vocab_overrides, weights_by_type
 from llmkit.kernels import native_abi
 
 
@@ -62,13 +57,11 @@ def lean_file(gf: GGUFFile):
         return None
     spec = arch_spec(arch)
     cfg = read_config(spec.Config, gf.metadata, arch, **vocab_overrides(gf))
-    if cfg.softcap > 0 or cfg.n_nextn:
+    if cfg.softcap > 0 or cfg.n_nextn:  # (NextN blocks: their drafting runs on torch)
         return None
-    infos = {n: t for n, t in gf.tensors.items() if not n.startswith(ignore_prefixes(cfg, "trunk"))}
-    if any(t.qtype not in native_abi.SUPPORTED_TYPES for t in infos.values()):
-        return None
-    specs = spec.tensor_specs(cfg)
-    return cfg, check_tensors(gf, specs, native_abi.SUPPORTED_TYPES, ignore_prefixes(cfg, "trunk"))
+    if any(t.qtype not in native_abi.SUPPORTED_TYPES for t in gf.tensors.values()):
+        return None  # a type only the torch path dequantizes
+    return cfg, check_tensors(gf, spec.tensor_specs(cfg), native_abi.SUPPORTED_TYPES)
 
 
 @dataclass
@@ -97,13 +90,7 @@ class LeanLoaded:
         return sum(t.nbytes for t in self.tensors.values())
 
     def n_params(self) -> int:
-        n = 0
-        for t in self.tensors.values():
-            k = 1
-            for s in t.shape:
-                k *= s
-            n += k
-        return n
+        return sum(math.prod(t.shape) for t in self.tensors.values())
 
     def describe(self) -> str:
         return describe_file(self.arch, self.metadata)
