@@ -160,3 +160,29 @@ def test_minus_inf_bias_bans_a_token_greedy_and_sampled():
 def test_penalty_and_bias_params_validate(kw, name):
     with pytest.raises(LlmkitError, match=name):
         SamplerParams(**kw).validate()
+
+
+def test_top_k_is_exact_on_large_vocabularies_ties_and_masks():
+    """The threshold shortcut (a bound from every 16th value) gives the exact k largest values,
+    sorted, ties by the lower id unless the k-th value itself is tied; with a grammar's -inf
+    mask, many ties or k above the size too."""
+    import numpy as np
+
+    from llmkit.core.decode.sampling import top_k
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n, k = int(rng.integers(1, 300_000)), int(rng.integers(1, 80))
+        z = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            z = np.round(z * 2).astype(np.float32)  # few distinct values: many ties
+        if trial % 5 == 0:
+            z[rng.random(n) < 0.99] = -np.inf  # a grammar mask
+        vals, ids = top_k(z, k)
+        kk = min(k, n)
+        ref = np.lexsort((np.arange(n), -z))[:kk]
+        assert np.array_equal(vals, z[ref]) and np.array_equal(z[ids], vals)
+        assert len(set(ids.tolist())) == kk
+        assert np.array_equal(np.lexsort((ids, -vals)), np.arange(kk))  # sorted, ties by id
+        if kk == n or z[ref[-1]] != np.sort(z)[::-1][kk]:  # no tie at the k-th value
+            assert np.array_equal(ids, ref)
