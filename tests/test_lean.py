@@ -134,3 +134,13 @@ def test_gguf_rows_and_x8_groups_give_the_same_bits(tmp_path):
     prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     for a, b in zip(_logits(rows, prompt, 6, 16), _logits(x8, prompt, 6, 16), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_gemma_window_ring_wraps_with_the_same_bits(gemma_gguf):
+    """A 700-token prompt in chunks of 64 and 40 steps: the 512-token window's ring (512 + 64
+    slots) wraps, and every row's logits stay the torch path's."""
+    lean, ref = _both(gemma_gguf, n_ctx=2048, n_ubatch=64)
+    assert lean.cache.plan()["groups"]["swa512"]["cells"] == 576
+    prompt = lean.tokenize("The history of the city " * 140)[:700]
+    for a, b in zip(_logits(lean, prompt, 40, 64), _logits(ref, prompt, 40, 64), strict=True):
+        assert np.array_equal(a, b)
