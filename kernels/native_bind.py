@@ -164,8 +164,3 @@ def block_struct(m: int, linears: tuple, norms: tuple, eps: float, glu: str, s: 
     b.qk_eps, b.q_scale, b.attn_scale = eps_qk.pop() if eps_qk else 0.0, s.q_scale, s.attn_scale
     b.qkv, b.o, b.x1, b.h = buffers
     return b, fuses
-
-
-def block_buffer_widths(b: abi.Block) -> tuple[int, int, int, int]:
-    """Widths (fp32 per row) of a block's four step buffers: q|k|v, attention output, x1, gate|up."""
-    return b.n_qkv, b.hq * b.dv, b.n_embd, b.n_gu

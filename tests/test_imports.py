@@ -122,6 +122,7 @@ TORCH_FREE = (
     "llmkit.core.decode.sampling", "llmkit.core.decode.speculative", "llmkit.core.decode.grammar",
     "llmkit.core.archs.llama", "llmkit.core.archs.gemma3", "llmkit.core.model.specs",
     "llmkit.kernels.native_bind", "llmkit.kernels.rope_table", "llmkit.core.tokenizer",
+    "llmkit.core.model.protocol",
 )  # fmt: skip
 
 

@@ -18,8 +18,8 @@ import torch
 
 from llmkit.core.cache.kv import KVCache
 from llmkit.core.model.device import tensors_to
-from llmkit.core.model.protocol import ForwardOutput, Rows, token_ids
-from llmkit.core.models.common import lm_head, rope_rows, select_rows
+from llmkit.core.model.protocol import ForwardOutput, Rows
+from llmkit.core.models.common import lm_head, rope_rows, select_rows, token_ids
 from llmkit.errors import LlmkitError
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.ops import attention_kernel

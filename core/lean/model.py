@@ -13,24 +13,19 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import replace
-from typing import NamedTuple
 
 import numpy as np
 from gguf.quants import dequantize
 
 from llmkit.core.archs import arch_spec
 from llmkit.core.lean.kv import LeanKV
+from llmkit.core.model.protocol import ForwardOutput
 from llmkit.errors import LlmkitError
 from llmkit.kernels import native_abi as abi
 from llmkit.kernels.native_bind import BoundLinear, block_struct
 from llmkit.kernels.rope_table import rope_table, table_size
 
 _vp, _i32 = ctypes.c_void_p, ctypes.c_int32
-
-
-class Output(NamedTuple):
-    logits: np.ndarray | None  # fp32 [n, V] for the requested rows
-    hidden: np.ndarray  # fp32 [T, H] pre-norm hidden state of every row
 
 
 def _check(rc: int, what: str) -> None:
@@ -130,8 +125,8 @@ class LeanModel:
         _check(rc, "embedding lookup")
         return x
 
-    def forward(self, tokens, cache: LeanKV, logits="last") -> Output:
-        """tokens (ids, at most max_rows) -> Output(logits of the last row or of all rows, or
+    def forward(self, tokens, cache: LeanKV, logits="last") -> ForwardOutput:
+        """tokens (ids, at most max_rows) -> ForwardOutput(logits of the last row or of all rows, or
         None; the hidden state of every row)."""
         ids = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         t = ids.size
@@ -151,10 +146,10 @@ class LeanModel:
                                    self._cos, self._sin, groups)  # fmt: skip
         _check(rc, "block stack")
         if logits is None:
-            return Output(None, y)
+            return ForwardOutput(None, y)
         if logits not in ("last", "all"):
             raise LlmkitError(f"logits must be 'last', 'all' or None, not {logits!r}")
-        return Output(self.lm_logits(y[-1:] if logits == "last" else y), y)
+        return ForwardOutput(self.lm_logits(y[-1:] if logits == "last" else y), y)
 
     def lm_logits(self, h: np.ndarray) -> np.ndarray:
         """Pre-norm hidden rows [n, H] -> logits [n, V] fp32 (output norm and LM head)."""

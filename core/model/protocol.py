@@ -13,12 +13,13 @@ output norm: what NextN heads take, and what `lm_logits` turns into logits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from llmkit.core.cache.layout import LayerKV
 from llmkit.core.model.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: the torch-free runtime (core/lean/) speaks it too
+    import torch
 
 # rows that get logits: the last one, all, a slice (perplexity scores part of a chunk), or none
 # (the caller applies `lm_logits` to the rows it needs)
@@ -28,15 +29,10 @@ Rows = Literal["last", "all"] | slice | None
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor | None  # [n, V] fp32 for the requested rows (None when rows=None)
-    hidden: torch.Tensor  # [T, H] pre-norm hidden state of every row
+    hidden: torch.Tensor  # [T, H] pre-norm hidden state of every row (numpy arrays on core/lean/)
 
     def __iter__(self):  # logits, hidden = model.forward(...)
         return iter((self.logits, self.hidden))
-
-
-def token_ids(tokens) -> torch.Tensor:
-    """A forward's tokens as int64 [T]: a tensor as it is, a list of ids converted."""
-    return tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long)
 
 
 class Attention(Protocol):

@@ -19,11 +19,16 @@ from typing import ClassVar
 import torch
 
 from llmkit.core.model.config import ModelConfig
-from llmkit.core.model.protocol import ForwardOutput, Rows, token_ids
+from llmkit.core.model.protocol import ForwardOutput, Rows
 from llmkit.kernels import cpu_native, ops
 from llmkit.kernels.backend import Backend
 from llmkit.kernels.rope import rope_cache
 from llmkit.quant.tensor import QTensor
+
+
+def token_ids(tokens) -> torch.Tensor:
+    """A forward's tokens as int64 [T]: a tensor as it is, a list of ids converted."""
+    return tokens if isinstance(tokens, torch.Tensor) else torch.tensor(tokens, dtype=torch.long)
 
 
 class Embedding:

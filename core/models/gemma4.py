@@ -31,9 +31,9 @@ from llmkit.core.model.config import (
     gguf,
     per_layer,
 )  # fmt: skip
-from llmkit.core.model.protocol import ForwardOutput, Rows, token_ids
+from llmkit.core.model.protocol import ForwardOutput, Rows
 from llmkit.core.model.weights import TensorSpec
-from llmkit.core.models.common import DecoderLM, Embedding, rope_rows, select_rows
+from llmkit.core.models.common import DecoderLM, Embedding, rope_rows, select_rows, token_ids
 from llmkit.core.models.gemma4_moe import Gemma4Experts, moe_specs
 from llmkit.errors import LlmkitError
 from llmkit.kernels import ops
